@@ -1,0 +1,2 @@
+//! `app`: command-line entry point of the chat server.
+fn main() {}

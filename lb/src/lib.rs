@@ -1,0 +1,2 @@
+//! The scaleout load balancer: terminates TLS, proxies HTTP/1.1 and splices WebSocket tunnels
+//! to health-checked backends.

@@ -1,0 +1,2 @@
+//! `lb`: command-line entry point of the load balancer.
+fn main() {}
