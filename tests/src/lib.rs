@@ -1,2 +1,12 @@
 //! Harness for the end-to-end tests: starts real `redis-server`, `app` and `lb` processes on
-//! ephemeral loopback ports and connects real clients to them.
+//! ephemeral loopback ports, learns their addresses from the readiness lines they print
+//! (`listening <kind> <addr>`), and connects real WebSocket clients over TLS to them.
+//!
+//! Data flow of a typical test: [`stack::Stack`] generates a CA with `lb certs generate`,
+//! starts a [`redis::Redis`], two `app` processes and one `lb` (each a [`process::Proc`]), then
+//! the test opens [`client::ChatClient`]s to `wss://` through `lb` and checks what arrives.
+#![allow(clippy::unwrap_used)]
+
+pub mod client;
+pub mod process;
+pub mod redis;

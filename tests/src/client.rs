@@ -1,0 +1,163 @@
+//! Real chat clients: a WebSocket over TCP or over TLS that trusts a given CA file, speaking the
+//! chat JSON. Every wait is bounded so a broken server fails the test instead of hanging it.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use futures_util::{SinkExt, StreamExt};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, ServerName};
+use serde_json::Value;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use tokio::time::timeout;
+use tokio_rustls::TlsConnector;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+
+/// A byte stream that is either plain TCP or TLS.
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+/// The longest a test waits for any one message.
+pub const RECV_WITHIN: Duration = Duration::from_secs(10);
+
+/// A TLS client configuration trusting only the CA in `ca_file`.
+pub fn tls_connector(ca_file: &Path) -> Result<TlsConnector> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca_file)
+        .with_context(|| format!("cannot read CA file {}", ca_file.display()))?
+    {
+        roots.add(cert.context("bad certificate in CA file")?)?;
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Ok(TlsConnector::from(Arc::new(config)))
+}
+
+/// Opens a WebSocket to `url` (`ws://` or `wss://`, an `ip:port` authority; the TLS server name
+/// is `localhost`, which the generated certificate covers). `ca` is needed for `wss://`.
+pub async fn connect(url: &str, ca: Option<&TlsConnector>) -> Result<WebSocketStream<Box<dyn Io>>> {
+    let uri: tokio_tungstenite::tungstenite::http::Uri = url.parse().context("bad URL")?;
+    let authority = uri
+        .authority()
+        .ok_or_else(|| anyhow!("URL without host: {url}"))?
+        .as_str()
+        .to_string();
+    let tcp = TcpStream::connect(&authority)
+        .await
+        .with_context(|| format!("cannot connect to {authority}"))?;
+    tcp.set_nodelay(true)?;
+    let stream: Box<dyn Io> = match uri.scheme_str() {
+        Some("wss") | Some("https") => {
+            let connector = ca.ok_or_else(|| anyhow!("wss:// needs a CA"))?;
+            let name = ServerName::try_from("localhost")?;
+            Box::new(
+                connector
+                    .connect(name, tcp)
+                    .await
+                    .context("TLS handshake failed")?,
+            )
+        }
+        _ => Box::new(tcp),
+    };
+    let mut request = url.into_client_request()?;
+    let scheme = if uri.scheme_str() == Some("wss") {
+        "https"
+    } else {
+        "http"
+    };
+    request.headers_mut().insert(
+        "origin",
+        HeaderValue::from_str(&format!("{scheme}://{authority}"))?,
+    );
+    let (ws, _response) = timeout(
+        RECV_WITHIN,
+        tokio_tungstenite::client_async(request, stream),
+    )
+    .await
+    .map_err(|_| anyhow!("WebSocket handshake with {url} timed out"))?
+    .with_context(|| format!("WebSocket handshake with {url} failed"))?;
+    Ok(ws)
+}
+
+/// A chat participant.
+pub struct ChatClient {
+    ws: WebSocketStream<Box<dyn Io>>,
+}
+
+/// What a client saw when it stopped receiving messages.
+#[derive(Debug, PartialEq)]
+pub enum Closed {
+    /// A close frame with this code.
+    Code(u16),
+    /// The connection ended without a close frame.
+    Abrupt,
+}
+
+impl ChatClient {
+    /// Connects to the chat WebSocket at `url`.
+    pub async fn connect(url: &str, ca: Option<&TlsConnector>) -> Result<ChatClient> {
+        Ok(ChatClient {
+            ws: connect(url, ca).await?,
+        })
+    }
+
+    /// Sends a chat message.
+    pub async fn send(&mut self, name: &str, content: &str) -> Result<()> {
+        let body = serde_json::json!({ "name": name, "content": content }).to_string();
+        self.ws.send(Message::text(body)).await?;
+        Ok(())
+    }
+
+    /// The next text frame, parsed as JSON (pings and pongs skipped).
+    pub async fn recv(&mut self) -> Result<Value> {
+        self.recv_within(RECV_WITHIN).await
+    }
+
+    /// Like [`ChatClient::recv`] with a custom bound.
+    pub async fn recv_within(&mut self, within: Duration) -> Result<Value> {
+        let next = async {
+            loop {
+                match self.ws.next().await {
+                    Some(Ok(Message::Text(text))) => {
+                        return serde_json::from_str(text.as_str()).context("frame is not JSON");
+                    }
+                    Some(Ok(Message::Close(frame))) => bail!("closed: {frame:?}"),
+                    Some(Ok(_)) => continue,
+                    Some(Err(e)) => bail!("receive failed: {e}"),
+                    None => bail!("connection ended"),
+                }
+            }
+        };
+        timeout(within, next)
+            .await
+            .map_err(|_| anyhow!("no message within {within:?}"))?
+    }
+
+    /// Waits for the server to close the connection; returns how it did.
+    pub async fn closed(&mut self) -> Result<Closed> {
+        let next = async {
+            loop {
+                match self.ws.next().await {
+                    Some(Ok(Message::Close(Some(frame)))) => {
+                        return Closed::Code(frame.code.into());
+                    }
+                    Some(Ok(Message::Close(None))) | None | Some(Err(_)) => return Closed::Abrupt,
+                    Some(Ok(_)) => continue,
+                }
+            }
+        };
+        timeout(RECV_WITHIN, next)
+            .await
+            .map_err(|_| anyhow!("connection not closed within {RECV_WITHIN:?}"))
+    }
+}

@@ -1,0 +1,163 @@
+//! Child processes under test: spawn a binary of the workspace (or a system one), wait for its
+//! readiness lines on stdout, signal it by PID, and make sure it dies with the test.
+//!
+//! Readiness is a line, never a sleep: our binaries print `listening <kind> <addr>` once a
+//! listener is bound; `redis-server` prints `Ready to accept connections`.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::time::timeout;
+
+/// How long a process may take to print its readiness lines.
+pub const READY_WITHIN: Duration = Duration::from_secs(30);
+
+/// Path of a binary built from this workspace (`app`, `lb`, `bench`), next to the test binary.
+pub fn workspace_bin(name: &str) -> Result<PathBuf> {
+    let exe = std::env::current_exe().context("cannot locate the test executable")?;
+    // target/<profile>/deps/<test-binary> -> target/<profile>/<name>
+    let dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .ok_or_else(|| anyhow!("unexpected test executable path {}", exe.display()))?;
+    let path = dir.join(name);
+    if !path.exists() {
+        bail!(
+            "{} not found: build it first with `cargo build -p {name}` (`cargo test --workspace` does)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// Path of a system program, or an error with the exact line that installs it.
+pub fn system_bin(name: &str, package: &str) -> Result<PathBuf> {
+    for dir in ["/usr/bin", "/usr/local/bin", "/usr/sbin", "/bin", "/sbin"] {
+        let path = PathBuf::from(dir).join(name);
+        if path.exists() {
+            return Ok(path);
+        }
+    }
+    bail!("{name} not found: run `apt-get install -y {package}`")
+}
+
+/// What a process prints when it is ready.
+pub enum Ready<'a> {
+    /// Our binaries: one `listening <kind> <addr>` line for each of these kinds.
+    Listening(&'a [&'a str]),
+    /// Any line containing this text (third-party servers).
+    Line(&'a str),
+}
+
+/// A running child process, killed when dropped.
+pub struct Proc {
+    name: String,
+    child: Child,
+    listening: HashMap<String, SocketAddr>,
+}
+
+impl Proc {
+    /// Spawns `cmd` (stdout piped, stderr inherited so its log is in the test output) and waits
+    /// until it is ready.
+    pub async fn spawn(name: &str, mut cmd: Command, ready: Ready<'_>) -> Result<Proc> {
+        cmd.stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("cannot start {name}"))?;
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| anyhow!("{name}: no stdout"))?;
+        let mut lines = BufReader::new(stdout).lines();
+        let mut listening = HashMap::new();
+        let wait = async {
+            while let Some(line) = lines.next_line().await? {
+                match &ready {
+                    Ready::Line(text) if line.contains(text) => return Ok(()),
+                    Ready::Line(_) => {}
+                    Ready::Listening(kinds) => {
+                        let mut words = line.split_whitespace();
+                        if let (Some("listening"), Some(kind), Some(addr)) =
+                            (words.next(), words.next(), words.next())
+                        {
+                            let addr: SocketAddr = addr
+                                .parse()
+                                .with_context(|| format!("{name}: bad readiness line {line:?}"))?;
+                            listening.insert(kind.to_string(), addr);
+                        }
+                        if kinds.iter().all(|k| listening.contains_key(*k)) {
+                            return Ok(());
+                        }
+                    }
+                }
+            }
+            Err(anyhow!("{name} closed stdout before it was ready"))
+        };
+        match timeout(READY_WITHIN, wait).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                let status = child.try_wait().ok().flatten();
+                bail!("{e:#} (exit status: {status:?})");
+            }
+            Err(_) => bail!("{name} was not ready within {READY_WITHIN:?}"),
+        }
+        // Keep draining stdout so the child never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Ok(Proc {
+            name: name.to_string(),
+            child,
+            listening,
+        })
+    }
+
+    /// The address of the listener of this kind, as printed by the process.
+    pub fn addr(&self, kind: &str) -> SocketAddr {
+        match self.listening.get(kind) {
+            Some(addr) => *addr,
+            None => panic!("{} printed no `listening {kind}` line", self.name),
+        }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id().unwrap_or(0)
+    }
+
+    /// Sends a signal (`TERM`, `HUP`, `KILL`, ...) to this process by PID.
+    pub fn signal(&self, signal: &str) -> Result<()> {
+        let pid = self
+            .child
+            .id()
+            .ok_or_else(|| anyhow!("{} has already exited", self.name))?;
+        let status = std::process::Command::new("kill")
+            .args(["-s", signal, &pid.to_string()])
+            .status()
+            .context("cannot run kill")?;
+        if !status.success() {
+            bail!("kill -s {signal} {pid} failed");
+        }
+        Ok(())
+    }
+
+    /// Waits for the process to exit by itself, at most `within`.
+    pub async fn wait_exit(&mut self, within: Duration) -> Result<ExitStatus> {
+        timeout(within, self.child.wait())
+            .await
+            .map_err(|_| anyhow!("{} did not exit within {within:?}", self.name))?
+            .context("wait failed")
+    }
+
+    /// Kills the process (SIGKILL) and reaps it.
+    pub async fn kill(&mut self) {
+        let _ = self.child.kill().await;
+    }
+}
