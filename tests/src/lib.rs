@@ -7,6 +7,7 @@
 //! the test opens [`client::ChatClient`]s to `wss://` through `lb` and checks what arrives.
 #![allow(clippy::unwrap_used)]
 
+pub mod browser;
 pub mod client;
 pub mod process;
 pub mod redis;
