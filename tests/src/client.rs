@@ -43,8 +43,8 @@ pub fn tls_connector(ca_file: &Path) -> Result<TlsConnector> {
     Ok(TlsConnector::from(Arc::new(config)))
 }
 
-/// Opens a WebSocket to `url` (`ws://` or `wss://`, an `ip:port` authority; the TLS server name
-/// is `localhost`, which the generated certificate covers). `ca` is needed for `wss://`.
+/// Opens a WebSocket to `url` (`ws://` or `wss://`; the TLS server name is the URL's host,
+/// which the generated certificate must cover). `ca` is needed for `wss://`.
 pub async fn connect(url: &str, ca: Option<&TlsConnector>) -> Result<WebSocketStream<Box<dyn Io>>> {
     let uri: tokio_tungstenite::tungstenite::http::Uri = url.parse().context("bad URL")?;
     let authority = uri
@@ -59,7 +59,8 @@ pub async fn connect(url: &str, ca: Option<&TlsConnector>) -> Result<WebSocketSt
     let stream: Box<dyn Io> = match uri.scheme_str() {
         Some("wss") | Some("https") => {
             let connector = ca.ok_or_else(|| anyhow!("wss:// needs a CA"))?;
-            let name = ServerName::try_from("localhost")?;
+            let host = uri.host().unwrap_or("localhost").trim_matches(['[', ']']);
+            let name = ServerName::try_from(host.to_string())?;
             Box::new(
                 connector
                     .connect(name, tcp)

@@ -9,5 +9,6 @@
 
 pub mod browser;
 pub mod client;
+pub mod netns;
 pub mod process;
 pub mod redis;
