@@ -1,0 +1,31 @@
+# What an operator needs after `terraform apply`.
+
+output "url" {
+  description = "The chat's URL."
+  value       = "https://${local.front_host}/"
+}
+
+output "front" {
+  description = "Which front serves the URL: alb or lb."
+  value       = var.front
+}
+
+output "front_address" {
+  description = "The ALB's DNS name (front = \"alb\") or the lb instance's elastic IP (front = \"lb\")."
+  value       = local.use_alb ? aws_lb.front[0].dns_name : aws_eip.lb[0].public_ip
+}
+
+output "app_instance_ids" {
+  description = "The two app instances (aws ssm start-session --target ID when ssm_access is on)."
+  value       = aws_instance.app[*].id
+}
+
+output "lb_instance_id" {
+  description = "The lb instance (front = \"lb\"), null otherwise."
+  value       = local.use_lb ? aws_instance.lb[0].id : null
+}
+
+output "redis_primary_endpoint" {
+  description = "ElastiCache primary endpoint the apps use (TLS and AUTH on port 6379)."
+  value       = aws_elasticache_replication_group.redis.primary_endpoint_address
+}

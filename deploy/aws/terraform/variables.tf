@@ -1,0 +1,157 @@
+# Every input of the layout. Required: ami_id, and for front = "alb" also domain_name and
+# route53_zone_name. Everything else has a default that works.
+
+variable "name" {
+  description = "Name prefix for every resource, and the Project tag."
+  type        = string
+  default     = "scaleout"
+
+  validation {
+    condition     = can(regex("^[a-z][a-z0-9-]{1,20}$", var.name))
+    error_message = "name: 2 to 21 characters, lowercase letters, digits and dashes, starting with a letter."
+  }
+}
+
+variable "region" {
+  description = "AWS region to deploy into (the first two available zones are used)."
+  type        = string
+  default     = "eu-west-1"
+}
+
+variable "availability_zones" {
+  description = "The two availability zones, such as [\"eu-west-1a\", \"eu-west-1b\"]; null means the region's zones a and b."
+  type        = list(string)
+  default     = null
+
+  validation {
+    condition     = var.availability_zones == null || length(var.availability_zones) == 2
+    error_message = "availability_zones: exactly two zone names."
+  }
+}
+
+variable "tags" {
+  description = "Extra tags added to every resource."
+  type        = map(string)
+  default     = {}
+}
+
+variable "front" {
+  description = "What faces the internet: \"alb\" (an Application Load Balancer with an ACM certificate and a Route53 alias) or \"lb\" (an instance running our lb, with an elastic IP)."
+  type        = string
+  default     = "alb"
+
+  validation {
+    condition     = contains(["alb", "lb"], var.front)
+    error_message = "front must be \"alb\" or \"lb\"."
+  }
+}
+
+variable "allow_cidr" {
+  description = "IPv4 CIDR blocks allowed to reach the front on 443 and 80 (0.0.0.0/0 for a public chat)."
+  type        = list(string)
+  default     = ["0.0.0.0/0"]
+
+  validation {
+    condition     = length(var.allow_cidr) > 0 && alltrue([for c in var.allow_cidr : can(cidrnetmask(c))])
+    error_message = "allow_cidr: one or more IPv4 CIDR blocks, such as 203.0.113.0/24."
+  }
+}
+
+variable "domain_name" {
+  description = "Public DNS name of the chat, such as chat.example.com. Required for front = \"alb\" (the ACM certificate's name); optional for front = \"lb\" (an A record to the elastic IP)."
+  type        = string
+  default     = null
+}
+
+variable "route53_zone_name" {
+  description = "Existing public Route53 hosted zone that holds domain_name, such as example.com. Required with domain_name."
+  type        = string
+  default     = null
+}
+
+variable "vpc_cidr" {
+  description = "CIDR block of the VPC; the four subnets are /24s carved from it."
+  type        = string
+  default     = "10.40.0.0/16"
+
+  validation {
+    condition     = can(cidrnetmask(var.vpc_cidr)) && tonumber(split("/", var.vpc_cidr)[1]) <= 22
+    error_message = "vpc_cidr: an IPv4 CIDR block of /22 or larger."
+  }
+}
+
+variable "ami_id" {
+  description = "AMI built by deploy/aws/packer (Debian 12 with lb, app, their units and the scaleout user). Used by the app instances and, with front = \"lb\", by the lb instance."
+  type        = string
+
+  validation {
+    condition     = can(regex("^ami-[0-9a-f]{8,17}$", var.ami_id))
+    error_message = "ami_id: an AMI id such as ami-0123456789abcdef0."
+  }
+}
+
+variable "app_instance_type" {
+  description = "EC2 instance type of the two app instances (the AMI's architecture, x86_64 unless you built for arm64)."
+  type        = string
+  default     = "t3.small"
+}
+
+variable "lb_instance_type" {
+  description = "EC2 instance type of the lb instance (front = \"lb\" only)."
+  type        = string
+  default     = "t3.small"
+}
+
+variable "redis_node_type" {
+  description = "ElastiCache node type of the two Redis nodes (primary and replica, one per zone)."
+  type        = string
+  default     = "cache.t4g.micro"
+}
+
+variable "redis_engine_version" {
+  description = "ElastiCache Redis engine version (6.0 or later: AUTH tokens with in-transit encryption)."
+  type        = string
+  default     = "7.1"
+}
+
+variable "redis_channel" {
+  description = "Redis pub/sub channel the app instances share (the original's default is simple-chat)."
+  type        = string
+  default     = "simple-chat"
+}
+
+variable "redis_auth_token" {
+  description = "ElastiCache AUTH token (16 to 128 printable characters, none of / \" @ or space). Leave null to have Terraform generate one. Pass it with TF_VAR_redis_auth_token, never in a committed file; it is kept in the state, so the state must be encrypted and access-controlled."
+  type        = string
+  default     = null
+  sensitive   = true
+
+  validation {
+    condition     = var.redis_auth_token == null || can(regex("^[!-~]{16,128}$", var.redis_auth_token)) && !can(regex("[/\"@]", var.redis_auth_token))
+    error_message = "redis_auth_token: 16 to 128 printable ASCII characters, without / \" @ or spaces."
+  }
+}
+
+variable "ssm_access" {
+  description = "Give the instances an SSM Session Manager path (AmazonSSMManagedInstanceCore and VPC endpoints for ssm, ssmmessages, ec2messages). There is no SSH: without this there is no shell on the instances."
+  type        = bool
+  default     = true
+}
+
+variable "deletion_protection" {
+  description = "Protect the ALB against deletion. Set to false before terraform destroy."
+  type        = bool
+  default     = true
+}
+
+variable "alb_access_logs_bucket" {
+  description = "Existing S3 bucket (with the ELB log delivery policy) for the ALB's access logs; null leaves access logs off."
+  type        = string
+  default     = null
+}
+
+variable "log_retention_days" {
+  description = "Days to keep VPC flow logs in CloudWatch Logs."
+  type        = number
+  default     = 365
+}
