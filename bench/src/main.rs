@@ -1,2 +1,83 @@
 //! `bench`: load generator (fan-out, echo, idle) and neutral backend for side-by-side figures.
-fn main() {}
+//!
+//! Each subcommand runs one measurement and prints its report: human-readable by default, one
+//! JSON object with `--json` (what `bench/run` parses). Progress and errors go to stderr.
+
+mod backend;
+mod client;
+mod echo;
+mod fanout;
+mod idle;
+mod latency;
+mod procstat;
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Load generator and neutral backend for measuring lb, HAProxy, nginx and the chat stack.
+#[derive(Parser)]
+#[command(version)]
+struct Cli {
+    /// Print the report as one JSON object.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Chat fan-out: N clients, S senders at a total rate; loss, duplicates, latency.
+    Fanout(fanout::Args),
+    /// WebSocket ping-pong through a URL: round trips/s and RTT percentiles.
+    Echo(echo::Args),
+    /// Hold N idle WebSocket connections and report memory per connection of watched processes.
+    Idle(idle::Args),
+    /// The neutral backend: WebSocket echo on any upgrade, 200 "Hello, world!" otherwise.
+    Backend {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: SocketAddr,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("bench: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let outcome = runtime.block_on(async {
+        match cli.command {
+            Command::Fanout(args) => emit(cli.json, &fanout::run(args).await?),
+            Command::Echo(args) => emit(cli.json, &echo::run(args).await?),
+            Command::Idle(args) => emit(cli.json, &idle::run(args).await?),
+            Command::Backend { listen } => backend::run(listen).await,
+        }
+    });
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Prints a report on stdout, as text or as one JSON line.
+fn emit<R: serde::Serialize + std::fmt::Display>(json: bool, report: &R) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(report)?);
+    } else {
+        println!("{report}");
+    }
+    Ok(())
+}

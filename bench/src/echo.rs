@@ -1,0 +1,227 @@
+//! `bench echo`: ping-pong round trips through whatever is in front of an echo backend.
+//!
+//! C connections are opened first; then each one sends a B-byte binary message, waits for it to
+//! come back, and repeats until the deadline. Only round trips that start and end inside the
+//! measured window (after the warm-up) count; the watched processes and the generator itself are
+//! sampled at the window's edges so CPU per round trip can be reported.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use serde::Serialize;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::client::{Target, Ws};
+use crate::latency::Percentiles;
+use crate::procstat::{self, Usage, Watch};
+
+/// Options of `bench echo`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// ws:// or wss:// URL of the echo endpoint.
+    #[arg(long)]
+    url: String,
+    /// CA certificate (PEM) to trust for wss://.
+    #[arg(long)]
+    ca: Option<PathBuf>,
+    /// Concurrent connections, each with one message in flight.
+    #[arg(long, default_value_t = 50)]
+    connections: usize,
+    /// Message size in bytes (binary frames).
+    #[arg(long, default_value_t = 64)]
+    size: usize,
+    /// Measured time.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Unmeasured time before the window opens.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    warmup: Duration,
+    /// Processes whose CPU to report over the window: NAME=PID[,PID...], repeatable.
+    #[arg(long)]
+    watch: Vec<Watch>,
+}
+
+/// What `bench echo` measured.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    /// The URL measured.
+    pub url: String,
+    /// Connections.
+    pub connections: usize,
+    /// Message size in bytes.
+    pub size: usize,
+    /// Length of the measured window, seconds.
+    pub window_s: f64,
+    /// Round trips completed inside the window.
+    pub round_trips: u64,
+    /// Round trips per second.
+    pub round_trips_per_s: f64,
+    /// Round-trip time percentiles.
+    pub rtt: Percentiles,
+    /// Connections that failed during the run.
+    pub failed_connections: usize,
+    /// CPU and memory of each watched group over the window.
+    pub watched: Vec<Usage>,
+    /// Microseconds of CPU per round trip for each watched group, same order.
+    pub cpu_us_per_round_trip: Vec<f64>,
+    /// The generator's own CPU over the window.
+    pub generator: Usage,
+}
+
+/// Runs the echo load and reports.
+pub async fn run(args: Args) -> anyhow::Result<Report> {
+    if args.connections == 0 {
+        bail!("--connections must be at least 1");
+    }
+    let target = Target::resolve(&args.url, args.ca.as_deref()).await?;
+    let mut conns = Vec::with_capacity(args.connections);
+    for _ in 0..args.connections {
+        conns.push(target.connect(None).await?);
+    }
+    let payload = Bytes::from(vec![b'x'; args.size]);
+    let start = Instant::now();
+    let window_start = start + args.warmup;
+    let window_end = window_start + args.duration;
+    let window = Arc::new((window_start, window_end));
+    let tasks: Vec<_> = conns
+        .into_iter()
+        .map(|ws| tokio::spawn(ping_pong(ws, payload.clone(), Arc::clone(&window))))
+        .collect();
+
+    let me = Watch::this_process();
+    tokio::time::sleep_until(window_start.into()).await;
+    let before = procstat::sample_all(&args.watch)?;
+    let me_before = me.sample()?;
+    tokio::time::sleep_until(window_end.into()).await;
+    let after = procstat::sample_all(&args.watch)?;
+    let me_after = me.sample()?;
+    let wall = Instant::now().duration_since(window_start);
+
+    let mut samples = Vec::new();
+    let mut failed = 0;
+    for task in tasks {
+        match task.await.context("echo task panicked")? {
+            Ok(rtts) => samples.extend(rtts),
+            Err(e) => {
+                failed += 1;
+                eprintln!("echo: connection failed: {e:#}");
+            }
+        }
+    }
+    let round_trips = samples.len() as u64;
+    let watched = procstat::usage_all(&args.watch, &before, &after, wall);
+    let cpu_us_per_round_trip = watched
+        .iter()
+        .map(|u| u.cpu_seconds * 1e6 / round_trips.max(1) as f64)
+        .collect();
+    Ok(Report {
+        url: target.url().to_string(),
+        connections: args.connections,
+        size: args.size,
+        window_s: args.duration.as_secs_f64(),
+        round_trips,
+        round_trips_per_s: round_trips as f64 / args.duration.as_secs_f64(),
+        rtt: Percentiles::of(samples),
+        failed_connections: failed,
+        watched,
+        cpu_us_per_round_trip,
+        generator: Usage::since("generator", me_before, me_after, wall),
+    })
+}
+
+/// One connection's loop: returns the RTTs (ns) of round trips wholly inside the window.
+async fn ping_pong(
+    mut ws: Ws,
+    payload: Bytes,
+    window: Arc<(Instant, Instant)>,
+) -> anyhow::Result<Vec<u64>> {
+    let (window_start, window_end) = *window;
+    let mut rtts = Vec::new();
+    loop {
+        let sent = Instant::now();
+        if sent >= window_end {
+            break;
+        }
+        ws.send(Message::Binary(payload.clone()))
+            .await
+            .context("sending")?;
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Binary(b))) if b.len() == payload.len() => break,
+                Some(Ok(Message::Binary(b))) => {
+                    bail!("echo of {} bytes came back as {}", payload.len(), b.len())
+                }
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                Some(Ok(other)) => bail!("unexpected message {other:?}"),
+                Some(Err(e)) => return Err(e).context("receiving"),
+                None => bail!("connection closed by peer"),
+            }
+        }
+        let done = Instant::now();
+        if sent >= window_start && done <= window_end {
+            rtts.push(done.duration_since(sent).as_nanos() as u64);
+        }
+    }
+    // Best effort: the run is over, a failed close changes no figure.
+    let _ = ws.close(None).await;
+    Ok(rtts)
+}
+
+impl std::fmt::Display for Report {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "echo {} ({} connections, {} B)",
+            self.url, self.connections, self.size
+        )?;
+        writeln!(
+            f,
+            "  round trips/s  {:.0} ({} in {:.1} s)",
+            self.round_trips_per_s, self.round_trips, self.window_s
+        )?;
+        writeln!(f, "  rtt            {}", self.rtt)?;
+        if self.failed_connections > 0 {
+            writeln!(f, "  FAILED connections: {}", self.failed_connections)?;
+        }
+        for (u, per) in self.watched.iter().zip(&self.cpu_us_per_round_trip) {
+            writeln!(
+                f,
+                "  {:<13}  {:.2} cores, {:.2} µs CPU per round trip, RSS {:.1} MiB",
+                u.name, u.cores, per, u.rss_mib
+            )?;
+        }
+        write!(f, "  generator      {:.2} cores", self.generator.cores)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn round_trips_through_the_neutral_backend() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(crate::backend::serve(listener));
+        let report = run(Args {
+            url: format!("ws://{addr}/ws"),
+            ca: None,
+            connections: 4,
+            size: 16 * 1024,
+            duration: Duration::from_millis(300),
+            warmup: Duration::ZERO,
+            watch: vec![Watch::this_process()],
+        })
+        .await
+        .unwrap();
+        server.abort();
+        assert_eq!(report.failed_connections, 0);
+        assert!(report.round_trips > 0);
+        assert_eq!(report.rtt.count as u64, report.round_trips);
+        assert_eq!(report.cpu_us_per_round_trip.len(), 1);
+    }
+}

@@ -1,0 +1,501 @@
+//! `bench fanout`: chat fan-out load, N clients of which S send at a total rate R for D seconds.
+//!
+//! Every client connects first (spread round-robin over the URLs). Then each sender sends the chat
+//! JSON `{"name": ..., "content": "RUN:SENDER:SEQ:UNIX_NANOS"}` on its own staggered ticker while
+//! every client reads: each delivery is parsed, checked against a per-client bitset of
+//! (sender, seq) to count duplicates, and its latency (receive time minus the send timestamp) kept.
+//! After the sending window the run waits (up to `--drain`) for the expected deliveries
+//! (sent × clients: the sender gets its own message too), samples CPU of the watched processes
+//! and of the generator, and reports loss, duplicates, rate, latency percentiles and CPU per
+//! delivery.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, bail};
+use futures_util::{SinkExt, StreamExt};
+use serde::{Deserialize, Serialize};
+use tokio::sync::Semaphore;
+use tokio::time::{Interval, MissedTickBehavior};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_util::sync::CancellationToken;
+
+use crate::client::{Target, Ws};
+use crate::latency::Percentiles;
+use crate::procstat::{self, Usage, Watch};
+
+/// How often the main task checks whether every expected delivery has arrived.
+const DRAIN_POLL: Duration = Duration::from_millis(5);
+/// Longest wait for a client's close handshake at the end.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Options of `bench fanout`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// ws:// or wss:// URL of the chat WebSocket; repeat to spread clients over several.
+    #[arg(long, required = true)]
+    url: Vec<String>,
+    /// CA certificate (PEM) to trust for wss://.
+    #[arg(long)]
+    ca: Option<PathBuf>,
+    /// Connected clients, all receiving.
+    #[arg(long, default_value_t = 1000)]
+    clients: usize,
+    /// How many of the clients also send.
+    #[arg(long, default_value_t = 50)]
+    senders: usize,
+    /// Total messages per second over all senders.
+    #[arg(long, default_value_t = 25.0)]
+    rate: f64,
+    /// Sending time.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Longest wait after sending for the last deliveries.
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    drain: Duration,
+    /// Pause between the last connection and the first message (the server registers clients).
+    #[arg(long, default_value = "500ms", value_parser = humantime::parse_duration)]
+    settle: Duration,
+    /// Handshakes in flight at once while connecting.
+    #[arg(long, default_value_t = 100)]
+    concurrency: usize,
+    /// Processes whose CPU to report over the window: NAME=PID[,PID...], repeatable.
+    #[arg(long)]
+    watch: Vec<Watch>,
+}
+
+/// What `bench fanout` measured.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    /// Clients asked for.
+    pub clients: usize,
+    /// Clients that connected.
+    pub connected: usize,
+    /// Sending clients.
+    pub senders: usize,
+    /// Target total send rate, msg/s.
+    pub rate: f64,
+    /// Sending time, seconds.
+    pub duration_s: f64,
+    /// Messages sent.
+    pub sent: u64,
+    /// Deliveries expected: sent × connected clients.
+    pub expected: u64,
+    /// Distinct deliveries received.
+    pub delivered: u64,
+    /// Expected but never received.
+    pub lost: u64,
+    /// Deliveries received more than once.
+    pub duplicates: u64,
+    /// `{"error": ...}` answers received.
+    pub errors: u64,
+    /// Clients whose connection ended during the run.
+    pub disconnects: usize,
+    /// Deliveries per second over the sending time.
+    pub deliveries_per_s: f64,
+    /// Delivery latency (send timestamp to receipt).
+    pub latency: Percentiles,
+    /// Seconds from the first send to the last delivery (or the drain timeout).
+    pub window_s: f64,
+    /// CPU and memory of each watched group over the window.
+    pub watched: Vec<Usage>,
+    /// CPU microseconds per delivery of each watched group, same order.
+    pub cpu_us_per_delivery: Vec<f64>,
+    /// Sum of the watched groups' CPU per delivery.
+    pub server_cpu_us_per_delivery: f64,
+    /// The generator's own CPU over the window.
+    pub generator: Usage,
+}
+
+/// State shared by the client tasks and the main task.
+struct Shared {
+    /// Run identifier inside every content, so stray messages from other runs are ignored.
+    run: u32,
+    senders: usize,
+    /// Highest sequence number (exclusive) a sender may use: sizes the duplicate bitsets.
+    per_sender: usize,
+    sent: AtomicU64,
+    delivered: AtomicU64,
+    /// Senders still within their sending time.
+    sending: AtomicUsize,
+    /// End of the sending time.
+    end: Instant,
+}
+
+/// What one client saw.
+#[derive(Default)]
+struct Tally {
+    latencies: Vec<u64>,
+    duplicates: u64,
+    errors: u64,
+    disconnected: bool,
+}
+
+/// Connects, loads, drains, reports.
+pub async fn run(args: Args) -> anyhow::Result<Report> {
+    if args.clients == 0 || args.senders == 0 || args.senders > args.clients {
+        bail!("need 1 <= --senders <= --clients");
+    }
+    if !args.rate.is_finite() || args.rate <= 0.0 || args.concurrency == 0 {
+        bail!("--rate and --concurrency must be positive");
+    }
+    rlimit::increase_nofile_limit(u64::MAX).context("raising the open-file limit")?;
+    let mut targets = Vec::new();
+    for url in &args.url {
+        targets.push(Target::resolve(url, args.ca.as_deref()).await?);
+    }
+    let conns = connect_all(&targets, args.clients, args.concurrency).await;
+    let failed_connects = conns.iter().filter(|c| c.is_none()).count();
+    if failed_connects > 0 {
+        eprintln!(
+            "fanout: {failed_connects} of {} clients failed to connect",
+            args.clients
+        );
+    }
+    tokio::time::sleep(args.settle).await;
+
+    let start = Instant::now() + Duration::from_millis(20);
+    let period = Duration::from_secs_f64(args.senders as f64 / args.rate);
+    let shared = Arc::new(Shared {
+        run: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or_default(),
+        senders: args.senders,
+        per_sender: (args.duration.as_secs_f64() * args.rate / args.senders as f64).ceil() as usize
+            + 2,
+        sent: AtomicU64::new(0),
+        delivered: AtomicU64::new(0),
+        sending: AtomicUsize::new(0),
+        end: start + args.duration,
+    });
+    let stop = CancellationToken::new();
+    let mut tasks = Vec::new();
+    for (i, ws) in conns.into_iter().enumerate() {
+        let Some(ws) = ws else { continue };
+        let ticker = (i < args.senders).then(|| {
+            shared.sending.fetch_add(1, Ordering::Relaxed);
+            // Stagger the senders evenly over one period so the total rate is smooth.
+            let first = start + period.mul_f64(i as f64 / args.senders as f64);
+            let mut t = tokio::time::interval_at(first.into(), period);
+            t.set_missed_tick_behavior(MissedTickBehavior::Burst);
+            (i, t)
+        });
+        tasks.push(tokio::spawn(client(
+            ws,
+            ticker,
+            Arc::clone(&shared),
+            stop.clone(),
+        )));
+    }
+    let connected = tasks.len();
+
+    let me = Watch::this_process();
+    tokio::time::sleep_until(start.into()).await;
+    let before = procstat::sample_all(&args.watch)?;
+    let me_before = me.sample()?;
+    tokio::time::sleep_until(shared.end.into()).await;
+    let drain_deadline = Instant::now() + args.drain;
+    loop {
+        let done_sending = shared.sending.load(Ordering::Acquire) == 0;
+        let expected = shared.sent.load(Ordering::Acquire) * connected as u64;
+        if (done_sending && shared.delivered.load(Ordering::Acquire) >= expected)
+            || Instant::now() >= drain_deadline
+        {
+            break;
+        }
+        tokio::time::sleep(DRAIN_POLL).await;
+    }
+    let after = procstat::sample_all(&args.watch)?;
+    let me_after = me.sample()?;
+    let window = Instant::now().duration_since(start);
+    stop.cancel();
+
+    let mut latencies = Vec::new();
+    let (mut duplicates, mut errors, mut disconnects) = (0, 0, failed_connects);
+    for task in tasks {
+        let tally = task.await.context("client task panicked")?;
+        latencies.extend(tally.latencies);
+        duplicates += tally.duplicates;
+        errors += tally.errors;
+        disconnects += usize::from(tally.disconnected);
+    }
+    let sent = shared.sent.load(Ordering::Acquire);
+    let expected = sent * connected as u64;
+    let delivered = latencies.len() as u64;
+    let watched = procstat::usage_all(&args.watch, &before, &after, window);
+    let cpu_us_per_delivery: Vec<f64> = watched
+        .iter()
+        .map(|u| u.cpu_seconds * 1e6 / delivered.max(1) as f64)
+        .collect();
+    Ok(Report {
+        clients: args.clients,
+        connected,
+        senders: args.senders,
+        rate: args.rate,
+        duration_s: args.duration.as_secs_f64(),
+        sent,
+        expected,
+        delivered,
+        lost: expected.saturating_sub(delivered),
+        duplicates,
+        errors,
+        disconnects,
+        deliveries_per_s: delivered as f64 / args.duration.as_secs_f64(),
+        latency: Percentiles::of(latencies),
+        window_s: window.as_secs_f64(),
+        server_cpu_us_per_delivery: cpu_us_per_delivery.iter().sum(),
+        cpu_us_per_delivery,
+        watched,
+        generator: Usage::since("generator", me_before, me_after, window),
+    })
+}
+
+/// Opens `n` connections spread round-robin over `targets`; `None` where one failed.
+async fn connect_all(targets: &[Target], n: usize, concurrency: usize) -> Vec<Option<Ws>> {
+    let gate = Arc::new(Semaphore::new(concurrency));
+    let tasks: Vec<_> = (0..n)
+        .map(|i| {
+            let target = targets[i % targets.len()].clone();
+            let gate = Arc::clone(&gate);
+            tokio::spawn(async move {
+                let _permit = gate.acquire().await.ok()?;
+                match target.connect(None).await {
+                    Ok(ws) => Some(ws),
+                    Err(e) => {
+                        eprintln!("fanout: client {i}: {e:#}");
+                        None
+                    }
+                }
+            })
+        })
+        .collect();
+    let mut conns = Vec::with_capacity(n);
+    for task in tasks {
+        conns.push(task.await.ok().flatten());
+    }
+    conns
+}
+
+/// One client: sends on its ticker (if a sender) and records every delivery until `stop`.
+async fn client(
+    mut ws: Ws,
+    mut ticker: Option<(usize, Interval)>,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+) -> Tally {
+    let mut tally = Tally::default();
+    let mut seen = vec![0u64; (shared.senders * shared.per_sender).div_ceil(64)];
+    let mut seq = 0usize;
+    let end = tokio::time::sleep_until(shared.end.into());
+    tokio::pin!(end);
+    loop {
+        tokio::select! {
+            biased;
+            () = stop.cancelled() => break,
+            () = &mut end, if ticker.is_some() => {
+                ticker = None;
+                shared.sending.fetch_sub(1, Ordering::Release);
+            }
+            () = tick(&mut ticker) => {
+                let Some((sender, _)) = ticker else { continue };
+                if seq >= shared.per_sender {
+                    continue;
+                }
+                let msg = format!(
+                    r#"{{"name":"bench-{sender}","content":"{}:{sender}:{seq}:{}"}}"#,
+                    shared.run,
+                    unix_nanos()
+                );
+                if ws.send(Message::text(msg)).await.is_err() {
+                    tally.disconnected = true;
+                    break;
+                }
+                seq += 1;
+                shared.sent.fetch_add(1, Ordering::Release);
+            }
+            msg = ws.next() => match msg {
+                Some(Ok(Message::Text(text))) => match parse(&text, &shared) {
+                    Parsed::Delivery { index, sent_at } => {
+                        let (word, bit) = (index / 64, 1u64 << (index % 64));
+                        if seen[word] & bit != 0 {
+                            tally.duplicates += 1;
+                        } else {
+                            seen[word] |= bit;
+                            tally.latencies.push(unix_nanos().saturating_sub(sent_at));
+                            shared.delivered.fetch_add(1, Ordering::Release);
+                        }
+                    }
+                    Parsed::Error => tally.errors += 1,
+                    Parsed::Other => {}
+                },
+                Some(Ok(_)) => {}
+                Some(Err(_)) | None => {
+                    tally.disconnected = true;
+                    break;
+                }
+            },
+        }
+    }
+    if ticker.is_some() {
+        shared.sending.fetch_sub(1, Ordering::Release);
+    }
+    if !tally.disconnected {
+        // Best effort: the figures are taken.
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, ws.close(None)).await;
+    }
+    tally
+}
+
+/// Waits for the next tick of a sender's ticker; never completes for a pure receiver.
+async fn tick(ticker: &mut Option<(usize, Interval)>) {
+    match ticker {
+        Some((_, t)) => {
+            t.tick().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// A text frame as the chat server sends it.
+#[derive(Deserialize)]
+struct Frame<'a> {
+    #[serde(borrow, default)]
+    content: Option<std::borrow::Cow<'a, str>>,
+    #[serde(borrow, default)]
+    error: Option<std::borrow::Cow<'a, str>>,
+}
+
+/// What a text frame turned out to be.
+#[derive(Debug, PartialEq)]
+enum Parsed {
+    /// One of this run's messages: its bit in the duplicate set and its send time.
+    Delivery { index: usize, sent_at: u64 },
+    /// An `{"error": ...}` answer.
+    Error,
+    /// Anything else (another run's or another client's message, unparsable text).
+    Other,
+}
+
+fn parse(text: &str, shared: &Shared) -> Parsed {
+    let Ok(frame) = serde_json::from_str::<Frame<'_>>(text) else {
+        return Parsed::Other;
+    };
+    if frame.error.is_some() {
+        return Parsed::Error;
+    }
+    let Some(content) = frame.content else {
+        return Parsed::Other;
+    };
+    let mut parts = content.split(':').map(str::parse::<u64>);
+    let (Some(Ok(run)), Some(Ok(sender)), Some(Ok(seq)), Some(Ok(sent_at)), None) = (
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+    ) else {
+        return Parsed::Other;
+    };
+    let (sender, seq) = (sender as usize, seq as usize);
+    if run != u64::from(shared.run) || sender >= shared.senders || seq >= shared.per_sender {
+        return Parsed::Other;
+    }
+    Parsed::Delivery {
+        index: sender * shared.per_sender + seq,
+        sent_at,
+    }
+}
+
+fn unix_nanos() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or_default()
+}
+
+impl std::fmt::Display for Report {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "fanout {} clients ({} connected), {} senders, {} msg/s for {:.1} s",
+            self.clients, self.connected, self.senders, self.rate, self.duration_s
+        )?;
+        writeln!(
+            f,
+            "  sent {}, expected {}, delivered {}, lost {}, duplicates {}, errors {}, disconnects {}",
+            self.sent,
+            self.expected,
+            self.delivered,
+            self.lost,
+            self.duplicates,
+            self.errors,
+            self.disconnects
+        )?;
+        writeln!(f, "  deliveries/s   {:.0}", self.deliveries_per_s)?;
+        writeln!(f, "  latency        {}", self.latency)?;
+        for (u, per) in self.watched.iter().zip(&self.cpu_us_per_delivery) {
+            writeln!(
+                f,
+                "  {:<13}  {:.2} cores, {:.2} µs CPU per delivery, RSS {:.1} MiB",
+                u.name, u.cores, per, u.rss_mib
+            )?;
+        }
+        writeln!(
+            f,
+            "  server total   {:.2} µs CPU per delivery",
+            self.server_cpu_us_per_delivery
+        )?;
+        write!(f, "  generator      {:.2} cores", self.generator.cores)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shared() -> Shared {
+        let now = Instant::now();
+        Shared {
+            run: 7,
+            senders: 3,
+            per_sender: 10,
+            sent: AtomicU64::new(0),
+            delivered: AtomicU64::new(0),
+            sending: AtomicUsize::new(0),
+            end: now,
+        }
+    }
+
+    #[test]
+    fn parses_this_runs_messages() {
+        let s = shared();
+        let text = r#"{"time":"2024/01/01 00:00:00","name":"bench-2","content":"7:2:4:1234"}"#;
+        assert_eq!(
+            parse(text, &s),
+            Parsed::Delivery {
+                index: 24,
+                sent_at: 1234
+            }
+        );
+    }
+
+    #[test]
+    fn ignores_other_runs_bad_ranges_and_junk() {
+        let s = shared();
+        for text in [
+            r#"{"content":"8:2:4:1234"}"#,
+            r#"{"content":"7:3:4:1234"}"#,
+            r#"{"content":"7:2:10:1234"}"#,
+            r#"{"content":"7:2:4"}"#,
+            r#"{"content":"7:2:4:1:5"}"#,
+            r#"{"content":"hello"}"#,
+            "not json",
+        ] {
+            assert_eq!(parse(text, &s), Parsed::Other, "{text}");
+        }
+        assert_eq!(parse(r#"{"error":"too fast"}"#, &s), Parsed::Error);
+    }
+}

@@ -1,0 +1,200 @@
+//! CPU time and resident memory of processes, read from `/proc`.
+//!
+//! `--watch NAME=PID[,PID...]` names a group of processes (a proxy and its workers, say);
+//! [`Watch::sample`] reads `utime + stime` from `/proc/PID/stat` and resident pages from
+//! `/proc/PID/statm` for every PID of the group and sums them. A run samples before and after its
+//! measured window and reports the difference ([`Usage::since`]). The generator samples itself the
+//! same way (`/proc/self`) so every report can say whether the generator was the bottleneck.
+
+use std::fs;
+use std::str::FromStr;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use serde::Serialize;
+
+/// Kernel clock ticks per second for `/proc/*/stat` times (USER_HZ, fixed at 100 on Linux).
+const TICKS_PER_SECOND: u64 = 100;
+/// Page size for `/proc/*/statm` (4 KiB on the x86-64 and arm64 kernels we run on).
+const PAGE_SIZE: u64 = 4096;
+
+/// A named group of processes whose CPU time and memory are summed.
+#[derive(Debug, Clone)]
+pub struct Watch {
+    /// The name printed in reports (`lb`, `haproxy`, `redis`...).
+    pub name: String,
+    /// The processes of the group; `self` means the generator itself.
+    pids: Vec<String>,
+}
+
+impl FromStr for Watch {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> anyhow::Result<Self> {
+        let Some((name, pids)) = s.split_once('=') else {
+            bail!("--watch {s}: expected NAME=PID[,PID...]");
+        };
+        let pids: Vec<String> = pids.split(',').map(str::to_string).collect();
+        for pid in &pids {
+            if pid != "self" && pid.parse::<u32>().is_err() {
+                bail!("--watch {s}: {pid} is not a process id");
+            }
+        }
+        if name.is_empty() {
+            bail!("--watch {s}: empty name");
+        }
+        Ok(Self {
+            name: name.to_string(),
+            pids,
+        })
+    }
+}
+
+impl Watch {
+    /// The generator itself.
+    pub fn this_process() -> Self {
+        Self {
+            name: "generator".to_string(),
+            pids: vec!["self".to_string()],
+        }
+    }
+
+    /// Current CPU time and resident memory of the group.
+    pub fn sample(&self) -> anyhow::Result<Sample> {
+        let mut total = Sample::default();
+        for pid in &self.pids {
+            let stat = fs::read_to_string(format!("/proc/{pid}/stat"))
+                .with_context(|| format!("reading /proc/{pid}/stat ({})", self.name))?;
+            let statm = fs::read_to_string(format!("/proc/{pid}/statm"))
+                .with_context(|| format!("reading /proc/{pid}/statm ({})", self.name))?;
+            total.cpu_ticks += cpu_ticks(&stat).with_context(|| format!("/proc/{pid}/stat"))?;
+            total.rss_bytes +=
+                resident_bytes(&statm).with_context(|| format!("/proc/{pid}/statm"))?;
+        }
+        Ok(total)
+    }
+}
+
+/// Samples every group; used at the edges of a measured window.
+pub fn sample_all(watches: &[Watch]) -> anyhow::Result<Vec<Sample>> {
+    watches.iter().map(Watch::sample).collect()
+}
+
+/// A point-in-time reading of a group.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Sample {
+    cpu_ticks: u64,
+    rss_bytes: u64,
+}
+
+/// What a group used over a window.
+#[derive(Debug, Clone, Serialize)]
+pub struct Usage {
+    /// The group's name.
+    pub name: String,
+    /// CPU seconds (user + system) spent in the window.
+    pub cpu_seconds: f64,
+    /// CPU seconds per wall second: 1.0 is one core busy.
+    pub cores: f64,
+    /// Resident memory at the end of the window, MiB.
+    pub rss_mib: f64,
+    /// Resident memory growth over the window, KiB (negative when it shrank).
+    pub rss_growth_kib: f64,
+}
+
+impl Usage {
+    /// The usage between `before` and `after`, over `wall` time.
+    pub fn since(name: &str, before: Sample, after: Sample, wall: Duration) -> Self {
+        let cpu_seconds =
+            after.cpu_ticks.saturating_sub(before.cpu_ticks) as f64 / TICKS_PER_SECOND as f64;
+        Self {
+            name: name.to_string(),
+            cpu_seconds,
+            cores: cpu_seconds / wall.as_secs_f64().max(1e-9),
+            rss_mib: after.rss_bytes as f64 / (1024.0 * 1024.0),
+            rss_growth_kib: (after.rss_bytes as f64 - before.rss_bytes as f64) / 1024.0,
+        }
+    }
+}
+
+/// Usage of every watched group between two samplings.
+pub fn usage_all(
+    watches: &[Watch],
+    before: &[Sample],
+    after: &[Sample],
+    wall: Duration,
+) -> Vec<Usage> {
+    watches
+        .iter()
+        .zip(before.iter().zip(after))
+        .map(|(w, (b, a))| Usage::since(&w.name, *b, *a, wall))
+        .collect()
+}
+
+/// `utime + stime` (fields 14 and 15) of a `/proc/PID/stat` line. The command name (field 2) may
+/// hold spaces and parentheses, so fields are counted after its closing parenthesis.
+fn cpu_ticks(stat: &str) -> anyhow::Result<u64> {
+    let rest = stat
+        .rfind(')')
+        .map(|i| &stat[i + 1..])
+        .context("no command name")?;
+    // After ")": field 3 (state) is index 0, so utime (14) is index 11 and stime (15) index 12.
+    let mut fields = rest.split_whitespace().skip(11);
+    let mut next = || -> anyhow::Result<u64> {
+        fields
+            .next()
+            .context("too few fields")?
+            .parse::<u64>()
+            .context("not a number")
+    };
+    Ok(next()? + next()?)
+}
+
+/// Resident set size in bytes from `/proc/PID/statm` (second field, in pages).
+fn resident_bytes(statm: &str) -> anyhow::Result<u64> {
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .context("too few fields")?
+        .parse()
+        .context("not a number")?;
+    Ok(pages * PAGE_SIZE)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_ticks_counts_fields_after_the_command_name() {
+        let line =
+            "1234 (a (weird) name) S 1 1234 1234 0 -1 4194560 100 0 0 0 250 75 0 0 20 0 3 0 1 2 3";
+        assert_eq!(cpu_ticks(line).unwrap(), 325);
+        assert!(cpu_ticks("1234 (x) S 1").is_err());
+    }
+
+    #[test]
+    fn resident_bytes_reads_pages() {
+        assert_eq!(
+            resident_bytes("1000 250 10 1 0 100 0").unwrap(),
+            250 * PAGE_SIZE
+        );
+        assert!(resident_bytes("1000").is_err());
+    }
+
+    #[test]
+    fn watch_parses_names_and_pids() {
+        let w: Watch = "nginx=10,11".parse().unwrap();
+        assert_eq!(w.name, "nginx");
+        assert_eq!(w.pids, ["10", "11"]);
+        assert!("nginx".parse::<Watch>().is_err());
+        assert!("nginx=abc".parse::<Watch>().is_err());
+        assert!("=1".parse::<Watch>().is_err());
+    }
+
+    #[test]
+    fn this_process_can_be_sampled() {
+        let s = Watch::this_process().sample().unwrap();
+        assert!(s.rss_bytes > 0);
+    }
+}
