@@ -1,0 +1,497 @@
+//! Process-wide counters and their Prometheus text exposition.
+//!
+//! The proxy bumps the atomics in [`Metrics`] (and each backend's `BackendStats`) with
+//! `fetch_add(.., Relaxed)` as connections, requests and tunnels come and go. The catalogues
+//! [`GLOBAL`] and [`BACKEND`] describe every exported value once (its stats key, Prometheus
+//! family, help text, type and how to read it); [`encode_prometheus`] walks them to produce the
+//! `/metrics` body, and the admin stats views walk the same catalogues, so the three views
+//! never disagree about what exists.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use crate::balance::{Backend, Pool};
+
+/// Counters for the whole process (every backend together).
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// Client connections currently open (TLS and redirect listeners).
+    pub connections_active: AtomicU64,
+    /// Client connections accepted.
+    pub connections_total: AtomicU64,
+    /// Client connections refused at the connection limit or near the open-file limit.
+    pub connections_rejected: AtomicU64,
+    /// TLS handshakes that failed or timed out.
+    pub tls_handshake_failures: AtomicU64,
+    /// HTTP requests received from clients.
+    pub requests_total: AtomicU64,
+    /// Responses with a 2xx status sent to clients.
+    pub responses_2xx: AtomicU64,
+    /// Responses with a 3xx status sent to clients (including the https redirects).
+    pub responses_3xx: AtomicU64,
+    /// Responses with a 4xx status sent to clients.
+    pub responses_4xx: AtomicU64,
+    /// Responses with a 5xx status sent to clients (including lb's own 502/503).
+    pub responses_5xx: AtomicU64,
+    /// WebSocket tunnels currently spliced.
+    pub tunnels_active: AtomicU64,
+    /// WebSocket tunnels ever established.
+    pub tunnels_total: AtomicU64,
+    /// Configuration reloads that took effect.
+    pub reloads_ok: AtomicU64,
+    /// Configuration reloads rejected (the previous configuration kept serving).
+    pub reloads_failed: AtomicU64,
+}
+
+impl Metrics {
+    /// Counts a response sent to a client in its status class; 1xx (such as a WebSocket's
+    /// 101, counted as a tunnel instead) and out-of-range codes are not counted.
+    pub fn record_response(&self, status: u16) {
+        let counter = match status {
+            200..=299 => &self.responses_2xx,
+            300..=399 => &self.responses_3xx,
+            400..=499 => &self.responses_4xx,
+            500..=599 => &self.responses_5xx,
+            _ => return,
+        };
+        counter.fetch_add(1, Relaxed);
+    }
+}
+
+/// How Prometheus should treat a value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Only ever goes up (until restart).
+    Counter,
+    /// Goes up and down.
+    Gauge,
+}
+
+impl Kind {
+    fn as_str(self) -> &'static str {
+        match self {
+            Kind::Counter => "counter",
+            Kind::Gauge => "gauge",
+        }
+    }
+}
+
+/// One exported value, read from a `T` (the global [`Metrics`] or one [`Backend`]).
+#[derive(Debug)]
+pub struct Metric<T> {
+    /// Short name: the JSON key and HTML column in the stats views.
+    pub key: &'static str,
+    /// Prometheus metric family. Consecutive catalogue entries sharing a family are one
+    /// family told apart by `label`.
+    pub family: &'static str,
+    /// The label (name, value) that distinguishes this entry within its family, if shared.
+    pub label: Option<(&'static str, &'static str)>,
+    /// Prometheus `# HELP` text of the family.
+    pub help: &'static str,
+    /// Prometheus `# TYPE` of the family.
+    pub kind: Kind,
+    /// Reads the current value.
+    pub read: fn(&T) -> u64,
+}
+
+/// Every process-wide value, in exposition order.
+pub const GLOBAL: &[Metric<Metrics>] = &[
+    Metric {
+        key: "connections_active",
+        family: "lb_connections_active",
+        label: None,
+        help: "Client connections currently open.",
+        kind: Kind::Gauge,
+        read: |m| m.connections_active.load(Relaxed),
+    },
+    Metric {
+        key: "connections_total",
+        family: "lb_connections_total",
+        label: None,
+        help: "Client connections accepted.",
+        kind: Kind::Counter,
+        read: |m| m.connections_total.load(Relaxed),
+    },
+    Metric {
+        key: "connections_rejected",
+        family: "lb_connections_rejected_total",
+        label: None,
+        help: "Client connections refused at the connection or open-file limit.",
+        kind: Kind::Counter,
+        read: |m| m.connections_rejected.load(Relaxed),
+    },
+    Metric {
+        key: "tls_handshake_failures",
+        family: "lb_tls_handshake_failures_total",
+        label: None,
+        help: "TLS handshakes that failed or timed out.",
+        kind: Kind::Counter,
+        read: |m| m.tls_handshake_failures.load(Relaxed),
+    },
+    Metric {
+        key: "requests_total",
+        family: "lb_requests_total",
+        label: None,
+        help: "HTTP requests received from clients.",
+        kind: Kind::Counter,
+        read: |m| m.requests_total.load(Relaxed),
+    },
+    Metric {
+        key: "responses_2xx",
+        family: "lb_responses_total",
+        label: Some(("class", "2xx")),
+        help: "HTTP responses sent to clients, by status class.",
+        kind: Kind::Counter,
+        read: |m| m.responses_2xx.load(Relaxed),
+    },
+    Metric {
+        key: "responses_3xx",
+        family: "lb_responses_total",
+        label: Some(("class", "3xx")),
+        help: "HTTP responses sent to clients, by status class.",
+        kind: Kind::Counter,
+        read: |m| m.responses_3xx.load(Relaxed),
+    },
+    Metric {
+        key: "responses_4xx",
+        family: "lb_responses_total",
+        label: Some(("class", "4xx")),
+        help: "HTTP responses sent to clients, by status class.",
+        kind: Kind::Counter,
+        read: |m| m.responses_4xx.load(Relaxed),
+    },
+    Metric {
+        key: "responses_5xx",
+        family: "lb_responses_total",
+        label: Some(("class", "5xx")),
+        help: "HTTP responses sent to clients, by status class.",
+        kind: Kind::Counter,
+        read: |m| m.responses_5xx.load(Relaxed),
+    },
+    Metric {
+        key: "tunnels_active",
+        family: "lb_tunnels_active",
+        label: None,
+        help: "WebSocket tunnels currently spliced.",
+        kind: Kind::Gauge,
+        read: |m| m.tunnels_active.load(Relaxed),
+    },
+    Metric {
+        key: "tunnels_total",
+        family: "lb_tunnels_total",
+        label: None,
+        help: "WebSocket tunnels established.",
+        kind: Kind::Counter,
+        read: |m| m.tunnels_total.load(Relaxed),
+    },
+    Metric {
+        key: "reloads_ok",
+        family: "lb_reloads_total",
+        label: Some(("result", "ok")),
+        help: "Configuration reloads, by result (failed: the old configuration kept serving).",
+        kind: Kind::Counter,
+        read: |m| m.reloads_ok.load(Relaxed),
+    },
+    Metric {
+        key: "reloads_failed",
+        family: "lb_reloads_total",
+        label: Some(("result", "failed")),
+        help: "Configuration reloads, by result (failed: the old configuration kept serving).",
+        kind: Kind::Counter,
+        read: |m| m.reloads_failed.load(Relaxed),
+    },
+];
+
+/// Every per-backend number, in exposition order. (The up/down state is exported separately
+/// as `lb_backend_up`, since the stats views show it as a word.)
+pub const BACKEND: &[Metric<Backend>] = &[
+    Metric {
+        key: "weight",
+        family: "lb_backend_weight",
+        label: None,
+        help: "Configured balancing weight of the backend.",
+        kind: Kind::Gauge,
+        read: |b| u64::from(b.weight()),
+    },
+    Metric {
+        key: "active",
+        family: "lb_backend_active_connections",
+        label: None,
+        help: "Connections and tunnels currently using the backend.",
+        kind: Kind::Gauge,
+        read: |b| b.active(),
+    },
+    Metric {
+        key: "requests",
+        family: "lb_backend_requests_total",
+        label: None,
+        help: "HTTP requests forwarded to the backend.",
+        kind: Kind::Counter,
+        read: |b| b.stats().requests.load(Relaxed),
+    },
+    Metric {
+        key: "tunnels_active",
+        family: "lb_backend_tunnels_active",
+        label: None,
+        help: "WebSocket tunnels currently spliced to the backend.",
+        kind: Kind::Gauge,
+        read: |b| b.stats().tunnels_active.load(Relaxed),
+    },
+    Metric {
+        key: "tunnels_total",
+        family: "lb_backend_tunnels_total",
+        label: None,
+        help: "WebSocket tunnels established to the backend.",
+        kind: Kind::Counter,
+        read: |b| b.stats().tunnels_total.load(Relaxed),
+    },
+    Metric {
+        key: "bytes_to_backend",
+        family: "lb_backend_bytes_total",
+        label: Some(("direction", "to_backend")),
+        help: "Bytes relayed between clients and the backend, by direction.",
+        kind: Kind::Counter,
+        read: |b| b.stats().bytes_to_backend.load(Relaxed),
+    },
+    Metric {
+        key: "bytes_to_client",
+        family: "lb_backend_bytes_total",
+        label: Some(("direction", "to_client")),
+        help: "Bytes relayed between clients and the backend, by direction.",
+        kind: Kind::Counter,
+        read: |b| b.stats().bytes_to_client.load(Relaxed),
+    },
+    Metric {
+        key: "errors",
+        family: "lb_backend_errors_total",
+        label: None,
+        help: "Requests or tunnels that failed after connecting to the backend.",
+        kind: Kind::Counter,
+        read: |b| b.stats().errors.load(Relaxed),
+    },
+    Metric {
+        key: "connect_failures",
+        family: "lb_backend_connect_failures_total",
+        label: None,
+        help: "Failed attempts to connect to the backend.",
+        kind: Kind::Counter,
+        read: |b| b.stats().connect_failures.load(Relaxed),
+    },
+    Metric {
+        key: "transitions_up",
+        family: "lb_backend_health_transitions_total",
+        label: Some(("to", "up")),
+        help: "Health state changes of the backend, by new state.",
+        kind: Kind::Counter,
+        read: |b| b.stats().transitions_up.load(Relaxed),
+    },
+    Metric {
+        key: "transitions_down",
+        family: "lb_backend_health_transitions_total",
+        label: Some(("to", "down")),
+        help: "Health state changes of the backend, by new state.",
+        kind: Kind::Counter,
+        read: |b| b.stats().transitions_down.load(Relaxed),
+    },
+];
+
+/// The `/metrics` body: Prometheus text exposition format 0.0.4. Per-backend series carry the
+/// labels `backend` (its name) and `addr`.
+pub fn encode_prometheus(metrics: &Metrics, pool: &Pool) -> String {
+    let mut out = String::with_capacity(4096);
+    encode_families(&mut out, GLOBAL, &[(String::new(), metrics)]);
+
+    let backends: Vec<(String, &Backend)> = pool
+        .backends()
+        .iter()
+        .map(|b| {
+            let labels = format!(
+                "backend=\"{}\",addr=\"{}\"",
+                escape_label(b.name()),
+                b.addr()
+            );
+            (labels, &**b)
+        })
+        .collect();
+    encode_header(
+        &mut out,
+        "lb_backend_up",
+        "1 if the backend is up (passing health checks), 0 if down.",
+        Kind::Gauge,
+    );
+    for (labels, backend) in &backends {
+        encode_sample(
+            &mut out,
+            "lb_backend_up",
+            labels,
+            None,
+            u64::from(backend.is_up()),
+        );
+    }
+    encode_families(&mut out, BACKEND, &backends);
+    out
+}
+
+/// Writes each family of `catalogue` once, with one sample per entry and subject. A subject
+/// is the labels that identify it (possibly empty) and the value to read from.
+fn encode_families<T>(out: &mut String, catalogue: &[Metric<T>], subjects: &[(String, &T)]) {
+    for family in catalogue.chunk_by(|a, b| a.family == b.family) {
+        let Some(first) = family.first() else {
+            continue;
+        };
+        encode_header(out, first.family, first.help, first.kind);
+        for metric in family {
+            for (labels, subject) in subjects {
+                encode_sample(
+                    out,
+                    metric.family,
+                    labels,
+                    metric.label,
+                    (metric.read)(subject),
+                );
+            }
+        }
+    }
+}
+
+fn encode_header(out: &mut String, family: &str, help: &str, kind: Kind) {
+    // Writing into a String cannot fail.
+    let _ = writeln!(out, "# HELP {family} {help}");
+    let _ = writeln!(out, "# TYPE {family} {}", kind.as_str());
+}
+
+fn encode_sample(
+    out: &mut String,
+    family: &str,
+    labels: &str,
+    extra: Option<(&str, &str)>,
+    value: u64,
+) {
+    out.push_str(family);
+    match (labels.is_empty(), extra) {
+        (true, None) => {}
+        (false, None) => {
+            let _ = write!(out, "{{{labels}}}");
+        }
+        (true, Some((name, v))) => {
+            let _ = write!(out, "{{{name}=\"{}\"}}", escape_label(v));
+        }
+        (false, Some((name, v))) => {
+            let _ = write!(out, "{{{labels},{name}=\"{}\"}}", escape_label(v));
+        }
+    }
+    let _ = writeln!(out, " {value}");
+}
+
+/// Escapes a label value as the exposition format requires: backslash, double quote, newline.
+fn escape_label(value: &str) -> String {
+    let mut escaped = String::with_capacity(value.len());
+    for c in value.chars() {
+        match c {
+            '\\' => escaped.push_str("\\\\"),
+            '"' => escaped.push_str("\\\""),
+            '\n' => escaped.push_str("\\n"),
+            c => escaped.push(c),
+        }
+    }
+    escaped
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::balance::Policy;
+
+    #[test]
+    fn responses_are_counted_by_class() {
+        let m = Metrics::default();
+        for status in [101, 200, 204, 301, 404, 431, 502, 503, 600] {
+            m.record_response(status);
+        }
+        let counts = [
+            &m.responses_2xx,
+            &m.responses_3xx,
+            &m.responses_4xx,
+            &m.responses_5xx,
+        ]
+        .map(|c| c.load(Relaxed));
+        assert_eq!(counts, [2, 1, 2, 2]);
+    }
+
+    #[test]
+    fn catalogue_families_are_consistent() {
+        fn check<T>(catalogue: &[Metric<T>]) {
+            let mut seen = std::collections::HashSet::new();
+            for family in catalogue.chunk_by(|a, b| a.family == b.family) {
+                let first = &family[0];
+                assert!(seen.insert(first.family), "{} split apart", first.family);
+                assert!(first.family.starts_with("lb_"));
+                assert_eq!(
+                    first.kind == Kind::Counter,
+                    first.family.ends_with("_total"),
+                    "{}: counters and only counters end in _total",
+                    first.family
+                );
+                for m in family {
+                    assert_eq!((m.help, m.kind), (first.help, first.kind), "{}", m.key);
+                    assert_eq!(m.label.is_some(), family.len() > 1, "{}", m.key);
+                }
+            }
+        }
+        check(GLOBAL);
+        check(BACKEND);
+    }
+
+    #[test]
+    fn exposition_has_headers_labels_and_values() {
+        let m = Metrics::default();
+        m.connections_total.fetch_add(7, Relaxed);
+        m.record_response(503);
+        let app1 = Arc::new(Backend::new(
+            "app1".into(),
+            SocketAddr::from(([127, 0, 0, 1], 8081)),
+            2,
+        ));
+        let odd = Arc::new(Backend::new(
+            "we\"ird\\name\n".into(),
+            SocketAddr::from(([0, 0, 0, 0, 0, 0, 0, 1], 8082)),
+            1,
+        ));
+        app1.stats().bytes_to_client.fetch_add(1234, Relaxed);
+        app1.stats().transitions_down.fetch_add(1, Relaxed);
+        odd.set_up(false);
+        let _lease = app1.lease();
+        let text = encode_prometheus(&m, &Pool::new(vec![app1, odd], Policy::RoundRobin));
+
+        let expected = [
+            "# HELP lb_connections_total Client connections accepted.",
+            "# TYPE lb_connections_total counter",
+            "lb_connections_total 7",
+            "# TYPE lb_responses_total counter",
+            "lb_responses_total{class=\"2xx\"} 0",
+            "lb_responses_total{class=\"5xx\"} 1",
+            "# TYPE lb_connections_active gauge",
+            "lb_reloads_total{result=\"failed\"} 0",
+            "lb_backend_up{backend=\"app1\",addr=\"127.0.0.1:8081\"} 1",
+            "lb_backend_up{backend=\"we\\\"ird\\\\name\\n\",addr=\"[::1]:8082\"} 0",
+            "lb_backend_weight{backend=\"app1\",addr=\"127.0.0.1:8081\"} 2",
+            "lb_backend_active_connections{backend=\"app1\",addr=\"127.0.0.1:8081\"} 1",
+            "lb_backend_bytes_total{backend=\"app1\",addr=\"127.0.0.1:8081\",direction=\"to_client\"} 1234",
+            "lb_backend_health_transitions_total{backend=\"app1\",addr=\"127.0.0.1:8081\",to=\"down\"} 1",
+        ];
+        let lines: Vec<&str> = text.lines().collect();
+        for line in expected {
+            assert!(lines.contains(&line), "missing {line:?} in\n{text}");
+        }
+        // Each family is announced exactly once, before its samples.
+        assert_eq!(text.matches("# TYPE lb_responses_total ").count(), 1);
+        assert_eq!(text.matches("# TYPE lb_backend_bytes_total ").count(), 1);
+        let header = text.find("# TYPE lb_backend_bytes_total").unwrap();
+        let first_sample = text.find("\nlb_backend_bytes_total{").unwrap();
+        assert!(header < first_sample);
+        assert!(text.ends_with('\n'));
+    }
+}
