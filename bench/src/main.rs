@@ -7,9 +7,11 @@ mod backend;
 mod client;
 mod echo;
 mod fanout;
+mod http;
 mod idle;
 mod latency;
 mod procstat;
+mod summary;
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -33,8 +35,12 @@ enum Command {
     Fanout(fanout::Args),
     /// WebSocket ping-pong through a URL: round trips/s and RTT percentiles.
     Echo(echo::Args),
+    /// HTTP(S) small-response load over keep-alive, run with wrk: requests/s and latency.
+    Http(http::Args),
     /// Hold N idle WebSocket connections and report memory per connection of watched processes.
     Idle(idle::Args),
+    /// Markdown tables (medians, ratios) from the results file of bench/run.
+    Summary(summary::Args),
     /// The neutral backend: WebSocket echo on any upgrade, 200 "Hello, world!" otherwise.
     Backend {
         /// Address to listen on.
@@ -60,6 +66,11 @@ fn main() -> ExitCode {
             Command::Fanout(args) => emit(cli.json, &fanout::run(args).await?),
             Command::Echo(args) => emit(cli.json, &echo::run(args).await?),
             Command::Idle(args) => emit(cli.json, &idle::run(args).await?),
+            Command::Http(args) => emit(cli.json, &http::run(args).await?),
+            Command::Summary(args) => {
+                print!("{}", summary::run(&args)?);
+                Ok(())
+            }
             Command::Backend { listen } => backend::run(listen).await,
         }
     });

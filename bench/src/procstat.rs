@@ -59,6 +59,18 @@ impl Watch {
         }
     }
 
+    /// CPU time of the group's reaped children (fields `cutime + cstime`); memory is left at zero.
+    pub fn children(&self) -> anyhow::Result<Sample> {
+        let mut total = Sample::default();
+        for pid in &self.pids {
+            let stat = fs::read_to_string(format!("/proc/{pid}/stat"))
+                .with_context(|| format!("reading /proc/{pid}/stat ({})", self.name))?;
+            total.cpu_ticks +=
+                children_ticks(&stat).with_context(|| format!("/proc/{pid}/stat"))?;
+        }
+        Ok(total)
+    }
+
     /// Current CPU time and resident memory of the group.
     pub fn sample(&self) -> anyhow::Result<Sample> {
         let mut total = Sample::default();
@@ -131,15 +143,26 @@ pub fn usage_all(
         .collect()
 }
 
-/// `utime + stime` (fields 14 and 15) of a `/proc/PID/stat` line. The command name (field 2) may
-/// hold spaces and parentheses, so fields are counted after its closing parenthesis.
+/// `utime + stime` (fields 14 and 15) of a `/proc/PID/stat` line.
 fn cpu_ticks(stat: &str) -> anyhow::Result<u64> {
+    two_fields_after(stat, 14)
+}
+
+/// `cutime + cstime` (fields 16 and 17): CPU of the children the process has waited for.
+fn children_ticks(stat: &str) -> anyhow::Result<u64> {
+    two_fields_after(stat, 16)
+}
+
+/// The sum of fields `first` and `first + 1` (1-based, as in proc(5)) of a `/proc/PID/stat` line.
+/// The command name (field 2) may hold spaces and parentheses, so fields are counted after its
+/// closing parenthesis.
+fn two_fields_after(stat: &str, first: usize) -> anyhow::Result<u64> {
     let rest = stat
         .rfind(')')
         .map(|i| &stat[i + 1..])
         .context("no command name")?;
-    // After ")": field 3 (state) is index 0, so utime (14) is index 11 and stime (15) index 12.
-    let mut fields = rest.split_whitespace().skip(11);
+    // After ")": field 3 (state) is index 0.
+    let mut fields = rest.split_whitespace().skip(first - 3);
     let mut next = || -> anyhow::Result<u64> {
         fields
             .next()
@@ -168,8 +191,9 @@ mod tests {
     #[test]
     fn cpu_ticks_counts_fields_after_the_command_name() {
         let line =
-            "1234 (a (weird) name) S 1 1234 1234 0 -1 4194560 100 0 0 0 250 75 0 0 20 0 3 0 1 2 3";
+            "1234 (a (weird) name) S 1 1234 1234 0 -1 4194560 100 0 0 0 250 75 5 6 20 0 3 0 1 2 3";
         assert_eq!(cpu_ticks(line).unwrap(), 325);
+        assert_eq!(children_ticks(line).unwrap(), 11);
         assert!(cpu_ticks("1234 (x) S 1").is_err());
     }
 

@@ -1,0 +1,410 @@
+//! `bench summary`: turns the results file of `bench/run` into Markdown tables.
+//!
+//! `bench/run` appends one JSON line per measurement, `{"figure", "system", "rep", "report"}`,
+//! where `report` is what a subcommand printed with `--json`. For every known figure this module
+//! takes each metric (a JSON pointer into the report) per system, prints the median over the
+//! repetitions, and the ratio lb ÷ the better of HAProxy and nginx. The fan-out ramp gets its own
+//! table and the highest rate that lost nothing with p99 under the latency limit.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use serde::Deserialize;
+use serde_json::Value;
+
+/// Options of `bench summary`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The results file (JSON lines) written by bench/run.
+    results: PathBuf,
+    /// p99 limit in ms for the ramp's highest acceptable rate.
+    #[arg(long, default_value_t = 50.0)]
+    p99_limit_ms: f64,
+}
+
+/// One line of the results file.
+#[derive(Debug, Deserialize)]
+struct Record {
+    figure: String,
+    system: String,
+    report: Value,
+}
+
+/// Which way a metric improves; `None` for context columns that get no ratio.
+#[derive(Clone, Copy, PartialEq)]
+enum Better {
+    Higher,
+    Lower,
+    None,
+}
+
+struct Metric {
+    label: &'static str,
+    pointer: &'static str,
+    better: Better,
+    digits: usize,
+}
+
+struct Figure {
+    id: &'static str,
+    title: &'static str,
+    metrics: &'static [Metric],
+}
+
+const fn m(label: &'static str, pointer: &'static str, better: Better, digits: usize) -> Metric {
+    Metric {
+        label,
+        pointer,
+        better,
+        digits,
+    }
+}
+
+const ECHO: &[Metric] = &[
+    m("round trips/s", "/round_trips_per_s", Better::Higher, 0),
+    m("RTT p50 (ms)", "/rtt/p50_ms", Better::Lower, 3),
+    m("RTT p99 (ms)", "/rtt/p99_ms", Better::Lower, 3),
+    m(
+        "proxy CPU per round trip (µs)",
+        "/cpu_us_per_round_trip/0",
+        Better::Lower,
+        1,
+    ),
+    m("proxy cores busy", "/watched/0/cores", Better::None, 2),
+    m("generator cores busy", "/generator/cores", Better::None, 2),
+];
+
+const STACK: &[Metric] = &[
+    m("deliveries/s", "/deliveries_per_s", Better::None, 0),
+    m("lost", "/lost", Better::Lower, 0),
+    m("latency p50 (ms)", "/latency/p50_ms", Better::Lower, 2),
+    m("latency p99 (ms)", "/latency/p99_ms", Better::Lower, 2),
+    m(
+        "server CPU per delivery (µs)",
+        "/server_cpu_us_per_delivery",
+        Better::Lower,
+        2,
+    ),
+    m("  proxy", "/cpu_us_per_delivery/0", Better::Lower, 2),
+    m("  apps", "/cpu_us_per_delivery/1", Better::Lower, 2),
+    m("  redis", "/cpu_us_per_delivery/2", Better::Lower, 2),
+    m(
+        "app RSS, both (MiB)",
+        "/watched/1/rss_mib",
+        Better::Lower,
+        1,
+    ),
+    m("generator cores busy", "/generator/cores", Better::None, 2),
+];
+
+const FIGURES: &[Figure] = &[
+    Figure {
+        id: "https",
+        title: "HTTPS small response over keep-alive (wrk -t1 -c50)",
+        metrics: &[
+            m("requests/s", "/requests_per_s", Better::Higher, 0),
+            m("latency p50 (ms)", "/p50_ms", Better::Lower, 3),
+            m("latency p99 (ms)", "/p99_ms", Better::Lower, 3),
+            m(
+                "proxy CPU per request (µs)",
+                "/cpu_us_per_request/0",
+                Better::Lower,
+                1,
+            ),
+            m("proxy cores busy", "/watched/0/cores", Better::None, 2),
+            m("wrk cores busy", "/generator/cores", Better::None, 2),
+        ],
+    },
+    Figure {
+        id: "echo-64",
+        title: "WebSocket echo, 64 B, 50 connections",
+        metrics: ECHO,
+    },
+    Figure {
+        id: "echo-16k",
+        title: "WebSocket echo, 16 KiB, 50 connections",
+        metrics: ECHO,
+    },
+    Figure {
+        id: "idle",
+        title: "Memory per idle TLS WebSocket tunnel",
+        metrics: &[
+            m("KiB per tunnel", "/kib_per_connection/0", Better::Lower, 1),
+            m("tunnels established", "/established", Better::None, 0),
+            m(
+                "proxy RSS with all up (MiB)",
+                "/watched/0/rss_mib",
+                Better::Lower,
+                1,
+            ),
+        ],
+    },
+    Figure {
+        id: "stack-25",
+        title: "Whole stack, 1,000 clients, 25 msg/s",
+        metrics: STACK,
+    },
+    Figure {
+        id: "stack-100",
+        title: "Whole stack, 1,000 clients, 100 msg/s",
+        metrics: STACK,
+    },
+];
+
+/// Column order; systems not in the results are left out.
+const SYSTEMS: &[&str] = &["lb", "haproxy", "nginx", "direct"];
+
+/// Reads the results and prints the tables.
+pub fn run(args: &Args) -> anyhow::Result<String> {
+    let text = std::fs::read_to_string(&args.results)
+        .with_context(|| format!("reading {}", args.results.display()))?;
+    let mut records = Vec::new();
+    for (n, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
+        let record: Record = serde_json::from_str(line)
+            .with_context(|| format!("{} line {}", args.results.display(), n + 1))?;
+        records.push(record);
+    }
+    Ok(render(&records, args.p99_limit_ms))
+}
+
+fn render(records: &[Record], p99_limit_ms: f64) -> String {
+    let mut out = String::new();
+    for figure in FIGURES {
+        let of_figure: Vec<&Record> = records.iter().filter(|r| r.figure == figure.id).collect();
+        if !of_figure.is_empty() {
+            figure_table(&mut out, figure, &of_figure);
+        }
+    }
+    let ramp: Vec<&Record> = records.iter().filter(|r| r.figure == "ramp").collect();
+    if !ramp.is_empty() {
+        ramp_table(&mut out, &ramp, p99_limit_ms);
+    }
+    out
+}
+
+fn figure_table(out: &mut String, figure: &Figure, records: &[&Record]) {
+    let systems: Vec<&str> = SYSTEMS
+        .iter()
+        .copied()
+        .filter(|s| records.iter().any(|r| r.system == *s))
+        .collect();
+    let reps = systems
+        .iter()
+        .map(|s| records.iter().filter(|r| r.system == *s).count())
+        .max()
+        .unwrap_or(0);
+    let with_ratio =
+        systems.contains(&"lb") && (systems.contains(&"haproxy") || systems.contains(&"nginx"));
+    let _ = writeln!(out, "### {} (median of {reps})\n", figure.title);
+    let mut header = String::from("| figure |");
+    let mut rule = String::from("|---|");
+    for s in &systems {
+        let _ = write!(header, " {} |", display_name(s));
+        rule.push_str("---:|");
+    }
+    if with_ratio {
+        header.push_str(" lb ÷ better of HAProxy, nginx |");
+        rule.push_str("---:|");
+    }
+    let _ = writeln!(out, "{header}\n{rule}");
+    for metric in figure.metrics {
+        let medians: BTreeMap<&str, f64> = systems
+            .iter()
+            .filter_map(|s| {
+                let values: Vec<f64> = records
+                    .iter()
+                    .filter(|r| r.system == *s)
+                    .filter_map(|r| r.report.pointer(metric.pointer).and_then(Value::as_f64))
+                    .collect();
+                median(values).map(|v| (*s, v))
+            })
+            .collect();
+        let mut row = format!("| {} |", metric.label);
+        for s in &systems {
+            match medians.get(s) {
+                Some(v) => {
+                    let _ = write!(row, " {:.*} |", metric.digits, v);
+                }
+                None => row.push_str(" – |"),
+            }
+        }
+        if with_ratio {
+            match ratio(&medians, metric.better) {
+                Some(r) => {
+                    let _ = write!(row, " {r:.2} |");
+                }
+                None => row.push_str(" |"),
+            }
+        }
+        let _ = writeln!(out, "{row}");
+    }
+    out.push('\n');
+}
+
+/// lb's median divided by the better of HAProxy's and nginx's.
+fn ratio(medians: &BTreeMap<&str, f64>, better: Better) -> Option<f64> {
+    let lb = *medians.get("lb")?;
+    let others = ["haproxy", "nginx"]
+        .iter()
+        .filter_map(|s| medians.get(s).copied());
+    let best = match better {
+        Better::Higher => others.fold(None, |a: Option<f64>, v| Some(a.map_or(v, |a| a.max(v)))),
+        Better::Lower => others.fold(None, |a: Option<f64>, v| Some(a.map_or(v, |a| a.min(v)))),
+        Better::None => None,
+    }?;
+    (best != 0.0).then(|| lb / best)
+}
+
+fn ramp_table(out: &mut String, records: &[&Record], p99_limit_ms: f64) {
+    let _ = writeln!(out, "### Whole stack ramp, 1,000 clients\n");
+    let _ = writeln!(
+        out,
+        "| system | msg/s | deliveries/s | lost | p50 (ms) | p99 (ms) | server CPU per delivery (µs) | generator cores |\n|---|---:|---:|---:|---:|---:|---:|---:|"
+    );
+    let get = |r: &Record, p: &str| {
+        r.report
+            .pointer(p)
+            .and_then(Value::as_f64)
+            .unwrap_or(f64::NAN)
+    };
+    let mut knees: BTreeMap<&str, Option<f64>> = BTreeMap::new();
+    let mut sorted: Vec<&&Record> = records.iter().collect();
+    sorted.sort_by(|a, b| {
+        (&a.system, get(a, "/rate"))
+            .partial_cmp(&(&b.system, get(b, "/rate")))
+            .unwrap_or(std::cmp::Ordering::Equal)
+    });
+    for r in sorted {
+        let (rate, lost, p99) = (get(r, "/rate"), get(r, "/lost"), get(r, "/latency/p99_ms"));
+        let _ = writeln!(
+            out,
+            "| {} | {rate:.0} | {:.0} | {lost:.0} | {:.2} | {p99:.2} | {:.2} | {:.2} |",
+            display_name(&r.system),
+            get(r, "/deliveries_per_s"),
+            get(r, "/latency/p50_ms"),
+            get(r, "/server_cpu_us_per_delivery"),
+            get(r, "/generator/cores"),
+        );
+        let knee = knees.entry(r.system.as_str()).or_insert(None);
+        if lost == 0.0 && p99 < p99_limit_ms && knee.is_none_or(|k| rate > k) {
+            *knee = Some(rate);
+        }
+    }
+    out.push('\n');
+    for (system, knee) in knees {
+        let _ = match knee {
+            Some(k) => writeln!(
+                out,
+                "{}: highest rate with zero loss and p99 < {p99_limit_ms} ms: **{k:.0} msg/s** ({:.0} deliveries/s)\n",
+                display_name(system),
+                k * 1000.0
+            ),
+            None => writeln!(
+                out,
+                "{}: no step met zero loss with p99 < {p99_limit_ms} ms\n",
+                display_name(system)
+            ),
+        };
+    }
+}
+
+fn display_name(system: &str) -> &str {
+    match system {
+        "haproxy" => "HAProxy",
+        "direct" => "direct (no proxy)",
+        other => other,
+    }
+}
+
+fn median(mut values: Vec<f64>) -> Option<f64> {
+    if values.is_empty() {
+        return None;
+    }
+    values.sort_by(f64::total_cmp);
+    let mid = values.len() / 2;
+    Some(if values.len() % 2 == 1 {
+        values[mid]
+    } else {
+        (values[mid - 1] + values[mid]) / 2.0
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(figure: &str, system: &str, report: Value) -> Record {
+        Record {
+            figure: figure.into(),
+            system: system.into(),
+            report,
+        }
+    }
+
+    #[test]
+    fn medians_and_ratio_against_the_better_peer() {
+        let mut records = Vec::new();
+        for (system, rates) in [
+            ("lb", [60.0, 50.0, 70.0]),
+            ("haproxy", [40.0, 45.0, 41.0]),
+            ("nginx", [30.0, 50.0, 20.0]),
+        ] {
+            for rate in rates {
+                records.push(record(
+                    "echo-64",
+                    system,
+                    serde_json::json!({"round_trips_per_s": rate, "rtt": {"p99_ms": rate / 10.0}}),
+                ));
+            }
+        }
+        let text = render(&records, 50.0);
+        assert!(
+            text.contains("| round trips/s | 60 | 41 | 30 | 1.46 |"),
+            "{text}"
+        );
+        // p99: lower is better, so the ratio is against nginx's 3.0.
+        assert!(
+            text.contains("| RTT p99 (ms) | 6.000 | 4.100 | 3.000 | 2.00 |"),
+            "{text}"
+        );
+        assert!(
+            text.contains("| proxy CPU per round trip (µs) | – | – | – | |"),
+            "{text}"
+        );
+        assert!(!text.contains("HTTPS"));
+    }
+
+    #[test]
+    fn ramp_finds_the_highest_clean_rate() {
+        let step = |rate: f64, lost: u64, p99: f64| {
+            record(
+                "ramp",
+                "lb",
+                serde_json::json!({"rate": rate, "lost": lost, "latency": {"p99_ms": p99}}),
+            )
+        };
+        let records = vec![
+            step(400.0, 0, 80.0),
+            step(100.0, 0, 3.0),
+            step(200.0, 0, 9.0),
+            step(300.0, 2, 9.0),
+        ];
+        let text = render(&records, 50.0);
+        assert!(text.contains("**200 msg/s**"), "{text}");
+        let none = render(&[step(100.0, 1, 3.0)], 50.0);
+        assert!(none.contains("no step met"), "{none}");
+    }
+
+    #[test]
+    fn median_of_odd_and_even() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), Some(2.5));
+        assert_eq!(median(vec![]), None);
+    }
+}
