@@ -17,11 +17,6 @@ resource "aws_acm_certificate" "front" {
 
   lifecycle {
     create_before_destroy = true
-
-    precondition {
-      condition     = var.domain_name != null && var.route53_zone_name != null
-      error_message = "front = \"alb\" needs domain_name and route53_zone_name (the ACM certificate is validated in that zone)."
-    }
   }
 }
 
@@ -80,7 +75,8 @@ resource "aws_lb_target_group" "app" {
   port     = 80
   protocol = "HTTP"
 
-  # Long-lived WebSockets: route each new one to the app with fewer connections.
+  # Long-lived WebSockets: each new request goes to the target with the fewest in progress
+  # (ALB's nearest to lb's least-connections).
   load_balancing_algorithm_type = "least_outstanding_requests"
   # On deregistration app drains: /healthz says 503 and clients get 1001 within its grace.
   deregistration_delay = 30

@@ -12,7 +12,7 @@ output "front" {
 
 output "front_address" {
   description = "The ALB's DNS name (front = \"alb\") or the lb instance's elastic IP (front = \"lb\")."
-  value       = local.use_alb ? aws_lb.front[0].dns_name : aws_eip.lb[0].public_ip
+  value       = local.front_address
 }
 
 output "app_instance_ids" {
@@ -22,7 +22,7 @@ output "app_instance_ids" {
 
 output "lb_instance_id" {
   description = "The lb instance (front = \"lb\"), null otherwise."
-  value       = local.use_lb ? aws_instance.lb[0].id : null
+  value       = one(aws_instance.lb[*].id)
 }
 
 output "redis_primary_endpoint" {

@@ -64,9 +64,14 @@ variable "domain_name" {
 }
 
 variable "route53_zone_name" {
-  description = "Existing public Route53 hosted zone that holds domain_name, such as example.com. Required with domain_name."
+  description = "Existing public Route53 hosted zone that holds domain_name, such as example.com. Required for front = \"alb\" (the ACM certificate is validated there); optional for front = \"lb\" (without it, point domain_name at the elastic IP yourself)."
   type        = string
   default     = null
+
+  validation {
+    condition     = var.front != "alb" || (var.domain_name != null && var.route53_zone_name != null)
+    error_message = "front = \"alb\" needs domain_name and route53_zone_name: the ALB's certificate is issued by ACM and validated in that Route53 zone."
+  }
 }
 
 variable "vpc_cidr" {

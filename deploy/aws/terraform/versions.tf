@@ -1,6 +1,6 @@
 # Providers and the Terraform version this layout is written for.
 terraform {
-  required_version = ">= 1.5.0"
+  required_version = ">= 1.9.0" # variable validations that refer to other variables
 
   required_providers {
     aws = {
@@ -34,5 +34,6 @@ locals {
   use_lb  = var.front == "lb"
 
   # The front's public name: the Route53 name when one is given, else the lb's elastic IP.
-  front_host = var.domain_name != null ? var.domain_name : (local.use_lb ? aws_eip.lb[0].public_ip : aws_lb.front[0].dns_name)
+  front_address = local.use_lb ? one(aws_eip.lb[*].public_ip) : one(aws_lb.front[*].dns_name)
+  front_host    = var.domain_name != null ? var.domain_name : local.front_address
 }
