@@ -498,4 +498,64 @@ mod tests {
         }
         assert_eq!(parse(r#"{"error":"too fast"}"#, &s), Parsed::Error);
     }
+
+    /// A minimal chat server: every text frame any client sends goes to every client.
+    async fn broadcast_server() -> std::net::SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, _) = tokio::sync::broadcast::channel::<String>(100_000);
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let (tx, mut rx) = (tx.clone(), tx.subscribe());
+                tokio::spawn(async move {
+                    let ws = tokio_tungstenite::accept_async(stream).await.unwrap();
+                    let (mut sink, mut stream) = ws.split();
+                    tokio::spawn(async move {
+                        while let Ok(text) = rx.recv().await {
+                            if sink.send(Message::text(text)).await.is_err() {
+                                break;
+                            }
+                        }
+                    });
+                    while let Some(Ok(Message::Text(text))) = stream.next().await {
+                        let _ = tx.send(text.as_str().to_string());
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn counts_every_delivery_to_every_client() {
+        let addr = broadcast_server().await;
+        let report = run(Args {
+            url: vec![format!("ws://{addr}/ws"), format!("ws://{addr}/other")],
+            ca: None,
+            clients: 20,
+            senders: 4,
+            rate: 200.0,
+            duration: Duration::from_millis(300),
+            drain: Duration::from_secs(10),
+            settle: Duration::from_millis(50),
+            concurrency: 5,
+            watch: vec![Watch::this_process()],
+        })
+        .await
+        .unwrap();
+        assert_eq!(report.connected, 20);
+        assert!(report.sent > 0);
+        assert_eq!(report.expected, report.sent * 20);
+        assert_eq!(report.delivered, report.expected);
+        assert_eq!(
+            (
+                report.lost,
+                report.duplicates,
+                report.errors,
+                report.disconnects
+            ),
+            (0, 0, 0, 0)
+        );
+        assert_eq!(report.latency.count as u64, report.delivered);
+    }
 }
