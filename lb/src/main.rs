@@ -1,2 +1,285 @@
 //! `lb`: command-line entry point of the load balancer.
-fn main() {}
+//!
+//! Parses the command line, sets up logging (stderr, filtered by `RUST_LOG`), and runs one of
+//! `lb run` (the default; with a file, or quick mode from flags alone), `lb check` or
+//! `lb certs generate`. Everything else lives in the library. Exit codes: 0 on success, 64 when
+//! the configuration (or a certificate it names, or a `certs` argument) is unusable, 1 on any
+//! other failure.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+use lb::{Config, ConfigError, Lb, Overrides, StartError};
+
+/// Exit code for an unusable configuration (EX_USAGE / EX_CONFIG-style, like `haproxy -c`).
+const EXIT_CONFIG: u8 = 64;
+
+/// The scaleout load balancer: TLS termination, HTTP/1.1 proxying and WebSocket tunnels to
+/// health-checked backends.
+#[derive(Debug, Parser)]
+#[command(name = "lb", version, args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the load balancer (the default command).
+    Run(RunArgs),
+    /// Validate a configuration file and the certificates it names; exit 0 or 64.
+    Check {
+        /// The configuration file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Local certificates.
+    #[command(subcommand)]
+    Certs(CertsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum CertsCommand {
+    /// Write a new local CA and a server certificate signed by it.
+    Generate {
+        /// Directory to write ca.crt, ca.key, server.crt, server.key and server.pem into.
+        #[arg(long)]
+        out: PathBuf,
+        /// A DNS name or IP address the certificate is for (repeatable; default: localhost
+        /// and 127.0.0.1).
+        #[arg(long = "host", value_name = "NAME")]
+        hosts: Vec<String>,
+        /// Replace existing key files.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+/// Options of `lb run`; without `--config` they are the whole configuration (quick mode),
+/// with it they override the file's keys.
+#[derive(Debug, Args, Clone, Default)]
+struct RunArgs {
+    /// Configuration file (see config/lb.toml).
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// HTTPS listen address (listen.https), e.g. 0.0.0.0:443.
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<String>,
+    /// Backend host:port (repeatable; replaces the file's backends).
+    #[arg(long = "backend", value_name = "ADDR")]
+    backends: Vec<String>,
+    /// Certificate chain PEM file (with --key).
+    #[arg(long, value_name = "FILE", requires = "key", conflicts_with = "pem")]
+    cert: Option<PathBuf>,
+    /// Private key PEM file (with --cert).
+    #[arg(long, value_name = "FILE", requires = "cert")]
+    key: Option<PathBuf>,
+    /// Combined certificate and key PEM file (HAProxy `crt` style).
+    #[arg(long, value_name = "FILE")]
+    pem: Option<PathBuf>,
+    /// Admin listen address (listen.admin), or "off".
+    #[arg(long, value_name = "ADDR")]
+    admin: Option<String>,
+    /// Plain-HTTP redirect listen address (listen.redirect).
+    #[arg(long, value_name = "ADDR")]
+    redirect: Option<String>,
+    /// Balancing policy: round-robin or least-connections.
+    #[arg(long, value_name = "POLICY")]
+    policy: Option<String>,
+}
+
+impl RunArgs {
+    fn overrides(&self) -> Overrides {
+        Overrides {
+            listen: self.listen.clone(),
+            backends: self.backends.clone(),
+            cert: self.cert.clone(),
+            key: self.key.clone(),
+            pem: self.pem.clone(),
+            admin: self.admin.clone(),
+            redirect: self.redirect.clone(),
+            policy: self.policy.clone(),
+        }
+    }
+
+    /// The configuration: the file with overrides, or quick mode.
+    fn load(&self) -> Result<Config, ConfigError> {
+        let overrides = self.overrides();
+        match &self.config {
+            Some(path) => Config::load(path, &overrides),
+            None => Config::from_overrides(&overrides),
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    match cli.command {
+        Some(Command::Check { config }) => check(&config),
+        Some(Command::Certs(CertsCommand::Generate { out, hosts, force })) => {
+            certs_generate(&out, hosts, force)
+        }
+        Some(Command::Run(args)) => run(args),
+        None => run(cli.run),
+    }
+}
+
+/// `lb check`: parse, validate, load the certificates.
+fn check(path: &Path) -> ExitCode {
+    let result = Config::load(path, &Overrides::default())
+        .and_then(|config| lb::tls::server_config(&config).map(|_| config));
+    match result {
+        Ok(config) => {
+            println!(
+                "{}: configuration is valid ({} backend{}, {} certificate{}, https on {})",
+                path.display(),
+                config.backends.len(),
+                if config.backends.len() == 1 { "" } else { "s" },
+                config.certificates.len(),
+                if config.certificates.len() == 1 {
+                    ""
+                } else {
+                    "s"
+                },
+                config.listen.https
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("lb: {e}");
+            ExitCode::from(EXIT_CONFIG)
+        }
+    }
+}
+
+/// `lb run`: start, announce the listeners, serve signals, drain.
+fn run(args: RunArgs) -> ExitCode {
+    let config = match args.load() {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("lb: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("lb: could not start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let lb = match Lb::start(config).await {
+            Ok(lb) => lb,
+            Err(StartError::Config(e)) => {
+                eprintln!("lb: {e}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+            Err(e) => {
+                eprintln!("lb: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        if let Err(e) = announce(&lb) {
+            eprintln!("lb: could not write to stdout: {e:#}");
+            lb.shutdown().await;
+            return ExitCode::FAILURE;
+        }
+        let served = lb::signals::run(&lb, || args.load()).await;
+        lb.shutdown().await;
+        match served {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("lb: could not install signal handlers: {e}");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+/// Prints the readiness lines, one per bound listener.
+fn announce(lb: &Lb) -> anyhow::Result<()> {
+    let addrs = lb.addrs();
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "listening https {}", addrs.https)?;
+    if let Some(addr) = addrs.redirect {
+        writeln!(out, "listening redirect {addr}")?;
+    }
+    if let Some(addr) = addrs.admin {
+        writeln!(out, "listening admin {addr}")?;
+    }
+    out.flush().context("flushing stdout")?;
+    Ok(())
+}
+
+/// `lb certs generate`.
+fn certs_generate(out: &Path, mut hosts: Vec<String>, force: bool) -> ExitCode {
+    if hosts.is_empty() {
+        hosts = certs::DEFAULT_HOSTS.iter().map(|h| h.to_string()).collect();
+    }
+    let written = certs::generate(&hosts).and_then(|bundle| bundle.write_to(out, force));
+    let written = match written {
+        Ok(w) => w,
+        Err(e @ certs::CertError::Write { .. }) => {
+            eprintln!("lb: {e}");
+            return ExitCode::FAILURE;
+        }
+        Err(e) => {
+            eprintln!("lb: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let ca = written.ca_cert.display();
+    let first = &hosts[0];
+    let url_host = if first.contains(':') {
+        format!("[{first}]")
+    } else {
+        first.clone()
+    };
+    println!(
+        "\
+Wrote a new local CA and a server certificate for {hosts} to {dir}:
+  {ca_file:<11} the CA certificate: trust this on clients
+  {ca_key:<11} the CA private key (mode 0600): keep it; lb does not need it
+  {crt:<11} server certificate, valid 825 days
+  {key:<11} server private key (mode 0600)
+  {pem:<11} server certificate + key in one file (HAProxy style)
+
+Serve with it:
+  lb --listen 0.0.0.0:443 --backend 10.0.0.11:80 --backend 10.0.0.12:80 --pem {pem_path}
+  or in lb.toml:  [[certificates]]  pem = \"{pem_path}\"
+
+Trust the CA:
+  curl:            curl --cacert {ca} https://{url_host}/
+  Debian/Ubuntu:   sudo cp {ca} /usr/local/share/ca-certificates/scaleout-local-ca.crt
+                   sudo update-ca-certificates
+  Firefox:         Settings > Privacy & Security > Certificates > View Certificates >
+                   Authorities > Import {ca} (trust it to identify websites)
+  Chrome/Chromium: Settings > Privacy and security > Security > Manage certificates >
+                   Authorities > Import {ca}; or, on Linux:
+                   certutil -d sql:$HOME/.pki/nssdb -A -t C,, -n scaleout-local-ca -i {ca}
+  macOS:           sudo security add-trusted-cert -d -r trustRoot \\
+                     -k /Library/Keychains/System.keychain {ca}",
+        hosts = hosts.join(", "),
+        dir = out.display(),
+        ca_file = certs::FileNames::CA_CERT,
+        ca_key = certs::FileNames::CA_KEY,
+        crt = certs::FileNames::SERVER_CERT,
+        key = certs::FileNames::SERVER_KEY,
+        pem = certs::FileNames::COMBINED,
+        pem_path = written.combined.display(),
+    );
+    ExitCode::SUCCESS
+}

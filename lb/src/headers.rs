@@ -1,0 +1,298 @@
+//! Header rewriting at the proxy hop: what a request carries to the backend and what a response
+//! carries back.
+//!
+//! Requests lose their hop-by-hop headers (`Connection` and every header it names,
+//! `Keep-Alive`, `Proxy-Connection`, `TE`, `Trailer`, `Transfer-Encoding`, `Upgrade`,
+//! `Proxy-Authorization`, `Proxy-Authenticate`) and `Expect` (answered at this hop), keep
+//! `Host`, and gain `X-Forwarded-For` (the client address appended to any earlier list),
+//! `X-Forwarded-Proto: https` and `X-Forwarded-Host` (the client's `Host`). Message framing is
+//! not copied: hyper frames the forwarded body itself (`Content-Length` when the length is
+//! known, chunked otherwise), so the backend sees exactly the bytes the client framed. A
+//! WebSocket upgrade keeps `Connection: upgrade` and `Upgrade: websocket`. Responses lose their
+//! hop-by-hop headers the same way, except on a `101 Switching Protocols`.
+
+use std::net::IpAddr;
+
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::http::uri::{PathAndQuery, Uri};
+use hyper::http::{Version, request};
+
+/// `X-Forwarded-For`.
+pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+/// `X-Forwarded-Proto`.
+pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+/// `X-Forwarded-Host`.
+pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// Hop-by-hop headers removed in both directions (RFC 9110 §7.6.1, plus the de-facto
+/// `Keep-Alive` and `Proxy-Connection`).
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Why a request cannot be forwarded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestHeadError {
+    /// An HTTP/1.1 request without `Host` (RFC 9112 §3.2).
+    MissingHost,
+}
+
+/// Whether the `Connection` header(s) list `token` (case-insensitive).
+pub fn connection_has(headers: &HeaderMap, token: &str) -> bool {
+    list_has(headers, &header::CONNECTION, token)
+}
+
+/// Whether the comma-separated header `name` lists `token` (case-insensitive).
+pub fn list_has(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// Rewrites a client request head for the backend (see the module docs). `websocket` keeps the
+/// upgrade headers.
+pub fn prepare_request(
+    head: &mut request::Parts,
+    client: IpAddr,
+    websocket: bool,
+) -> Result<(), RequestHeadError> {
+    // An absolute-form target (`GET https://host/path`) names the host; the backend gets the
+    // origin form and that host.
+    if let Some(authority) = head.uri.authority()
+        && let Ok(host) = HeaderValue::from_str(authority.as_str())
+    {
+        head.headers.insert(header::HOST, host);
+    }
+    if head.uri.authority().is_some() || head.uri.scheme().is_some() {
+        let path = head
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        head.uri = Uri::from(path);
+    }
+    let host = head.headers.get(header::HOST).cloned();
+    if host.is_none() && head.version == Version::HTTP_11 {
+        return Err(RequestHeadError::MissingHost);
+    }
+    head.version = Version::HTTP_11;
+
+    remove_hop_by_hop(&mut head.headers);
+    head.headers.remove(header::EXPECT);
+    append_forwarded_for(&mut head.headers, client);
+    head.headers
+        .insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("https"));
+    match host {
+        Some(host) => head.headers.insert(X_FORWARDED_HOST.clone(), host),
+        None => head.headers.remove(&X_FORWARDED_HOST),
+    };
+    if websocket {
+        head.headers
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        head.headers
+            .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    }
+    Ok(())
+}
+
+/// Rewrites a backend response head for the client. A `101` keeps its upgrade headers.
+pub fn prepare_response(headers: &mut HeaderMap, switching_protocols: bool) {
+    if switching_protocols {
+        let upgrade = headers.get(header::UPGRADE).cloned();
+        remove_hop_by_hop(headers);
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        if let Some(upgrade) = upgrade {
+            headers.insert(header::UPGRADE, upgrade);
+        }
+    } else {
+        remove_hop_by_hop(headers);
+    }
+}
+
+/// Removes the fixed hop-by-hop headers and every header the `Connection` header names
+/// (except `Host`, which a client must not be able to strip).
+fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .filter(|name| *name != header::HOST)
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(*name);
+    }
+}
+
+/// Appends `client` to `X-Forwarded-For`, folding earlier values into one list.
+fn append_forwarded_for(headers: &mut HeaderMap, client: IpAddr) {
+    let client = client.to_string();
+    let mut earlier = headers
+        .get_all(&X_FORWARDED_FOR)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+        .peekable();
+    let value = if earlier.peek().is_none() {
+        client
+    } else {
+        let mut list = earlier.collect::<Vec<_>>().join(", ");
+        list.push_str(", ");
+        list.push_str(&client);
+        list
+    };
+    if let Ok(value) = HeaderValue::from_str(&value) {
+        headers.insert(X_FORWARDED_FOR.clone(), value);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hyper::Request;
+
+    fn head(build: impl FnOnce(request::Builder) -> request::Builder) -> request::Parts {
+        build(Request::builder()).body(()).unwrap().into_parts().0
+    }
+
+    const CLIENT: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(192, 0, 2, 7));
+
+    #[test]
+    fn adds_forwarded_headers_and_keeps_host() {
+        let mut h = head(|b| b.uri("/chat?x=1").header("host", "chat.example.test"));
+        prepare_request(&mut h, CLIENT, false).unwrap();
+        assert_eq!(h.headers["host"], "chat.example.test");
+        assert_eq!(h.headers["x-forwarded-for"], "192.0.2.7");
+        assert_eq!(h.headers["x-forwarded-proto"], "https");
+        assert_eq!(h.headers["x-forwarded-host"], "chat.example.test");
+        assert_eq!(h.uri, "/chat?x=1");
+    }
+
+    #[test]
+    fn appends_to_an_earlier_forwarded_for_list() {
+        let mut h = head(|b| {
+            b.header("host", "h")
+                .header("x-forwarded-for", "10.0.0.1")
+                .header("x-forwarded-for", "10.0.0.2, 10.0.0.3")
+                .header("x-forwarded-proto", "http")
+        });
+        prepare_request(&mut h, CLIENT, false).unwrap();
+        assert_eq!(
+            h.headers["x-forwarded-for"],
+            "10.0.0.1, 10.0.0.2, 10.0.0.3, 192.0.2.7"
+        );
+        assert_eq!(h.headers.get_all("x-forwarded-for").iter().count(), 1);
+        assert_eq!(h.headers["x-forwarded-proto"], "https");
+    }
+
+    #[test]
+    fn removes_hop_by_hop_and_connection_named_headers_but_not_host() {
+        let mut h = head(|b| {
+            b.header("host", "h")
+                .header("connection", "keep-alive, X-Secret, host")
+                .header("keep-alive", "timeout=5")
+                .header("x-secret", "1")
+                .header("te", "trailers")
+                .header("transfer-encoding", "chunked")
+                .header("proxy-authorization", "Basic x")
+                .header("upgrade", "h2c")
+                .header("expect", "100-continue")
+                .header("x-kept", "yes")
+        });
+        prepare_request(&mut h, CLIENT, false).unwrap();
+        for gone in [
+            "connection",
+            "keep-alive",
+            "x-secret",
+            "te",
+            "transfer-encoding",
+            "proxy-authorization",
+            "upgrade",
+            "expect",
+        ] {
+            assert!(!h.headers.contains_key(gone), "{gone} kept");
+        }
+        assert_eq!(h.headers["host"], "h");
+        assert_eq!(h.headers["x-kept"], "yes");
+    }
+
+    #[test]
+    fn websocket_keeps_only_the_upgrade_headers() {
+        let mut h = head(|b| {
+            b.header("host", "h")
+                .header("connection", "keep-alive, Upgrade")
+                .header("upgrade", "websocket")
+                .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+        });
+        prepare_request(&mut h, CLIENT, true).unwrap();
+        assert_eq!(h.headers["connection"], "upgrade");
+        assert_eq!(h.headers["upgrade"], "websocket");
+        assert_eq!(h.headers["sec-websocket-key"], "dGhlIHNhbXBsZSBub25jZQ==");
+    }
+
+    #[test]
+    fn absolute_form_becomes_origin_form_with_its_host() {
+        let mut h = head(|b| {
+            b.uri("https://chat.example.test/ws?a=b")
+                .header("host", "other")
+        });
+        prepare_request(&mut h, CLIENT, false).unwrap();
+        assert_eq!(h.uri, "/ws?a=b");
+        assert_eq!(h.headers["host"], "chat.example.test");
+    }
+
+    #[test]
+    fn http11_without_host_is_refused_but_http10_is_not() {
+        let mut h = head(|b| b.uri("/"));
+        assert_eq!(
+            prepare_request(&mut h, CLIENT, false),
+            Err(RequestHeadError::MissingHost)
+        );
+        let mut h = head(|b| b.uri("/").version(Version::HTTP_10));
+        prepare_request(&mut h, CLIENT, false).unwrap();
+        assert_eq!(h.version, Version::HTTP_11);
+        assert!(!h.headers.contains_key("x-forwarded-host"));
+    }
+
+    #[test]
+    fn responses_lose_hop_by_hop_headers_except_on_101() {
+        let mut headers = HeaderMap::new();
+        headers.insert("connection", HeaderValue::from_static("close, x-hop"));
+        headers.insert("x-hop", HeaderValue::from_static("1"));
+        headers.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        headers.insert("content-type", HeaderValue::from_static("text/plain"));
+        let mut switching = headers.clone();
+        switching.insert("upgrade", HeaderValue::from_static("websocket"));
+        prepare_response(&mut headers, false);
+        assert_eq!(headers.len(), 1);
+        prepare_response(&mut switching, true);
+        assert_eq!(switching["connection"], "upgrade");
+        assert_eq!(switching["upgrade"], "websocket");
+        assert!(!switching.contains_key("x-hop"));
+    }
+
+    #[test]
+    fn list_matching_ignores_case_and_spaces() {
+        let mut headers = HeaderMap::new();
+        headers.append("connection", HeaderValue::from_static("keep-alive"));
+        headers.append("connection", HeaderValue::from_static(" Upgrade "));
+        assert!(connection_has(&headers, "upgrade"));
+        assert!(!connection_has(&headers, "close"));
+    }
+}

@@ -1,0 +1,272 @@
+//! The HTTP/1.1 reverse proxy: one call of [`handle`] per client request.
+//!
+//! A request arrives from hyper's server side (`conn`), already framed: hyper has rejected
+//! malformed heads (400), oversized heads (431) and ambiguous framing (differing duplicate
+//! `Content-Length`, a `Transfer-Encoding` whose last coding is not chunked); with both
+//! `Content-Length` and `Transfer-Encoding: chunked` it drops the length and reads chunks.
+//! [`handle`] refuses over-long targets (414), sends WebSocket upgrades to `upgrade`, and
+//! forwards everything else: rewrite the head (`headers`), pick a backend from the live pool,
+//! borrow a pooled keep-alive connection or open one, send, and stream the response back
+//! (`body`). A backend that cannot be connected to is reported to its health state and the
+//! request moves to another backend; nothing has been sent to the client at that point, so a
+//! dead backend costs the client nothing. Only when no backend is left does the client get a
+//! 503. Each request ends with one log line.
+
+use std::convert::Infallible;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use hyper::body::{Body as _, Incoming};
+use hyper::header::{self, HeaderValue};
+use hyper::http::request;
+use hyper::{Request, Response, StatusCode};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use crate::balance::{Backend, Pool};
+use crate::body::{PooledSender, RequestBody, ResponseBody, UpstreamBody};
+use crate::config::{Config, Timeouts};
+use crate::headers;
+use crate::listener::ConnSlot;
+use crate::metrics::Metrics;
+use crate::upgrade;
+use crate::upstream::Upstreams;
+
+/// What every connection shares: the live backend pool and the means to reach it.
+#[derive(Debug)]
+pub struct Engine {
+    /// The current backend pool; replaced whole on reload.
+    pub pool: Arc<ArcSwap<Pool>>,
+    /// Global counters.
+    pub metrics: Arc<Metrics>,
+    /// Idle keep-alive connections to backends.
+    pub upstreams: Arc<Upstreams>,
+    /// Tunnels and backend connection drivers run here, so shutdown can wait for them.
+    pub tracker: TaskTracker,
+    /// Cancelled when the drain grace is over: tunnels and backend connections close.
+    pub kill: CancellationToken,
+}
+
+/// One client connection, shared by its requests and its tunnel (if it becomes one).
+#[derive(Debug)]
+pub struct ClientConn {
+    /// The client's address.
+    pub peer: SocketAddr,
+    /// The configuration generation the connection was accepted under.
+    pub config: Arc<Config>,
+    /// Shared machinery.
+    pub engine: Arc<Engine>,
+    /// Counts against the connection limit until the connection and its tunnel are gone.
+    pub slot: ConnSlot,
+}
+
+/// A response and the backend that produced it, if one did.
+#[derive(Debug)]
+pub struct Outcome {
+    /// The response for the client.
+    pub response: Response<ResponseBody>,
+    /// The backend that answered (for the log line).
+    pub backend: Option<Arc<Backend>>,
+}
+
+impl Outcome {
+    /// A response made by the load balancer itself.
+    pub fn local(response: Response<ResponseBody>) -> Self {
+        Outcome {
+            response,
+            backend: None,
+        }
+    }
+
+    /// A response that involved `backend`.
+    pub fn backend(response: Response<ResponseBody>, backend: Arc<Backend>) -> Self {
+        Outcome {
+            response,
+            backend: Some(backend),
+        }
+    }
+}
+
+/// A short plain-text response written by the load balancer.
+pub fn local_response(status: StatusCode, text: &'static str) -> Response<ResponseBody> {
+    let mut response = Response::new(ResponseBody::text(Bytes::from_static(text.as_bytes())));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+/// The answer when no backend can take a request.
+pub fn no_backend() -> Response<ResponseBody> {
+    local_response(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "503 Service Unavailable: no backend is available\n",
+    )
+}
+
+/// Serves one client request (hyper service function).
+pub async fn handle(
+    conn: Arc<ClientConn>,
+    req: Request<Incoming>,
+) -> Result<Response<ResponseBody>, Infallible> {
+    let started = Instant::now();
+    let method = req.method().clone();
+    let uri = req.uri().clone();
+    let metrics = &conn.engine.metrics;
+    metrics.requests_total.fetch_add(1, Relaxed);
+
+    let target_len = uri.path_and_query().map_or(0, |p| p.as_str().len())
+        + uri.authority().map_or(0, |a| a.as_str().len());
+    let outcome = if target_len > conn.config.limits.max_uri_bytes {
+        Outcome::local(local_response(
+            StatusCode::URI_TOO_LONG,
+            "414 URI Too Long\n",
+        ))
+    } else if upgrade::is_websocket(&req) {
+        upgrade::handle(&conn, req).await
+    } else {
+        forward(&conn, req).await
+    };
+
+    let status = outcome.response.status();
+    metrics.record_response(status.as_u16());
+    info!(
+        peer = %conn.peer,
+        method = %method,
+        uri = %uri,
+        status = status.as_u16(),
+        backend = outcome.backend.as_deref().map_or("-", Backend::name),
+        duration_ms = started.elapsed().as_millis() as u64,
+        "request"
+    );
+    Ok(outcome.response)
+}
+
+/// Forwards a plain HTTP request (see the module docs).
+async fn forward(conn: &Arc<ClientConn>, req: Request<Incoming>) -> Outcome {
+    let (mut head, body) = req.into_parts();
+    if headers::prepare_request(&mut head, conn.peer.ip(), false).is_err() {
+        return Outcome::local(local_response(
+            StatusCode::BAD_REQUEST,
+            "400 Bad Request: a Host header is required\n",
+        ));
+    }
+    let mut body = (!body.is_end_stream()).then_some(body);
+    let engine = &conn.engine;
+    let timeouts = conn.config.timeouts;
+    let pool = engine.pool.load_full();
+    let mut exclude: Vec<SocketAddr> = Vec::new();
+
+    loop {
+        let Some(backend) = pool.pick(&exclude) else {
+            return Outcome::local(no_backend());
+        };
+        let lease = backend.lease();
+        let addr = backend.addr();
+        let (mut sender, reused) = match obtain(engine, addr, &timeouts).await {
+            Ok(found) => found,
+            Err(e) => {
+                warn!(peer = %conn.peer, backend = backend.name(), error = %e,
+                      "backend connect failed; trying another backend");
+                backend.report_connect_failure();
+                exclude.push(addr);
+                continue;
+            }
+        };
+        // A bodiless request sent over a reused connection can be sent again if that
+        // connection turns out to have been closed by the backend meanwhile.
+        let replay = (reused && body.is_none()).then(|| copy_head(&head));
+        let request = Request::from_parts(head, RequestBody::new(body, Arc::clone(&backend)));
+        backend.stats().requests.fetch_add(1, Relaxed);
+
+        let sent =
+            tokio::time::timeout(timeouts.backend_response, sender.try_send_request(request)).await;
+        match sent {
+            Ok(Ok(response)) => {
+                let (mut parts, incoming) = response.into_parts();
+                headers::prepare_response(&mut parts.headers, false);
+                let body =
+                    UpstreamBody::new(incoming, lease, sender, Arc::clone(&engine.upstreams));
+                return Outcome::backend(
+                    Response::from_parts(parts, ResponseBody::Upstream(body)),
+                    backend,
+                );
+            }
+            Ok(Err(mut e)) => {
+                if let Some(unsent) = e.take_message() {
+                    // The connection could not take the request: nothing was sent.
+                    let (h, b) = unsent.into_parts();
+                    head = h;
+                    body = b.into_inner();
+                    if !reused {
+                        exclude.push(addr);
+                    }
+                    continue;
+                }
+                if let Some(h) = replay {
+                    head = h;
+                    body = None;
+                    continue;
+                }
+                backend.stats().errors.fetch_add(1, Relaxed);
+                warn!(peer = %conn.peer, backend = backend.name(), error = %e.into_error(),
+                      "backend failed the request");
+                return Outcome::backend(
+                    local_response(StatusCode::BAD_GATEWAY, "502 Bad Gateway\n"),
+                    backend,
+                );
+            }
+            Err(_) => {
+                backend.stats().errors.fetch_add(1, Relaxed);
+                warn!(peer = %conn.peer, backend = backend.name(),
+                      timeout_ms = timeouts.backend_response.as_millis() as u64,
+                      "backend did not answer in time");
+                return Outcome::backend(
+                    local_response(StatusCode::GATEWAY_TIMEOUT, "504 Gateway Timeout\n"),
+                    backend,
+                );
+            }
+        }
+    }
+}
+
+/// A ready connection to `addr`: a pooled one if one is still alive (`true`), else a new one.
+async fn obtain(
+    engine: &Engine,
+    addr: SocketAddr,
+    timeouts: &Timeouts,
+) -> io::Result<(PooledSender, bool)> {
+    while let Some(mut sender) = engine.upstreams.take(addr, timeouts.backend_idle) {
+        let ready = tokio::time::timeout(READY_WAIT, sender.ready()).await;
+        if matches!(ready, Ok(Ok(()))) {
+            return Ok((sender, true));
+        }
+    }
+    let sender = engine
+        .upstreams
+        .open(addr, timeouts.backend_connect)
+        .await?;
+    Ok((sender, false))
+}
+
+/// How long a pooled connection may take to become ready before another is tried. It was
+/// returned to the pool only after its response ended, so this is normally immediate.
+const READY_WAIT: Duration = Duration::from_secs(1);
+
+/// A copy of a request head without its extensions.
+fn copy_head(head: &request::Parts) -> request::Parts {
+    let mut copy = Request::new(()).into_parts().0;
+    copy.method = head.method.clone();
+    copy.uri = head.uri.clone();
+    copy.version = head.version;
+    copy.headers = head.headers.clone();
+    copy
+}

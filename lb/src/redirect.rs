@@ -1,0 +1,135 @@
+//! The optional plain-HTTP listener: every request gets a `301 Moved Permanently` to the same
+//! host and path over https.
+//!
+//! The host comes from the request's `Host` header (its port dropped); the https port is added
+//! when it is not 443. A request without a usable `Host` gets 400. Connections are served by
+//! hyper with the same header timeout and size limits as the https side, and close on shutdown.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use hyper::header::{self, HeaderValue};
+use hyper::http::uri::Authority;
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+use tracing::{debug, info};
+
+use crate::body::ResponseBody;
+use crate::config::MIN_MAX_HEADER_BYTES;
+use crate::listener::ConnSlot;
+use crate::proxy::local_response;
+use crate::server::State;
+
+/// The `Location` for a request to `host` (a `Host` header value) and `target` (path and
+/// query), or `None` when `host` is not a valid authority.
+pub fn location(host: &str, target: &str, https_port: u16) -> Option<String> {
+    let authority: Authority = host.parse().ok()?;
+    if authority.as_str().contains('@') {
+        return None;
+    }
+    let name = authority.host();
+    let target = if target.starts_with('/') { target } else { "/" };
+    Some(if https_port == 443 {
+        format!("https://{name}{target}")
+    } else {
+        format!("https://{name}:{https_port}{target}")
+    })
+}
+
+/// The redirect (or 400) for one request.
+fn respond<B>(req: &Request<B>, https_port: u16) -> Response<ResponseBody> {
+    let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    let location = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .and_then(|host| location(host, target, https_port))
+        .and_then(|l| HeaderValue::from_str(&l).ok());
+    match location {
+        Some(location) => {
+            let mut response = local_response(
+                StatusCode::MOVED_PERMANENTLY,
+                "301 Moved Permanently: use https\n",
+            );
+            response.headers_mut().insert(header::LOCATION, location);
+            response
+        }
+        None => local_response(
+            StatusCode::BAD_REQUEST,
+            "400 Bad Request: a valid Host header is required\n",
+        ),
+    }
+}
+
+/// Serves one connection on the redirect listener.
+pub async fn serve(state: Arc<State>, stream: TcpStream, peer: SocketAddr, slot: ConnSlot) {
+    let config = state.config.load_full();
+    let https_port = state.https_port;
+    let service = service_fn(move |req: Request<hyper::body::Incoming>| async move {
+        let response = respond(&req, https_port);
+        info!(peer = %peer, method = %req.method(), uri = %req.uri(),
+              status = response.status().as_u16(), "redirect");
+        Ok::<_, Infallible>(response)
+    });
+    let mut connection = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(config.timeouts.client_header)
+        .max_buf_size(config.limits.max_header_bytes.max(MIN_MAX_HEADER_BYTES))
+        .max_header_size(config.limits.max_header_bytes)
+        .serve_connection(TokioIo::new(stream), service);
+    let result = tokio::select! {
+        result = &mut connection => result,
+        () = state.root.cancelled() => {
+            std::pin::Pin::new(&mut connection).graceful_shutdown();
+            tokio::select! {
+                result = &mut connection => result,
+                () = state.engine.kill.cancelled() => return,
+            }
+        }
+    };
+    if let Err(e) = result {
+        debug!(peer = %peer, error = %e, "redirect connection ended with an error");
+    }
+    drop(slot);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn location_keeps_host_and_path_and_swaps_the_port() {
+        assert_eq!(
+            location("chat.example.test", "/a?b=1", 443).as_deref(),
+            Some("https://chat.example.test/a?b=1")
+        );
+        assert_eq!(
+            location("localhost:8080", "/", 8443).as_deref(),
+            Some("https://localhost:8443/")
+        );
+        assert_eq!(
+            location("[::1]:80", "/x", 443).as_deref(),
+            Some("https://[::1]/x")
+        );
+        assert_eq!(location("a b", "/", 443), None);
+        assert_eq!(location("user@evil.test", "/", 443), None);
+        assert_eq!(location("h", "*", 443).as_deref(), Some("https://h/"));
+    }
+
+    #[test]
+    fn requests_without_host_get_400() {
+        let req = Request::builder().uri("/x").body(()).unwrap();
+        assert_eq!(respond(&req, 443).status(), StatusCode::BAD_REQUEST);
+        let req = Request::builder()
+            .uri("/x")
+            .header("host", "h:80")
+            .body(())
+            .unwrap();
+        let res = respond(&req, 443);
+        assert_eq!(res.status(), StatusCode::MOVED_PERMANENTLY);
+        assert_eq!(res.headers()["location"], "https://h/x");
+    }
+}

@@ -1,0 +1,403 @@
+//! The running load balancer: start, reload, shut down.
+//!
+//! [`Lb::start`] takes a validated [`Config`], loads its certificates, raises the open-file
+//! limit, binds the listeners (https, and optionally redirect and admin) and spawns their
+//! accept loops, the health checkers and the keep-alive pool sweeper, all on one
+//! `TaskTracker` and under one root `CancellationToken` with a child token per job.
+//! [`Lb::reload`] swaps in a new generation (TLS configuration, backend pool, limits) atomically:
+//! connections already established keep what they started with, backends that remain keep their
+//! state and counters, and a configuration that fails to load changes nothing.
+//! [`Lb::shutdown`] stops accepting, lets in-flight requests finish and tunnels run for up to
+//! `timeouts.drain_grace`, then closes whatever is left.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use crate::balance::{Backend, Pool};
+use crate::config::{Config, ConfigError};
+use crate::listener::{self, ConnLimit};
+use crate::metrics::Metrics;
+use crate::proxy::Engine;
+use crate::upstream::Upstreams;
+use crate::{admin, conn, fdlimit, health, redirect, tls};
+
+/// How often idle keep-alive connections are checked for age.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(5);
+
+/// How long shutdown waits for connections to close after the drain grace is over.
+const KILL_WAIT: Duration = Duration::from_secs(5);
+
+/// The addresses the listeners actually bound (useful with port 0).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Addrs {
+    /// The TLS listener.
+    pub https: SocketAddr,
+    /// The plain-HTTP redirect listener, if configured.
+    pub redirect: Option<SocketAddr>,
+    /// The admin listener, if configured.
+    pub admin: Option<SocketAddr>,
+}
+
+/// Why the load balancer could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The configuration (or a certificate it names) is not usable.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// A listener could not be bound.
+    #[error("could not listen on {addr} ({key}): {source}")]
+    Bind {
+        /// The configuration key of the listener.
+        key: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+/// State shared by the listeners and connections of one load balancer.
+#[derive(Debug)]
+pub struct State {
+    /// Request handling machinery.
+    pub engine: Arc<Engine>,
+    /// The current configuration generation.
+    pub config: ArcSwap<Config>,
+    /// The current TLS configuration.
+    pub tls: ArcSwap<rustls::ServerConfig>,
+    /// Cancelled at shutdown: listeners stop, connections finish their current request.
+    pub root: CancellationToken,
+    /// The client connection limit.
+    pub limit: Arc<ConnLimit>,
+    /// The https listener's port, for redirects.
+    pub https_port: u16,
+    /// The open-file limit, for recomputing the connection limit on reload.
+    nofile: u64,
+    /// Cancels the health checkers of the current pool.
+    health: Mutex<CancellationToken>,
+    /// Serialises reloads.
+    reloading: Mutex<()>,
+}
+
+/// A running load balancer. Dropping it stops everything at once; [`Lb::shutdown`] drains.
+#[derive(Debug)]
+pub struct Lb {
+    state: Arc<State>,
+    addrs: Addrs,
+}
+
+impl Lb {
+    /// Starts serving `config` (see the module docs). Must be called within a Tokio runtime.
+    pub async fn start(config: Config) -> Result<Lb, StartError> {
+        let tls = tls::server_config(&config)?;
+        let nofile = fdlimit::raise();
+        let limit_n = connection_limit(&config, nofile);
+        fdlimit::log(nofile, limit_n);
+
+        let bind = |key: &'static str, addr: SocketAddr| {
+            listener::bind(addr).map_err(|source| StartError::Bind { key, addr, source })
+        };
+        let https = bind("listen.https", config.listen.https)?;
+        let redirect = config
+            .listen
+            .redirect
+            .map(|a| bind("listen.redirect", a))
+            .transpose()?;
+        let admin = config
+            .listen
+            .admin
+            .map(|a| bind("listen.admin", a))
+            .transpose()?;
+        let local = |l: &tokio::net::TcpListener, key, fallback| {
+            l.local_addr().map_err(|source| StartError::Bind {
+                key,
+                addr: fallback,
+                source,
+            })
+        };
+        let addrs = Addrs {
+            https: local(&https, "listen.https", config.listen.https)?,
+            redirect: match (&redirect, config.listen.redirect) {
+                (Some(l), Some(a)) => Some(local(l, "listen.redirect", a)?),
+                _ => None,
+            },
+            admin: match (&admin, config.listen.admin) {
+                (Some(l), Some(a)) => Some(local(l, "listen.admin", a)?),
+                _ => None,
+            },
+        };
+
+        let tracker = TaskTracker::new();
+        let root = CancellationToken::new();
+        let kill = CancellationToken::new();
+        let metrics = Arc::new(Metrics::default());
+        let pool = Arc::new(Pool::new(
+            config
+                .backends
+                .iter()
+                .map(|b| Arc::new(Backend::new(b.name.clone(), b.addr, b.weight)))
+                .collect(),
+            config.policy,
+        ));
+        let engine = Arc::new(Engine {
+            pool: Arc::new(ArcSwap::new(Arc::clone(&pool))),
+            metrics: Arc::clone(&metrics),
+            upstreams: Arc::new(Upstreams::new(
+                config.limits.backend_idle_connections,
+                tracker.clone(),
+                kill.clone(),
+            )),
+            tracker: tracker.clone(),
+            kill,
+        });
+        let health_token = root.child_token();
+        health::spawn(pool, config.health.clone(), health_token.clone(), &tracker);
+        let state = Arc::new(State {
+            engine,
+            config: ArcSwap::from_pointee(config),
+            tls: ArcSwap::new(tls),
+            root: root.clone(),
+            limit: ConnLimit::new(metrics, limit_n),
+            https_port: addrs.https.port(),
+            nofile,
+            health: Mutex::new(health_token),
+            reloading: Mutex::new(()),
+        });
+
+        let s = Arc::clone(&state);
+        tracker.spawn(listener::accept_loop(
+            https,
+            "https",
+            Arc::clone(&state.limit),
+            root.child_token(),
+            move |stream, peer, slot| {
+                s.engine
+                    .tracker
+                    .spawn(conn::serve(Arc::clone(&s), stream, peer, slot));
+            },
+        ));
+        if let Some(l) = redirect {
+            let s = Arc::clone(&state);
+            tracker.spawn(listener::accept_loop(
+                l,
+                "redirect",
+                Arc::clone(&state.limit),
+                root.child_token(),
+                move |stream, peer, slot| {
+                    s.engine
+                        .tracker
+                        .spawn(redirect::serve(Arc::clone(&s), stream, peer, slot));
+                },
+            ));
+        }
+        if let Some(l) = admin {
+            tracker.spawn(admin::serve(
+                l,
+                Arc::clone(&state.engine.metrics),
+                Arc::clone(&state.engine.pool),
+                root.child_token(),
+            ));
+        }
+        tracker.spawn(sweep_idle(Arc::clone(&state), root.child_token()));
+
+        info!(
+            https = %addrs.https,
+            redirect = ?addrs.redirect,
+            admin = ?addrs.admin,
+            backends = state.engine.pool.load().backends().len(),
+            "load balancer started"
+        );
+        Ok(Lb { state, addrs })
+    }
+
+    /// The bound listener addresses.
+    pub fn addrs(&self) -> Addrs {
+        self.addrs
+    }
+
+    /// The global counters.
+    pub fn metrics(&self) -> Arc<Metrics> {
+        Arc::clone(&self.state.engine.metrics)
+    }
+
+    /// The current backend pool.
+    pub fn pool(&self) -> Arc<Pool> {
+        self.state.engine.pool.load_full()
+    }
+
+    /// The current configuration.
+    pub fn config(&self) -> Arc<Config> {
+        self.state.config.load_full()
+    }
+
+    /// The connection limit in force.
+    pub fn connection_limit(&self) -> usize {
+        self.state.limit.limit()
+    }
+
+    /// Switches to `config` (see the module docs). On error nothing changes.
+    pub fn reload(&self, config: Config) -> Result<(), ConfigError> {
+        self.reload_with(|| Ok(config))
+    }
+
+    /// Loads a configuration with `load` and switches to it; a failure to load or apply it is
+    /// counted, and nothing changes.
+    pub fn reload_with(
+        &self,
+        load: impl FnOnce() -> Result<Config, ConfigError>,
+    ) -> Result<(), ConfigError> {
+        let _one_at_a_time = self
+            .state
+            .reloading
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let metrics = &self.state.engine.metrics;
+        match load().and_then(|config| self.apply(config)) {
+            Ok(()) => {
+                metrics.reloads_ok.fetch_add(1, Relaxed);
+                Ok(())
+            }
+            Err(e) => {
+                metrics.reloads_failed.fetch_add(1, Relaxed);
+                Err(e)
+            }
+        }
+    }
+
+    fn apply(&self, config: Config) -> Result<(), ConfigError> {
+        let state = &self.state;
+        let tls = tls::server_config(&config)?;
+        let old = state.config.load_full();
+        if config.listen != old.listen {
+            warn!(file = %config.source,
+                  "listener addresses changed; they take effect only after a restart");
+        }
+        let old_pool = state.engine.pool.load_full();
+        let backends: Vec<Arc<Backend>> = config
+            .backends
+            .iter()
+            .map(|b| {
+                old_pool
+                    .backends()
+                    .iter()
+                    .find(|o| o.addr() == b.addr && o.name() == b.name && o.weight() == b.weight)
+                    .cloned()
+                    .unwrap_or_else(|| Arc::new(Backend::new(b.name.clone(), b.addr, b.weight)))
+            })
+            .collect();
+        let kept = backends
+            .iter()
+            .filter(|b| old_pool.backends().iter().any(|o| Arc::ptr_eq(o, b)))
+            .count();
+        let pool = Arc::new(Pool::new(backends, config.policy));
+
+        state.tls.store(tls);
+        state.engine.pool.store(Arc::clone(&pool));
+        state
+            .limit
+            .set_limit(connection_limit(&config, state.nofile));
+        state
+            .engine
+            .upstreams
+            .set_max_idle(config.limits.backend_idle_connections);
+        let health_token = state.root.child_token();
+        let old_health = std::mem::replace(
+            &mut *state
+                .health
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner()),
+            health_token.clone(),
+        );
+        old_health.cancel();
+        health::spawn(
+            Arc::clone(&pool),
+            config.health.clone(),
+            health_token,
+            &state.engine.tracker,
+        );
+        let idle = config.timeouts.backend_idle;
+        state.engine.upstreams.sweep(idle, |addr| {
+            pool.backends().iter().any(|b| b.addr() == addr)
+        });
+        info!(
+            file = %config.source,
+            backends = pool.backends().len(),
+            kept,
+            policy = %pool.policy(),
+            "configuration reloaded"
+        );
+        state.config.store(Arc::new(config));
+        Ok(())
+    }
+
+    /// Stops accepting, waits up to the drain grace for requests and tunnels to finish, then
+    /// closes the rest and returns once every task has ended.
+    pub async fn shutdown(&self) {
+        let state = &self.state;
+        let engine = &state.engine;
+        info!(
+            connections = engine.metrics.connections_active.load(Relaxed),
+            tunnels = engine.metrics.tunnels_active.load(Relaxed),
+            "shutting down: no new connections; draining"
+        );
+        state.root.cancel();
+        engine.upstreams.close();
+        engine.tracker.close();
+        let grace = state.config.load().timeouts.drain_grace;
+        if tokio::time::timeout(grace, engine.tracker.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                tunnels = engine.metrics.tunnels_active.load(Relaxed),
+                connections = engine.metrics.connections_active.load(Relaxed),
+                "drain grace over; closing what is left"
+            );
+        }
+        engine.kill.cancel();
+        if tokio::time::timeout(KILL_WAIT, engine.tracker.wait())
+            .await
+            .is_err()
+        {
+            warn!("some tasks did not end after the drain");
+        }
+        info!("shut down");
+    }
+}
+
+impl Drop for Lb {
+    fn drop(&mut self) {
+        self.state.root.cancel();
+        self.state.engine.kill.cancel();
+    }
+}
+
+/// The connection limit for `config` within `nofile` descriptors.
+fn connection_limit(config: &Config, nofile: u64) -> usize {
+    let pooled = (config.limits.backend_idle_connections * config.backends.len()) as u64;
+    fdlimit::effective_limit(config.limits.max_client_connections, nofile, pooled)
+}
+
+/// Periodically closes idle keep-alive connections that have aged out.
+async fn sweep_idle(state: Arc<State>, token: CancellationToken) {
+    let mut tick = tokio::time::interval(SWEEP_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = token.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let idle = state.config.load().timeouts.backend_idle;
+        let pool = state.engine.pool.load();
+        state.engine.upstreams.sweep(idle, |addr| {
+            pool.backends().iter().any(|b| b.addr() == addr)
+        });
+    }
+}

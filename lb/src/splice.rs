@@ -1,0 +1,349 @@
+//! Splicing a tunnel: copy bytes both ways between the client and the backend until both
+//! directions have ended, one side fails, the tunnel has been idle too long, or shutdown cuts it.
+//!
+//! One task drives both directions with one hand-written copy loop each, instead of
+//! `tokio::io::copy_bidirectional`, for two reasons. The idle timeout needs to see activity,
+//! which `copy_bidirectional` hides. And memory: `copy_bidirectional` keeps an 8 KiB heap buffer
+//! per direction for the whole life of a tunnel, while here each read lands in a buffer on the
+//! stack of the poll call, and is written straight to the other side. Only when that side
+//! cannot take it all (backpressure) do the leftover bytes move to a per-direction spill buffer,
+//! allocated on first need and reused afterwards. An idle tunnel therefore holds no copy
+//! buffers at all, and no frame ever causes an allocation of its own.
+//!
+//! When one side ends its stream (EOF), the other side's write half is shut down after
+//! everything read has been delivered (for the TLS client that sends `close_notify`), so each
+//! side's close reaches the other; the tunnel is over once both directions have ended.
+
+use std::future::poll_fn;
+use std::mem::MaybeUninit;
+use std::pin::{Pin, pin};
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::{Instant, Sleep};
+use tokio_util::sync::CancellationToken;
+
+/// Bytes read per read call: one maximal TLS record of plaintext.
+const READ_CHUNK: usize = 16 * 1024;
+
+/// Why a tunnel ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SpliceEnd {
+    /// Both sides closed their streams.
+    Closed,
+    /// No byte moved in either direction for the idle timeout.
+    IdleTimeout,
+    /// Reading from or writing to the client failed (reset, TLS error).
+    ClientError,
+    /// Reading from or writing to the backend failed.
+    BackendError,
+    /// The load balancer is shutting down and the drain grace has passed.
+    Shutdown,
+}
+
+impl SpliceEnd {
+    /// A short label for logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SpliceEnd::Closed => "closed",
+            SpliceEnd::IdleTimeout => "idle timeout",
+            SpliceEnd::ClientError => "client error",
+            SpliceEnd::BackendError => "backend error",
+            SpliceEnd::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// What a finished tunnel did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SpliceReport {
+    /// Bytes copied from the client to the backend.
+    pub to_backend: u64,
+    /// Bytes copied from the backend to the client.
+    pub to_client: u64,
+    /// Why it ended.
+    pub end: SpliceEnd,
+}
+
+/// Copies between `client` and `backend` until the tunnel ends (see the module docs).
+///
+/// `client_early` are bytes the client already sent that must reach the backend first (read
+/// ahead while parsing the upgrade request); `backend_early` likewise towards the client.
+/// `on_bytes` is called with `(to_backend, to_client)` byte counts as they move, for live
+/// statistics.
+pub async fn splice<C, B>(
+    mut client: C,
+    client_early: &[u8],
+    mut backend: B,
+    backend_early: &[u8],
+    idle: Duration,
+    stop: &CancellationToken,
+    mut on_bytes: impl FnMut(u64, u64),
+) -> SpliceReport
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut up = Direction::with_early(client_early);
+    let mut down = Direction::with_early(backend_early);
+    let mut last_activity = Instant::now();
+    let mut timer: Pin<&mut Sleep> = pin!(tokio::time::sleep(idle));
+
+    let copy = poll_fn(|cx| {
+        let (before_up, before_down) = (up.bytes, down.bytes);
+        let up_state = up.poll_copy(cx, &mut client, &mut backend);
+        let down_state = down.poll_copy(cx, &mut backend, &mut client);
+        let (moved_up, moved_down) = (up.bytes - before_up, down.bytes - before_down);
+        if moved_up + moved_down > 0 {
+            on_bytes(moved_up, moved_down);
+            last_activity = Instant::now();
+        }
+        for (state, read_side_is_client) in [(&up_state, true), (&down_state, false)] {
+            if let Poll::Ready(Err(failure)) = state {
+                let client_failed = match failure {
+                    Failure::Read => read_side_is_client,
+                    Failure::Write => !read_side_is_client,
+                };
+                return Poll::Ready(if client_failed {
+                    SpliceEnd::ClientError
+                } else {
+                    SpliceEnd::BackendError
+                });
+            }
+        }
+        if up_state.is_ready() && down_state.is_ready() {
+            return Poll::Ready(SpliceEnd::Closed);
+        }
+        loop {
+            ready!(timer.as_mut().poll(cx));
+            let deadline = last_activity + idle;
+            if deadline <= Instant::now() {
+                return Poll::Ready(SpliceEnd::IdleTimeout);
+            }
+            timer.as_mut().reset(deadline);
+        }
+    });
+
+    let end = tokio::select! {
+        end = copy => end,
+        () = stop.cancelled() => SpliceEnd::Shutdown,
+    };
+    SpliceReport {
+        to_backend: up.bytes,
+        to_client: down.bytes,
+        end,
+    }
+}
+
+/// Which half of a direction failed.
+#[derive(Debug)]
+enum Failure {
+    /// Reading from the source.
+    Read,
+    /// Writing to (or flushing, or shutting down) the destination.
+    Write,
+}
+
+/// One direction of the tunnel: reads from a source, writes to a destination.
+#[derive(Debug, Default)]
+struct Direction {
+    /// Bytes read but not yet written; empty (and unallocated) unless the destination pushed
+    /// back or early bytes were handed in.
+    spill: Vec<u8>,
+    /// How much of `spill` has been written.
+    spill_pos: usize,
+    /// Written bytes may sit in the destination's buffers (TLS records) until flushed.
+    need_flush: bool,
+    /// The source reached EOF.
+    eof: bool,
+    /// The destination's write half has been shut down: this direction is over.
+    done: bool,
+    /// Bytes moved in total.
+    bytes: u64,
+}
+
+impl Direction {
+    fn with_early(early: &[u8]) -> Self {
+        Direction {
+            spill: early.to_vec(),
+            ..Direction::default()
+        }
+    }
+
+    /// Copies until the source has nothing more right now (Pending) or has ended and the end
+    /// has been passed on (Ready(Ok)).
+    fn poll_copy<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        src: &mut R,
+        dst: &mut W,
+    ) -> Poll<Result<(), Failure>>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        if self.done {
+            return Poll::Ready(Ok(()));
+        }
+        loop {
+            while self.spill_pos < self.spill.len() {
+                let n = ready!(poll_write_some(cx, dst, &self.spill[self.spill_pos..]))?;
+                self.spill_pos += n;
+                self.wrote(n);
+            }
+            self.spill_pos = 0;
+            self.spill.clear();
+
+            if self.eof {
+                ready!(Pin::new(&mut *dst).poll_flush(cx)).map_err(|_| Failure::Write)?;
+                ready!(Pin::new(&mut *dst).poll_shutdown(cx)).map_err(|_| Failure::Write)?;
+                self.done = true;
+                return Poll::Ready(Ok(()));
+            }
+
+            let mut storage = [MaybeUninit::<u8>::uninit(); READ_CHUNK];
+            let mut buf = ReadBuf::uninit(&mut storage);
+            match Pin::new(&mut *src).poll_read(cx, &mut buf) {
+                Poll::Pending => {
+                    if self.need_flush {
+                        ready!(Pin::new(&mut *dst).poll_flush(cx)).map_err(|_| Failure::Write)?;
+                        self.need_flush = false;
+                    }
+                    return Poll::Pending;
+                }
+                Poll::Ready(Err(_)) => return Poll::Ready(Err(Failure::Read)),
+                Poll::Ready(Ok(())) => {}
+            }
+            let data = buf.filled();
+            if data.is_empty() {
+                self.eof = true;
+                continue;
+            }
+            let mut written = 0;
+            while written < data.len() {
+                match poll_write_some(cx, dst, &data[written..]) {
+                    Poll::Ready(Ok(n)) => {
+                        written += n;
+                        self.wrote(n);
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => {
+                        // The destination is full: keep the rest until it drains.
+                        self.spill.extend_from_slice(&data[written..]);
+                        return Poll::Pending;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Accounts for `n` bytes handed to the destination.
+    fn wrote(&mut self, n: usize) {
+        self.bytes += n as u64;
+        self.need_flush = true;
+    }
+}
+
+/// One write of (part of) `data` to `dst`; a zero-length write is a failure.
+fn poll_write_some<W: AsyncWrite + Unpin>(
+    cx: &mut Context<'_>,
+    dst: &mut W,
+    data: &[u8],
+) -> Poll<Result<usize, Failure>> {
+    match ready!(Pin::new(dst).poll_write(cx, data)) {
+        Ok(0) | Err(_) => Poll::Ready(Err(Failure::Write)),
+        Ok(n) => Poll::Ready(Ok(n)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, duplex};
+
+    /// Runs a splice between two in-memory pipes and returns the far ends and the task.
+    fn start(
+        idle: Duration,
+        client_early: &'static [u8],
+    ) -> (
+        tokio::io::DuplexStream,
+        tokio::io::DuplexStream,
+        CancellationToken,
+        tokio::task::JoinHandle<SpliceReport>,
+    ) {
+        let (client_far, client_near) = duplex(64);
+        let (backend_near, backend_far) = duplex(64);
+        let stop = CancellationToken::new();
+        let token = stop.clone();
+        let task = tokio::spawn(async move {
+            splice(
+                client_near,
+                client_early,
+                backend_near,
+                b"",
+                idle,
+                &token,
+                |_, _| {},
+            )
+            .await
+        });
+        (client_far, backend_far, stop, task)
+    }
+
+    #[tokio::test]
+    async fn copies_both_ways_through_backpressure_and_passes_eof() {
+        let (mut client, mut backend, _stop, task) = start(Duration::from_secs(60), b"early:");
+        let payload: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        let sent = payload.clone();
+        let writer = tokio::spawn(async move {
+            client.write_all(&sent).await.unwrap();
+            client.shutdown().await.unwrap();
+            let mut back = Vec::new();
+            client.read_to_end(&mut back).await.unwrap();
+            back
+        });
+        let mut got = Vec::new();
+        backend.read_to_end(&mut got).await.unwrap();
+        assert_eq!(&got[..6], b"early:");
+        assert_eq!(&got[6..], &payload[..]);
+        backend.write_all(b"reply").await.unwrap();
+        backend.shutdown().await.unwrap();
+        assert_eq!(writer.await.unwrap(), b"reply");
+        let report = task.await.unwrap();
+        assert_eq!(report.end, SpliceEnd::Closed);
+        assert_eq!(report.to_backend, payload.len() as u64 + 6);
+        assert_eq!(report.to_client, 5);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_tunnel_ends_at_the_timeout_and_activity_extends_it() {
+        let (mut client, mut backend, _stop, task) = start(Duration::from_secs(10), b"");
+        tokio::time::sleep(Duration::from_secs(8)).await;
+        client.write_all(b"x").await.unwrap();
+        let mut one = [0u8; 1];
+        backend.read_exact(&mut one).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(8)).await;
+        assert!(!task.is_finished());
+        let report = task.await.unwrap();
+        assert_eq!(report.end, SpliceEnd::IdleTimeout);
+        assert_eq!(report.to_backend, 1);
+    }
+
+    #[tokio::test]
+    async fn stop_token_ends_the_tunnel() {
+        let (_client, _backend, stop, task) = start(Duration::from_secs(60), b"");
+        stop.cancel();
+        assert_eq!(task.await.unwrap().end, SpliceEnd::Shutdown);
+    }
+
+    #[tokio::test]
+    async fn a_failing_side_is_named() {
+        let (client, backend, _stop, task) = start(Duration::from_secs(60), b"");
+        drop(backend);
+        let mut client = client;
+        // Writing towards a vanished backend fails that side.
+        let _ = client.write_all(b"hello").await;
+        assert_eq!(task.await.unwrap().end, SpliceEnd::BackendError);
+    }
+}

@@ -1,0 +1,392 @@
+//! WebSocket upgrades: check the handshake, forward it, and turn the connection into a tunnel.
+//!
+//! A request with `Upgrade: websocket` is checked here first ([`validate`]): GET, HTTP/1.1,
+//! `Connection: upgrade`, `Sec-WebSocket-Version: 13` and a `Sec-WebSocket-Key` that is 16
+//! bytes in base64. A request failing any of these gets 400 from the load balancer and never
+//! reaches a backend. A valid one is sent over a fresh backend connection (upgraded connections
+//! are never pooled; a failed connect moves on to another backend, as for plain requests). If
+//! the backend answers `101`, that answer goes to the client and a tracked task waits for both
+//! sides to finish switching protocols, then splices them (`splice`) until either side closes,
+//! the tunnel idles out, or shutdown's drain grace runs out; any other answer (a 403 from an
+//! origin check, say) is passed to the client as a normal response.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Instant;
+
+use base64::Engine as _;
+use bytes::Bytes;
+use http_body_util::Empty;
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderValue};
+use hyper::upgrade::{OnUpgrade, Upgraded};
+use hyper::{Method, Request, Response, StatusCode, Version};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_rustls::server::TlsStream;
+use tracing::{debug, info, warn};
+
+use crate::balance::{Backend, Lease};
+use crate::body::{ResponseBody, UpstreamBody};
+use crate::headers;
+use crate::proxy::{ClientConn, Outcome, local_response};
+use crate::splice::splice;
+use crate::upstream;
+
+/// `Sec-WebSocket-Key`.
+const SEC_WEBSOCKET_KEY: &str = "sec-websocket-key";
+/// `Sec-WebSocket-Version`.
+const SEC_WEBSOCKET_VERSION: &str = "sec-websocket-version";
+
+/// Whether the request asks for a WebSocket upgrade (`Upgrade: websocket`). Other upgrade
+/// protocols are not supported and are forwarded as plain requests, upgrade headers removed.
+pub fn is_websocket<B>(req: &Request<B>) -> bool {
+    headers::list_has(req.headers(), &header::UPGRADE, "websocket")
+}
+
+/// Checks a WebSocket opening handshake (RFC 6455 §4.2.1); the error says what is wrong.
+pub fn validate<B>(req: &Request<B>) -> Result<(), &'static str> {
+    if req.method() != Method::GET {
+        return Err("a WebSocket handshake must be a GET request");
+    }
+    if req.version() != Version::HTTP_11 {
+        return Err("a WebSocket handshake must use HTTP/1.1");
+    }
+    if !headers::connection_has(req.headers(), "upgrade") {
+        return Err("a WebSocket handshake needs \"Connection: Upgrade\"");
+    }
+    let mut versions = req.headers().get_all(SEC_WEBSOCKET_VERSION).iter();
+    match (versions.next(), versions.next()) {
+        (Some(v), None) if v.as_bytes().trim_ascii() == b"13" => {}
+        _ => return Err("unsupported or missing Sec-WebSocket-Version (only 13 is supported)"),
+    }
+    let mut keys = req.headers().get_all(SEC_WEBSOCKET_KEY).iter();
+    let key = match (keys.next(), keys.next()) {
+        (Some(k), None) => k.as_bytes().trim_ascii(),
+        _ => return Err("missing or repeated Sec-WebSocket-Key"),
+    };
+    match base64::engine::general_purpose::STANDARD.decode(key) {
+        Ok(nonce) if nonce.len() == 16 => Ok(()),
+        _ => Err("Sec-WebSocket-Key must be 16 bytes in base64"),
+    }
+}
+
+/// Handles a WebSocket upgrade request end to end.
+pub async fn handle(conn: &Arc<ClientConn>, mut req: Request<Incoming>) -> Outcome {
+    if let Err(reason) = validate(&req) {
+        let mut response = local_response(StatusCode::BAD_REQUEST, reason);
+        response
+            .headers_mut()
+            .insert(SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+        return Outcome::local(response);
+    }
+    let client_upgrade = hyper::upgrade::on(&mut req);
+    let (mut head, _empty) = req.into_parts();
+    if headers::prepare_request(&mut head, conn.peer.ip(), true).is_err() {
+        return Outcome::local(local_response(
+            StatusCode::BAD_REQUEST,
+            "a Host header is required",
+        ));
+    }
+
+    let engine = &conn.engine;
+    let timeouts = conn.config.timeouts;
+    let pool = engine.pool.load_full();
+    let mut exclude: Vec<SocketAddr> = Vec::new();
+    let (backend, lease, mut sender) = loop {
+        let Some(backend) = pool.pick(&exclude) else {
+            return Outcome::local(crate::proxy::no_backend());
+        };
+        let lease = backend.lease();
+        match upstream::connect(backend.addr(), timeouts.backend_connect).await {
+            Ok(stream) => {
+                match hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
+                    .await
+                {
+                    Ok((sender, connection)) => {
+                        let kill = engine.kill.clone();
+                        engine.tracker.spawn(async move {
+                            tokio::select! {
+                                _ = connection.with_upgrades() => {}
+                                () = kill.cancelled() => {}
+                            }
+                        });
+                        break (backend, lease, sender);
+                    }
+                    Err(e) => {
+                        backend.stats().errors.fetch_add(1, Relaxed);
+                        warn!(peer = %conn.peer, backend = backend.name(), error = %e, "backend handshake failed");
+                        return Outcome::backend(
+                            local_response(StatusCode::BAD_GATEWAY, "bad gateway\n"),
+                            backend,
+                        );
+                    }
+                }
+            }
+            Err(e) => {
+                warn!(peer = %conn.peer, backend = backend.name(), error = %e,
+                      "backend connect failed; trying another backend");
+                backend.report_connect_failure();
+                exclude.push(backend.addr());
+            }
+        }
+    };
+
+    backend.stats().requests.fetch_add(1, Relaxed);
+    let request = Request::from_parts(head, Empty::new());
+    let mut response = match tokio::time::timeout(
+        timeouts.backend_response,
+        sender.send_request(request),
+    )
+    .await
+    {
+        Ok(Ok(response)) => response,
+        Ok(Err(e)) => {
+            backend.stats().errors.fetch_add(1, Relaxed);
+            warn!(peer = %conn.peer, backend = backend.name(), error = %e, "backend failed the upgrade request");
+            return Outcome::backend(
+                local_response(StatusCode::BAD_GATEWAY, "bad gateway\n"),
+                backend,
+            );
+        }
+        Err(_) => {
+            backend.stats().errors.fetch_add(1, Relaxed);
+            return Outcome::backend(
+                local_response(StatusCode::GATEWAY_TIMEOUT, "gateway timeout\n"),
+                backend,
+            );
+        }
+    };
+
+    let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
+    headers::prepare_response(response.headers_mut(), switching);
+    if !switching {
+        let (parts, body) = response.into_parts();
+        let body = ResponseBody::Upstream(UpstreamBody::unpooled(body, lease));
+        return Outcome::backend(Response::from_parts(parts, body), backend);
+    }
+
+    let backend_upgrade = hyper::upgrade::on(&mut response);
+    let tunnel_conn = Arc::clone(conn);
+    let tunnel_backend = Arc::clone(&backend);
+    engine.tracker.spawn(async move {
+        tunnel(
+            tunnel_conn,
+            tunnel_backend,
+            lease,
+            client_upgrade,
+            backend_upgrade,
+        )
+        .await;
+    });
+    let (parts, _empty) = response.into_parts();
+    Outcome::backend(Response::from_parts(parts, ResponseBody::empty()), backend)
+}
+
+/// Waits for both sides to switch protocols, then splices them until the tunnel ends.
+async fn tunnel(
+    conn: Arc<ClientConn>,
+    backend: Arc<Backend>,
+    lease: Lease,
+    client: OnUpgrade,
+    upstream: OnUpgrade,
+) {
+    let (client, upstream) = match tokio::try_join!(client, upstream) {
+        Ok(both) => both,
+        Err(e) => {
+            debug!(peer = %conn.peer, backend = backend.name(), error = %e, "upgrade did not complete");
+            return;
+        }
+    };
+    let metrics = &conn.engine.metrics;
+    let stats = backend.stats();
+    metrics.tunnels_active.fetch_add(1, Relaxed);
+    metrics.tunnels_total.fetch_add(1, Relaxed);
+    stats.tunnels_active.fetch_add(1, Relaxed);
+    stats.tunnels_total.fetch_add(1, Relaxed);
+    let started = Instant::now();
+
+    let (client, client_early) = unwrap_io::<TlsStream<TcpStream>>(client);
+    let (upstream, backend_early) = unwrap_io::<TcpStream>(upstream);
+    let report = splice(
+        client,
+        &client_early,
+        upstream,
+        &backend_early,
+        conn.config.timeouts.tunnel_idle,
+        &conn.engine.kill,
+        |up, down| {
+            stats.bytes_to_backend.fetch_add(up, Relaxed);
+            stats.bytes_to_client.fetch_add(down, Relaxed);
+        },
+    )
+    .await;
+
+    metrics.tunnels_active.fetch_sub(1, Relaxed);
+    stats.tunnels_active.fetch_sub(1, Relaxed);
+    if matches!(report.end, crate::splice::SpliceEnd::BackendError) {
+        stats.errors.fetch_add(1, Relaxed);
+    }
+    info!(
+        peer = %conn.peer,
+        backend = backend.name(),
+        duration_ms = started.elapsed().as_millis() as u64,
+        to_backend = report.to_backend,
+        to_client = report.to_client,
+        end = report.end.as_str(),
+        "tunnel"
+    );
+    drop(lease);
+}
+
+/// The connection under an upgrade, unwrapped to the concrete stream `T` when it is one (no
+/// extra indirection on the hot path), with the bytes read ahead of the switch.
+fn unwrap_io<T>(upgraded: Upgraded) -> (Io<T>, Bytes)
+where
+    T: AsyncRead + AsyncWrite + Unpin + 'static,
+{
+    match upgraded.downcast::<TokioIo<T>>() {
+        Ok(parts) => (Io::Direct(parts.io.into_inner()), parts.read_buf),
+        Err(upgraded) => (Io::Upgraded(TokioIo::new(upgraded)), Bytes::new()),
+    }
+}
+
+/// A tunnel endpoint: the concrete stream, or hyper's type-erased one as a fallback.
+enum Io<T> {
+    Direct(T),
+    Upgraded(TokioIo<Upgraded>),
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Io<T> {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Io::Direct(io) => std::pin::Pin::new(io).poll_read(cx, buf),
+            Io::Upgraded(io) => std::pin::Pin::new(io).poll_read(cx, buf),
+        }
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Io<T> {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Io::Direct(io) => std::pin::Pin::new(io).poll_write(cx, buf),
+            Io::Upgraded(io) => std::pin::Pin::new(io).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Io::Direct(io) => std::pin::Pin::new(io).poll_flush(cx),
+            Io::Upgraded(io) => std::pin::Pin::new(io).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Io::Direct(io) => std::pin::Pin::new(io).poll_shutdown(cx),
+            Io::Upgraded(io) => std::pin::Pin::new(io).poll_shutdown(cx),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn handshake(
+        edit: impl FnOnce(hyper::http::request::Builder) -> hyper::http::request::Builder,
+    ) -> Request<()> {
+        edit(
+            Request::builder()
+                .uri("/ws")
+                .header("host", "h")
+                .header("connection", "keep-alive, Upgrade")
+                .header("upgrade", "websocket")
+                .header("sec-websocket-version", "13")
+                .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+        )
+        .body(())
+        .unwrap()
+    }
+
+    #[test]
+    fn accepts_a_valid_handshake() {
+        let req = handshake(|b| b);
+        assert!(is_websocket(&req));
+        assert_eq!(validate(&req), Ok(()));
+    }
+
+    #[test]
+    fn rejects_each_malformed_part() {
+        let bad: Vec<Request<()>> = vec![
+            handshake(|b| b.method("POST")),
+            handshake(|b| b.version(Version::HTTP_10)),
+            {
+                let mut r = handshake(|b| b);
+                r.headers_mut().remove("connection");
+                r
+            },
+            {
+                let mut r = handshake(|b| b);
+                r.headers_mut()
+                    .insert("sec-websocket-version", HeaderValue::from_static("8"));
+                r
+            },
+            {
+                let mut r = handshake(|b| b);
+                r.headers_mut().remove("sec-websocket-version");
+                r
+            },
+            {
+                let mut r = handshake(|b| b);
+                r.headers_mut().remove("sec-websocket-key");
+                r
+            },
+            {
+                let mut r = handshake(|b| b);
+                // 15 bytes.
+                r.headers_mut().insert(
+                    "sec-websocket-key",
+                    HeaderValue::from_static("AAAAAAAAAAAAAAAAAAAA"),
+                );
+                r
+            },
+            {
+                let mut r = handshake(|b| b);
+                r.headers_mut().insert(
+                    "sec-websocket-key",
+                    HeaderValue::from_static("not base64!!"),
+                );
+                r
+            },
+            handshake(|b| b.header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")),
+        ];
+        for (i, req) in bad.iter().enumerate() {
+            assert!(validate(req).is_err(), "case {i} accepted");
+        }
+    }
+
+    #[test]
+    fn other_upgrades_are_not_websocket() {
+        let mut r = handshake(|b| b);
+        r.headers_mut()
+            .insert("upgrade", HeaderValue::from_static("h2c"));
+        assert!(!is_websocket(&r));
+    }
+}
