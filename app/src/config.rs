@@ -1,0 +1,662 @@
+//! Configuration of the chat server.
+//!
+//! Data flows one way: the optional `app.toml` is read into [`RawConfig`] (serde, unknown keys
+//! rejected, every key optional), the command-line / environment [`Overrides`] replace the keys
+//! they name, and [`RawConfig::validate`] turns the result into the typed [`Config`] the rest of
+//! the crate reads. Every default is a named `DEFAULT_*` constant below; every error names where
+//! the value came from (the file, or the flag), the key, and what is wrong with it.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Address the HTTP/WebSocket listener binds when neither the file nor `--listen` says.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+/// Redis channel the original simple-chat uses; keep it to share a Redis with it.
+pub const DEFAULT_REDIS_CHANNEL: &str = "simple-chat";
+/// Largest WebSocket frame (and message) a client may send, in bytes; larger closes with 1009.
+pub const DEFAULT_MAX_FRAME_BYTES: usize = 16 * 1024;
+/// Longest `name`, in characters (Unicode scalar values).
+pub const DEFAULT_MAX_NAME_CHARS: usize = 64;
+/// Longest `content`, in characters (Unicode scalar values).
+pub const DEFAULT_MAX_CONTENT_CHARS: usize = 4000;
+/// Sustained frames per second one connection may send.
+pub const DEFAULT_MESSAGES_PER_SECOND: u32 = 10;
+/// Frames one connection may send in a burst above the sustained rate.
+pub const DEFAULT_MESSAGES_BURST: u32 = 20;
+/// Open WebSockets per instance; one more is refused with HTTP 503 before the upgrade.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+/// Messages queued per client; a client whose queue is full is disconnected (close 1013).
+pub const DEFAULT_CLIENT_QUEUE: usize = 256;
+/// Time between SIGTERM (503 on `/healthz`, new WebSockets refused) and closing every open
+/// WebSocket with 1001; long enough for a load balancer's health check to notice.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+/// First delay before resubscribing after the Redis subscription is lost.
+pub const DEFAULT_REDIS_RECONNECT_MIN: Duration = Duration::from_millis(100);
+/// Cap of the doubling delay between resubscription attempts.
+pub const DEFAULT_REDIS_RECONNECT_MAX: Duration = Duration::from_secs(5);
+
+/// `app.toml` as written: every key optional, unknown keys rejected.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    /// `ip:port` to listen on.
+    pub listen: Option<String>,
+    /// `redis://` or `rediss://` URL; absent means the in-process broker (single instance).
+    pub redis_url: Option<String>,
+    /// Pub/sub channel shared by every instance.
+    pub redis_channel: Option<String>,
+    /// PEM file of the CA that signed a `rediss://` server's certificate (default: system roots).
+    pub redis_ca_file: Option<PathBuf>,
+    /// First resubscription delay.
+    #[serde(default, with = "humantime_serde")]
+    pub redis_reconnect_min: Option<Duration>,
+    /// Resubscription delay cap.
+    #[serde(default, with = "humantime_serde")]
+    pub redis_reconnect_max: Option<Duration>,
+    /// Origins (`scheme://host[:port]`) allowed to open a WebSocket besides the page's own host.
+    pub allowed_origins: Option<Vec<String>>,
+    /// Frame and message size limit in bytes.
+    pub max_frame_bytes: Option<usize>,
+    /// `name` length limit in characters.
+    pub max_name_chars: Option<usize>,
+    /// `content` length limit in characters.
+    pub max_content_chars: Option<usize>,
+    /// Sustained frames per second per connection.
+    pub messages_per_second: Option<u32>,
+    /// Burst of frames per connection.
+    pub messages_burst: Option<u32>,
+    /// Open WebSockets per instance.
+    pub max_connections: Option<usize>,
+    /// Per-client queue length.
+    pub client_queue: Option<usize>,
+    /// Drain time before open WebSockets are closed on shutdown.
+    #[serde(default, with = "humantime_serde")]
+    pub shutdown_grace: Option<Duration>,
+}
+
+/// Values given on the command line or in the environment; they win over the file.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    /// `--listen ADDR`.
+    pub listen: Option<SocketAddr>,
+    /// `--redis URL` or `REDIS_URL`; an empty string counts as absent.
+    pub redis_url: Option<String>,
+}
+
+/// The validated configuration the server runs with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where the binary binds its listener (the library is handed a bound listener).
+    pub listen: SocketAddr,
+    /// Redis settings; `None` selects the in-process broker.
+    pub redis: Option<RedisConfig>,
+    /// Per-connection and per-instance limits.
+    pub limits: Limits,
+    /// Normalised (`scheme://host[:port]`, lower case) extra origins allowed to connect.
+    pub allowed_origins: Vec<String>,
+    /// Per-client queue length.
+    pub client_queue: usize,
+    /// Drain time on shutdown before WebSockets are closed with 1001.
+    pub shutdown_grace: Duration,
+}
+
+/// How to reach Redis and what to do when it goes away.
+#[derive(Clone)]
+pub struct RedisConfig {
+    /// A client built from the URL (and CA file), ready to connect; it holds the password.
+    pub client: redis::Client,
+    /// Host and port only, for logs (never the password).
+    pub display: String,
+    /// Pub/sub channel.
+    pub channel: String,
+    /// First resubscription delay.
+    pub reconnect_min: Duration,
+    /// Resubscription delay cap.
+    pub reconnect_max: Duration,
+}
+
+impl std::fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisConfig")
+            .field("server", &self.display)
+            .field("channel", &self.channel)
+            .field("reconnect_min", &self.reconnect_min)
+            .field("reconnect_max", &self.reconnect_max)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Limits on what one client may send and how many clients one instance takes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// Frame and message size limit in bytes (close 1009 above it).
+    pub max_frame_bytes: usize,
+    /// `name` length limit in characters.
+    pub max_name_chars: usize,
+    /// `content` length limit in characters.
+    pub max_content_chars: usize,
+    /// Sustained frames per second per connection.
+    pub messages_per_second: u32,
+    /// Burst of frames per connection.
+    pub messages_burst: u32,
+    /// Open WebSockets per instance.
+    pub max_connections: usize,
+}
+
+/// A configuration that cannot be used, with the place, the key and the reason.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("could not read config file {path}: {error}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        error: std::io::Error,
+    },
+    /// The file is not valid TOML or has an unknown key or a value of the wrong type.
+    #[error("{origin}:{line}: key `{key}`: {message}")]
+    Parse {
+        /// The file.
+        origin: String,
+        /// 1-based line of the offending key or value.
+        line: usize,
+        /// The key on that line, as written.
+        key: String,
+        /// The parser's explanation.
+        message: String,
+    },
+    /// A value parsed but is not acceptable.
+    #[error("{origin}: key `{key}`: {reason}")]
+    Invalid {
+        /// The file, or the flag the value came from.
+        origin: String,
+        /// The key.
+        key: &'static str,
+        /// What is wrong and what is expected.
+        reason: String,
+    },
+}
+
+/// Where each value came from, so an error can point at the file or at the flag.
+struct Origin<'a> {
+    file: &'a str,
+    redis_from_cli: bool,
+    listen_from_cli: bool,
+}
+
+impl Origin<'_> {
+    fn of(&self, key: &'static str) -> String {
+        match key {
+            "redis_url" if self.redis_from_cli => "--redis / REDIS_URL".to_owned(),
+            "listen" if self.listen_from_cli => "--listen".to_owned(),
+            _ => self.file.to_owned(),
+        }
+    }
+
+    fn invalid(&self, key: &'static str, reason: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            origin: self.of(key),
+            key,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Reads `path` (if given), applies `overrides` and validates the result.
+pub fn load(path: Option<&Path>, overrides: Overrides) -> Result<Config, ConfigError> {
+    let (raw, origin) = match path {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
+                path: path.to_owned(),
+                error,
+            })?;
+            let origin = path.display().to_string();
+            (RawConfig::parse(&text, &origin)?, origin)
+        }
+        None => (RawConfig::default(), "defaults".to_owned()),
+    };
+    raw.validate_with(&origin, overrides)
+}
+
+impl Config {
+    /// Parses and validates TOML text; `origin` names it in errors (a file name, usually).
+    pub fn from_toml(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        RawConfig::parse(text, origin)?.validate(origin)
+    }
+}
+
+impl RawConfig {
+    /// Parses TOML text; errors carry the line and the key written on it.
+    pub fn parse(text: &str, origin: &str) -> Result<RawConfig, ConfigError> {
+        toml::from_str(text).map_err(|e| {
+            let offset = e.span().map_or(0, |s| s.start).min(text.len());
+            let line_start = text[..offset].rfind('\n').map_or(0, |i| i + 1);
+            let line_text = text[line_start..].lines().next().unwrap_or("");
+            let key = line_text
+                .split('=')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .trim_matches('"')
+                .to_owned();
+            ConfigError::Parse {
+                origin: origin.to_owned(),
+                line: text[..line_start].matches('\n').count() + 1,
+                key,
+                message: e.message().trim().to_owned(),
+            }
+        })
+    }
+
+    /// Validates the keys as written; `origin` names the file in errors.
+    pub fn validate(self, origin: &str) -> Result<Config, ConfigError> {
+        self.validate_with(origin, Overrides::default())
+    }
+
+    fn validate_with(mut self, file: &str, overrides: Overrides) -> Result<Config, ConfigError> {
+        let redis_override = overrides.redis_url.filter(|u| !u.is_empty());
+        let origin = Origin {
+            file,
+            redis_from_cli: redis_override.is_some(),
+            listen_from_cli: overrides.listen.is_some(),
+        };
+        if redis_override.is_some() {
+            self.redis_url = redis_override;
+        }
+
+        let listen = match overrides.listen {
+            Some(addr) => addr,
+            None => {
+                let text = self.listen.as_deref().unwrap_or(DEFAULT_LISTEN);
+                text.parse().map_err(|e| {
+                    origin.invalid(
+                        "listen",
+                        format!("`{text}` is not an ip:port address ({e}), e.g. \"0.0.0.0:80\""),
+                    )
+                })?
+            }
+        };
+
+        let limits = Limits {
+            max_frame_bytes: at_least(
+                &origin,
+                "max_frame_bytes",
+                self.max_frame_bytes,
+                DEFAULT_MAX_FRAME_BYTES,
+                64,
+            )?,
+            max_name_chars: at_least(
+                &origin,
+                "max_name_chars",
+                self.max_name_chars,
+                DEFAULT_MAX_NAME_CHARS,
+                1,
+            )?,
+            max_content_chars: at_least(
+                &origin,
+                "max_content_chars",
+                self.max_content_chars,
+                DEFAULT_MAX_CONTENT_CHARS,
+                1,
+            )?,
+            messages_per_second: at_least(
+                &origin,
+                "messages_per_second",
+                self.messages_per_second,
+                DEFAULT_MESSAGES_PER_SECOND,
+                1,
+            )?,
+            messages_burst: at_least(
+                &origin,
+                "messages_burst",
+                self.messages_burst,
+                DEFAULT_MESSAGES_BURST,
+                1,
+            )?,
+            max_connections: at_least(
+                &origin,
+                "max_connections",
+                self.max_connections,
+                DEFAULT_MAX_CONNECTIONS,
+                1,
+            )?,
+        };
+        let client_queue = at_least(
+            &origin,
+            "client_queue",
+            self.client_queue,
+            DEFAULT_CLIENT_QUEUE,
+            1,
+        )?;
+
+        let allowed_origins = self
+            .allowed_origins
+            .as_deref()
+            .unwrap_or_default()
+            .iter()
+            .map(|o| {
+                crate::origin::normalise(o).ok_or_else(|| {
+                    origin.invalid(
+                        "allowed_origins",
+                        format!(
+                            "`{o}` is not an origin; write scheme://host[:port] with no path, \
+                             e.g. \"https://chat.example.com\""
+                        ),
+                    )
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+
+        let redis = self.redis(&origin)?;
+
+        Ok(Config {
+            listen,
+            redis,
+            limits,
+            allowed_origins,
+            client_queue,
+            shutdown_grace: self.shutdown_grace.unwrap_or(DEFAULT_SHUTDOWN_GRACE),
+        })
+    }
+
+    fn redis(&self, origin: &Origin<'_>) -> Result<Option<RedisConfig>, ConfigError> {
+        let Some(url) = self.redis_url.as_deref().filter(|u| !u.is_empty()) else {
+            for (key, set) in [
+                ("redis_channel", self.redis_channel.is_some()),
+                ("redis_ca_file", self.redis_ca_file.is_some()),
+            ] {
+                if set {
+                    return Err(origin.invalid(
+                        key,
+                        "is set but redis_url is not; set redis_url (or --redis / REDIS_URL)",
+                    ));
+                }
+            }
+            return Ok(None);
+        };
+        let info = redis::IntoConnectionInfo::into_connection_info(url).map_err(|e| {
+            origin.invalid(
+                "redis_url",
+                format!(
+                    "not a usable Redis URL ({}); expected redis://[:password@]host[:port][/db] \
+                     or rediss://…",
+                    e.detail().unwrap_or("invalid URL")
+                ),
+            )
+        })?;
+        let (display, tls) = match info.addr() {
+            redis::ConnectionAddr::Tcp(host, port) => (format!("redis://{host}:{port}"), false),
+            redis::ConnectionAddr::TcpTls { host, port, .. } => {
+                (format!("rediss://{host}:{port}"), true)
+            }
+            _ => {
+                return Err(origin.invalid(
+                    "redis_url",
+                    "only redis:// and rediss:// URLs are supported",
+                ));
+            }
+        };
+        let client = match &self.redis_ca_file {
+            Some(path) => {
+                if !tls {
+                    return Err(origin.invalid(
+                        "redis_ca_file",
+                        "is set but redis_url is not a rediss:// (TLS) URL",
+                    ));
+                }
+                let pem = std::fs::read(path).map_err(|e| {
+                    origin.invalid(
+                        "redis_ca_file",
+                        format!("could not read {}: {e}", path.display()),
+                    )
+                })?;
+                redis::Client::build_with_tls(
+                    info,
+                    redis::TlsCertificates {
+                        client_tls: None,
+                        root_cert: Some(pem),
+                    },
+                )
+                .map_err(|e| {
+                    origin.invalid(
+                        "redis_ca_file",
+                        format!("{} is not a usable PEM CA certificate: {e}", path.display()),
+                    )
+                })?
+            }
+            None => redis::Client::open(info)
+                .map_err(|e| origin.invalid("redis_url", format!("not a usable Redis URL: {e}")))?,
+        };
+
+        let channel = self
+            .redis_channel
+            .clone()
+            .unwrap_or_else(|| DEFAULT_REDIS_CHANNEL.to_owned());
+        if channel.is_empty() {
+            return Err(origin.invalid("redis_channel", "must not be empty"));
+        }
+        let reconnect_min = self
+            .redis_reconnect_min
+            .unwrap_or(DEFAULT_REDIS_RECONNECT_MIN);
+        let reconnect_max = self
+            .redis_reconnect_max
+            .unwrap_or(DEFAULT_REDIS_RECONNECT_MAX);
+        if reconnect_min.is_zero() {
+            return Err(origin.invalid("redis_reconnect_min", "must be more than 0s"));
+        }
+        if reconnect_max < reconnect_min {
+            return Err(origin.invalid(
+                "redis_reconnect_max",
+                format!(
+                    "{} is less than redis_reconnect_min ({})",
+                    humantime_serde::re::humantime::format_duration(reconnect_max),
+                    humantime_serde::re::humantime::format_duration(reconnect_min)
+                ),
+            ));
+        }
+        Ok(Some(RedisConfig {
+            client,
+            display,
+            channel,
+            reconnect_min,
+            reconnect_max,
+        }))
+    }
+}
+
+/// The value of a numeric key, or its default; below `min` is an error naming the key.
+fn at_least<T>(
+    origin: &Origin<'_>,
+    key: &'static str,
+    value: Option<T>,
+    default: T,
+    min: T,
+) -> Result<T, ConfigError>
+where
+    T: PartialOrd + std::fmt::Display + Copy,
+{
+    let value = value.unwrap_or(default);
+    if value < min {
+        return Err(origin.invalid(key, format!("{value} is too small; the minimum is {min}")));
+    }
+    Ok(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn invalid_key(result: Result<Config, ConfigError>) -> (String, &'static str) {
+        match result {
+            Err(ConfigError::Invalid { origin, key, .. }) => (origin, key),
+            other => panic!("expected an Invalid error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        let config = Config::from_toml("", "app.toml").unwrap();
+        assert_eq!(config.listen, DEFAULT_LISTEN.parse().unwrap());
+        assert!(config.redis.is_none());
+        assert_eq!(config.limits.max_frame_bytes, DEFAULT_MAX_FRAME_BYTES);
+        assert_eq!(config.client_queue, DEFAULT_CLIENT_QUEUE);
+        assert_eq!(config.shutdown_grace, DEFAULT_SHUTDOWN_GRACE);
+        assert!(config.allowed_origins.is_empty());
+    }
+
+    #[test]
+    fn every_key_parses() {
+        let config = Config::from_toml(
+            r#"
+            listen = "0.0.0.0:80"
+            redis_url = "redis://:secret@10.0.0.5:6380/2"
+            redis_channel = "chat"
+            redis_reconnect_min = "50ms"
+            redis_reconnect_max = "2s"
+            allowed_origins = ["https://Chat.Example.com/"]
+            max_frame_bytes = 1000
+            max_name_chars = 10
+            max_content_chars = 100
+            messages_per_second = 5
+            messages_burst = 7
+            max_connections = 3
+            client_queue = 4
+            shutdown_grace = "250ms"
+            "#,
+            "app.toml",
+        )
+        .unwrap();
+        assert_eq!(config.listen, "0.0.0.0:80".parse().unwrap());
+        let redis = config.redis.unwrap();
+        assert_eq!(redis.display, "redis://10.0.0.5:6380");
+        assert!(!format!("{redis:?}").contains("secret"));
+        assert_eq!(redis.channel, "chat");
+        assert_eq!(redis.reconnect_min, Duration::from_millis(50));
+        assert_eq!(config.allowed_origins, vec!["https://chat.example.com"]);
+        assert_eq!(
+            config.limits,
+            Limits {
+                max_frame_bytes: 1000,
+                max_name_chars: 10,
+                max_content_chars: 100,
+                messages_per_second: 5,
+                messages_burst: 7,
+                max_connections: 3,
+            }
+        );
+        assert_eq!(config.client_queue, 4);
+        assert_eq!(config.shutdown_grace, Duration::from_millis(250));
+    }
+
+    #[test]
+    fn unknown_key_names_file_line_and_key() {
+        let err = Config::from_toml("listen = \"127.0.0.1:1\"\nmax_conections = 5\n", "a.toml")
+            .unwrap_err();
+        let text = err.to_string();
+        assert!(text.starts_with("a.toml:2: key `max_conections`"), "{text}");
+        assert!(text.contains("unknown field"), "{text}");
+    }
+
+    #[test]
+    fn wrong_type_names_the_key() {
+        let err = Config::from_toml("client_queue = \"many\"\n", "a.toml").unwrap_err();
+        assert!(
+            err.to_string().starts_with("a.toml:1: key `client_queue`"),
+            "{err}"
+        );
+        let err = Config::from_toml("shutdown_grace = \"soon\"\n", "a.toml").unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("a.toml:1: key `shutdown_grace`"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let cases = [
+            ("listen = \"localhost\"", "listen"),
+            ("redis_url = \"http://x\"", "redis_url"),
+            ("redis_url = \"redis+unix:///tmp/r.sock\"", "redis_url"),
+            ("redis_channel = \"c\"", "redis_channel"),
+            (
+                "redis_url = \"redis://h\"\nredis_ca_file = \"/nonexistent\"",
+                "redis_ca_file",
+            ),
+            (
+                "redis_url = \"rediss://h\"\nredis_ca_file = \"/nonexistent\"",
+                "redis_ca_file",
+            ),
+            (
+                "redis_url = \"redis://h\"\nredis_reconnect_max = \"1ms\"",
+                "redis_reconnect_max",
+            ),
+            (
+                "allowed_origins = [\"chat.example.com\"]",
+                "allowed_origins",
+            ),
+            ("allowed_origins = [\"https://x/path\"]", "allowed_origins"),
+            ("max_frame_bytes = 10", "max_frame_bytes"),
+            ("messages_per_second = 0", "messages_per_second"),
+            ("max_connections = 0", "max_connections"),
+            ("client_queue = 0", "client_queue"),
+        ];
+        for (text, expected) in cases {
+            let (origin, key) = invalid_key(Config::from_toml(text, "app.toml"));
+            assert_eq!((origin.as_str(), key), ("app.toml", expected), "{text}");
+        }
+    }
+
+    #[test]
+    fn overrides_win_and_are_named_in_errors() {
+        let raw = RawConfig::parse("redis_url = \"redis://file-host\"", "app.toml").unwrap();
+        let config = raw
+            .validate_with(
+                "app.toml",
+                Overrides {
+                    listen: Some("127.0.0.1:0".parse().unwrap()),
+                    redis_url: Some("redis://flag-host:7000".to_owned()),
+                },
+            )
+            .unwrap();
+        assert_eq!(config.listen.port(), 0);
+        assert_eq!(config.redis.unwrap().display, "redis://flag-host:7000");
+
+        let raw = RawConfig::parse("", "app.toml").unwrap();
+        let (origin, key) = invalid_key(raw.validate_with(
+            "app.toml",
+            Overrides {
+                listen: None,
+                redis_url: Some("nonsense".to_owned()),
+            },
+        ));
+        assert_eq!((origin.as_str(), key), ("--redis / REDIS_URL", "redis_url"));
+    }
+
+    #[test]
+    fn empty_redis_url_means_in_process() {
+        let raw = RawConfig::parse("", "app.toml").unwrap();
+        let config = raw
+            .validate_with(
+                "app.toml",
+                Overrides {
+                    listen: None,
+                    redis_url: Some(String::new()),
+                },
+            )
+            .unwrap();
+        assert!(config.redis.is_none());
+    }
+
+    #[test]
+    fn rediss_url_with_password_is_accepted() {
+        let config =
+            Config::from_toml("redis_url = \"rediss://:tok%40en@cache.example:6380\"", "a")
+                .unwrap();
+        assert_eq!(config.redis.unwrap().display, "rediss://cache.example:6380");
+    }
+}

@@ -1,0 +1,435 @@
+//! The WebSocket endpoint `/ws`: admission, then one task per connection.
+//!
+//! [`upgrade`] admits a handshake or refuses it with an HTTP status: 503 while draining or at
+//! `max_connections`, 403 for a foreign `Origin`. An admitted connection runs [`serve`], one
+//! task that does three things until the client leaves or is told to go:
+//! - frames from the client: rate limit, [`protocol::parse_incoming`], stamp, then
+//!   [`Broker::publish`]; a problem is answered with `{"error": …}` to this client alone and the
+//!   connection stays open; a frame over the size limit closes with 1009, invalid UTF-8 with 1007;
+//! - messages from the fan-out queue: written to the client, in order;
+//! - `stop`: cancelled by the fan-out when the queue is full (close 1013, the page reconnects)
+//!   or by shutdown (close 1001).
+//!
+//! Buffers are small (a 4 KiB read buffer, writes go out directly) so that many idle
+//! connections stay cheap.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use axum::Extension;
+use axum::extract::ConnectInfo;
+use axum::extract::State;
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocketUpgrade, close_code};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use futures_util::{Sink, SinkExt, Stream, StreamExt};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::AppState;
+use crate::broker::Broker;
+use crate::origin;
+use crate::protocol::{self, ChatMessage, InputError};
+use crate::rate_limit::TokenBucket;
+
+/// Read buffer per connection; axum's default is 128 KiB, which idle connections would hold.
+pub const READ_BUFFER_BYTES: usize = 4 * 1024;
+/// Queued messages written to the socket before one flush.
+const WRITE_BATCH: usize = 64;
+/// How long a close frame (and the client's answer) may take before the socket is dropped.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Close code for a client that cannot keep up: "try again later"; the page reconnects.
+pub const CLOSE_TOO_SLOW: u16 = close_code::AGAIN;
+
+/// `GET /ws`: admission checks, then the upgrade.
+pub async fn upgrade(
+    State(state): State<AppState>,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
+    headers: HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let peer = peer.map(|Extension(ConnectInfo(addr))| addr);
+    if state.is_draining() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response();
+    }
+    let request_origin = headers
+        .get(header::ORIGIN)
+        .map(|v| v.to_str().unwrap_or("\u{0}"));
+    let host = headers.get(header::HOST).and_then(|v| v.to_str().ok());
+    if !origin::allowed(request_origin, host, &state.config().allowed_origins) {
+        tracing::warn!(peer = ?peer, origin = ?request_origin, host = ?host, "WebSocket refused: origin not allowed");
+        return (StatusCode::FORBIDDEN, "origin not allowed\n").into_response();
+    }
+    let Some(slot) = Slot::acquire(&state) else {
+        tracing::warn!(peer = ?peer, limit = state.config().limits.max_connections, "WebSocket refused: connection limit reached");
+        return (StatusCode::SERVICE_UNAVAILABLE, "too many connections\n").into_response();
+    };
+    let tracked = state.tracker().token();
+    let max_frame = state.config().limits.max_frame_bytes;
+    let span = tracing::info_span!("ws", peer = ?peer);
+    ws.read_buffer_size(READ_BUFFER_BYTES)
+        .write_buffer_size(0)
+        .max_frame_size(max_frame)
+        .max_message_size(max_frame)
+        .on_failed_upgrade(|e| tracing::debug!(error = %e, "WebSocket upgrade failed"))
+        .on_upgrade(move |socket| {
+            async move {
+                let _slot = slot;
+                let _tracked = tracked;
+                serve(socket, state).await;
+            }
+            .instrument(span)
+        })
+}
+
+/// One of `max_connections`, given back when dropped.
+struct Slot(AppState);
+
+impl Slot {
+    fn acquire(state: &AppState) -> Option<Slot> {
+        let limit = state.config().limits.max_connections;
+        state
+            .connections()
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < limit).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Slot(state.clone()))
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.connections().fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Why a connection loop ended.
+enum End {
+    /// The client closed or the connection broke: nothing more to send.
+    Gone,
+    /// `stop` was cancelled: shutdown (1001) or a full queue (1013).
+    Stopped,
+    /// The client broke a limit or the protocol: close with this frame.
+    Refused(CloseFrame),
+}
+
+/// Runs one connection until the client leaves or is told to go.
+pub async fn serve<S>(mut socket: S, state: AppState)
+where
+    S: Stream<Item = Result<Message, axum::Error>> + Sink<Message, Error = axum::Error> + Unpin,
+{
+    let limits = &state.config().limits;
+    let mut member = state.fanout().join(state.close_all().child_token());
+    let stop = member.stop.clone();
+    let mut bucket = TokenBucket::new(
+        limits.messages_per_second,
+        limits.messages_burst,
+        Instant::now(),
+    );
+    tracing::debug!(clients = state.fanout().len(), "WebSocket open");
+
+    let end = loop {
+        // In this order: stop, then the client's queue, then its next frame. Writing before
+        // reading keeps a client that sends fast from filling (and overflowing) its own queue.
+        tokio::select! {
+            biased;
+            () = stop.cancelled() => break End::Stopped,
+            queued = member.rx.recv() => {
+                let Some(first) = queued else { break End::Stopped };
+                if let Err(end) = write_queued(&mut socket, first, &mut member.rx, &stop).await {
+                    break end;
+                }
+            }
+            frame = socket.next() => {
+                let reply = match frame {
+                    None => break End::Gone,
+                    Some(Err(e)) => break refusal(e, limits.max_frame_bytes),
+                    Some(Ok(Message::Text(_) | Message::Binary(_)))
+                        if !bucket.allow(Instant::now()) =>
+                    {
+                        Some(rate_limited(&state))
+                    }
+                    Some(Ok(Message::Text(text))) => accept(&text, &state, &stop).await,
+                    Some(Ok(Message::Binary(_))) => Some(InputError::Binary.to_string()),
+                    // Pings are answered by the WebSocket layer; a close is answered there too,
+                    // after which the stream ends.
+                    Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Close(_))) => None,
+                };
+                if let Some(reason) = reply {
+                    let reply = Message::Text(protocol::error_json(&reason).into());
+                    if let Err(end) = send(&mut socket, reply, &stop).await {
+                        break end;
+                    }
+                }
+            }
+        }
+    };
+
+    let frame = match end {
+        End::Gone => None,
+        End::Refused(frame) => Some(frame),
+        End::Stopped if state.close_all().is_cancelled() => Some(CloseFrame {
+            code: close_code::AWAY,
+            reason: Utf8Bytes::from_static("server shutting down"),
+        }),
+        End::Stopped => {
+            tracing::info!("closing a client that cannot keep up (queue full)");
+            Some(CloseFrame {
+                code: CLOSE_TOO_SLOW,
+                reason: Utf8Bytes::from_static("too slow: message queue full; reconnect"),
+            })
+        }
+    };
+    if let Some(frame) = frame {
+        tracing::debug!(code = frame.code, reason = %frame.reason, "closing WebSocket");
+        close(&mut socket, frame).await;
+    }
+    tracing::debug!("WebSocket closed");
+}
+
+/// Validates, stamps and publishes a client's text frame; the error text for the sender, if any.
+async fn accept(text: &str, state: &AppState, stop: &CancellationToken) -> Option<String> {
+    let limits = &state.config().limits;
+    let incoming =
+        match protocol::parse_incoming(text, limits.max_name_chars, limits.max_content_chars) {
+            Ok(incoming) => incoming,
+            Err(e) => return Some(e.to_string()),
+        };
+    let message = ChatMessage::stamp(incoming, &chrono::Local::now());
+    let broker: &Broker = state.broker();
+    tokio::select! {
+        published = broker.publish(message.to_json()) => published.err().map(|e| e.to_string()),
+        () = stop.cancelled() => None,
+    }
+}
+
+fn rate_limited(state: &AppState) -> String {
+    let limits = &state.config().limits;
+    InputError::RateLimited {
+        per_second: limits.messages_per_second,
+        burst: limits.messages_burst,
+    }
+    .to_string()
+}
+
+/// The close frame owed to a client whose frame the WebSocket layer rejected, if any.
+fn refusal(error: axum::Error, max_frame_bytes: usize) -> End {
+    use tungstenite_axum::error::{Error as WsError, ProtocolError};
+    let error = error.into_inner();
+    let frame = match error.downcast_ref::<WsError>() {
+        Some(WsError::Capacity(_)) => CloseFrame {
+            code: close_code::SIZE,
+            reason: format!("frame larger than {max_frame_bytes} bytes").into(),
+        },
+        Some(WsError::Utf8(_)) => CloseFrame {
+            code: close_code::INVALID,
+            reason: Utf8Bytes::from_static("text frame is not valid UTF-8"),
+        },
+        Some(WsError::Protocol(
+            ProtocolError::ResetWithoutClosingHandshake | ProtocolError::SendAfterClosing,
+        ))
+        | None => {
+            tracing::debug!(error = %error, "WebSocket ended");
+            return End::Gone;
+        }
+        Some(WsError::Protocol(e)) => CloseFrame {
+            code: close_code::PROTOCOL,
+            reason: format!("protocol error: {e}")
+                .chars()
+                .take(100)
+                .collect::<String>()
+                .into(),
+        },
+        Some(_) => {
+            tracing::debug!(error = %error, "WebSocket failed");
+            return End::Gone;
+        }
+    };
+    tracing::info!(code = frame.code, reason = %frame.reason, "refusing a client frame");
+    End::Refused(frame)
+}
+
+/// Writes `first` and whatever else is already queued (up to a batch), then flushes.
+async fn write_queued<S>(
+    socket: &mut S,
+    first: Utf8Bytes,
+    rx: &mut tokio::sync::mpsc::Receiver<Utf8Bytes>,
+    stop: &CancellationToken,
+) -> Result<(), End>
+where
+    S: Sink<Message, Error = axum::Error> + Unpin,
+{
+    let write = async {
+        socket.feed(Message::Text(first)).await?;
+        for _ in 1..WRITE_BATCH {
+            let Ok(next) = rx.try_recv() else { break };
+            socket.feed(Message::Text(next)).await?;
+        }
+        socket.flush().await
+    };
+    tokio::select! {
+        written = write => written.map_err(|_| End::Gone),
+        () = stop.cancelled() => Err(End::Stopped),
+    }
+}
+
+/// Sends one message unless `stop` comes first (a client that does not read blocks the send).
+async fn send<S>(socket: &mut S, message: Message, stop: &CancellationToken) -> Result<(), End>
+where
+    S: Sink<Message, Error = axum::Error> + Unpin,
+{
+    tokio::select! {
+        sent = socket.send(message) => sent.map_err(|_| End::Gone),
+        () = stop.cancelled() => Err(End::Stopped),
+    }
+}
+
+/// Sends a close frame and waits for the client's answer, both bounded by [`CLOSE_TIMEOUT`].
+async fn close<S>(socket: &mut S, frame: CloseFrame)
+where
+    S: Stream<Item = Result<Message, axum::Error>> + Sink<Message, Error = axum::Error> + Unpin,
+{
+    let handshake = async {
+        if socket.send(Message::Close(Some(frame))).await.is_err() {
+            return;
+        }
+        // Read until the client's close arrives and the stream ends.
+        while let Some(Ok(_)) = socket.next().await {}
+    };
+    if tokio::time::timeout(CLOSE_TIMEOUT, handshake)
+        .await
+        .is_err()
+    {
+        tracing::debug!("client did not complete the close handshake in time");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! `serve` over channels instead of a socket.
+
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    use tokio::sync::mpsc;
+
+    use super::*;
+    use crate::config::Config;
+
+    /// A client's end: frames go in through `to_server`, replies come out of `from_server`.
+    struct FakeSocket {
+        incoming: mpsc::UnboundedReceiver<Result<Message, axum::Error>>,
+        outgoing: mpsc::UnboundedSender<Message>,
+    }
+
+    impl Stream for FakeSocket {
+        type Item = Result<Message, axum::Error>;
+        fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+            self.incoming.poll_recv(cx)
+        }
+    }
+
+    impl Sink<Message> for FakeSocket {
+        type Error = axum::Error;
+        fn poll_ready(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            Poll::Ready(Ok(()))
+        }
+        fn start_send(self: Pin<&mut Self>, item: Message) -> Result<(), Self::Error> {
+            self.outgoing.send(item).map_err(axum::Error::new)
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_close(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    struct Client {
+        to_server: mpsc::UnboundedSender<Result<Message, axum::Error>>,
+        from_server: mpsc::UnboundedReceiver<Message>,
+    }
+
+    impl Client {
+        fn send(&self, text: &str) {
+            self.to_server.send(Ok(Message::Text(text.into()))).unwrap();
+        }
+        async fn text(&mut self) -> String {
+            match self.from_server.recv().await.unwrap() {
+                Message::Text(t) => t.to_string(),
+                other => panic!("expected text, got {other:?}"),
+            }
+        }
+    }
+
+    fn connect(state: &AppState) -> Client {
+        let (to_server, incoming) = mpsc::unbounded_channel();
+        let (outgoing, from_server) = mpsc::unbounded_channel();
+        tokio::spawn(serve(FakeSocket { incoming, outgoing }, state.clone()));
+        Client {
+            to_server,
+            from_server,
+        }
+    }
+
+    fn state(toml: &str) -> AppState {
+        AppState::new(Config::from_toml(toml, "test").unwrap()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_message_reaches_every_client_and_bad_input_only_its_sender() {
+        let state = state("");
+        let mut alice = connect(&state);
+        let mut bob = connect(&state);
+        while state.fanout().len() < 2 {
+            tokio::task::yield_now().await;
+        }
+        alice.send("not json");
+        assert_eq!(
+            alice.text().await,
+            protocol::error_json(&InputError::NotJson.to_string())
+        );
+        alice.send(r#"{"name": "alice", "content": "hi"}"#);
+        let seen_by_alice = alice.text().await;
+        let seen_by_bob = bob.text().await;
+        assert_eq!(seen_by_alice, seen_by_bob);
+        let message: ChatMessage = serde_json::from_str(&seen_by_bob).unwrap();
+        assert_eq!(
+            (message.name.as_str(), message.content.as_str()),
+            ("alice", "hi")
+        );
+    }
+
+    #[tokio::test]
+    async fn binary_frames_and_floods_get_an_error_and_the_connection_stays() {
+        let state = state("messages_per_second = 1\nmessages_burst = 2");
+        let mut client = connect(&state);
+        client
+            .to_server
+            .send(Ok(Message::Binary(vec![1, 2, 3].into())))
+            .unwrap();
+        assert!(client.text().await.contains("binary frames"));
+        client.send("{}");
+        assert!(client.text().await.contains("is missing"));
+        client.send("{}");
+        assert!(client.text().await.contains("too many messages"));
+        assert_eq!(state.fanout().len(), 1, "still connected");
+    }
+
+    #[tokio::test]
+    async fn shutdown_closes_with_1001() {
+        let state = state("");
+        let mut client = connect(&state);
+        while state.fanout().len() < 1 {
+            tokio::task::yield_now().await;
+        }
+        state.close_all().cancel();
+        match client.from_server.recv().await.unwrap() {
+            Message::Close(Some(frame)) => assert_eq!(frame.code, close_code::AWAY),
+            other => panic!("expected a close frame, got {other:?}"),
+        }
+    }
+}

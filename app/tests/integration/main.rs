@@ -1,0 +1,13 @@
+//! Integration tests of `app` against a real `redis-server`, real sockets and the real binary.
+//! One test binary, so the support code is compiled once and shared.
+
+// Test code: an unwrap that fails is a failing test, with its location.
+#![allow(clippy::unwrap_used)]
+
+mod bad_input;
+mod binary;
+mod delivery;
+mod redis_faults;
+mod shutdown;
+mod slow_client;
+mod support;

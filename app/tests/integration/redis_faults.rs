@@ -1,0 +1,48 @@
+//! Redis going away: the instance reports 503, tells senders, resubscribes with backoff when
+//! Redis is back, delivers again, and never exits.
+
+use crate::support::{App, Redis, assert_chat_shape, free_port};
+
+const FAST_RECONNECT: &str = "redis_reconnect_min = \"50ms\"\nredis_reconnect_max = \"500ms\"";
+
+#[tokio::test]
+async fn redis_restart_turns_health_503_then_200_and_delivery_resumes() {
+    let mut redis = Redis::start().await;
+    let app = App::with_redis(&redis, FAST_RECONNECT).await;
+    app.wait_health(200).await;
+    let mut client = app.connect().await;
+    client.say("ann", "before").await;
+    assert_eq!(assert_chat_shape(&client.text().await).content, "before");
+
+    redis.stop().await;
+    app.wait_health(503).await;
+    // A sender is told, not silently dropped.
+    client.say("ann", "while down").await;
+    assert!(client.error().await.contains("message not sent"));
+    assert!(app.is_running());
+
+    redis.restart().await;
+    app.wait_health(200).await;
+    // The publishing connection may need one failed attempt to notice the new server.
+    let delivered = client.say_until_delivered("ann", "after").await;
+    assert_eq!(assert_chat_shape(&delivered).content, "after");
+    assert!(app.is_running());
+}
+
+#[tokio::test]
+async fn an_instance_started_before_redis_becomes_healthy_when_redis_comes() {
+    let port = free_port();
+    let app = App::start(&format!(
+        "redis_url = \"redis://127.0.0.1:{port}\"\n{FAST_RECONNECT}"
+    ))
+    .await;
+    assert_eq!(app.get("/healthz").await.0, 503);
+    let mut client = app.connect().await;
+    client.say("ann", "too early").await;
+    assert!(client.error().await.contains("message not sent"));
+
+    let _redis = Redis::start_on(port).await;
+    app.wait_health(200).await;
+    let delivered = client.say_until_delivered("ann", "now").await;
+    assert_eq!(assert_chat_shape(&delivered).content, "now");
+}

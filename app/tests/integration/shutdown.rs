@@ -1,0 +1,30 @@
+//! Graceful shutdown in-process: cancelling the token does what SIGTERM does in the binary.
+
+use crate::support::{App, Ended, handshake_status};
+
+#[tokio::test]
+async fn shutdown_turns_health_503_refuses_new_sockets_then_closes_with_1001() {
+    // A grace long enough to observe the draining state, short enough for a test.
+    let mut app = App::start("shutdown_grace = \"1s\"").await;
+    let mut client = app.connect().await;
+    assert_eq!(app.get("/healthz").await.0, 200);
+
+    app.begin_shutdown();
+    app.wait_health(503).await;
+    assert_eq!(handshake_status(app.addr, None).await, 503);
+    assert_eq!(client.ended(0).await, Ended::Closed(1001));
+    app.finished().await.unwrap();
+}
+
+#[tokio::test]
+async fn shutdown_with_redis_down_still_completes() {
+    let port = crate::support::free_port();
+    let mut app = App::start(&format!(
+        "redis_url = \"redis://127.0.0.1:{port}\"\nshutdown_grace = \"0s\""
+    ))
+    .await;
+    let mut client = app.connect().await;
+    app.begin_shutdown();
+    assert_eq!(client.ended(0).await, Ended::Closed(1001));
+    app.finished().await.unwrap();
+}

@@ -1,0 +1,533 @@
+//! Test support, written once: a real `redis-server` on an ephemeral port, `app` instances
+//! in-process (or the real binary), WebSocket clients and a raw HTTP `GET`.
+//!
+//! Readiness is awaited, never slept on: Redis is ready when it answers `PING`, an in-process
+//! app when its listener is bound (it is bound before `run` starts), a binary when it prints
+//! `listening http <addr>`, a WebSocket client when its `Ping` comes back as a `Pong` (which
+//! proves the server's connection task is running and registered for messages). Waiting for a
+//! condition polls it against a deadline. Every process started here is killed on drop.
+
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use tokio::process::{Child, Command};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tokio_util::sync::CancellationToken;
+
+/// Upper bound for anything a test waits for; reaching it fails the test.
+pub const DEADLINE: Duration = Duration::from_secs(20);
+/// Interval between two checks of a polled condition.
+const POLL: Duration = Duration::from_millis(25);
+
+/// Polls `check` until it returns `Some`, failing with `what` after [`DEADLINE`].
+pub async fn wait_for<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// A port that was free a moment ago (bound to 127.0.0.1:0, then released).
+pub fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().port()
+}
+
+/// A `redis-server` child on 127.0.0.1, without persistence; killed on drop.
+pub struct Redis {
+    port: u16,
+    child: Option<Child>,
+}
+
+impl Redis {
+    /// Starts a server on a free port and waits until it answers `PING`.
+    pub async fn start() -> Redis {
+        Redis::start_on(free_port()).await
+    }
+
+    /// Starts a server on `port` and waits until it answers `PING`.
+    pub async fn start_on(port: u16) -> Redis {
+        let mut redis = Redis { port, child: None };
+        redis.spawn().await;
+        redis
+    }
+
+    async fn spawn(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string()])
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .kill_on_drop(true)
+            .spawn();
+        let child = match child {
+            Ok(child) => child,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                panic!("redis-server not found: run `apt-get install -y redis-server`")
+            }
+            Err(e) => panic!("could not start redis-server: {e}"),
+        };
+        self.child = Some(child);
+        let client = redis::Client::open(self.url()).unwrap();
+        wait_for("redis-server to answer PING", || {
+            let client = client.clone();
+            async move {
+                let mut connection = client.get_multiplexed_async_connection().await.ok()?;
+                redis::cmd("PING")
+                    .query_async::<String>(&mut connection)
+                    .await
+                    .ok()
+            }
+        })
+        .await;
+    }
+
+    /// `redis://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Kills the server and waits for it to be gone.
+    pub async fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().await.unwrap();
+        }
+    }
+
+    /// Starts the server again on the same port.
+    pub async fn restart(&mut self) {
+        self.stop().await;
+        self.spawn().await;
+    }
+
+    /// A raw `SUBSCRIBE` on `channel`, confirmed before this returns.
+    pub async fn subscribe(&self, channel: &str) -> RawSubscriber {
+        let client = redis::Client::open(self.url()).unwrap();
+        let mut pubsub = client.get_async_pubsub().await.unwrap();
+        pubsub.subscribe(channel).await.unwrap();
+        RawSubscriber { pubsub }
+    }
+
+    /// A raw `PUBLISH`; returns how many subscribers received it.
+    pub async fn publish(&self, channel: &str, payload: &str) -> i64 {
+        let client = redis::Client::open(self.url()).unwrap();
+        let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+        redis::cmd("PUBLISH")
+            .arg(channel)
+            .arg(payload)
+            .query_async(&mut connection)
+            .await
+            .unwrap()
+    }
+}
+
+/// A plain Redis subscriber, as another program would be.
+pub struct RawSubscriber {
+    pubsub: redis::aio::PubSub,
+}
+
+impl RawSubscriber {
+    /// The next payload on the channel.
+    pub async fn next(&mut self) -> String {
+        let message = tokio::time::timeout(DEADLINE, self.pubsub.on_message().next())
+            .await
+            .expect("timed out waiting for a message on the Redis channel")
+            .expect("Redis subscription ended");
+        message.get_payload().unwrap()
+    }
+}
+
+/// An `app` running in this process on 127.0.0.1 with an ephemeral port.
+pub struct App {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    shutdown: CancellationToken,
+    task: Option<tokio::task::JoinHandle<Result<(), app::Error>>>,
+}
+
+impl App {
+    /// Starts an app configured by the TOML `config` (the listener is bound by the test).
+    pub async fn start(config: &str) -> App {
+        let config = app::config::Config::from_toml(config, "test.toml").unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(app::run(config, listener, shutdown.clone()));
+        App {
+            addr,
+            shutdown,
+            task: Some(task),
+        }
+    }
+
+    /// Starts an app on `redis` with extra TOML lines.
+    pub async fn with_redis(redis: &Redis, extra: &str) -> App {
+        App::start(&format!("redis_url = \"{}\"\n{extra}", redis.url())).await
+    }
+
+    /// `GET path`: the status code and body.
+    pub async fn get(&self, path: &str) -> (u16, Vec<u8>) {
+        http_get(self.addr, path).await
+    }
+
+    /// Waits until `/healthz` answers `status`.
+    pub async fn wait_health(&self, status: u16) {
+        wait_for(&format!("/healthz to answer {status}"), || async {
+            (self.get("/healthz").await.0 == status).then_some(())
+        })
+        .await;
+    }
+
+    /// A connected WebSocket client, registered for messages.
+    pub async fn connect(&self) -> Client {
+        Client::connect(self.addr).await
+    }
+
+    /// Whether `run` is still running (it must not exit because Redis went away).
+    pub fn is_running(&self) -> bool {
+        self.task.as_ref().is_some_and(|t| !t.is_finished())
+    }
+
+    /// Cancels the shutdown token, as SIGTERM does in the binary.
+    pub fn begin_shutdown(&self) {
+        self.shutdown.cancel();
+    }
+
+    /// Waits for `run` to return, and returns its result.
+    pub async fn finished(&mut self) -> Result<(), app::Error> {
+        let task = self.task.take().expect("already finished");
+        tokio::time::timeout(DEADLINE, task)
+            .await
+            .expect("app::run did not return in time")
+            .unwrap()
+    }
+}
+
+impl Drop for App {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+/// A minimal HTTP/1.1 `GET` over a fresh connection: status code and body.
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, Vec<u8>) {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = Vec::new();
+    tokio::time::timeout(DEADLINE, stream.read_to_end(&mut response))
+        .await
+        .expect("HTTP response timed out")
+        .unwrap();
+    let head_end = response
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("no end of headers");
+    let head = String::from_utf8_lossy(&response[..head_end]).to_string();
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("no status code");
+    (status, response[head_end + 4..].to_vec())
+}
+
+/// A WebSocket client of an app.
+pub struct Client {
+    ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+}
+
+/// How a WebSocket ended, from the client's side.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Ended {
+    /// A close frame with this code.
+    Closed(u16),
+    /// The connection ended without a close frame.
+    Dropped,
+}
+
+impl Client {
+    /// Connects to `ws://addr/ws` and waits until the server's connection task runs.
+    pub async fn connect(addr: SocketAddr) -> Client {
+        let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws"))
+            .await
+            .unwrap();
+        let mut client = Client { ws };
+        client.sync().await;
+        client
+    }
+
+    /// Sends a `Ping` and waits for its `Pong`, skipping nothing else: no message may be
+    /// pending when this is called.
+    async fn sync(&mut self) {
+        self.ws
+            .send(Message::Ping(b"sync"[..].into()))
+            .await
+            .unwrap();
+        match self.next().await {
+            Message::Pong(payload) => assert_eq!(&payload[..], b"sync"),
+            other => panic!("expected the Pong, got {other:?}"),
+        }
+    }
+
+    /// Sends `text` as a text frame.
+    pub async fn send_text(&mut self, text: &str) {
+        self.ws.send(Message::text(text)).await.unwrap();
+    }
+
+    /// Sends a chat message.
+    pub async fn say(&mut self, name: &str, content: &str) {
+        let json = serde_json::json!({ "name": name, "content": content }).to_string();
+        self.send_text(&json).await;
+    }
+
+    /// Sends a chat message until it comes back instead of an error (Redis reconnecting);
+    /// returns what came back.
+    pub async fn say_until_delivered(&mut self, name: &str, content: &str) -> String {
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        loop {
+            self.say(name, content).await;
+            let text = self.text().await;
+            if !text.starts_with("{\"error\"") {
+                return text;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out waiting for delivery; last answer {text}"
+            );
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// Sends any frame.
+    pub async fn send(&mut self, message: Message) {
+        self.ws.send(message).await.unwrap();
+    }
+
+    async fn next(&mut self) -> Message {
+        tokio::time::timeout(DEADLINE, self.ws.next())
+            .await
+            .expect("timed out waiting for a WebSocket message")
+            .expect("WebSocket ended")
+            .expect("WebSocket error")
+    }
+
+    /// The next text frame.
+    pub async fn text(&mut self) -> String {
+        match self.next().await {
+            Message::Text(text) => text.to_string(),
+            other => panic!("expected a text frame, got {other:?}"),
+        }
+    }
+
+    /// The next text frame, which must be `{"error": "..."}`; returns the reason.
+    pub async fn error(&mut self) -> String {
+        let text = self.text().await;
+        let value: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let object = value.as_object().expect("not an object");
+        assert_eq!(object.len(), 1, "{text}");
+        object["error"]
+            .as_str()
+            .expect("no error string")
+            .to_owned()
+    }
+
+    /// Reads until the connection ends, skipping text frames (at most `max_texts`).
+    pub async fn ended(&mut self, max_texts: usize) -> Ended {
+        let mut texts = 0;
+        loop {
+            let next = tokio::time::timeout(DEADLINE, self.ws.next())
+                .await
+                .expect("timed out waiting for the WebSocket to end");
+            match next {
+                Some(Ok(Message::Close(frame))) => {
+                    return Ended::Closed(frame.map_or(1005, |f| f.code.into()));
+                }
+                Some(Ok(Message::Text(_))) => {
+                    texts += 1;
+                    assert!(
+                        texts <= max_texts,
+                        "more than {max_texts} messages before the end"
+                    );
+                }
+                Some(Ok(_)) => {}
+                Some(Err(_)) | None => return Ended::Dropped,
+            }
+        }
+    }
+
+    /// Closes the connection normally and waits for the server's answer.
+    pub async fn close(mut self) {
+        self.ws.close(None).await.unwrap();
+        while let Some(Ok(_)) = self.ws.next().await {}
+    }
+}
+
+/// A WebSocket handshake with an `Origin` header: the HTTP status if refused, 101 if accepted.
+pub async fn handshake_status(addr: SocketAddr, origin: Option<&str>) -> u16 {
+    let mut request = format!("ws://{addr}/ws").into_client_request().unwrap();
+    if let Some(origin) = origin {
+        request
+            .headers_mut()
+            .insert("Origin", origin.parse().unwrap());
+    }
+    match tokio_tungstenite::connect_async(request).await {
+        Ok((_, response)) => response.status().as_u16(),
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => response.status().as_u16(),
+        Err(e) => panic!("handshake failed: {e}"),
+    }
+}
+
+/// Checks the original simple-chat shape: exactly `time`, `name`, `content`, in that order,
+/// with `time` as `YYYY/MM/DD HH:MM:SS`; returns the parsed message.
+pub fn assert_chat_shape(text: &str) -> app::protocol::ChatMessage {
+    assert!(text.starts_with("{\"time\":\""), "{text}");
+    let value: serde_json::Value = serde_json::from_str(text).unwrap();
+    let keys: Vec<_> = value.as_object().unwrap().keys().cloned().collect();
+    let mut sorted = keys.clone();
+    sorted.sort();
+    assert_eq!(sorted, ["content", "name", "time"], "{text}");
+    let message: app::protocol::ChatMessage = serde_json::from_str(text).unwrap();
+    let time = message.time.as_bytes();
+    assert_eq!(time.len(), 19, "{text}");
+    assert!(
+        time.iter().enumerate().all(|(i, b)| match i {
+            4 | 7 => *b == b'/',
+            10 => *b == b' ',
+            13 | 16 => *b == b':',
+            _ => b.is_ascii_digit(),
+        }),
+        "{text}"
+    );
+    let name_at = text.find("\"name\"").unwrap();
+    let content_at = text.find("\"content\"").unwrap();
+    assert!(name_at < content_at, "{text}");
+    message
+}
+
+/// The real `app` binary as a child process; killed on drop.
+pub struct Binary {
+    child: Child,
+    /// The address from its `listening http` line.
+    pub addr: SocketAddr,
+}
+
+impl Binary {
+    /// Runs `app` with `args` and waits for its `listening http <addr>` line.
+    pub async fn start(args: &[&str]) -> Binary {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_app"))
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = BufReader::new(stdout).lines();
+        let line = tokio::time::timeout(DEADLINE, lines.next_line())
+            .await
+            .expect("app did not print its listening line in time")
+            .unwrap()
+            .expect("app exited before listening");
+        let addr = line
+            .strip_prefix("listening http ")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .parse()
+            .unwrap();
+        // Drain the logs so the child never blocks on a full pipe; they show with the test's
+        // output if it fails.
+        let mut logs = BufReader::new(child.stderr.take().unwrap()).lines();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = logs.next_line().await {
+                eprintln!("app: {line}");
+            }
+        });
+        Binary { child, addr }
+    }
+
+    /// Sends SIGTERM by PID.
+    pub fn terminate(&self) {
+        let pid = self.child.id().expect("already exited");
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Waits for the process to exit; its exit code.
+    pub async fn exit_code(&mut self) -> Option<i32> {
+        tokio::time::timeout(DEADLINE, self.child.wait())
+            .await
+            .expect("app did not exit in time")
+            .unwrap()
+            .code()
+    }
+}
+
+/// Runs `app` with `args` to completion: exit code and standard error.
+pub async fn run_binary(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String) {
+    let output = tokio::time::timeout(
+        DEADLINE,
+        Command::new(env!("CARGO_BIN_EXE_app"))
+            .args(args)
+            .env_remove("REDIS_URL")
+            .envs(env.iter().copied())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("app did not exit in time")
+    .unwrap();
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// A file under the system temp directory, removed on drop.
+pub struct TempFile {
+    /// Its path.
+    pub path: std::path::PathBuf,
+}
+
+impl TempFile {
+    /// Writes `contents` to a fresh file whose name contains `name`.
+    pub fn new(name: &str, contents: &str) -> TempFile {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!("app-test-{}-{n}-{name}", std::process::id()));
+        std::fs::write(&path, contents).unwrap();
+        TempFile { path }
+    }
+
+    /// The path as a string.
+    pub fn as_str(&self) -> &str {
+        self.path.to_str().unwrap()
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
