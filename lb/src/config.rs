@@ -1002,6 +1002,26 @@ mod tests {
     }
 
     #[test]
+    fn shipped_example_is_valid() {
+        let text = include_str!("../../config/lb.toml");
+        let c = Config::parse(
+            text,
+            "config/lb.toml",
+            Path::new("config"),
+            &Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(c.backends.len(), 2);
+        assert_eq!(c.listen.admin, Some("127.0.0.1:9100".parse().unwrap()));
+        assert_eq!(
+            c.certificates,
+            vec![CertificateSource::Combined {
+                pem: "config/../run/certs/server.pem".into()
+            }]
+        );
+    }
+
+    #[test]
     fn unreadable_certificates_name_file_and_key() {
         let c = parse(MINIMAL).unwrap();
         let e = c.load_certificates().unwrap_err().to_string();
