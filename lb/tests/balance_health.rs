@@ -1,37 +1,36 @@
-//! Balancing, health checks and the admin listener against real HTTP backends on loopback:
-//! the checker takes a stopped backend out after `fall` failed checks and brings it back after
-//! `rise` passes, and `/metrics` over real TCP parses as Prometheus text and shows the
-//! per-backend values.
+//! Balancing, health checks and the admin listener with real backends on loopback.
+//!
+//! First the parts on their own: the checker takes a backend whose `/healthz` fails out after
+//! `fall` checks and back after `rise`, and the admin listener's `/metrics` over real TCP parses
+//! as Prometheus text and shows each backend. Then through the real load balancer (TLS, the
+//! proxy, WebSocket tunnels): round-robin spreads connections evenly and by weight,
+//! least-connections sends new tunnels to the less loaded backend, and a stopped backend
+//! costs no request: it is marked down after `fall` checks, comes back after `rise` once
+//! restarted, and `/metrics` counts exactly what the test did.
 
-use std::collections::{BTreeMap, HashSet};
-use std::convert::Infallible;
+mod support;
+
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper::body::Incoming;
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
-use hyper::{Request, Response};
-use hyper_util::rt::TokioIo;
+use futures_util::StreamExt;
 use lb::balance::{Backend, Policy, Pool};
 use lb::health::{self, HealthConfig};
 use lb::metrics::Metrics;
+use support::{
+    Pki, TestBackend, TestConfig, https_get, start_lb, wait_until, within, ws_connect, ws_echo,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::task::JoinHandle;
-use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-/// Bound on every wait for a state change; generous, since CI machines can be slow.
-const DEADLINE: Duration = Duration::from_secs(20);
-
-/// Fast checks so the tests finish quickly: HAProxy semantics, shorter clock.
+/// Fast checks so the tests finish quickly: HAProxy's semantics on a shorter clock.
 fn fast_checks() -> HealthConfig {
     HealthConfig {
         interval: Duration::from_millis(50),
@@ -42,102 +41,18 @@ fn fast_checks() -> HealthConfig {
     }
 }
 
-/// An HTTP/1.1 backend on loopback: `/healthz` answers 200 `ok`, every other path answers its
-/// name. Stopping it closes the listener and every open connection.
-struct FakeBackend {
-    addr: SocketAddr,
-    health_checks: Arc<AtomicU64>,
-    token: CancellationToken,
-    accept_loop: JoinHandle<()>,
-}
+/// The same checks as an lb.toml `[health]` table body.
+const FAST_CHECKS_TOML: &str = "interval = \"50ms\"\ntimeout = \"500ms\"\nrise = 2\nfall = 3\n";
 
-impl FakeBackend {
-    async fn start(name: &'static str, addr: SocketAddr) -> FakeBackend {
-        let listener = TcpListener::bind(addr).await.expect("bind backend");
-        let addr = listener.local_addr().expect("backend address");
-        let health_checks = Arc::new(AtomicU64::new(0));
-        let token = CancellationToken::new();
-        let accept_loop = tokio::spawn(serve_backend(
-            name,
-            listener,
-            Arc::clone(&health_checks),
-            token.clone(),
-        ));
-        FakeBackend {
-            addr,
-            health_checks,
-            token,
-            accept_loop,
-        }
-    }
-
-    /// Closes the listener and all connections; returns once the port is closed.
-    async fn stop(mut self) -> SocketAddr {
-        self.token.cancel();
-        (&mut self.accept_loop).await.expect("backend accept loop");
-        self.addr
-    }
-}
-
-impl Drop for FakeBackend {
-    fn drop(&mut self) {
-        self.token.cancel();
-    }
-}
-
-async fn serve_backend(
-    name: &'static str,
-    listener: TcpListener,
-    health_checks: Arc<AtomicU64>,
-    token: CancellationToken,
-) {
-    loop {
-        let stream = tokio::select! {
-            () = token.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(_) => continue,
-            },
-        };
-        let health_checks = Arc::clone(&health_checks);
-        let service = service_fn(move |request: Request<Incoming>| {
-            let body = if request.uri().path() == "/healthz" {
-                health_checks.fetch_add(1, Relaxed);
-                "ok"
-            } else {
-                name
-            };
-            async move { Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(body)))) }
-        });
-        let connection = http1::Builder::new().serve_connection(TokioIo::new(stream), service);
-        let token = token.clone();
-        tokio::spawn(async move {
-            tokio::select! {
-                _ = connection => {}
-                () = token.cancelled() => {}
-            }
-        });
-    }
-}
-
-fn pool_of(backends: &[(&str, SocketAddr)], policy: Policy) -> Arc<Pool> {
+fn pool_of(backends: &[&TestBackend], policy: Policy) -> Arc<Pool> {
     let backends = backends
         .iter()
-        .map(|&(name, addr)| Arc::new(Backend::new(name.into(), addr, 1)))
+        .map(|b| Arc::new(Backend::new(b.name().into(), b.addr(), 1)))
         .collect();
     Arc::new(Pool::new(backends, policy))
 }
 
-/// Polls `cond` until it holds; panics naming `what` after [`DEADLINE`].
-async fn wait_for(what: &str, cond: impl Fn() -> bool) {
-    let deadline = Instant::now() + DEADLINE;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
-
-/// Starts health checks on `pool`; the returned guard stops them.
+/// Health checkers on a pool, stopped (and awaited) by [`Checks::stop`].
 struct Checks {
     token: CancellationToken,
     tracker: TaskTracker,
@@ -153,109 +68,108 @@ impl Checks {
 
     async fn stop(self) {
         self.token.cancel();
-        tokio::time::timeout(DEADLINE, self.tracker.wait())
-            .await
-            .expect("health checkers stop when cancelled");
+        within("health checkers stop when cancelled", self.tracker.wait()).await;
     }
 }
 
-#[tokio::test]
-async fn stopped_backend_goes_down_after_fall_and_returns_after_rise() {
-    let app1 = FakeBackend::start("app1", "127.0.0.1:0".parse().unwrap()).await;
-    let app2 = FakeBackend::start("app2", "127.0.0.1:0".parse().unwrap()).await;
-    let pool = pool_of(
-        &[("app1", app1.addr), ("app2", app2.addr)],
-        Policy::RoundRobin,
-    );
-    let (b1, b2) = (
-        Arc::clone(&pool.backends()[0]),
-        Arc::clone(&pool.backends()[1]),
-    );
-    let checks = Checks::start(&pool, fast_checks());
-
-    // Both pass checks and stay up.
-    wait_for("checks of both backends", || {
-        app1.health_checks.load(Relaxed) >= 3 && app2.health_checks.load(Relaxed) >= 3
-    })
-    .await;
-    assert!(b1.is_up() && b2.is_up());
-
-    let addr1 = app1.stop().await;
-    wait_for("app1 marked down", || !b1.is_up()).await;
-    assert!(b2.is_up());
-    assert_eq!(b1.stats().transitions_down.load(Relaxed), 1);
-    for _ in 0..10 {
-        assert_eq!(pool.pick(&[]).unwrap().name(), "app2");
-    }
-
-    let app1 = FakeBackend::start("app1", addr1).await;
-    wait_for("app1 marked up again", || b1.is_up()).await;
-    assert!(
-        app1.health_checks.load(Relaxed) >= 2,
-        "up only after `rise` passed checks"
-    );
-    assert_eq!(b1.stats().transitions_up.load(Relaxed), 1);
-    assert_eq!(b1.stats().transitions_down.load(Relaxed), 1);
-    assert_eq!(b2.stats().transitions_down.load(Relaxed), 0);
-    let picked: HashSet<String> = (0..4)
-        .map(|_| pool.pick(&[]).unwrap().name().to_owned())
-        .collect();
-    assert_eq!(picked.len(), 2, "both backends back in rotation");
-
-    checks.stop().await;
-}
-
-#[tokio::test]
-async fn wrong_status_counts_as_failure() {
-    let app1 = FakeBackend::start("app1", "127.0.0.1:0".parse().unwrap()).await;
-    let pool = pool_of(&[("app1", app1.addr)], Policy::RoundRobin);
-    // The backend answers /healthz with 200; expecting 204 makes every check fail.
-    let checks = Checks::start(
-        &pool,
-        HealthConfig {
-            expect_status: 204,
-            ..fast_checks()
-        },
-    );
-    let backend = &pool.backends()[0];
-    wait_for("app1 marked down", || !backend.is_up()).await;
-    assert!(
-        app1.health_checks.load(Relaxed) >= 3,
-        "down after `fall` answered checks"
-    );
-    assert!(pool.pick(&[]).is_none());
-    checks.stop().await;
-}
-
-/// `GET path` over a fresh connection; returns the status and body.
-async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let mut stream = TcpStream::connect(addr).await.expect("connect");
+/// `GET path` over a fresh plain-HTTP connection (the admin listener); status and body.
+async fn admin_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr).await.expect("connect to admin");
     let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
     stream
         .write_all(request.as_bytes())
         .await
         .expect("send request");
     let mut response = String::new();
-    tokio::time::timeout(DEADLINE, stream.read_to_string(&mut response))
+    within("admin response", stream.read_to_string(&mut response))
         .await
-        .expect("admin answers")
         .expect("read response");
     let (head, body) = response.split_once("\r\n\r\n").expect("a response head");
     let status = head.split(' ').nth(1).and_then(|s| s.parse().ok());
-    let status = status.expect("a status code");
-    (status, body.to_owned())
+    (status.expect("a status code"), body.to_owned())
+}
+
+/// `/metrics` from the admin listener at `addr`, checked to be valid exposition text.
+async fn scrape(addr: SocketAddr) -> Scrape {
+    let (status, text) = admin_get(addr, "/metrics").await;
+    assert_eq!(status, 200);
+    let samples = prometheus::parse(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+    Scrape { text, samples }
+}
+
+struct Scrape {
+    text: String,
+    samples: Vec<prometheus::Sample>,
+}
+
+impl Scrape {
+    /// The value of the series `name{labels}`; panics if there is no such series.
+    fn value(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        let labels: BTreeMap<String, String> = labels
+            .iter()
+            .map(|&(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+        self.samples
+            .iter()
+            .find(|s| s.name == name && s.labels == labels)
+            .unwrap_or_else(|| panic!("no sample {name}{labels:?} in\n{}", self.text))
+            .value
+    }
+
+    /// The value of a per-backend series, with `extra` labels after `backend` and `addr`.
+    fn backend(&self, name: &str, backend: &TestBackend, extra: &[(&str, &str)]) -> f64 {
+        let addr = backend.addr().to_string();
+        let mut labels = vec![("backend", backend.name()), ("addr", addr.as_str())];
+        labels.extend_from_slice(extra);
+        self.value(name, &labels)
+    }
+}
+
+#[tokio::test]
+async fn failing_health_endpoint_takes_a_backend_out_and_back() {
+    let app1 = TestBackend::start("app1").await;
+    let app2 = TestBackend::start("app2").await;
+    let pool = pool_of(&[&app1, &app2], Policy::RoundRobin);
+    let (b1, b2) = (&pool.backends()[0], &pool.backends()[1]);
+    let checks = Checks::start(&pool, fast_checks());
+    wait_until("checks of both backends", || {
+        app1.health_checks() >= 3 && app2.health_checks() >= 3
+    })
+    .await;
+    assert!(b1.is_up() && b2.is_up());
+
+    // Draining, as the app does on SIGTERM: /healthz answers 503.
+    app1.set_health_status(503);
+    let answered_before = app1.health_checks();
+    wait_until("app1 marked down", || !b1.is_up()).await;
+    assert!(
+        app1.health_checks() - answered_before >= 3,
+        "down only after `fall` failed checks"
+    );
+    assert!(b2.is_up());
+    for _ in 0..10 {
+        assert_eq!(pool.pick(&[]).expect("app2 is up").name(), "app2");
+    }
+
+    app1.set_health_status(200);
+    let answered_before = app1.health_checks();
+    wait_until("app1 marked up again", || b1.is_up()).await;
+    assert!(
+        app1.health_checks() - answered_before >= 2,
+        "up only after `rise` passed checks"
+    );
+    assert_eq!(b1.stats().transitions_down.load(Relaxed), 1);
+    assert_eq!(b1.stats().transitions_up.load(Relaxed), 1);
+    assert_eq!(b2.stats().transitions_down.load(Relaxed), 0);
+    checks.stop().await;
 }
 
 #[tokio::test]
 async fn admin_metrics_parse_and_show_each_backend() {
-    let app1 = FakeBackend::start("app1", "127.0.0.1:0".parse().unwrap()).await;
-    let app2 = FakeBackend::start("app2", "127.0.0.1:0".parse().unwrap()).await;
-    let pool = pool_of(
-        &[("app1", app1.addr), ("app2", app2.addr)],
-        Policy::LeastConnections,
-    );
-    let b1 = Arc::clone(&pool.backends()[0]);
-    let b2 = Arc::clone(&pool.backends()[1]);
+    let app1 = TestBackend::start("app1").await;
+    let app2 = TestBackend::start("app2").await;
+    let pool = pool_of(&[&app1, &app2], Policy::LeastConnections);
+    let (b1, b2) = (&pool.backends()[0], &pool.backends()[1]);
     b1.stats().requests.fetch_add(5, Relaxed);
     b1.stats().bytes_to_client.fetch_add(1234, Relaxed);
     let _tunnel = b1.lease();
@@ -264,8 +178,8 @@ async fn admin_metrics_parse_and_show_each_backend() {
     metrics.record_response(200);
 
     let checks = Checks::start(&pool, fast_checks());
-    app2.stop().await;
-    wait_for("app2 marked down", || !b2.is_up()).await;
+    app2.stop();
+    wait_until("app2 marked down", || !b2.is_up()).await;
 
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let admin_addr = listener.local_addr().unwrap();
@@ -277,52 +191,265 @@ async fn admin_metrics_parse_and_show_each_backend() {
         token.clone(),
     ));
 
-    let (status, text) = get(admin_addr, "/metrics").await;
-    assert_eq!(status, 200);
-    let samples = prometheus::parse(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
-    let value = |name: &str, labels: &[(&str, &str)]| -> f64 {
-        let labels: BTreeMap<String, String> = labels
-            .iter()
-            .map(|&(k, v)| (k.to_owned(), v.to_owned()))
-            .collect();
-        samples
-            .iter()
-            .find(|s| s.name == name && s.labels == labels)
-            .unwrap_or_else(|| panic!("no sample {name}{labels:?} in\n{text}"))
-            .value
-    };
-    let a1 = app1.addr.to_string();
-    let a2 = b2.addr().to_string();
-    let app1_labels = [("backend", "app1"), ("addr", a1.as_str())];
-    let app2_labels = [("backend", "app2"), ("addr", a2.as_str())];
-    assert_eq!(value("lb_connections_total", &[]), 3.0);
-    assert_eq!(value("lb_responses_total", &[("class", "2xx")]), 1.0);
-    assert_eq!(value("lb_backend_up", &app1_labels), 1.0);
-    assert_eq!(value("lb_backend_up", &app2_labels), 0.0);
-    assert_eq!(value("lb_backend_requests_total", &app1_labels), 5.0);
-    assert_eq!(value("lb_backend_active_connections", &app1_labels), 1.0);
-    assert_eq!(value("lb_backend_active_connections", &app2_labels), 0.0);
-    let to_client = [app1_labels[0], app1_labels[1], ("direction", "to_client")];
-    assert_eq!(value("lb_backend_bytes_total", &to_client), 1234.0);
-    let down = [app2_labels[0], app2_labels[1], ("to", "down")];
-    assert_eq!(value("lb_backend_health_transitions_total", &down), 1.0);
+    let m = scrape(admin_addr).await;
+    assert_eq!(m.value("lb_connections_total", &[]), 3.0);
+    assert_eq!(m.value("lb_responses_total", &[("class", "2xx")]), 1.0);
+    assert_eq!(m.backend("lb_backend_up", &app1, &[]), 1.0);
+    assert_eq!(m.backend("lb_backend_up", &app2, &[]), 0.0);
+    assert_eq!(m.backend("lb_backend_requests_total", &app1, &[]), 5.0);
+    assert_eq!(m.backend("lb_backend_active_connections", &app1, &[]), 1.0);
+    assert_eq!(m.backend("lb_backend_active_connections", &app2, &[]), 0.0);
+    let to_client = [("direction", "to_client")];
+    assert_eq!(
+        m.backend("lb_backend_bytes_total", &app1, &to_client),
+        1234.0
+    );
+    let to_down = [("to", "down")];
+    assert_eq!(
+        m.backend("lb_backend_health_transitions_total", &app2, &to_down),
+        1.0
+    );
 
-    let (status, json) = get(admin_addr, "/stats").await;
+    let (status, json) = admin_get(admin_addr, "/stats").await;
     assert_eq!(status, 200);
-    assert!(json.contains(&format!(
-        "{{\"name\":\"app2\",\"addr\":\"{a2}\",\"up\":false,"
-    )));
-    let (status, html) = get(admin_addr, "/").await;
+    let app2_json = format!(
+        "{{\"name\":\"app2\",\"addr\":\"{}\",\"up\":false,",
+        app2.addr()
+    );
+    assert!(json.contains(&app2_json), "{json}");
+    let (status, html) = admin_get(admin_addr, "/").await;
     assert_eq!(status, 200);
     assert!(html.contains("<td>app2</td>"));
-    assert_eq!(get(admin_addr, "/nope").await.0, 404);
+    assert_eq!(admin_get(admin_addr, "/nope").await.0, 404);
 
     token.cancel();
-    tokio::time::timeout(DEADLINE, admin)
-        .await
-        .expect("admin stops when cancelled")
-        .unwrap();
+    within("admin stops when cancelled", admin).await.unwrap();
     checks.stop().await;
+}
+
+/// Which of `backends` answered `GET /` on a fresh client connection through lb at `addr`
+/// (its index), asserting the request succeeded.
+async fn served_by(pki: &Pki, addr: SocketAddr, backends: &[TestBackend]) -> usize {
+    let response = https_get(pki, addr, "/").await;
+    assert_eq!(response.status, 200, "{}", response.text());
+    let name = response.backend().expect("x-backend header");
+    backends
+        .iter()
+        .position(|b| b.name() == name)
+        .expect("a known backend")
+}
+
+/// `config` as lb.toml with a `weight` for each backend.
+fn with_weights(config: &TestConfig, weights: &[u32]) -> lb::Config {
+    let mut toml = config.toml();
+    for ((_, addr), weight) in config.backends.iter().zip(weights) {
+        let line = format!("addr = \"{addr}\"\n");
+        toml = toml.replace(&line, &format!("{line}weight = {weight}\n"));
+    }
+    lb::Config::parse(&toml, "test.toml", &config.base, &lb::Overrides::default())
+        .expect("valid weighted config")
+}
+
+#[tokio::test]
+async fn round_robin_spreads_connections_evenly() {
+    let backends = TestBackend::start_many(2).await;
+    let pki = Pki::local();
+    let lb = start_lb(&TestConfig::new(&pki, &[&backends[0], &backends[1]])).await;
+    let mut served = [0; 2];
+    for _ in 0..20 {
+        served[served_by(&pki, lb.addrs().https, &backends).await] += 1;
+    }
+    assert_eq!(served, [10, 10]);
+    within("lb shutdown", lb.shutdown()).await;
+}
+
+#[tokio::test]
+async fn weighted_round_robin_follows_the_weights() {
+    let backends = TestBackend::start_many(2).await;
+    let pki = Pki::local();
+    let config = TestConfig::new(&pki, &[&backends[0], &backends[1]]);
+    let lb = lb::Lb::start(with_weights(&config, &[3, 1]))
+        .await
+        .expect("lb starts");
+    let mut served = [0; 2];
+    for _ in 0..40 {
+        served[served_by(&pki, lb.addrs().https, &backends).await] += 1;
+    }
+    assert_eq!(served, [30, 10]);
+    within("lb shutdown", lb.shutdown()).await;
+}
+
+/// Closes a tunnel and waits for the close handshake to finish.
+async fn close(mut ws: support::WsClient) {
+    within("close a tunnel", ws.close(None))
+        .await
+        .expect("send close");
+    within("close handshake", async {
+        while let Some(Ok(_)) = ws.next().await {}
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn least_connections_sends_new_tunnels_to_the_less_loaded_backend() {
+    let backends = TestBackend::start_many(2).await;
+    let pki = Pki::local();
+    let mut config = TestConfig::new(&pki, &[&backends[0], &backends[1]]);
+    config.policy = "least-connections".into();
+    let lb = start_lb(&config).await;
+    let addr = lb.addrs().https;
+
+    // Opens a tunnel and returns it with the index of the backend it reached.
+    let open = async || {
+        let before: Vec<usize> = backends.iter().map(TestBackend::ws_total).collect();
+        let mut ws = ws_connect(&pki, addr, "/ws").await;
+        // The echo proves the backend's session is running (and counted).
+        ws_echo(&mut ws, Message::text("hello")).await;
+        let landed = (0..backends.len())
+            .find(|&i| backends[i].ws_total() > before[i])
+            .expect("the tunnel reached a backend");
+        (ws, landed)
+    };
+
+    let mut tunnels = Vec::new();
+    for _ in 0..4 {
+        tunnels.push(open().await);
+    }
+    let on =
+        |tunnels: &[(support::WsClient, usize)], i| tunnels.iter().filter(|t| t.1 == i).count();
+    assert_eq!(
+        (on(&tunnels, 0), on(&tunnels, 1)),
+        (2, 2),
+        "equal load alternates"
+    );
+
+    // Close both tunnels on backend 1: now backend 0 carries 2, backend 1 none.
+    let (closing, mut tunnels): (Vec<_>, Vec<_>) = tunnels.into_iter().partition(|t| t.1 == 1);
+    for (ws, _) in closing {
+        close(ws).await;
+    }
+    let pool = lb.pool();
+    wait_until("backend 1's leases released", || {
+        pool.backends()[1].active() == 0 && backends[1].ws_open() == 0
+    })
+    .await;
+    assert_eq!(pool.backends()[0].active(), 2);
+
+    // Round-robin would split these; least-connections fills backend 1 first.
+    for _ in 0..2 {
+        let (ws, landed) = open().await;
+        assert_eq!(landed, 1, "a new tunnel goes to the less loaded backend");
+        tunnels.push((ws, landed));
+    }
+    assert_eq!((backends[0].ws_open(), backends[1].ws_open()), (2, 2));
+    for (ws, _) in tunnels {
+        close(ws).await;
+    }
+    within("lb shutdown", lb.shutdown()).await;
+}
+
+#[tokio::test]
+async fn stopped_backend_costs_no_request_and_metrics_count_it() {
+    let backends = TestBackend::start_many(2).await;
+    let pki = Pki::local();
+    let mut config = TestConfig::new(&pki, &[&backends[0], &backends[1]]);
+    config.health = FAST_CHECKS_TOML.into();
+    config.admin = true;
+    let lb = start_lb(&config).await;
+    let (https, admin) = (lb.addrs().https, lb.addrs().admin.expect("admin listener"));
+    let pool = lb.pool();
+    let (b0, b1) = (&pool.backends()[0], &pool.backends()[1]);
+    assert_eq!(b0.addr(), backends[0].addr());
+
+    let mut served = [0usize; 2];
+    let mut sent = 0;
+    wait_until("both backends checked", || {
+        backends[0].health_checks() >= 2 && backends[1].health_checks() >= 2
+    })
+    .await;
+    for _ in 0..10 {
+        served[served_by(&pki, https, &backends).await] += 1;
+        sent += 1;
+    }
+    assert_eq!(served, [5, 5]);
+
+    // Stop backend 0 (listener and connections) and keep the requests coming while lb
+    // notices: each must still succeed, served by backend 1.
+    backends[0].stop();
+    within("backend 0 marked down", async {
+        while b0.is_up() {
+            assert_eq!(served_by(&pki, https, &backends).await, 1);
+            sent += 1;
+        }
+    })
+    .await;
+    assert!(b1.is_up());
+    assert_eq!(b0.stats().transitions_down.load(Relaxed), 1);
+    for _ in 0..10 {
+        assert_eq!(served_by(&pki, https, &backends).await, 1);
+        sent += 1;
+    }
+
+    // Restart it: back in rotation after `rise` passed checks, requests succeeding throughout.
+    let answered_before = backends[0].health_checks();
+    backends[0].restart().await;
+    within("backend 0 marked up", async {
+        while !b0.is_up() {
+            // Either may answer: backend 0 can come up between the check and the pick.
+            served_by(&pki, https, &backends).await;
+            sent += 1;
+        }
+    })
+    .await;
+    assert!(backends[0].health_checks() - answered_before >= 2);
+    assert_eq!(b0.stats().transitions_up.load(Relaxed), 1);
+    let mut after = [0usize; 2];
+    for _ in 0..10 {
+        after[served_by(&pki, https, &backends).await] += 1;
+        sent += 1;
+    }
+    assert_eq!(after, [5, 5], "both backends in rotation again");
+
+    let m = scrape(admin).await;
+    let total = sent as f64;
+    assert_eq!(m.value("lb_requests_total", &[]), total);
+    assert_eq!(m.value("lb_responses_total", &[("class", "2xx")]), total);
+    assert_eq!(m.value("lb_responses_total", &[("class", "5xx")]), 0.0);
+    assert_eq!(m.value("lb_connections_total", &[]), total);
+    for (i, backend) in backends.iter().enumerate() {
+        assert_eq!(m.backend("lb_backend_up", backend, &[]), 1.0);
+        let transitions = f64::from(u8::from(i == 0));
+        let down = m.backend(
+            "lb_backend_health_transitions_total",
+            backend,
+            &[("to", "down")],
+        );
+        let up = m.backend(
+            "lb_backend_health_transitions_total",
+            backend,
+            &[("to", "up")],
+        );
+        assert_eq!((down, up), (transitions, transitions), "{}", backend.name());
+        let to_client = m.backend(
+            "lb_backend_bytes_total",
+            backend,
+            &[("direction", "to_client")],
+        );
+        assert!(to_client > 0.0, "{}", backend.name());
+    }
+    let forwarded = m.backend("lb_backend_requests_total", &backends[0], &[])
+        + m.backend("lb_backend_requests_total", &backends[1], &[]);
+    // A request replayed after a pooled connection turned out closed counts twice.
+    assert!(forwarded >= total, "{forwarded} forwarded for {total} sent");
+    assert_eq!(
+        m.backend("lb_backend_connect_failures_total", &backends[0], &[]),
+        b0.stats().connect_failures.load(Relaxed) as f64
+    );
+    assert_eq!(
+        m.backend("lb_backend_connect_failures_total", &backends[1], &[]),
+        0.0
+    );
+    within("lb shutdown", lb.shutdown()).await;
 }
 
 /// A checker for the Prometheus text exposition format (0.0.4), strict enough to catch what
