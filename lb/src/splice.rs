@@ -12,7 +12,8 @@
 //!
 //! When one side ends its stream (EOF), the other side's write half is shut down after
 //! everything read has been delivered (for the TLS client that sends `close_notify`), so each
-//! side's close reaches the other; the tunnel is over once both directions have ended.
+//! side's close reaches the other; the tunnel is over once both directions have ended, or
+//! [`HALF_CLOSE_GRACE`] after the first did if the other side never closes.
 
 use std::future::poll_fn;
 use std::mem::MaybeUninit;
@@ -26,6 +27,11 @@ use tokio_util::sync::CancellationToken;
 
 /// Bytes read per read call: one maximal TLS record of plaintext.
 const READ_CHUNK: usize = 16 * 1024;
+
+/// Once one side has closed and its close has been passed on, how long the other side may take
+/// to close too before the tunnel is cut (HAProxy's `timeout client-fin`). A WebSocket peer
+/// closes right after the close handshake, so this only ends tunnels whose peer lingers.
+pub const HALF_CLOSE_GRACE: Duration = Duration::from_secs(5);
 
 /// Why a tunnel ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,6 +94,7 @@ where
     let mut up = Direction::with_early(client_early);
     let mut down = Direction::with_early(backend_early);
     let mut last_activity = Instant::now();
+    let mut half_closed: Option<Instant> = None;
     let mut timer: Pin<&mut Sleep> = pin!(tokio::time::sleep(idle));
 
     let copy = poll_fn(|cx| {
@@ -115,13 +122,26 @@ where
         if up_state.is_ready() && down_state.is_ready() {
             return Poll::Ready(SpliceEnd::Closed);
         }
+        if (up_state.is_ready() || down_state.is_ready()) && half_closed.is_none() {
+            let now = Instant::now();
+            half_closed = Some(now);
+            let deadline = timer.deadline().min(now + HALF_CLOSE_GRACE);
+            timer.as_mut().reset(deadline);
+        }
         loop {
             ready!(timer.as_mut().poll(cx));
-            let deadline = last_activity + idle;
-            if deadline <= Instant::now() {
+            let now = Instant::now();
+            let lingering = half_closed.map(|at| at + HALF_CLOSE_GRACE);
+            if lingering.is_some_and(|deadline| deadline <= now) {
+                return Poll::Ready(SpliceEnd::Closed);
+            }
+            let idle_deadline = last_activity + idle;
+            if idle_deadline <= now {
                 return Poll::Ready(SpliceEnd::IdleTimeout);
             }
-            timer.as_mut().reset(deadline);
+            timer
+                .as_mut()
+                .reset(lingering.map_or(idle_deadline, |l| l.min(idle_deadline)));
         }
     });
 
@@ -328,6 +348,16 @@ mod tests {
         let report = task.await.unwrap();
         assert_eq!(report.end, SpliceEnd::IdleTimeout);
         assert_eq!(report.to_backend, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_side_that_never_closes_is_cut_after_the_half_close_grace() {
+        let (client, mut backend, _stop, task) = start(Duration::from_secs(3600), b"");
+        backend.shutdown().await.unwrap();
+        // The client side keeps its end open and silent.
+        let report = task.await.unwrap();
+        assert_eq!(report.end, SpliceEnd::Closed);
+        drop(client);
     }
 
     #[tokio::test]
