@@ -67,6 +67,10 @@ impl Broker {
         let Some(config) = redis else {
             return Ok(Broker::Local(fanout));
         };
+        // The redis crate builds its rustls configuration (rediss://) from the process-wide
+        // crypto provider; make it ring, the one this workspace builds. An error only means a
+        // provider is installed already.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let manager_config = ConnectionManagerConfig::new()
             .set_number_of_retries(1)
             .set_max_delay(config.reconnect_max)

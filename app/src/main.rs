@@ -5,7 +5,7 @@
 //! the listener, prints `listening http <addr>` on stdout, and runs [`app::run`] until SIGTERM
 //! or SIGINT (exit 1 if serving fails).
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -44,6 +44,7 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
 
     let overrides = app::config::Overrides {

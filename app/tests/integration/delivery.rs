@@ -139,3 +139,21 @@ async fn connections_over_the_limit_are_refused_with_503() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn rediss_with_a_password_and_a_private_ca_carries_messages() {
+    let redis = Redis::start_tls().await;
+    assert!(redis.url().starts_with("rediss://:"));
+    let one = App::with_redis(&redis, "").await;
+    let two = App::with_redis(&redis, "").await;
+    one.wait_health(200).await;
+    two.wait_health(200).await;
+    let mut raw = redis.subscribe(CHANNEL).await;
+    let mut sender = one.connect().await;
+    let mut receiver = two.connect().await;
+    sender.say("ann", "over TLS").await;
+    let published = raw.next().await;
+    assert_eq!(assert_chat_shape(&published).content, "over TLS");
+    assert_eq!(sender.text().await, published);
+    assert_eq!(receiver.text().await, published);
+}

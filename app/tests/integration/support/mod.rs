@@ -53,29 +53,91 @@ pub fn free_port() -> u16 {
 /// A `redis-server` child on 127.0.0.1, without persistence; killed on drop.
 pub struct Redis {
     port: u16,
+    tls: Option<Tls>,
     child: Option<Child>,
 }
 
+/// What a TLS `redis-server` needs: a private CA, a certificate for 127.0.0.1, a password.
+struct Tls {
+    ca: TempFile,
+    cert: TempFile,
+    key: TempFile,
+    password: String,
+}
+
+impl Tls {
+    fn generate() -> Tls {
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "app test CA");
+        let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
+            .unwrap()
+            .signed_by(&key, &ca)
+            .unwrap();
+        Tls {
+            ca: TempFile::new("redis-ca.pem", &ca.pem()),
+            cert: TempFile::new("redis-cert.pem", &cert.pem()),
+            key: TempFile::new("redis-key.pem", &key.serialize_pem()),
+            password: format!("pw-{}@x/y", std::process::id()),
+        }
+    }
+}
+
 impl Redis {
-    /// Starts a server on a free port and waits until it answers `PING`.
+    /// Starts a plain server on a free port and waits until it answers `PING`.
     pub async fn start() -> Redis {
         Redis::start_on(free_port()).await
     }
 
-    /// Starts a server on `port` and waits until it answers `PING`.
+    /// Starts a plain server on `port` and waits until it answers `PING`.
     pub async fn start_on(port: u16) -> Redis {
-        let mut redis = Redis { port, child: None };
+        let mut redis = Redis {
+            port,
+            tls: None,
+            child: None,
+        };
+        redis.spawn().await;
+        redis
+    }
+
+    /// Starts a TLS-only server with a password and a private CA, as a managed Redis with
+    /// in-transit encryption and an AUTH token is.
+    pub async fn start_tls() -> Redis {
+        let mut redis = Redis {
+            port: free_port(),
+            tls: Some(Tls::generate()),
+            child: None,
+        };
         redis.spawn().await;
         redis
     }
 
     async fn spawn(&mut self) {
-        let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string()])
-            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .stdout(Stdio::null())
-            .kill_on_drop(true)
-            .spawn();
+        let port = self.port.to_string();
+        let mut command = Command::new("redis-server");
+        command.args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]);
+        match &self.tls {
+            None => command.args(["--port", &port]),
+            Some(tls) => command
+                .args([
+                    "--port",
+                    "0",
+                    "--tls-port",
+                    &port,
+                    "--tls-auth-clients",
+                    "no",
+                ])
+                .args(["--tls-cert-file", tls.cert.as_str()])
+                .args(["--tls-key-file", tls.key.as_str()])
+                .args(["--tls-ca-cert-file", tls.ca.as_str()])
+                .args(["--requirepass", &tls.password]),
+        };
+        let child = command.stdout(Stdio::null()).kill_on_drop(true).spawn();
         let child = match child {
             Ok(child) => child,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -84,7 +146,7 @@ impl Redis {
             Err(e) => panic!("could not start redis-server: {e}"),
         };
         self.child = Some(child);
-        let client = redis::Client::open(self.url()).unwrap();
+        let client = self.client();
         wait_for("redis-server to answer PING", || {
             let client = client.clone();
             async move {
@@ -98,9 +160,41 @@ impl Redis {
         .await;
     }
 
-    /// `redis://127.0.0.1:<port>`.
+    /// `redis://127.0.0.1:<port>`, or `rediss://:<password>@127.0.0.1:<port>` with TLS.
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        match &self.tls {
+            None => format!("redis://127.0.0.1:{}", self.port),
+            Some(tls) => {
+                let password = tls.password.replace('@', "%40").replace('/', "%2F");
+                format!("rediss://:{password}@127.0.0.1:{}", self.port)
+            }
+        }
+    }
+
+    /// The `app.toml` lines that point an app at this server.
+    pub fn app_config(&self) -> String {
+        match &self.tls {
+            None => format!("redis_url = \"{}\"\n", self.url()),
+            Some(tls) => format!(
+                "redis_url = \"{}\"\nredis_ca_file = \"{}\"\n",
+                self.url(),
+                tls.ca.as_str()
+            ),
+        }
+    }
+
+    fn client(&self) -> redis::Client {
+        match &self.tls {
+            None => redis::Client::open(self.url()).unwrap(),
+            Some(tls) => redis::Client::build_with_tls(
+                self.url(),
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(std::fs::read(&tls.ca.path).unwrap()),
+                },
+            )
+            .unwrap(),
+        }
     }
 
     /// Kills the server and waits for it to be gone.
@@ -118,16 +212,18 @@ impl Redis {
 
     /// A raw `SUBSCRIBE` on `channel`, confirmed before this returns.
     pub async fn subscribe(&self, channel: &str) -> RawSubscriber {
-        let client = redis::Client::open(self.url()).unwrap();
-        let mut pubsub = client.get_async_pubsub().await.unwrap();
+        let mut pubsub = self.client().get_async_pubsub().await.unwrap();
         pubsub.subscribe(channel).await.unwrap();
         RawSubscriber { pubsub }
     }
 
     /// A raw `PUBLISH`; returns how many subscribers received it.
     pub async fn publish(&self, channel: &str, payload: &str) -> i64 {
-        let client = redis::Client::open(self.url()).unwrap();
-        let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+        let mut connection = self
+            .client()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
         redis::cmd("PUBLISH")
             .arg(channel)
             .arg(payload)
@@ -178,7 +274,7 @@ impl App {
 
     /// Starts an app on `redis` with extra TOML lines.
     pub async fn with_redis(redis: &Redis, extra: &str) -> App {
-        App::start(&format!("redis_url = \"{}\"\n{extra}", redis.url())).await
+        App::start(&format!("{}{extra}", redis.app_config())).await
     }
 
     /// `GET path`: the status code and body.
