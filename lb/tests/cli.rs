@@ -231,7 +231,7 @@ async fn flags_override_the_file_and_missing_pieces_exit_64() {
     let mut config = TestConfig::new(&pki, &[&in_file]);
     config.admin = true;
     config.write(&path);
-    let lb = LbProcess::start(
+    let running = LbProcess::start(
         &[
             "run",
             "--config",
@@ -242,25 +242,21 @@ async fn flags_override_the_file_and_missing_pieces_exit_64() {
         2,
     )
     .await;
-    let res = https_get(&pki, lb.addr("https"), "/").await;
+    let res = https_get(&pki, running.addr("https"), "/").await;
     assert_eq!(res.backend(), Some("on-flag"));
     assert!(in_file.requests().is_empty());
-    drop(lb);
+    drop(running);
 
-    let out = lb_quick_without_backend(&pki);
+    let out = lb(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--pem",
+        pki.pem.to_str().unwrap(),
+    ]);
     assert_eq!(out.status.code(), Some(64));
     assert!(
         stderr(&out).contains("<command line>: backends:"),
         "{}",
         stderr(&out)
     );
-}
-
-fn lb_quick_without_backend(pki: &Pki) -> Output {
-    lb(&[
-        "--listen",
-        "127.0.0.1:0",
-        "--pem",
-        pki.pem.to_str().unwrap(),
-    ])
 }
