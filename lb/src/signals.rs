@@ -3,7 +3,8 @@
 //! [`run`] waits on all three. Each SIGHUP calls the reload function (the binary re-reads its
 //! configuration file with the same command-line overrides) and hands the result to
 //! [`Lb::reload_with`]; a rejected configuration is logged and the running one keeps serving.
-//! The first SIGTERM or SIGINT returns, and the caller drains with [`Lb::shutdown`].
+//! The first SIGTERM or SIGINT returns, and the caller drains with [`Lb::shutdown`]. Needs the
+//! multi-threaded runtime (the reload runs in `block_in_place`).
 
 use std::io;
 
@@ -23,7 +24,9 @@ pub async fn run(lb: &Lb, mut load: impl FnMut() -> Result<Config, ConfigError>)
         tokio::select! {
             _ = hangup.recv() => {
                 info!("SIGHUP: reloading configuration and certificates");
-                if let Err(e) = lb.reload_with(&mut load) {
+                // Reading files and resolving backend names blocks: keep it off the workers.
+                let result = tokio::task::block_in_place(|| lb.reload_with(&mut load));
+                if let Err(e) = result {
                     error!(error = %e, "reload rejected; the running configuration keeps serving");
                 }
             }
