@@ -24,7 +24,7 @@ use bytes::Bytes;
 use hyper::body::{Body as _, Incoming};
 use hyper::header::{self, HeaderValue};
 use hyper::http::request;
-use hyper::{Request, Response, StatusCode};
+use hyper::{Method, Request, Response, StatusCode};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
@@ -125,7 +125,13 @@ pub async fn handle(
 
     let target_len = uri.path_and_query().map_or(0, |p| p.as_str().len())
         + uri.authority().map_or(0, |a| a.as_str().len());
-    let outcome = if target_len > conn.config.limits.max_uri_bytes {
+    let outcome = if method == Method::CONNECT {
+        // A reverse proxy does not open tunnels to arbitrary hosts.
+        Outcome::local(local_response(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "405 Method Not Allowed\n",
+        ))
+    } else if target_len > conn.config.limits.max_uri_bytes {
         Outcome::local(local_response(
             StatusCode::URI_TOO_LONG,
             "414 URI Too Long\n",
@@ -153,7 +159,7 @@ pub async fn handle(
 /// Forwards a plain HTTP request (see the module docs).
 async fn forward(conn: &Arc<ClientConn>, req: Request<Incoming>) -> Outcome {
     let (mut head, body) = req.into_parts();
-    if headers::prepare_request(&mut head, conn.peer.ip(), false).is_err() {
+    if headers::prepare_request(&mut head, conn.peer.ip().to_canonical(), false).is_err() {
         return Outcome::local(local_response(
             StatusCode::BAD_REQUEST,
             "400 Bad Request: a Host header is required\n",

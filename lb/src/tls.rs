@@ -6,8 +6,9 @@
 //! and offers ALPN `http/1.1`. [`SniResolver`] picks the certificate for each handshake: an
 //! exact DNS-name match on the client's SNI first, then a wildcard match, and otherwise (no SNI,
 //! as with an `https://10.0.0.5/` URL, or an unknown name) the first configured certificate, as
-//! HAProxy does. A reload builds a whole new `ServerConfig`; handshakes already under way keep
-//! the one they started with.
+//! HAProxy does. Session tickets let returning clients resume without a full handshake. A
+//! reload builds a whole new `ServerConfig`; handshakes already under way keep the one they
+//! started with.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -61,6 +62,10 @@ pub fn server_config(config: &Config) -> Result<Arc<ServerConfig>, ConfigError> 
         .with_no_client_auth()
         .with_cert_resolver(Arc::new(resolver));
     server.alpn_protocols = vec![ALPN_HTTP11.to_vec()];
+    // Resumption without server-side state: returning clients (a reconnecting chat page) skip
+    // the full handshake. Keys rotate inside the ticketer; a reload starts a new one.
+    server.ticketer =
+        rustls::crypto::ring::Ticketer::new().map_err(|e| config.error("certificates", e))?;
     Ok(Arc::new(server))
 }
 

@@ -387,3 +387,19 @@ async fn shutdown_finishes_in_flight_requests_and_stops_accepting() {
     assert_eq!(res.status, StatusCode::OK);
     assert!(tokio::net::TcpStream::connect(addr).await.is_err());
 }
+
+#[tokio::test]
+async fn connect_is_refused_without_reaching_a_backend() {
+    let pki = Pki::local();
+    let backend = TestBackend::start("app1").await;
+    let lb = start_lb(&TestConfig::new(&pki, &[&backend])).await;
+    let response = raw_exchange(
+        &pki,
+        lb.addrs().https,
+        b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(response.starts_with("HTTP/1.1 405"), "{response}");
+    assert_eq!(backend.accepts(), 0);
+    lb.shutdown().await;
+}
