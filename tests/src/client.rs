@@ -93,6 +93,7 @@ pub async fn connect(url: &str, ca: Option<&TlsConnector>) -> Result<WebSocketSt
 /// A chat participant.
 pub struct ChatClient {
     ws: WebSocketStream<Box<dyn Io>>,
+    closed: Option<Closed>,
 }
 
 /// What a client saw when it stopped receiving messages.
@@ -109,6 +110,7 @@ impl ChatClient {
     pub async fn connect(url: &str, ca: Option<&TlsConnector>) -> Result<ChatClient> {
         Ok(ChatClient {
             ws: connect(url, ca).await?,
+            closed: None,
         })
     }
 
@@ -144,21 +146,48 @@ impl ChatClient {
             .map_err(|_| anyhow!("no message within {within:?}"))?
     }
 
-    /// Waits for the server to close the connection; returns how it did.
-    pub async fn closed(&mut self) -> Result<Closed> {
+    /// The next text frame as JSON, or `None` once the connection has closed (see
+    /// [`ChatClient::last_close`]); an error only when nothing happens within [`RECV_WITHIN`].
+    pub async fn recv_event(&mut self) -> Result<Option<Value>> {
+        if self.closed.is_some() {
+            return Ok(None);
+        }
         let next = async {
             loop {
                 match self.ws.next().await {
-                    Some(Ok(Message::Close(Some(frame)))) => {
-                        return Closed::Code(frame.code.into());
+                    Some(Ok(Message::Text(text))) => {
+                        return Ok(Some(
+                            serde_json::from_str(text.as_str()).context("frame is not JSON")?,
+                        ));
                     }
-                    Some(Ok(Message::Close(None))) | None | Some(Err(_)) => return Closed::Abrupt,
+                    Some(Ok(Message::Close(Some(frame)))) => {
+                        self.closed = Some(Closed::Code(frame.code.into()));
+                        return Ok(None);
+                    }
+                    Some(Ok(Message::Close(None))) | None | Some(Err(_)) => {
+                        self.closed = Some(Closed::Abrupt);
+                        return Ok(None);
+                    }
                     Some(Ok(_)) => continue,
                 }
             }
         };
         timeout(RECV_WITHIN, next)
             .await
-            .map_err(|_| anyhow!("connection not closed within {RECV_WITHIN:?}"))
+            .map_err(|_| anyhow!("nothing received within {RECV_WITHIN:?}"))?
+    }
+
+    /// How the connection closed, once [`ChatClient::recv_event`] returned `None`.
+    pub fn last_close(&self) -> Closed {
+        match &self.closed {
+            Some(Closed::Code(code)) => Closed::Code(*code),
+            _ => Closed::Abrupt,
+        }
+    }
+
+    /// Waits for the server to close the connection (skipping messages); returns how it did.
+    pub async fn closed(&mut self) -> Result<Closed> {
+        while self.recv_event().await?.is_some() {}
+        Ok(self.last_close())
     }
 }

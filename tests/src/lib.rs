@@ -12,3 +12,4 @@ pub mod client;
 pub mod netns;
 pub mod process;
 pub mod redis;
+pub mod stack;

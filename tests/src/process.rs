@@ -156,6 +156,11 @@ impl Proc {
             .context("wait failed")
     }
 
+    /// True while the process has not exited.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
     /// Kills the process (SIGKILL) and reaps it.
     pub async fn kill(&mut self) {
         let _ = self.child.kill().await;
