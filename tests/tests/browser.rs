@@ -1,0 +1,59 @@
+//! The chat page in a real browser: headless Chromium opens two pages at
+//! `https://localhost:PORT/` through `lb` (trusting the CA from `lb certs generate`), a name and a
+//! message typed into page 1 and sent with Enter appear in both pages, shown as text. Screenshots
+//! of both pages are saved under `target/browser/` for people to look at.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Result;
+use tests::browser::Browser;
+use tests::stack::Stack;
+
+const WITHIN: Duration = Duration::from_secs(15);
+
+fn screenshot_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/browser")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn message_typed_in_one_page_appears_in_both() -> Result<()> {
+    let stack = Stack::start(2).await?;
+    let url = format!("https://localhost:{}/", stack.lb.addr("https").port());
+    let mut browser = Browser::launch(&stack.ca_file()).await?;
+    let page1 = browser.open(&url).await?;
+    let page2 = browser.open(&url).await?;
+    let connected = "document.getElementById('state').dataset.state === 'connected'";
+    browser.wait_for(&page1, connected, WITHIN).await?;
+    browser.wait_for(&page2, connected, WITHIN).await?;
+    // Both pages hold a tunnel through lb, one on each app (round-robin).
+    assert_eq!(stack.tunnels(2).await?, [1, 1]);
+
+    // Markup in a message must be shown as text, never run or rendered.
+    let content = "hello from page 1 <b>not bold</b>";
+    browser.type_into(&page1, "name", "alice").await?;
+    browser.type_into(&page1, "content", content).await?;
+    browser.press_enter(&page1).await?;
+
+    let shows = format!(
+        "document.getElementById('messages').textContent.includes({content:?}) && \
+         document.getElementById('messages').textContent.includes('alice') && \
+         document.querySelectorAll('#messages b').length === 0"
+    );
+    browser.wait_for(&page1, &shows, WITHIN).await?;
+    browser.wait_for(&page2, &shows, WITHIN).await?;
+    // Sending cleared the message field and kept the name.
+    let fields = browser
+        .eval(
+            &page1,
+            "document.getElementById('content').value + '|' + document.getElementById('name').value",
+        )
+        .await?;
+    assert_eq!(fields, "|alice");
+
+    let dir = screenshot_dir();
+    let one = browser.screenshot(&page1, &dir.join("page1.png")).await?;
+    let two = browser.screenshot(&page2, &dir.join("page2.png")).await?;
+    println!("screenshots: {} {}", one.display(), two.display());
+    Ok(())
+}
