@@ -96,6 +96,7 @@ impl Broker {
         if let Broker::Redis(redis) = self {
             let task = subscriber::run(
                 redis.config.clone(),
+                redis.publisher.clone(),
                 Arc::clone(&redis.fanout),
                 Arc::clone(&redis.subscribed),
                 stop,

@@ -509,6 +509,46 @@ mod tests {
     }
 
     #[test]
+    fn the_example_config_is_valid_and_names_every_key() {
+        let text = include_str!("../../config/app.toml");
+        let config = Config::from_toml(text, "config/app.toml").unwrap();
+        assert_eq!(config.redis.unwrap().channel, DEFAULT_REDIS_CHANNEL);
+        let keys = [
+            "listen",
+            "redis_url",
+            "redis_channel",
+            "redis_ca_file",
+            "redis_reconnect_min",
+            "redis_reconnect_max",
+            "allowed_origins",
+            "max_frame_bytes",
+            "max_name_chars",
+            "max_content_chars",
+            "messages_per_second",
+            "messages_burst",
+            "max_connections",
+            "client_queue",
+            "shutdown_grace",
+        ];
+        for key in keys {
+            assert!(
+                text.contains(&format!("{key} =")),
+                "config/app.toml lacks {key}"
+            );
+        }
+        // The list above is every key there is: the parser names them all for an unknown one.
+        let err = Config::from_toml("no_such_key = 1", "x")
+            .unwrap_err()
+            .to_string();
+        let expected = err.split("expected one of").nth(1).unwrap_or_default();
+        let mut known: Vec<&str> = expected.split('`').skip(1).step_by(2).collect();
+        known.sort_unstable();
+        let mut listed = keys.to_vec();
+        listed.sort_unstable();
+        assert_eq!(known, listed, "{err}");
+    }
+
+    #[test]
     fn every_key_parses() {
         let config = Config::from_toml(
             r#"

@@ -1,8 +1,9 @@
 //! The Redis subscriber: the channel's messages into this instance's fan-out, surviving Redis
 //! going away.
 //!
-//! One task loops: connect, `SUBSCRIBE` the channel, raise the `subscribed` flag (which makes
-//! `/healthz` 200 and lets senders publish), then forward every payload that is a JSON object,
+//! One task loops: connect, `SUBSCRIBE` the channel, check that the publishing connection
+//! answers, raise the `subscribed` flag (which makes `/healthz` 200 and lets senders
+//! publish), then forward every payload that is a JSON object,
 //! byte for byte, to [`Fanout::deliver`]. A `PING` every [`PING_INTERVAL`] catches a connection
 //! that died without closing. When the connection ends the flag drops (503, senders get an
 //! error) and the loop waits a capped, doubling [`Backoff`] before resubscribing. It ends only
@@ -14,6 +15,7 @@ use std::time::Duration;
 
 use axum::extract::ws::Utf8Bytes;
 use futures_util::StreamExt;
+use redis::aio::ConnectionManager;
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
@@ -29,6 +31,7 @@ pub const REDIS_TIMEOUT: Duration = Duration::from_secs(3);
 /// Runs the subscription until `stop` is cancelled.
 pub async fn run(
     config: RedisConfig,
+    mut publisher: ConnectionManager,
     fanout: Arc<Fanout>,
     subscribed: Arc<AtomicBool>,
     stop: CancellationToken,
@@ -44,7 +47,10 @@ pub async fn run(
     loop {
         let attempt = tokio::select! {
             () = stop.cancelled() => return,
-            attempt = tokio::time::timeout(REDIS_TIMEOUT, subscribe(&client, &channel)) => attempt,
+            attempt = tokio::time::timeout(
+                REDIS_TIMEOUT,
+                subscribe(&client, &channel, &mut publisher),
+            ) => attempt,
         };
         match attempt {
             Ok(Ok(pubsub)) => {
@@ -74,12 +80,24 @@ pub async fn run(
     }
 }
 
+/// Subscribes, then checks the publishing connection too, so that once `/healthz` says 200
+/// the first message a client sends goes through: after an outage the publisher still holds
+/// its dead connection, and only a failed command makes it reconnect.
 async fn subscribe(
     client: &redis::Client,
     channel: &str,
+    publisher: &mut ConnectionManager,
 ) -> redis::RedisResult<redis::aio::PubSub> {
     let mut pubsub = client.get_async_pubsub().await?;
     pubsub.subscribe(channel).await?;
+    let ping = redis::cmd("PING");
+    if let Err(e) = ping.query_async::<String>(publisher).await {
+        if !(e.is_connection_dropped() || e.is_io_error()) {
+            return Err(e);
+        }
+        // That was the connection from before; the manager has reconnected for this one.
+        ping.query_async::<String>(publisher).await?;
+    }
     Ok(pubsub)
 }
 

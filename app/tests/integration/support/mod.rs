@@ -396,24 +396,6 @@ impl Client {
         self.send_text(&json).await;
     }
 
-    /// Sends a chat message until it comes back instead of an error (Redis reconnecting);
-    /// returns what came back.
-    pub async fn say_until_delivered(&mut self, name: &str, content: &str) -> String {
-        let deadline = tokio::time::Instant::now() + DEADLINE;
-        loop {
-            self.say(name, content).await;
-            let text = self.text().await;
-            if !text.starts_with("{\"error\"") {
-                return text;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "timed out waiting for delivery; last answer {text}"
-            );
-            tokio::time::sleep(POLL).await;
-        }
-    }
-
     /// Sends any frame.
     pub async fn send(&mut self, message: Message) {
         self.ws.send(message).await.unwrap();
