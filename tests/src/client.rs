@@ -52,23 +52,28 @@ pub async fn connect(url: &str, ca: Option<&TlsConnector>) -> Result<WebSocketSt
         .ok_or_else(|| anyhow!("URL without host: {url}"))?
         .as_str()
         .to_string();
-    let tcp = TcpStream::connect(&authority)
+    let secure = matches!(uri.scheme_str(), Some("wss") | Some("https"));
+    let host = uri
+        .host()
+        .unwrap_or_default()
+        .trim_matches(['[', ']'])
+        .to_string();
+    let port = uri.port_u16().unwrap_or(if secure { 443 } else { 80 });
+    let tcp = TcpStream::connect((host.as_str(), port))
         .await
         .with_context(|| format!("cannot connect to {authority}"))?;
     tcp.set_nodelay(true)?;
-    let stream: Box<dyn Io> = match uri.scheme_str() {
-        Some("wss") | Some("https") => {
-            let connector = ca.ok_or_else(|| anyhow!("wss:// needs a CA"))?;
-            let host = uri.host().unwrap_or("localhost").trim_matches(['[', ']']);
-            let name = ServerName::try_from(host.to_string())?;
-            Box::new(
-                connector
-                    .connect(name, tcp)
-                    .await
-                    .context("TLS handshake failed")?,
-            )
-        }
-        _ => Box::new(tcp),
+    let stream: Box<dyn Io> = if secure {
+        let connector = ca.ok_or_else(|| anyhow!("wss:// needs a CA"))?;
+        let name = ServerName::try_from(host)?;
+        Box::new(
+            connector
+                .connect(name, tcp)
+                .await
+                .context("TLS handshake failed")?,
+        )
+    } else {
+        Box::new(tcp)
     };
     let mut request = url.into_client_request()?;
     let scheme = if uri.scheme_str() == Some("wss") {

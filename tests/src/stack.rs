@@ -51,11 +51,12 @@ pub async fn start_app(name: &str, config: &Path, redis_url: &str) -> Result<Pro
     Proc::spawn(name, cmd, Ready::Listening(&["http"])).await
 }
 
-/// `lb`'s configuration for a test: TLS on an ephemeral port, admin on another, the given
-/// backends, round-robin, health checks every 100 ms (down after 2 failures, up after 1 pass).
-pub fn lb_config(pem: &Path, backends: &[(String, SocketAddr)]) -> String {
+/// `lb`'s configuration for a test: TLS on `https` (an ephemeral port: `127.0.0.1:0`), admin on
+/// an ephemeral loopback port, the given backends, round-robin, health checks every 100 ms
+/// (down after 2 failures, up after 1 pass).
+pub fn lb_config(https: &str, pem: &Path, backends: &[(String, SocketAddr)]) -> String {
     let mut text = format!(
-        "[listen]\nhttps = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n\n\
+        "[listen]\nhttps = \"{https}\"\nadmin = \"127.0.0.1:0\"\n\n\
          [[certificates]]\npem = {pem:?}\n\n\
          [balance]\npolicy = \"round-robin\"\n\n\
          [health]\ninterval = \"100ms\"\ntimeout = \"500ms\"\nrise = 1\nfall = 2\n\n\
@@ -159,7 +160,11 @@ impl Stack {
         let lb_toml = dir.path().join("lb.toml");
         std::fs::write(
             &lb_toml,
-            lb_config(&dir.path().join("certs/server.pem"), &backends),
+            lb_config(
+                "127.0.0.1:0",
+                &dir.path().join("certs/server.pem"),
+                &backends,
+            ),
         )?;
         let mut cmd = Command::new(workspace_bin("lb")?);
         cmd.arg("run").arg("--config").arg(&lb_toml);
