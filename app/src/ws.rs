@@ -50,7 +50,13 @@ pub async fn upgrade(
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
-    let peer = peer.map(|Extension(ConnectInfo(addr))| addr);
+    let peer = peer.map_or_else(|| "-".to_owned(), |Extension(ConnectInfo(a))| a.to_string());
+    // Behind lb the peer is lb; the client's own address is in X-Forwarded-For.
+    let forwarded_for = headers
+        .get("x-forwarded-for")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-")
+        .to_owned();
     if state.is_draining() {
         return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response();
     }
@@ -59,16 +65,16 @@ pub async fn upgrade(
         .map(|v| v.to_str().unwrap_or("\u{0}"));
     let host = headers.get(header::HOST).and_then(|v| v.to_str().ok());
     if !origin::allowed(request_origin, host, &state.config().allowed_origins) {
-        tracing::warn!(peer = ?peer, origin = ?request_origin, host = ?host, "WebSocket refused: origin not allowed");
+        tracing::warn!(%peer, %forwarded_for, origin = ?request_origin, host = ?host, "WebSocket refused: origin not allowed");
         return (StatusCode::FORBIDDEN, "origin not allowed\n").into_response();
     }
     let Some(slot) = Slot::acquire(&state) else {
-        tracing::warn!(peer = ?peer, limit = state.config().limits.max_connections, "WebSocket refused: connection limit reached");
+        tracing::warn!(%peer, %forwarded_for, limit = state.config().limits.max_connections, "WebSocket refused: connection limit reached");
         return (StatusCode::SERVICE_UNAVAILABLE, "too many connections\n").into_response();
     };
     let tracked = state.tracker().token();
     let max_frame = state.config().limits.max_frame_bytes;
-    let span = tracing::info_span!("ws", peer = ?peer);
+    let span = tracing::info_span!("ws", %peer, %forwarded_for);
     ws.read_buffer_size(READ_BUFFER_BYTES)
         .write_buffer_size(0)
         .max_frame_size(max_frame)
