@@ -26,8 +26,9 @@ async fn message_typed_in_one_page_appears_in_both() -> Result<()> {
     let connected = "document.getElementById('state').dataset.state === 'connected'";
     browser.wait_for(&page1, connected, WITHIN).await?;
     browser.wait_for(&page2, connected, WITHIN).await?;
-    // Both pages hold a tunnel through lb, one on each app (round-robin).
-    assert_eq!(stack.tunnels(2).await?, [1, 1]);
+    // Both pages hold a WebSocket tunnel through lb (which app each is on depends on how the
+    // page's other requests interleaved with round-robin; crossing apps is stack.rs's job).
+    stack.tunnels(2).await?;
 
     // Markup in a message must be shown as text, never run or rendered.
     let content = "hello from page 1 <b>not bold</b>";
