@@ -21,6 +21,7 @@ use std::pin::{Pin, pin};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
+use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
@@ -75,14 +76,15 @@ pub struct SpliceReport {
 /// Copies between `client` and `backend` until the tunnel ends (see the module docs).
 ///
 /// `client_early` are bytes the client already sent that must reach the backend first (read
-/// ahead while parsing the upgrade request); `backend_early` likewise towards the client.
+/// ahead while parsing the upgrade request); `backend_early` likewise towards the client. Both
+/// are released before copying starts.
 /// `on_bytes` is called with `(to_backend, to_client)` byte counts as they move, for live
 /// statistics.
 pub async fn splice<C, B>(
     mut client: C,
-    client_early: &[u8],
+    client_early: Bytes,
     mut backend: B,
-    backend_early: &[u8],
+    backend_early: Bytes,
     idle: Duration,
     stop: &CancellationToken,
     mut on_bytes: impl FnMut(u64, u64),
@@ -184,7 +186,10 @@ struct Direction {
 }
 
 impl Direction {
-    fn with_early(early: &[u8]) -> Self {
+    /// A direction that first delivers `early`. The bytes are copied out so that the buffer
+    /// they were read into (hyper's, often several KiB) is freed now rather than kept for the
+    /// life of the tunnel.
+    fn with_early(early: Bytes) -> Self {
         Direction {
             spill: early.to_vec(),
             ..Direction::default()
@@ -299,9 +304,9 @@ mod tests {
         let task = tokio::spawn(async move {
             splice(
                 client_near,
-                client_early,
+                Bytes::from_static(client_early),
                 backend_near,
-                b"",
+                Bytes::new(),
                 idle,
                 &token,
                 |_, _| {},

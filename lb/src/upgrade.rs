@@ -212,9 +212,9 @@ async fn tunnel(
     let (upstream, backend_early) = unwrap_io::<TcpStream>(upstream);
     let report = splice(
         client,
-        &client_early,
+        client_early,
         upstream,
-        &backend_early,
+        backend_early,
         conn.config.timeouts.tunnel_idle,
         &conn.engine.kill,
         |up, down| {
