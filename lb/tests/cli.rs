@@ -260,3 +260,41 @@ async fn flags_override_the_file_and_missing_pieces_exit_64() {
         stderr(&out)
     );
 }
+
+#[tokio::test]
+async fn a_busy_listen_address_exits_1_and_a_missing_certificate_exits_64() {
+    let pki = Pki::local();
+    let backend = TestBackend::start("app1").await;
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let busy_addr = busy.local_addr().unwrap().to_string();
+    let backend_addr = backend.addr().to_string();
+    let pem = pki.pem.to_str().unwrap();
+    let out = lb(&[
+        "--listen",
+        &busy_addr,
+        "--backend",
+        &backend_addr,
+        "--pem",
+        pem,
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(&format!("could not listen on {busy_addr} (listen.https)")),
+        "{}",
+        stderr(&out)
+    );
+    let out = lb(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--backend",
+        &backend_addr,
+        "--pem",
+        "/nonexistent/site.pem",
+    ]);
+    assert_eq!(out.status.code(), Some(64), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("certificates[0].pem"),
+        "{}",
+        stderr(&out)
+    );
+}
