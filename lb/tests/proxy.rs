@@ -250,7 +250,7 @@ async fn slow_request_head_is_cut_with_408() {
     let pki = Pki::local();
     let backend = TestBackend::start("app1").await;
     let mut config = TestConfig::new(&pki, &[&backend]);
-    config.timeouts = "client_header = \"300ms\"\n".into();
+    config.timeouts = "client_header = \"1s\"\n".into();
     let lb = start_lb(&config).await;
     let mut tls = tls_connect(&pki, lb.addrs().https).await;
     tls.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\nX-Slow: 1")

@@ -140,7 +140,7 @@ async fn an_idle_tunnel_is_closed_at_the_timeout_on_both_sides() {
     let pki = Pki::local();
     let backend = TestBackend::start("app1").await;
     let mut config = TestConfig::new(&pki, &[&backend]);
-    config.timeouts = "tunnel_idle = \"300ms\"\n".into();
+    config.timeouts = "tunnel_idle = \"1s\"\n".into();
     let lb = start_lb(&config).await;
     let mut ws = ws_connect(&pki, lb.addrs().https, "/ws").await;
     ws_echo(&mut ws, Message::text("before idling")).await;
