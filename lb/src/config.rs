@@ -226,7 +226,7 @@ impl Config {
     ) -> Result<Config, ConfigError> {
         let mut raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
             file: file.to_owned(),
-            message: e.to_string().trim_end().replace('\n', " "),
+            message: parse_message(text, &e),
         })?;
         raw.apply(overrides);
         raw.validate(file, base)
@@ -717,6 +717,27 @@ impl Validator<'_> {
             Some(n) => Err(self.err(key, format!("{n} is out of range {min}..={max}"))),
         }
     }
+}
+
+/// The parser's message on one line, prefixed with the line it points at (number and text, so
+/// the key is named even when the message itself does not name it).
+fn parse_message(text: &str, e: &toml::de::Error) -> String {
+    let message = e.message().trim().replace('\n', " ");
+    let Some(span) = e.span() else {
+        return message;
+    };
+    let before = text.get(..span.start).unwrap_or("");
+    let number = before.matches('\n').count() + 1;
+    let start = before.rfind('\n').map_or(0, |i| i + 1);
+    let line: String = text[start..]
+        .lines()
+        .next()
+        .unwrap_or("")
+        .trim()
+        .chars()
+        .take(80)
+        .collect();
+    format!("line {number} `{line}`: {message}")
 }
 
 /// Resolves `host:port` (an IP address or a DNS name) to its first socket address.

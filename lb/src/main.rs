@@ -107,6 +107,15 @@ impl RunArgs {
         }
     }
 
+    /// Neither a file nor any quick-mode flag: nothing to run.
+    fn is_empty(&self) -> bool {
+        self.config.is_none()
+            && self.listen.is_none()
+            && self.backends.is_empty()
+            && self.cert.is_none()
+            && self.pem.is_none()
+    }
+
     /// The configuration: the file with overrides, or quick mode.
     fn load(&self) -> Result<Config, ConfigError> {
         let overrides = self.overrides();
@@ -167,6 +176,13 @@ fn check(path: &Path) -> ExitCode {
 
 /// `lb run`: start, announce the listeners, serve signals, drain.
 fn run(args: RunArgs) -> ExitCode {
+    if args.is_empty() {
+        eprintln!(
+            "lb: nothing to run: give --config FILE, or quick mode: \
+             lb --listen ADDR --backend HOST:PORT --pem FILE (see lb --help)"
+        );
+        return ExitCode::from(EXIT_CONFIG);
+    }
     let config = match args.load() {
         Ok(config) => config,
         Err(e) => {
