@@ -17,7 +17,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::client::{Target, Ws};
 use crate::latency::Percentiles;
-use crate::procstat::{self, Usage, Watch};
+use crate::procstat::{Measured, Watch, Window};
 
 /// Options of `bench echo`.
 #[derive(Debug, clap::Args)]
@@ -64,12 +64,11 @@ pub struct Report {
     pub rtt: Percentiles,
     /// Connections that failed during the run.
     pub failed_connections: usize,
-    /// CPU and memory of each watched group over the window.
-    pub watched: Vec<Usage>,
-    /// Microseconds of CPU per round trip for each watched group, same order.
+    /// Microseconds of CPU per round trip for each watched group, in `--watch` order.
     pub cpu_us_per_round_trip: Vec<f64>,
-    /// The generator's own CPU over the window.
-    pub generator: Usage,
+    /// CPU and memory of the watched groups, the generator and the machine over the window.
+    #[serde(flatten)]
+    pub measured: Measured,
 }
 
 /// Runs the echo load and reports.
@@ -92,14 +91,10 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
         .map(|ws| tokio::spawn(ping_pong(ws, payload.clone(), Arc::clone(&window))))
         .collect();
 
-    let me = Watch::this_process();
     tokio::time::sleep_until(window_start.into()).await;
-    let before = procstat::sample_all(&args.watch)?;
-    let me_before = me.sample()?;
+    let window = Window::open(&args.watch)?;
     tokio::time::sleep_until(window_end.into()).await;
-    let after = procstat::sample_all(&args.watch)?;
-    let me_after = me.sample()?;
-    let wall = Instant::now().duration_since(window_start);
+    let measured = window.close()?;
 
     let mut samples = Vec::new();
     let mut failed = 0;
@@ -113,11 +108,6 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
         }
     }
     let round_trips = samples.len() as u64;
-    let watched = procstat::usage_all(&args.watch, &before, &after, wall);
-    let cpu_us_per_round_trip = watched
-        .iter()
-        .map(|u| u.cpu_seconds * 1e6 / round_trips.max(1) as f64)
-        .collect();
     Ok(Report {
         url: target.url().to_string(),
         connections: args.connections,
@@ -127,9 +117,8 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
         round_trips_per_s: round_trips as f64 / args.duration.as_secs_f64(),
         rtt: Percentiles::of(samples),
         failed_connections: failed,
-        watched,
-        cpu_us_per_round_trip,
-        generator: Usage::since("generator", me_before, me_after, wall),
+        cpu_us_per_round_trip: measured.cpu_us_per(round_trips),
+        measured,
     })
 }
 
@@ -187,14 +176,23 @@ impl std::fmt::Display for Report {
         if self.failed_connections > 0 {
             writeln!(f, "  FAILED connections: {}", self.failed_connections)?;
         }
-        for (u, per) in self.watched.iter().zip(&self.cpu_us_per_round_trip) {
+        for (u, per) in self
+            .measured
+            .watched
+            .iter()
+            .zip(&self.cpu_us_per_round_trip)
+        {
             writeln!(
                 f,
                 "  {:<13}  {:.2} cores, {:.2} µs CPU per round trip, RSS {:.1} MiB",
                 u.name, u.cores, per, u.rss_mib
             )?;
         }
-        write!(f, "  generator      {:.2} cores", self.generator.cores)
+        write!(
+            f,
+            "  generator      {:.2} cores; machine {:.2} cores busy",
+            self.measured.generator.cores, self.measured.machine_cores
+        )
     }
 }
 

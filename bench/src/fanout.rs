@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::client::{Target, Ws};
 use crate::latency::Percentiles;
-use crate::procstat::{self, Usage, Watch};
+use crate::procstat::{Measured, Watch, Window};
 
 /// How often the main task checks whether every expected delivery has arrived.
 const DRAIN_POLL: Duration = Duration::from_millis(5);
@@ -99,14 +99,13 @@ pub struct Report {
     pub latency: Percentiles,
     /// Seconds from the first send to the last delivery (or the drain timeout).
     pub window_s: f64,
-    /// CPU and memory of each watched group over the window.
-    pub watched: Vec<Usage>,
-    /// CPU microseconds per delivery of each watched group, same order.
+    /// CPU microseconds per delivery of each watched group, in `--watch` order.
     pub cpu_us_per_delivery: Vec<f64>,
     /// Sum of the watched groups' CPU per delivery.
     pub server_cpu_us_per_delivery: f64,
-    /// The generator's own CPU over the window.
-    pub generator: Usage,
+    /// CPU and memory of the watched groups, the generator and the machine over the window.
+    #[serde(flatten)]
+    pub measured: Measured,
 }
 
 /// State shared by the client tasks and the main task.
@@ -192,10 +191,8 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
     }
     let connected = tasks.len();
 
-    let me = Watch::this_process();
     tokio::time::sleep_until(start.into()).await;
-    let before = procstat::sample_all(&args.watch)?;
-    let me_before = me.sample()?;
+    let window = Window::open(&args.watch)?;
     tokio::time::sleep_until(shared.end.into()).await;
     let drain_deadline = Instant::now() + args.drain;
     loop {
@@ -208,9 +205,7 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
         }
         tokio::time::sleep(DRAIN_POLL).await;
     }
-    let after = procstat::sample_all(&args.watch)?;
-    let me_after = me.sample()?;
-    let window = Instant::now().duration_since(start);
+    let measured = window.close()?;
     stop.cancel();
 
     let mut latencies = Vec::new();
@@ -225,11 +220,7 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
     let sent = shared.sent.load(Ordering::Acquire);
     let expected = sent * connected as u64;
     let delivered = latencies.len() as u64;
-    let watched = procstat::usage_all(&args.watch, &before, &after, window);
-    let cpu_us_per_delivery: Vec<f64> = watched
-        .iter()
-        .map(|u| u.cpu_seconds * 1e6 / delivered.max(1) as f64)
-        .collect();
+    let cpu_us_per_delivery = measured.cpu_us_per(delivered);
     Ok(Report {
         clients: args.clients,
         connected,
@@ -245,11 +236,10 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
         disconnects,
         deliveries_per_s: delivered as f64 / args.duration.as_secs_f64(),
         latency: Percentiles::of(latencies),
-        window_s: window.as_secs_f64(),
+        window_s: measured.wall_s,
         server_cpu_us_per_delivery: cpu_us_per_delivery.iter().sum(),
         cpu_us_per_delivery,
-        watched,
-        generator: Usage::since("generator", me_before, me_after, window),
+        measured,
     })
 }
 
@@ -436,7 +426,7 @@ impl std::fmt::Display for Report {
         )?;
         writeln!(f, "  deliveries/s   {:.0}", self.deliveries_per_s)?;
         writeln!(f, "  latency        {}", self.latency)?;
-        for (u, per) in self.watched.iter().zip(&self.cpu_us_per_delivery) {
+        for (u, per) in self.measured.watched.iter().zip(&self.cpu_us_per_delivery) {
             writeln!(
                 f,
                 "  {:<13}  {:.2} cores, {:.2} µs CPU per delivery, RSS {:.1} MiB",
@@ -448,7 +438,11 @@ impl std::fmt::Display for Report {
             "  server total   {:.2} µs CPU per delivery",
             self.server_cpu_us_per_delivery
         )?;
-        write!(f, "  generator      {:.2} cores", self.generator.cores)
+        write!(
+            f,
+            "  generator      {:.2} cores; machine {:.2} cores busy",
+            self.measured.generator.cores, self.measured.machine_cores
+        )
     }
 }
 

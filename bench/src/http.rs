@@ -5,12 +5,12 @@
 //! distribution and errors. wrk's own CPU comes from this process's reaped-children times, so the
 //! report says whether the load tool was the bottleneck, like the other subcommands.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use serde::Serialize;
 
-use crate::procstat::{self, Usage, Watch};
+use crate::procstat::{Measured, Watch, Window};
 
 /// Options of `bench http`.
 #[derive(Debug, clap::Args)]
@@ -51,20 +51,16 @@ pub struct Report {
     pub p99_ms: f64,
     /// Socket errors plus non-2xx/3xx responses.
     pub errors: u64,
-    /// CPU and memory of each watched group over the run.
-    pub watched: Vec<Usage>,
-    /// CPU microseconds per request of each watched group, same order.
+    /// CPU microseconds per request of each watched group, in `--watch` order.
     pub cpu_us_per_request: Vec<f64>,
-    /// wrk's own CPU over the run.
-    pub generator: Usage,
+    /// CPU and memory of the watched groups, wrk (`children`) and the machine over the run.
+    #[serde(flatten)]
+    pub measured: Measured,
 }
 
 /// Runs wrk and reports.
 pub async fn run(args: Args) -> anyhow::Result<Report> {
-    let me = Watch::this_process();
-    let before = procstat::sample_all(&args.watch)?;
-    let wrk_before = me.children()?;
-    let start = Instant::now();
+    let window = Window::open(&args.watch)?;
     let output = tokio::process::Command::new("wrk")
         .arg(format!("-t{}", args.threads))
         .arg(format!("-c{}", args.connections))
@@ -75,9 +71,7 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
         .output()
         .await
         .context("running wrk (is it installed?)")?;
-    let wall = start.elapsed();
-    let after = procstat::sample_all(&args.watch)?;
-    let wrk_after = me.children()?;
+    let measured = window.close()?;
     let text = String::from_utf8_lossy(&output.stdout);
     if !output.status.success() {
         bail!(
@@ -88,11 +82,6 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
         );
     }
     let parsed = parse_wrk(&text).with_context(|| format!("reading wrk's report:\n{text}"))?;
-    let watched = procstat::usage_all(&args.watch, &before, &after, wall);
-    let cpu_us_per_request = watched
-        .iter()
-        .map(|u| u.cpu_seconds * 1e6 / parsed.requests.max(1) as f64)
-        .collect();
     Ok(Report {
         url: args.url,
         connections: args.connections,
@@ -102,9 +91,8 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
         p90_ms: parsed.p90_ms,
         p99_ms: parsed.p99_ms,
         errors: parsed.errors,
-        watched,
-        cpu_us_per_request,
-        generator: Usage::since("wrk", wrk_before, wrk_after, wall),
+        cpu_us_per_request: measured.cpu_us_per(parsed.requests),
+        measured,
     })
 }
 
@@ -188,14 +176,18 @@ impl std::fmt::Display for Report {
             "  latency        p50 {:.3} ms, p90 {:.3} ms, p99 {:.3} ms",
             self.p50_ms, self.p90_ms, self.p99_ms
         )?;
-        for (u, per) in self.watched.iter().zip(&self.cpu_us_per_request) {
+        for (u, per) in self.measured.watched.iter().zip(&self.cpu_us_per_request) {
             writeln!(
                 f,
                 "  {:<13}  {:.2} cores, {:.2} µs CPU per request",
                 u.name, u.cores, per
             )?;
         }
-        write!(f, "  wrk            {:.2} cores", self.generator.cores)
+        write!(
+            f,
+            "  wrk            {:.2} cores; machine {:.2} cores busy",
+            self.measured.children.cores, self.measured.machine_cores
+        )
     }
 }
 

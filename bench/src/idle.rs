@@ -19,7 +19,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::client::Target;
-use crate::procstat::{self, Usage, Watch};
+use crate::procstat::{Measured, Watch, Window};
 
 /// Options of `bench idle`.
 #[derive(Debug, clap::Args)]
@@ -66,12 +66,12 @@ pub struct Report {
     pub failed: usize,
     /// Seconds to open them all.
     pub connect_s: f64,
-    /// Watched groups over the whole ramp (from before the first connect to the measurement).
-    pub watched: Vec<Usage>,
     /// Resident-memory growth per established connection, KiB, per watched group (same order).
     pub kib_per_connection: Vec<f64>,
-    /// The generator's own usage over the ramp.
-    pub generator: Usage,
+    /// The watched groups, the generator and the machine from before the first connect to the
+    /// measurement.
+    #[serde(flatten)]
+    pub measured: Measured,
 }
 
 /// Opens, measures, holds and closes.
@@ -87,9 +87,7 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
         );
     }
     let target = Target::resolve(&args.url, args.ca.as_deref()).await?;
-    let me = Watch::this_process();
-    let before = procstat::sample_all(&args.watch)?;
-    let me_before = me.sample()?;
+    let window = Window::open(&args.watch)?;
     let start = Instant::now();
 
     let stop = CancellationToken::new();
@@ -150,9 +148,7 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
     let connect_s = start.elapsed().as_secs_f64();
     eprintln!("idle: {established} up, {failed} failed in {connect_s:.1} s");
     tokio::time::sleep(args.settle).await;
-    let after = procstat::sample_all(&args.watch)?;
-    let me_after = me.sample()?;
-    let wall = start.elapsed();
+    let measured = window.close()?;
     tokio::time::sleep(args.hold).await;
     stop.cancel();
     for task in tasks {
@@ -160,8 +156,8 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
         let _ = task.await;
     }
 
-    let watched = procstat::usage_all(&args.watch, &before, &after, wall);
-    let kib_per_connection = watched
+    let kib_per_connection = measured
+        .watched
         .iter()
         .map(|u| u.rss_growth_kib / established.max(1) as f64)
         .collect();
@@ -171,9 +167,8 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
         established,
         failed,
         connect_s,
-        watched,
         kib_per_connection,
-        generator: Usage::since("generator", me_before, me_after, wall),
+        measured,
     })
 }
 
@@ -210,7 +205,7 @@ impl std::fmt::Display for Report {
             "  established    {} of {} ({} failed) in {:.1} s",
             self.established, self.requested, self.failed, self.connect_s
         )?;
-        for (u, per) in self.watched.iter().zip(&self.kib_per_connection) {
+        for (u, per) in self.measured.watched.iter().zip(&self.kib_per_connection) {
             writeln!(
                 f,
                 "  {:<13}  {:.1} KiB per connection (RSS {:.1} MiB)",
@@ -220,7 +215,7 @@ impl std::fmt::Display for Report {
         write!(
             f,
             "  generator      {:.2} cores, RSS {:.1} MiB",
-            self.generator.cores, self.generator.rss_mib
+            self.measured.generator.cores, self.measured.generator.rss_mib
         )
     }
 }

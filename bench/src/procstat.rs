@@ -2,13 +2,15 @@
 //!
 //! `--watch NAME=PID[,PID...]` names a group of processes (a proxy and its workers, say);
 //! [`Watch::sample`] reads `utime + stime` from `/proc/PID/stat` and resident pages from
-//! `/proc/PID/statm` for every PID of the group and sums them. A run samples before and after its
-//! measured window and reports the difference ([`Usage::since`]). The generator samples itself the
-//! same way (`/proc/self`) so every report can say whether the generator was the bottleneck.
+//! `/proc/PID/statm` for every PID of the group and sums them. A run opens a [`Window`] when its
+//! measurement starts and closes it when it ends: the window samples the watched groups, the
+//! generator itself (`/proc/self`), the children it has reaped (wrk) and the whole machine
+//! (`/proc/stat`), and reports what each used in between ([`Measured`]). So every report can say
+//! whether the generator was the bottleneck and whether other work was competing for the cores.
 
 use std::fs;
 use std::str::FromStr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use serde::Serialize;
@@ -87,11 +89,6 @@ impl Watch {
     }
 }
 
-/// Samples every group; used at the edges of a measured window.
-pub fn sample_all(watches: &[Watch]) -> anyhow::Result<Vec<Sample>> {
-    watches.iter().map(Watch::sample).collect()
-}
-
 /// A point-in-time reading of a group.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Sample {
@@ -129,18 +126,101 @@ impl Usage {
     }
 }
 
-/// Usage of every watched group between two samplings.
-pub fn usage_all(
-    watches: &[Watch],
-    before: &[Sample],
-    after: &[Sample],
-    wall: Duration,
-) -> Vec<Usage> {
-    watches
-        .iter()
-        .zip(before.iter().zip(after))
-        .map(|(w, (b, a))| Usage::since(&w.name, *b, *a, wall))
-        .collect()
+/// The samples taken when a measured window opened.
+pub struct Window {
+    watches: Vec<Watch>,
+    watched: Vec<Sample>,
+    generator: Sample,
+    children: Sample,
+    machine_ticks: u64,
+    opened: Instant,
+}
+
+/// What everything used over a closed window.
+#[derive(Debug, Clone, Serialize)]
+pub struct Measured {
+    /// Each watched group, in `--watch` order.
+    pub watched: Vec<Usage>,
+    /// The generator process itself.
+    pub generator: Usage,
+    /// Child processes the generator ran and reaped during the window (wrk).
+    pub children: Usage,
+    /// Cores busy on the whole machine (every process, kernel included): near the core count
+    /// means the figures were taken on a saturated machine.
+    pub machine_cores: f64,
+    /// Length of the window, seconds.
+    pub wall_s: f64,
+}
+
+impl Window {
+    /// Samples everything now.
+    pub fn open(watches: &[Watch]) -> anyhow::Result<Self> {
+        let me = Watch::this_process();
+        Ok(Self {
+            watches: watches.to_vec(),
+            watched: watches
+                .iter()
+                .map(Watch::sample)
+                .collect::<anyhow::Result<_>>()?,
+            generator: me.sample()?,
+            children: me.children()?,
+            machine_ticks: machine_busy_ticks()?,
+            opened: Instant::now(),
+        })
+    }
+
+    /// Samples everything again and returns the differences.
+    pub fn close(self) -> anyhow::Result<Measured> {
+        let wall = self.opened.elapsed();
+        let me = Watch::this_process();
+        let mut watched = Vec::with_capacity(self.watches.len());
+        for (watch, before) in self.watches.iter().zip(self.watched) {
+            watched.push(Usage::since(&watch.name, before, watch.sample()?, wall));
+        }
+        let busy = machine_busy_ticks()?.saturating_sub(self.machine_ticks);
+        Ok(Measured {
+            watched,
+            generator: Usage::since("generator", self.generator, me.sample()?, wall),
+            children: Usage::since("children", self.children, me.children()?, wall),
+            machine_cores: busy as f64 / TICKS_PER_SECOND as f64 / wall.as_secs_f64().max(1e-9),
+            wall_s: wall.as_secs_f64(),
+        })
+    }
+}
+
+impl Measured {
+    /// Microseconds of CPU per unit of work (request, round trip, delivery) for each watched group.
+    pub fn cpu_us_per(&self, units: u64) -> Vec<f64> {
+        self.watched
+            .iter()
+            .map(|u| u.cpu_seconds * 1e6 / units.max(1) as f64)
+            .collect()
+    }
+}
+
+/// Busy ticks of all CPUs since boot: the `cpu` line of `/proc/stat` less idle and iowait.
+fn machine_busy_ticks() -> anyhow::Result<u64> {
+    let stat = fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
+    busy_ticks(&stat).context("/proc/stat")
+}
+
+fn busy_ticks(stat: &str) -> anyhow::Result<u64> {
+    let line = stat
+        .lines()
+        .next()
+        .filter(|l| l.starts_with("cpu "))
+        .context("no cpu line")?;
+    let fields: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .map(|f| f.parse::<u64>().context("not a number"))
+        .collect::<anyhow::Result<_>>()?;
+    // user nice system idle iowait irq softirq steal
+    if fields.len() < 8 {
+        bail!("too few fields");
+    }
+    Ok(fields[0] + fields[1] + fields[2] + fields[5] + fields[6] + fields[7])
 }
 
 /// `utime + stime` (fields 14 and 15) of a `/proc/PID/stat` line.
@@ -214,6 +294,22 @@ mod tests {
         assert!("nginx".parse::<Watch>().is_err());
         assert!("nginx=abc".parse::<Watch>().is_err());
         assert!("=1".parse::<Watch>().is_err());
+    }
+
+    #[test]
+    fn busy_ticks_leave_out_idle_and_iowait() {
+        let stat = "cpu  10 1 5 1000 7 2 3 4 0 0\ncpu0 5 0 2 500 3 1 1 2 0 0\n";
+        assert_eq!(busy_ticks(stat).unwrap(), 10 + 1 + 5 + 2 + 3 + 4);
+        assert!(busy_ticks("intr 1 2 3").is_err());
+    }
+
+    #[test]
+    fn a_window_measures_the_generator_and_the_machine() {
+        let window = Window::open(&[Watch::this_process()]).unwrap();
+        let measured = window.close().unwrap();
+        assert_eq!(measured.watched.len(), 1);
+        assert!(measured.machine_cores >= 0.0);
+        assert_eq!(measured.cpu_us_per(0).len(), 1);
     }
 
     #[test]

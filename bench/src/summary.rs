@@ -74,6 +74,12 @@ const ECHO: &[Metric] = &[
     ),
     m("proxy cores busy", "/watched/0/cores", Better::None, 2),
     m("generator cores busy", "/generator/cores", Better::None, 2),
+    m(
+        "machine cores busy (all processes)",
+        "/machine_cores",
+        Better::None,
+        2,
+    ),
 ];
 
 const STACK: &[Metric] = &[
@@ -97,6 +103,12 @@ const STACK: &[Metric] = &[
         1,
     ),
     m("generator cores busy", "/generator/cores", Better::None, 2),
+    m(
+        "machine cores busy (all processes)",
+        "/machine_cores",
+        Better::None,
+        2,
+    ),
 ];
 
 const FIGURES: &[Figure] = &[
@@ -114,7 +126,13 @@ const FIGURES: &[Figure] = &[
                 1,
             ),
             m("proxy cores busy", "/watched/0/cores", Better::None, 2),
-            m("wrk cores busy", "/generator/cores", Better::None, 2),
+            m("wrk cores busy", "/children/cores", Better::None, 2),
+            m(
+                "machine cores busy (all processes)",
+                "/machine_cores",
+                Better::None,
+                2,
+            ),
         ],
     },
     Figure {
