@@ -19,13 +19,13 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use tokio_rustls::TlsAcceptor;
 use tracing::debug;
 
 use crate::config::MIN_MAX_HEADER_BYTES;
 use crate::listener::ConnSlot;
 use crate::proxy::{self, ClientConn};
 use crate::server::State;
+use crate::tls_stream;
 
 /// The answer to a client that was too slow sending its request head.
 const REQUEST_TIMEOUT: &[u8] = b"HTTP/1.1 408 Request Timeout\r\nconnection: close\r\n\
@@ -38,8 +38,10 @@ const REQUEST_TIMEOUT_WRITE: Duration = Duration::from_secs(1);
 pub async fn serve(state: Arc<State>, stream: TcpStream, peer: SocketAddr, slot: ConnSlot) {
     let config = state.config.load_full();
     let engine = Arc::clone(&state.engine);
-    let acceptor = TlsAcceptor::from(state.tls.load_full());
-    let handshake = tokio::time::timeout(config.timeouts.tls_handshake, acceptor.accept(stream));
+    let handshake = tokio::time::timeout(
+        config.timeouts.tls_handshake,
+        tls_stream::accept(state.tls.load_full(), stream),
+    );
     let tls = tokio::select! {
         result = handshake => match result {
             Ok(Ok(tls)) => tls,

@@ -3,7 +3,7 @@
 //!
 //! Data flows from `config` (file and flags → validated [`Config`]) into [`Lb::start`]
 //! (`server`), which binds the listeners. Each accepted connection (`listener`) is handed to
-//! `conn` (TLS via `tls`, then hyper) or `redirect`; each request goes through `proxy`
+//! `conn` (TLS via `tls` and `tls_stream`, then hyper) or `redirect`; each request goes through `proxy`
 //! (headers rewritten by `headers`, backend chosen by `balance`, connections from `upstream`,
 //! bodies counted by `body`) or, for a WebSocket, `upgrade` and then `splice`. `health` keeps
 //! backend states current, `metrics` and `admin` expose counters, `signals` turns SIGHUP into
@@ -26,6 +26,7 @@ pub mod server;
 pub mod signals;
 pub mod splice;
 pub mod tls;
+pub mod tls_stream;
 pub mod upgrade;
 pub mod upstream;
 

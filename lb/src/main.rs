@@ -126,15 +126,28 @@ impl RunArgs {
     }
 }
 
+/// The log filter: `RUST_LOG`, or `info` without it. rustls' own messages are limited to
+/// errors unless `RUST_LOG` names rustls: it warns once per handshake about ordinary client
+/// behaviour (an IP address sent as SNI by curl or wrk), a line per connection at any load.
+fn log_filter(rust_log: Option<String>) -> String {
+    let filter = rust_log
+        .filter(|f| !f.trim().is_empty())
+        .unwrap_or_else(|| "info".to_owned());
+    if filter.contains("rustls") {
+        filter
+    } else {
+        format!("{filter},rustls=error")
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::new(log_filter(
+            std::env::var("RUST_LOG").ok(),
+        )))
         .init();
     match cli.command {
         Some(Command::Check { config }) => check(&config),
@@ -299,4 +312,17 @@ Trust the CA:
         pem_path = written.combined.display(),
     );
     ExitCode::SUCCESS
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rustls_is_quiet_unless_rust_log_names_it() {
+        assert_eq!(log_filter(None), "info,rustls=error");
+        assert_eq!(log_filter(Some(" ".into())), "info,rustls=error");
+        assert_eq!(log_filter(Some("warn".into())), "warn,rustls=error");
+        assert_eq!(log_filter(Some("rustls=debug".into())), "rustls=debug");
+    }
 }

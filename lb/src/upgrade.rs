@@ -25,7 +25,6 @@ use hyper::{Method, Request, Response, StatusCode, Version};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio_rustls::server::TlsStream;
 use tracing::{debug, info, warn};
 
 use crate::balance::{Backend, Lease};
@@ -33,6 +32,7 @@ use crate::body::{ResponseBody, UpstreamBody};
 use crate::headers;
 use crate::proxy::{ClientConn, Outcome, local_response};
 use crate::splice::splice;
+use crate::tls_stream::TlsStream;
 use crate::upstream;
 
 /// `Sec-WebSocket-Key`.
@@ -208,12 +208,14 @@ async fn tunnel(
     stats.tunnels_total.fetch_add(1, Relaxed);
     let started = Instant::now();
 
-    let (client, client_early) = unwrap_io::<TlsStream<TcpStream>>(client);
-    let (upstream, backend_early) = unwrap_io::<TcpStream>(upstream);
+    let (mut client, client_early) = unwrap_io::<TlsStream>(client);
+    let (mut upstream, backend_early) = unwrap_io::<TcpStream>(upstream);
+    // Lent, not moved: a stream moved into the splice future would also keep its place in this
+    // one, and an idle tunnel would carry the TLS connection's state twice.
     let report = splice(
-        client,
+        &mut client,
         client_early,
-        upstream,
+        &mut upstream,
         backend_early,
         conn.config.timeouts.tunnel_idle,
         &conn.engine.kill,
