@@ -10,6 +10,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::Relaxed;
 use std::task::{Context, Poll, ready};
 
@@ -18,6 +19,15 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 
 use crate::balance::{Backend, Lease};
 use crate::upstream::Upstreams;
+
+/// Adds the length of `frame`'s data, when it carries data, to `counter`.
+fn count_data(frame: &Option<Result<Frame<Bytes>, hyper::Error>>, counter: &AtomicU64) {
+    if let Some(Ok(f)) = frame
+        && let Some(data) = f.data_ref()
+    {
+        counter.fetch_add(data.len() as u64, Relaxed);
+    }
+}
 
 /// A client's request body on its way to `backend`; `None` for a request without a body.
 #[derive(Debug)]
@@ -50,12 +60,7 @@ impl Body for RequestBody {
             return Poll::Ready(None);
         };
         let frame = ready!(Pin::new(inner).poll_frame(cx));
-        if let Some(Ok(f)) = &frame
-            && let Some(data) = f.data_ref()
-        {
-            let stats = self.backend.stats();
-            stats.bytes_to_backend.fetch_add(data.len() as u64, Relaxed);
-        }
+        count_data(&frame, &self.backend.stats().bytes_to_backend);
         Poll::Ready(frame)
     }
 
@@ -116,13 +121,10 @@ impl Body for UpstreamBody {
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let frame = ready!(Pin::new(&mut self.inner).poll_frame(cx));
         let stats = self.lease.backend().stats();
+        count_data(&frame, &stats.bytes_to_client);
         match &frame {
             None => self.finished = true,
-            Some(Ok(f)) => {
-                if let Some(data) = f.data_ref() {
-                    stats.bytes_to_client.fetch_add(data.len() as u64, Relaxed);
-                }
-            }
+            Some(Ok(_)) => {}
             Some(Err(_)) => {
                 stats.errors.fetch_add(1, Relaxed);
                 // A broken response leaves the connection unusable.

@@ -76,15 +76,11 @@ pub async fn serve(state: Arc<State>, stream: TcpStream, peer: SocketAddr, slot:
         .serve_connection(TokioIo::new(tls), service)
         .with_upgrades();
 
-    let result = tokio::select! {
-        result = &mut connection => result,
-        () = state.root.cancelled() => {
-            std::pin::Pin::new(&mut connection).graceful_shutdown();
-            tokio::select! {
-                result = &mut connection => result,
-                () = state.engine.kill.cancelled() => return,
-            }
-        }
+    let Some(result) = state
+        .serve_until_drained(&mut connection, |c| c.graceful_shutdown())
+        .await
+    else {
+        return;
     };
     let Err(e) = result else { return };
     if e.is_timeout() {

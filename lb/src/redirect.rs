@@ -80,17 +80,10 @@ pub async fn serve(state: Arc<State>, stream: TcpStream, peer: SocketAddr, slot:
         .max_buf_size(config.limits.max_header_bytes.max(MIN_MAX_HEADER_BYTES))
         .max_header_size(config.limits.max_header_bytes)
         .serve_connection(TokioIo::new(stream), service);
-    let result = tokio::select! {
-        result = &mut connection => result,
-        () = state.root.cancelled() => {
-            std::pin::Pin::new(&mut connection).graceful_shutdown();
-            tokio::select! {
-                result = &mut connection => result,
-                () = state.engine.kill.cancelled() => return,
-            }
-        }
-    };
-    if let Err(e) = result {
+    let result = state
+        .serve_until_drained(&mut connection, |c| c.graceful_shutdown())
+        .await;
+    if let Some(Err(e)) = result {
         debug!(peer = %peer, error = %e, "redirect connection ended with an error");
     }
     drop(slot);

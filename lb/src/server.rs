@@ -11,6 +11,7 @@
 //! `timeouts.drain_grace`, then closes whatever is left.
 
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -84,6 +85,27 @@ pub struct State {
     health: Mutex<CancellationToken>,
     /// Serialises reloads.
     reloading: Mutex<()>,
+}
+
+impl State {
+    /// Drives a hyper server `connection` to its end. At shutdown it is asked (`graceful`) to
+    /// finish the request under way and close; `None` if the drain grace ran out first.
+    pub async fn serve_until_drained<C: std::future::Future + Unpin>(
+        &self,
+        connection: &mut C,
+        graceful: impl FnOnce(Pin<&mut C>),
+    ) -> Option<C::Output> {
+        tokio::select! {
+            result = &mut *connection => Some(result),
+            () = self.root.cancelled() => {
+                graceful(Pin::new(&mut *connection));
+                tokio::select! {
+                    result = connection => Some(result),
+                    () = self.engine.kill.cancelled() => None,
+                }
+            }
+        }
+    }
 }
 
 /// A running load balancer. Dropping it stops everything at once; [`Lb::shutdown`] drains.
