@@ -26,8 +26,9 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
 
-/// Bytes read per read call: one maximal TLS record of plaintext.
-const READ_CHUNK: usize = 16 * 1024;
+/// Bytes read per read call: two maximal TLS records of plaintext, so a 16 KiB WebSocket
+/// message with its frame header (16 KiB + a few bytes) moves with one read and one write.
+const READ_CHUNK: usize = 32 * 1024;
 
 /// Once one side has closed and its close has been passed on, how long the other side may take
 /// to close too before the tunnel is cut (HAProxy's `timeout client-fin`). A WebSocket peer
