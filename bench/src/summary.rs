@@ -283,7 +283,7 @@ fn ramp_table(out: &mut String, records: &[&Record], p99_limit_ms: f64) {
     let _ = writeln!(out, "### Whole stack ramp, 1,000 clients\n");
     let _ = writeln!(
         out,
-        "| system | msg/s | deliveries/s | lost | p50 (ms) | p99 (ms) | server CPU per delivery (µs) | generator cores |\n|---|---:|---:|---:|---:|---:|---:|---:|"
+        "| system | msg/s | deliveries/s | lost | p50 (ms) | p99 (ms) | server CPU per delivery (µs) | generator cores | machine cores |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
     let get = |r: &Record, p: &str| {
         r.report
@@ -302,12 +302,13 @@ fn ramp_table(out: &mut String, records: &[&Record], p99_limit_ms: f64) {
         let (rate, lost, p99) = (get(r, "/rate"), get(r, "/lost"), get(r, "/latency/p99_ms"));
         let _ = writeln!(
             out,
-            "| {} | {rate:.0} | {:.0} | {lost:.0} | {:.2} | {p99:.2} | {:.2} | {:.2} |",
+            "| {} | {rate:.0} | {:.0} | {lost:.0} | {:.2} | {p99:.2} | {:.2} | {:.2} | {:.2} |",
             display_name(&r.system),
             get(r, "/deliveries_per_s"),
             get(r, "/latency/p50_ms"),
             get(r, "/server_cpu_us_per_delivery"),
             get(r, "/generator/cores"),
+            get(r, "/machine_cores"),
         );
         let knee = knees.entry(r.system.as_str()).or_insert(None);
         if lost == 0.0 && p99 < p99_limit_ms && knee.is_none_or(|k| rate > k) {
