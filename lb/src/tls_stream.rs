@@ -188,10 +188,7 @@ impl TlsStream {
                 }
                 ConnectionState::EncodeTlsData(mut message) => {
                     append(&mut self.outgoing, RECORD_OVERHEAD * 4, |buf| {
-                        message.encode(buf).map_err(|e| match e {
-                            EncodeError::InsufficientSize(s) => Grow(Some(s.required_size), e),
-                            other => Grow(None, other),
-                        })
+                        message.encode(buf).map_err(Grow::from)
                     })?;
                     None
                 }
@@ -208,22 +205,12 @@ impl TlsStream {
                             let hint =
                                 data.len() + (data.len() / MAX_FRAGMENT + 1) * RECORD_OVERHEAD;
                             append(&mut self.outgoing, hint, |buf| {
-                                writer.encrypt(data, buf).map_err(|e| match e {
-                                    EncryptError::InsufficientSize(s) => {
-                                        Grow(Some(s.required_size), e)
-                                    }
-                                    other => Grow(None, other),
-                                })
+                                writer.encrypt(data, buf).map_err(Grow::from)
                             })?;
                         }
                         Outbound::CloseNotify => {
                             append(&mut self.outgoing, RECORD_OVERHEAD, |buf| {
-                                writer.queue_close_notify(buf).map_err(|e| match e {
-                                    EncryptError::InsufficientSize(s) => {
-                                        Grow(Some(s.required_size), e)
-                                    }
-                                    other => Grow(None, other),
-                                })
+                                writer.queue_close_notify(buf).map_err(Grow::from)
                             })?;
                         }
                     }
@@ -432,6 +419,24 @@ impl AsyncWrite for TlsStream {
 
 /// An encoding failure: the space needed (when too little was given) and the error.
 struct Grow<E>(Option<usize>, E);
+
+impl From<EncryptError> for Grow<EncryptError> {
+    fn from(e: EncryptError) -> Self {
+        match e {
+            EncryptError::InsufficientSize(s) => Grow(Some(s.required_size), e),
+            other => Grow(None, other),
+        }
+    }
+}
+
+impl From<EncodeError> for Grow<EncodeError> {
+    fn from(e: EncodeError) -> Self {
+        match e {
+            EncodeError::InsufficientSize(s) => Grow(Some(s.required_size), e),
+            other => Grow(None, other),
+        }
+    }
+}
 
 /// Appends what `write` produces to `out`, growing the space it gets when it asks for more.
 fn append<E>(
