@@ -89,21 +89,31 @@ struct StatsView {
     backends: Vec<BackendView>,
 }
 
-/// Fetches `lb`'s `/stats` from its admin listener.
-pub async fn lb_backends(admin: SocketAddr) -> Result<Vec<BackendView>> {
-    let mut tcp = TcpStream::connect(admin).await?;
-    tcp.write_all(b"GET /stats HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
-        .await?;
+/// `GET path` over plain HTTP/1.1 on a fresh connection: the status code and the body.
+pub async fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
+    let mut tcp = TcpStream::connect(addr).await?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    tcp.write_all(request.as_bytes()).await?;
     let mut raw = Vec::new();
     timeout(Duration::from_secs(5), tcp.read_to_end(&mut raw))
         .await
-        .map_err(|_| anyhow!("admin /stats timed out"))??;
+        .map_err(|_| anyhow!("GET {path} on {addr} timed out"))??;
     let text = String::from_utf8(raw)?;
-    let body = text
+    let (head, body) = text
         .split_once("\r\n\r\n")
-        .map(|(_, b)| b)
-        .ok_or_else(|| anyhow!("bad /stats answer: {text}"))?;
-    let stats: StatsView = serde_json::from_str(body).context("bad /stats JSON")?;
+        .ok_or_else(|| anyhow!("bad answer to GET {path}: {text}"))?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .ok_or_else(|| anyhow!("bad status line: {head}"))?;
+    Ok((status, body.to_string()))
+}
+
+/// Fetches `lb`'s `/stats` from its admin listener.
+pub async fn lb_backends(admin: SocketAddr) -> Result<Vec<BackendView>> {
+    let (_, body) = http_get(admin, "/stats").await?;
+    let stats: StatsView = serde_json::from_str(&body).context("bad /stats JSON")?;
     Ok(stats.backends)
 }
 

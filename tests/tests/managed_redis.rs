@@ -6,26 +6,17 @@
 use std::net::SocketAddr;
 use std::path::Path;
 
-use anyhow::{Result, bail};
+use anyhow::Result;
 use tests::client::ChatClient;
 use tests::process::Proc;
 use tests::redis::{Redis, RedisTls};
-use tests::stack::{eventually, generate_certs, start_app};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tests::stack::{eventually, generate_certs, http_get, start_app};
 
 const PASSWORD: &str = "correct-horse-battery-staple";
 
 /// Status code of `GET /healthz` on an app.
 async fn healthz(addr: SocketAddr) -> Result<u16> {
-    let mut tcp = tokio::net::TcpStream::connect(addr).await?;
-    tcp.write_all(b"GET /healthz HTTP/1.1\r\nHost: app\r\nConnection: close\r\n\r\n")
-        .await?;
-    let mut head = [0u8; 12];
-    tcp.read_exact(&mut head).await?;
-    match std::str::from_utf8(&head[9..12])?.parse() {
-        Ok(code) => Ok(code),
-        Err(_) => bail!("bad status line {:?}", String::from_utf8_lossy(&head)),
-    }
+    Ok(http_get(addr, "/healthz").await?.0)
 }
 
 async fn app_with_ca(dir: &Path, name: &str, url: &str) -> Result<Proc> {
