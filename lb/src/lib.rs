@@ -15,6 +15,7 @@ pub mod balance;
 pub mod body;
 pub mod config;
 pub mod conn;
+pub mod exchange;
 pub mod fdlimit;
 pub mod headers;
 pub mod health;

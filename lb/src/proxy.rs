@@ -6,37 +6,40 @@
 //! `Content-Length` and `Transfer-Encoding: chunked` it drops the length and reads chunks.
 //! [`handle`] refuses over-long targets (414), sends WebSocket upgrades to `upgrade`, and
 //! forwards everything else: rewrite the head (`headers`), pick a backend from the live pool,
-//! borrow a pooled keep-alive connection or open one, send, and stream the response back
-//! (`body`). A backend that cannot be connected to is reported to its health state and the
-//! request moves to another backend; nothing has been sent to the client at that point, so a
-//! dead backend costs the client nothing. Only when no backend is left does the client get a
-//! 503. Each request ends with one log line.
+//! borrow a pooled keep-alive connection or open one, run the exchange in this task
+//! (`exchange`), and stream the response back (`body`). A backend that cannot be connected to
+//! is reported to its health state and the request moves to another backend; nothing has been
+//! sent to the client at that point, so a dead backend costs the client nothing. A bodiless
+//! request whose pooled connection turns out to have been closed by the backend is sent again
+//! on another connection. Only when no backend is left does the client get a 503; an invalid
+//! answer gets 502, none within `timeouts.backend_response` 504. Each request ends with one log
+//! line.
 
 use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use hyper::body::{Body as _, Incoming};
 use hyper::header::{self, HeaderValue};
-use hyper::http::request;
 use hyper::{Method, Request, Response, StatusCode};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::balance::{Backend, Pool};
-use crate::body::{PooledSender, RequestBody, ResponseBody, UpstreamBody};
+use crate::body::{ResponseBody, UpstreamBody};
 use crate::config::{Config, Timeouts};
+use crate::exchange::{self, ExchangeError};
 use crate::headers;
 use crate::listener::ConnSlot;
 use crate::metrics::Metrics;
 use crate::upgrade;
-use crate::upstream::Upstreams;
+use crate::upstream::{self, BackendConn, Upstreams};
 
 /// What every connection shares: the live backend pool and the means to reach it.
 #[derive(Debug)]
@@ -47,9 +50,9 @@ pub struct Engine {
     pub metrics: Arc<Metrics>,
     /// Idle keep-alive connections to backends.
     pub upstreams: Arc<Upstreams>,
-    /// Tunnels and backend connection drivers run here, so shutdown can wait for them.
+    /// Tunnels run here, so shutdown can wait for them.
     pub tracker: TaskTracker,
-    /// Cancelled when the drain grace is over: tunnels and backend connections close.
+    /// Cancelled when the drain grace is over: tunnels close.
     pub kill: CancellationToken,
 }
 
@@ -177,7 +180,7 @@ async fn forward(conn: &Arc<ClientConn>, req: Request<Incoming>) -> Outcome {
         };
         let lease = backend.lease();
         let addr = backend.addr();
-        let (mut sender, reused) = match obtain(engine, addr, &timeouts).await {
+        let (mut upstream, reused) = match obtain(engine, addr, &timeouts).await {
             Ok(found) => found,
             Err(e) => {
                 warn!(peer = %conn.peer, backend = backend.name(), error = %e,
@@ -189,49 +192,44 @@ async fn forward(conn: &Arc<ClientConn>, req: Request<Incoming>) -> Outcome {
         };
         // A bodiless request sent over a reused connection can be sent again if that
         // connection turns out to have been closed by the backend meanwhile.
-        let replay = (reused && body.is_none()).then(|| copy_head(&head));
-        let request = Request::from_parts(head, RequestBody::new(body, Arc::clone(&backend)));
-        backend.stats().requests.fetch_add(1, Relaxed);
-
-        let sent =
-            tokio::time::timeout(timeouts.backend_response, sender.try_send_request(request)).await;
-        match sent {
-            Ok(Ok(response)) => {
-                let (mut parts, incoming) = response.into_parts();
-                headers::prepare_response(&mut parts.headers, false);
-                let body =
-                    UpstreamBody::new(incoming, lease, sender, Arc::clone(&engine.upstreams));
+        let replayable = reused && body.is_none();
+        let stats = backend.stats();
+        stats.requests.fetch_add(1, Relaxed);
+        let exchanged = tokio::time::timeout(timeouts.backend_response, async {
+            exchange::send_request(&mut upstream, &head, body.take(), &stats.bytes_to_backend)
+                .await?;
+            exchange::read_response_head(&mut upstream, &head.method).await
+        })
+        .await;
+        let error = match exchanged {
+            Ok(Ok(answer)) if answer.status != StatusCode::SWITCHING_PROTOCOLS => {
+                let mut response = Response::new(ResponseBody::Upstream(UpstreamBody::new(
+                    upstream,
+                    answer.framing,
+                    lease,
+                    answer.keep_alive.then(|| Arc::clone(&engine.upstreams)),
+                )));
+                *response.status_mut() = answer.status;
+                *response.headers_mut() = answer.headers;
+                headers::prepare_response(response.headers_mut(), false);
+                return Outcome::backend(response, backend);
+            }
+            Ok(Ok(_)) => ExchangeError::BadResponse("101 to a request that asked for no upgrade"),
+            Ok(Err(ExchangeError::Closed(_))) if replayable => continue,
+            Ok(Err(ExchangeError::ClientBody(e))) => {
+                debug!(peer = %conn.peer, backend = backend.name(), error = %e,
+                       "client request body ended early");
                 return Outcome::backend(
-                    Response::from_parts(parts, ResponseBody::Upstream(body)),
+                    local_response(
+                        StatusCode::BAD_REQUEST,
+                        "400 Bad Request: incomplete body\n",
+                    ),
                     backend,
                 );
             }
-            Ok(Err(mut e)) => {
-                if let Some(unsent) = e.take_message() {
-                    // The connection could not take the request: nothing was sent.
-                    let (h, b) = unsent.into_parts();
-                    head = h;
-                    body = b.into_inner();
-                    if !reused {
-                        exclude.push(addr);
-                    }
-                    continue;
-                }
-                if let Some(h) = replay {
-                    head = h;
-                    body = None;
-                    continue;
-                }
-                backend.stats().errors.fetch_add(1, Relaxed);
-                warn!(peer = %conn.peer, backend = backend.name(), error = %e.into_error(),
-                      "backend failed the request");
-                return Outcome::backend(
-                    local_response(StatusCode::BAD_GATEWAY, "502 Bad Gateway\n"),
-                    backend,
-                );
-            }
+            Ok(Err(e)) => e,
             Err(_) => {
-                backend.stats().errors.fetch_add(1, Relaxed);
+                stats.errors.fetch_add(1, Relaxed);
                 warn!(peer = %conn.peer, backend = backend.name(),
                       timeout_ms = timeouts.backend_response.as_millis() as u64,
                       "backend did not answer in time");
@@ -240,39 +238,26 @@ async fn forward(conn: &Arc<ClientConn>, req: Request<Incoming>) -> Outcome {
                     backend,
                 );
             }
-        }
+        };
+        stats.errors.fetch_add(1, Relaxed);
+        warn!(peer = %conn.peer, backend = backend.name(), error = %error,
+              "backend failed the request");
+        return Outcome::backend(
+            local_response(StatusCode::BAD_GATEWAY, "502 Bad Gateway\n"),
+            backend,
+        );
     }
 }
 
-/// A ready connection to `addr`: a pooled one if one is still alive (`true`), else a new one.
+/// A connection to `addr`: a pooled one if one is still usable (`true`), else a new one.
 async fn obtain(
     engine: &Engine,
     addr: SocketAddr,
     timeouts: &Timeouts,
-) -> io::Result<(PooledSender, bool)> {
-    while let Some(mut sender) = engine.upstreams.take(addr, timeouts.backend_idle) {
-        let ready = tokio::time::timeout(READY_WAIT, sender.ready()).await;
-        if matches!(ready, Ok(Ok(()))) {
-            return Ok((sender, true));
-        }
+) -> io::Result<(BackendConn, bool)> {
+    if let Some(conn) = engine.upstreams.take(addr, timeouts.backend_idle) {
+        return Ok((conn, true));
     }
-    let sender = engine
-        .upstreams
-        .open(addr, timeouts.backend_connect)
-        .await?;
-    Ok((sender, false))
-}
-
-/// How long a pooled connection may take to become ready before another is tried. It was
-/// returned to the pool only after its response ended, so this is normally immediate.
-const READY_WAIT: Duration = Duration::from_secs(1);
-
-/// A copy of a request head without its extensions.
-fn copy_head(head: &request::Parts) -> request::Parts {
-    let mut copy = Request::new(()).into_parts().0;
-    copy.method = head.method.clone();
-    copy.uri = head.uri.clone();
-    copy.version = head.version;
-    copy.headers = head.headers.clone();
-    copy
+    let conn = upstream::open(addr, timeouts.backend_connect).await?;
+    Ok((conn, false))
 }

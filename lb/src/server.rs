@@ -171,11 +171,7 @@ impl Lb {
         let engine = Arc::new(Engine {
             pool: Arc::new(ArcSwap::new(Arc::clone(&pool))),
             metrics: Arc::clone(&metrics),
-            upstreams: Arc::new(Upstreams::new(
-                config.limits.backend_idle_connections,
-                tracker.clone(),
-                kill.clone(),
-            )),
+            upstreams: Arc::new(Upstreams::new(config.limits.backend_idle_connections)),
             tracker: tracker.clone(),
             kill,
         });

@@ -5,8 +5,9 @@
 //! bytes in base64. A request failing any of these gets 400 from the load balancer and never
 //! reaches a backend. A valid one is sent over a fresh backend connection (upgraded connections
 //! are never pooled; a failed connect moves on to another backend, as for plain requests). If
-//! the backend answers `101`, that answer goes to the client and a tracked task waits for both
-//! sides to finish switching protocols, then splices them (`splice`) until either side closes,
+//! the backend answers `101`, that answer goes to the client and a tracked task waits for the
+//! client's side to finish switching protocols, then splices it with the backend socket
+//! (`splice`), bytes the backend sent right after its `101` first, until either side closes,
 //! the tunnel idles out, or shutdown's drain grace runs out; any other answer (a 403 from an
 //! origin check, say) is passed to the client as a normal response.
 
@@ -17,7 +18,6 @@ use std::time::Instant;
 
 use base64::Engine as _;
 use bytes::Bytes;
-use http_body_util::Empty;
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::upgrade::{OnUpgrade, Upgraded};
@@ -29,6 +29,7 @@ use tracing::{debug, info, warn};
 
 use crate::balance::{Backend, Lease};
 use crate::body::{ResponseBody, UpstreamBody};
+use crate::exchange;
 use crate::headers;
 use crate::proxy::{ClientConn, Outcome, local_response};
 use crate::splice::splice;
@@ -95,36 +96,13 @@ pub async fn handle(conn: &Arc<ClientConn>, mut req: Request<Incoming>) -> Outco
     let timeouts = conn.config.timeouts;
     let pool = engine.pool.load_full();
     let mut exclude: Vec<SocketAddr> = Vec::new();
-    let (backend, lease, mut sender) = loop {
+    let (backend, lease, mut upstream) = loop {
         let Some(backend) = pool.pick(&exclude) else {
             return Outcome::local(crate::proxy::no_backend());
         };
         let lease = backend.lease();
-        match upstream::connect(backend.addr(), timeouts.backend_connect).await {
-            Ok(stream) => {
-                match hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
-                    .await
-                {
-                    Ok((sender, connection)) => {
-                        let kill = engine.kill.clone();
-                        engine.tracker.spawn(async move {
-                            tokio::select! {
-                                _ = connection.with_upgrades() => {}
-                                () = kill.cancelled() => {}
-                            }
-                        });
-                        break (backend, lease, sender);
-                    }
-                    Err(e) => {
-                        backend.stats().errors.fetch_add(1, Relaxed);
-                        warn!(peer = %conn.peer, backend = backend.name(), error = %e, "backend handshake failed");
-                        return Outcome::backend(
-                            local_response(StatusCode::BAD_GATEWAY, "bad gateway\n"),
-                            backend,
-                        );
-                    }
-                }
-            }
+        match upstream::open(backend.addr(), timeouts.backend_connect).await {
+            Ok(upstream) => break (backend, lease, upstream),
             Err(e) => {
                 warn!(peer = %conn.peer, backend = backend.name(), error = %e,
                       "backend connect failed; trying another backend");
@@ -134,17 +112,17 @@ pub async fn handle(conn: &Arc<ClientConn>, mut req: Request<Incoming>) -> Outco
         }
     };
 
-    backend.stats().requests.fetch_add(1, Relaxed);
-    let request = Request::from_parts(head, Empty::new());
-    let mut response = match tokio::time::timeout(
-        timeouts.backend_response,
-        sender.send_request(request),
-    )
-    .await
-    {
-        Ok(Ok(response)) => response,
+    let stats = backend.stats();
+    stats.requests.fetch_add(1, Relaxed);
+    let exchanged = tokio::time::timeout(timeouts.backend_response, async {
+        exchange::send_request(&mut upstream, &head, None, &stats.bytes_to_backend).await?;
+        exchange::read_response_head(&mut upstream, &head.method).await
+    })
+    .await;
+    let answer = match exchanged {
+        Ok(Ok(answer)) => answer,
         Ok(Err(e)) => {
-            backend.stats().errors.fetch_add(1, Relaxed);
+            stats.errors.fetch_add(1, Relaxed);
             warn!(peer = %conn.peer, backend = backend.name(), error = %e, "backend failed the upgrade request");
             return Outcome::backend(
                 local_response(StatusCode::BAD_GATEWAY, "bad gateway\n"),
@@ -152,7 +130,7 @@ pub async fn handle(conn: &Arc<ClientConn>, mut req: Request<Incoming>) -> Outco
             );
         }
         Err(_) => {
-            backend.stats().errors.fetch_add(1, Relaxed);
+            stats.errors.fetch_add(1, Relaxed);
             return Outcome::backend(
                 local_response(StatusCode::GATEWAY_TIMEOUT, "gateway timeout\n"),
                 backend,
@@ -160,15 +138,20 @@ pub async fn handle(conn: &Arc<ClientConn>, mut req: Request<Incoming>) -> Outco
         }
     };
 
-    let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
-    headers::prepare_response(response.headers_mut(), switching);
+    let switching = answer.status == StatusCode::SWITCHING_PROTOCOLS;
+    let mut headers = answer.headers;
+    headers::prepare_response(&mut headers, switching);
     if !switching {
-        let (parts, body) = response.into_parts();
-        let body = ResponseBody::Upstream(UpstreamBody::unpooled(body, lease));
-        return Outcome::backend(Response::from_parts(parts, body), backend);
+        // Not pooled: this connection was opened for an upgrade.
+        let body = UpstreamBody::new(upstream, answer.framing, lease, None);
+        let mut response = Response::new(ResponseBody::Upstream(body));
+        *response.status_mut() = answer.status;
+        *response.headers_mut() = headers;
+        return Outcome::backend(response, backend);
     }
 
-    let backend_upgrade = hyper::upgrade::on(&mut response);
+    // Bytes the backend sent right after its 101 belong to the tunnel.
+    let backend_early = upstream.buf.split().freeze();
     let tunnel_conn = Arc::clone(conn);
     let tunnel_backend = Arc::clone(&backend);
     engine.tracker.spawn(async move {
@@ -177,24 +160,29 @@ pub async fn handle(conn: &Arc<ClientConn>, mut req: Request<Incoming>) -> Outco
             tunnel_backend,
             lease,
             client_upgrade,
-            backend_upgrade,
+            upstream.stream,
+            backend_early,
         )
         .await;
     });
-    let (parts, _empty) = response.into_parts();
-    Outcome::backend(Response::from_parts(parts, ResponseBody::empty()), backend)
+    let mut response = Response::new(ResponseBody::empty());
+    *response.status_mut() = answer.status;
+    *response.headers_mut() = headers;
+    Outcome::backend(response, backend)
 }
 
-/// Waits for both sides to switch protocols, then splices them until the tunnel ends.
+/// Waits for the client's side to switch protocols, then splices it with the backend until
+/// the tunnel ends.
 async fn tunnel(
     conn: Arc<ClientConn>,
     backend: Arc<Backend>,
     lease: Lease,
     client: OnUpgrade,
-    upstream: OnUpgrade,
+    mut upstream: TcpStream,
+    backend_early: Bytes,
 ) {
-    let (client, upstream) = match tokio::try_join!(client, upstream) {
-        Ok(both) => both,
+    let client = match client.await {
+        Ok(client) => client,
         Err(e) => {
             debug!(peer = %conn.peer, backend = backend.name(), error = %e, "upgrade did not complete");
             return;
@@ -209,7 +197,6 @@ async fn tunnel(
     let started = Instant::now();
 
     let (mut client, client_early) = unwrap_io::<TlsStream>(client);
-    let (mut upstream, backend_early) = unwrap_io::<TcpStream>(upstream);
     // Lent, not moved: a stream moved into the splice future would also keep its place in this
     // one, and an idle tunnel would carry the TLS connection's state twice.
     let report = splice(

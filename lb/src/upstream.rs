@@ -3,28 +3,26 @@
 //!
 //! A request first asks [`Upstreams::take`] for an idle connection to the chosen backend (most
 //! recently used first, so a few stay warm and the rest age out); if there is none it opens a
-//! new one with [`Upstreams::open`], whose connection driver runs as a tracked task. When the
-//! response body has been read to its end, `body::UpstreamBody` hands the connection back with
-//! [`Upstreams::put`]. Connections idle longer than `timeouts.backend_idle`, beyond
+//! new one with [`open`]. A connection is a plain socket with the bytes read from it
+//! and not yet consumed ([`BackendConn`]); the request's own task writes to it and reads from
+//! it (`exchange`), so no task runs per connection. When the response body has been read to its
+//! end, `body::UpstreamBody` hands the connection back with [`Upstreams::put`]. An idle
+//! connection that the backend has closed (or that has sent bytes nobody asked for) is dropped
+//! when it is next taken. Connections idle longer than `timeouts.backend_idle`, beyond
 //! `limits.backend_idle_connections` per backend, to a backend no longer configured, or after
-//! shutdown began are dropped, which closes them. WebSocket tunnels use [`connect`] alone: an
-//! upgraded connection is never pooled.
+//! shutdown began are dropped, which closes them. WebSocket tunnels use a connection of their
+//! own from [`open`] that is never pooled.
 
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use hyper_util::rt::TokioIo;
+use bytes::BytesMut;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
-use tracing::debug;
-
-use crate::body::PooledSender;
 
 /// Opens a TCP connection to `addr` within `timeout`, with TCP_NODELAY set.
 pub async fn connect(addr: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
@@ -35,10 +33,40 @@ pub async fn connect(addr: SocketAddr, timeout: Duration) -> io::Result<TcpStrea
     Ok(stream)
 }
 
+/// Opens a new HTTP/1.1 connection to `addr` within `timeout`.
+pub async fn open(addr: SocketAddr, timeout: Duration) -> io::Result<BackendConn> {
+    Ok(BackendConn {
+        stream: connect(addr, timeout).await?,
+        buf: BytesMut::new(),
+        addr,
+    })
+}
+
+/// One HTTP/1.1 connection to a backend.
+#[derive(Debug)]
+pub struct BackendConn {
+    /// The socket.
+    pub stream: TcpStream,
+    /// Bytes received and not yet consumed; empty while the connection is idle.
+    pub buf: BytesMut,
+    /// Where it leads.
+    pub addr: SocketAddr,
+}
+
+impl BackendConn {
+    /// Whether an idle connection can carry another request: the backend has neither closed
+    /// it nor sent anything unasked. Answers from the readiness the runtime already knows, so
+    /// it costs no system call while the connection is quiet.
+    fn is_usable(&self) -> bool {
+        let mut probe = [0u8; 1];
+        matches!(self.stream.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+    }
+}
+
 /// An idle pooled connection.
 #[derive(Debug)]
 struct Idle {
-    sender: PooledSender,
+    conn: BackendConn,
     since: Instant,
 }
 
@@ -47,24 +75,18 @@ struct Idle {
 pub struct Upstreams {
     idle: Mutex<HashMap<SocketAddr, Vec<Idle>>>,
     /// Idle connections kept per backend.
-    max_idle: std::sync::atomic::AtomicUsize,
+    max_idle: AtomicUsize,
     /// Shutdown began: nothing is pooled any more.
     closed: AtomicBool,
-    tracker: TaskTracker,
-    /// Cut connection drivers still running when the drain grace is over.
-    kill: CancellationToken,
 }
 
 impl Upstreams {
-    /// An empty pool keeping at most `max_idle` idle connections per backend; connection
-    /// drivers run on `tracker` and stop at `kill`.
-    pub fn new(max_idle: usize, tracker: TaskTracker, kill: CancellationToken) -> Self {
+    /// An empty pool keeping at most `max_idle` idle connections per backend.
+    pub fn new(max_idle: usize) -> Self {
         Upstreams {
             idle: Mutex::new(HashMap::new()),
             max_idle: max_idle.into(),
             closed: AtomicBool::new(false),
-            tracker,
-            kill,
         }
     }
 
@@ -73,42 +95,43 @@ impl Upstreams {
         self.max_idle.store(max_idle, Ordering::Relaxed);
     }
 
-    /// Takes the most recently used idle connection to `addr` that is still open and has been
-    /// idle less than `max_age`.
-    pub fn take(&self, addr: SocketAddr, max_age: Duration) -> Option<PooledSender> {
+    /// Takes the most recently used idle connection to `addr` that is still usable and has
+    /// been idle less than `max_age`.
+    pub fn take(&self, addr: SocketAddr, max_age: Duration) -> Option<BackendConn> {
         let mut idle = self.lock();
         let list = idle.get_mut(&addr)?;
         let now = Instant::now();
-        while let Some(conn) = list.pop() {
-            if !conn.sender.is_closed() && now.duration_since(conn.since) < max_age {
-                return Some(conn.sender);
+        while let Some(entry) = list.pop() {
+            if now.duration_since(entry.since) < max_age && entry.conn.is_usable() {
+                return Some(entry.conn);
             }
         }
         None
     }
 
     /// Returns a connection whose exchange finished cleanly.
-    pub fn put(&self, addr: SocketAddr, sender: PooledSender) {
-        if self.closed.load(Ordering::Relaxed) || sender.is_closed() {
+    pub fn put(&self, conn: BackendConn) {
+        if self.closed.load(Ordering::Relaxed) || !conn.buf.is_empty() {
             return;
         }
         let max_idle = self.max_idle.load(Ordering::Relaxed);
         let mut idle = self.lock();
-        let list = idle.entry(addr).or_default();
+        let list = idle.entry(conn.addr).or_default();
         if list.len() < max_idle {
             list.push(Idle {
-                sender,
+                conn,
                 since: Instant::now(),
             });
         }
     }
 
-    /// Drops idle connections older than `max_age` or to backends `keep` rejects.
+    /// Drops idle connections older than `max_age`, closed by their backend, or to backends
+    /// `keep` rejects.
     pub fn sweep(&self, max_age: Duration, keep: impl Fn(SocketAddr) -> bool) {
         let now = Instant::now();
         let mut idle = self.lock();
         idle.retain(|addr, list| {
-            list.retain(|c| !c.sender.is_closed() && now.duration_since(c.since) < max_age);
+            list.retain(|c| now.duration_since(c.since) < max_age && c.conn.is_usable());
             keep(*addr) && !list.is_empty()
         });
     }
@@ -117,31 +140,6 @@ impl Upstreams {
     pub fn close(&self) {
         self.closed.store(true, Ordering::Relaxed);
         self.lock().clear();
-    }
-
-    /// Opens a new HTTP/1.1 connection to `addr` and starts its driver.
-    pub async fn open(
-        &self,
-        addr: SocketAddr,
-        connect_timeout: Duration,
-    ) -> io::Result<PooledSender> {
-        let stream = connect(addr, connect_timeout).await?;
-        let (sender, conn) = hyper::client::conn::http1::Builder::new()
-            .handshake(TokioIo::new(stream))
-            .await
-            .map_err(io::Error::other)?;
-        let kill = self.kill.clone();
-        self.tracker.spawn(async move {
-            tokio::select! {
-                result = conn => {
-                    if let Err(e) = result {
-                        debug!(backend = %addr, error = %e, "backend connection ended");
-                    }
-                }
-                () = kill.cancelled() => {}
-            }
-        });
-        Ok(sender)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, Vec<Idle>>> {
