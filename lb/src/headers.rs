@@ -6,7 +6,7 @@
 //! `Proxy-Authorization`, `Proxy-Authenticate`) and `Expect` (answered at this hop), keep
 //! `Host`, and gain `X-Forwarded-For` (the client address appended to any earlier list),
 //! `X-Forwarded-Proto: https` and `X-Forwarded-Host` (the client's `Host`). Message framing is
-//! not copied: hyper frames the forwarded body itself (`Content-Length` when the length is
+//! not copied: `exchange` frames the forwarded body itself (`Content-Length` when the length is
 //! known, chunked otherwise), so the backend sees exactly the bytes the client framed. A
 //! WebSocket upgrade keeps `Connection: upgrade` and `Upgrade: websocket`. Responses lose their
 //! hop-by-hop headers the same way, except on a `101 Switching Protocols`.

@@ -3,9 +3,10 @@
 //!
 //! Data flows from `config` (file and flags → validated [`Config`]) into [`Lb::start`]
 //! (`server`), which binds the listeners. Each accepted connection (`listener`) is handed to
-//! `conn` (TLS via `tls` and `tls_stream`, then hyper) or `redirect`; each request goes through `proxy`
-//! (headers rewritten by `headers`, backend chosen by `balance`, connections from `upstream`,
-//! bodies counted by `body`) or, for a WebSocket, `upgrade` and then `splice`. `health` keeps
+//! `conn` (TLS via `tls` and `tls_stream`, then hyper's HTTP/1.1 server) or `redirect`; each
+//! request goes through `proxy` (headers rewritten by `headers`, backend chosen by `balance`,
+//! connections from `upstream`, the backend side run by `exchange`, response bodies decoded by
+//! `body`) or, for a WebSocket, `upgrade` and then `splice`. `health` keeps
 //! backend states current, `metrics` and `admin` expose counters, `signals` turns SIGHUP into
 //! [`Lb::reload`] and SIGTERM/SIGINT into [`Lb::shutdown`], and `fdlimit` sizes the connection
 //! limit from the open-file limit.
