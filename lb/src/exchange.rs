@@ -17,6 +17,7 @@ use std::io;
 use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::Relaxed;
 
+use bytes::Bytes;
 use futures_util::FutureExt as _;
 use http_body_util::BodyExt as _;
 use hyper::body::{Body as _, Incoming};
@@ -203,10 +204,11 @@ pub async fn read_response_head(
     let mut received = false;
     loop {
         if !conn.buf.is_empty() {
-            match parse_response_head(&conn.buf, method)? {
-                Some((len, head)) => {
-                    let _ = conn.buf.split_to(len);
-                    match head {
+            match head_len(&conn.buf)? {
+                Some(len) => {
+                    // The head's bytes become shared: header values are views of them.
+                    let raw = conn.buf.split_to(len).freeze();
+                    match parse_response_head(&raw, method)? {
                         Some(head) => return Ok(head),
                         None => continue,
                     }
@@ -237,27 +239,35 @@ pub async fn read_response_head(
     }
 }
 
-/// Parses one response head at the start of `buf`: `None` when more bytes are needed, else its
-/// length and the head (`None` for an interim answer to skip).
+/// The length of the complete response head at the start of `buf`, `None` while incomplete.
+fn head_len(buf: &[u8]) -> Result<Option<usize>, ExchangeError> {
+    let mut fields = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
+    match httparse::Response::new(&mut fields).parse(buf) {
+        Ok(httparse::Status::Complete(len)) => Ok(Some(len)),
+        Ok(httparse::Status::Partial) => Ok(None),
+        Err(httparse::Error::TooManyHeaders) => {
+            Err(ExchangeError::BadResponse("too many header fields"))
+        }
+        Err(_) => Err(ExchangeError::BadResponse("malformed response head")),
+    }
+}
+
+/// Parses the complete response head `raw` (as measured by [`head_len`]): the head, or `None`
+/// for an interim answer to skip. Header values are views of `raw`, not copies.
 fn parse_response_head(
-    buf: &[u8],
+    raw: &Bytes,
     method: &Method,
-) -> Result<Option<(usize, Option<ResponseHead>)>, ExchangeError> {
+) -> Result<Option<ResponseHead>, ExchangeError> {
     let mut fields = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
     let mut response = httparse::Response::new(&mut fields);
-    let len = match response.parse(buf) {
-        Ok(httparse::Status::Complete(len)) => len,
-        Ok(httparse::Status::Partial) => return Ok(None),
-        Err(httparse::Error::TooManyHeaders) => {
-            return Err(ExchangeError::BadResponse("too many header fields"));
-        }
-        Err(_) => return Err(ExchangeError::BadResponse("malformed response head")),
-    };
+    if !matches!(response.parse(raw), Ok(httparse::Status::Complete(_))) {
+        return Err(ExchangeError::BadResponse("malformed response head"));
+    }
     let code = response.code.unwrap_or(0);
     let status = StatusCode::from_u16(code)
         .map_err(|_| ExchangeError::BadResponse("invalid status code"))?;
     if status.is_informational() && status != StatusCode::SWITCHING_PROTOCOLS {
-        return Ok(Some((len, None)));
+        return Ok(None);
     }
 
     let mut headers = HeaderMap::with_capacity(response.headers.len());
@@ -268,7 +278,7 @@ fn parse_response_head(
     for field in response.headers.iter() {
         let name = HeaderName::from_bytes(field.name.as_bytes())
             .map_err(|_| ExchangeError::BadResponse("invalid header name"))?;
-        let value = HeaderValue::from_bytes(field.value)
+        let value = HeaderValue::from_maybe_shared(raw.slice_ref(field.value))
             .map_err(|_| ExchangeError::BadResponse("invalid header value"))?;
         if name == header::CONTENT_LENGTH {
             let n = parse_length(field.value)
@@ -319,7 +329,7 @@ fn parse_response_head(
         framing,
         keep_alive: !close && framing != Framing::UntilClose,
     };
-    Ok(Some((len, Some(head))))
+    Ok(Some(head))
 }
 
 /// A `Content-Length` value: decimal digits only.
@@ -343,16 +353,20 @@ fn last_token_is(value: &[u8], token: &[u8]) -> bool {
 mod tests {
     use super::*;
 
+    fn parse_any(raw: &str, method: &Method) -> Option<ResponseHead> {
+        assert_eq!(head_len(raw.as_bytes()).unwrap(), Some(raw.len()));
+        parse_response_head(&Bytes::copy_from_slice(raw.as_bytes()), method).unwrap()
+    }
+
     fn parse(raw: &str, method: &Method) -> ResponseHead {
-        let (len, head) = parse_response_head(raw.as_bytes(), method)
-            .unwrap()
-            .unwrap();
-        assert_eq!(len, raw.len());
-        head.unwrap()
+        parse_any(raw, method).unwrap()
     }
 
     fn parse_err(raw: &str) -> &'static str {
-        match parse_response_head(raw.as_bytes(), &Method::GET) {
+        let result = head_len(raw.as_bytes()).and_then(|_| {
+            parse_response_head(&Bytes::copy_from_slice(raw.as_bytes()), &Method::GET)
+        });
+        match result {
             Err(ExchangeError::BadResponse(why)) => why,
             other => panic!("accepted: {other:?}"),
         }
@@ -404,20 +418,13 @@ mod tests {
 
     #[test]
     fn interim_answers_are_skipped_and_partial_heads_wait() {
-        let raw = b"HTTP/1.1 100 Continue\r\n\r\n";
-        let (len, head) = parse_response_head(raw, &Method::GET).unwrap().unwrap();
-        assert_eq!(len, raw.len());
-        assert!(head.is_none());
+        assert!(parse_any("HTTP/1.1 100 Continue\r\n\r\n", &Method::GET).is_none());
         let h = parse(
             "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\n\r\n",
             &Method::GET,
         );
         assert_eq!((h.status.as_u16(), h.framing), (101, Framing::Empty));
-        assert!(
-            parse_response_head(b"HTTP/1.1 200 OK\r\ncontent-le", &Method::GET)
-                .unwrap()
-                .is_none()
-        );
+        assert_eq!(head_len(b"HTTP/1.1 200 OK\r\ncontent-le").unwrap(), None);
     }
 
     #[test]

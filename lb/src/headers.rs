@@ -25,17 +25,17 @@ pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-
 pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
 /// Hop-by-hop headers removed in both directions (RFC 9110 §7.6.1, plus the de-facto
-/// `Keep-Alive` and `Proxy-Connection`).
-const HOP_BY_HOP: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
+/// `Keep-Alive` and `Proxy-Connection`), as ready names: removing them costs no parsing.
+static HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
 ];
 
 /// Why a request cannot be forwarded.
@@ -123,6 +123,16 @@ pub fn prepare_response(headers: &mut HeaderMap, switching_protocols: bool) {
 /// Removes the fixed hop-by-hop headers and every header the `Connection` header names
 /// (except `Host`, which a client must not be able to strip).
 fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    if headers.contains_key(header::CONNECTION) {
+        remove_connection_named(headers);
+    }
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
+    }
+}
+
+/// Removes every header the `Connection` header names, except `Host`.
+fn remove_connection_named(headers: &mut HeaderMap) {
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -133,9 +143,6 @@ fn remove_hop_by_hop(headers: &mut HeaderMap) {
         .collect();
     for name in named {
         headers.remove(name);
-    }
-    for name in HOP_BY_HOP {
-        headers.remove(*name);
     }
 }
 
