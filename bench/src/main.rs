@@ -7,6 +7,7 @@ mod backend;
 mod client;
 mod echo;
 mod fanout;
+mod floor;
 mod http;
 mod idle;
 mod latency;
@@ -35,6 +36,8 @@ enum Command {
     Fanout(fanout::Args),
     /// WebSocket ping-pong through a URL: round trips/s and RTT percentiles.
     Echo(echo::Args),
+    /// What one loopback TCP hop (a send and a receive) costs this machine: the stack's floor.
+    Floor(floor::Args),
     /// HTTP(S) small-response load over keep-alive, run with wrk: requests/s and latency.
     Http(http::Args),
     /// Hold N idle WebSocket connections and report memory per connection of watched processes.
@@ -65,6 +68,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Fanout(args) => emit(cli.json, &fanout::run(args).await?),
             Command::Echo(args) => emit(cli.json, &echo::run(args).await?),
+            Command::Floor(args) => emit(cli.json, &floor::run(args).await?),
             Command::Idle(args) => emit(cli.json, &idle::run(args).await?),
             Command::Http(args) => emit(cli.json, &http::run(args).await?),
             Command::Summary(args) => {

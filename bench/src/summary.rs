@@ -160,6 +160,24 @@ const FIGURES: &[Figure] = &[
         ],
     },
     Figure {
+        id: "floor",
+        title: "Kernel floor: one loopback TCP hop, 500 connections, 150 B, one message per connection at a time",
+        metrics: &[
+            m(
+                "CPU per hop: one send + one receive (µs)",
+                "/cpu_us_per_hop",
+                Better::None,
+                2,
+            ),
+            m(
+                "machine cores busy (all processes)",
+                "/machine_cores",
+                Better::None,
+                2,
+            ),
+        ],
+    },
+    Figure {
         id: "stack-25",
         title: "Whole stack, 1,000 clients, 25 msg/s",
         metrics: STACK,
@@ -397,6 +415,21 @@ mod tests {
             "{text}"
         );
         assert!(!text.contains("HTTPS"));
+    }
+
+    #[test]
+    fn the_floor_is_a_table_of_its_own_without_a_ratio() {
+        let records: Vec<Record> = [17.0, 19.0, 18.0]
+            .into_iter()
+            .map(|us| record("floor", "direct", serde_json::json!({"cpu_us_per_hop": us})))
+            .collect();
+        let text = render(&records, 50.0);
+        assert!(text.contains("Kernel floor"), "{text}");
+        assert!(
+            text.contains("| CPU per hop: one send + one receive (µs) | 18.00 |"),
+            "{text}"
+        );
+        assert!(!text.contains("lb ÷"), "{text}");
     }
 
     #[test]
