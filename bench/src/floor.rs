@@ -159,15 +159,17 @@ async fn receive(mut stream: TcpStream, size: usize, rounds: Arc<Rounds>) {
 mod tests {
     use super::*;
 
+    fn args(connections: usize, size: usize, rounds: u64) -> Args {
+        Args {
+            connections,
+            size,
+            rounds,
+        }
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn every_message_of_every_round_is_counted() {
-        let report = run(Args {
-            connections: 7,
-            size: 33,
-            rounds: 9,
-        })
-        .await
-        .unwrap();
+        let report = run(args(7, 33, 9)).await.unwrap();
         assert_eq!(report.messages, 63);
         assert!(report.cpu_us_per_hop.is_finite() && report.cpu_us_per_hop >= 0.0);
         assert!(report.window_s > 0.0);
@@ -175,13 +177,7 @@ mod tests {
 
     #[tokio::test]
     async fn empty_runs_are_refused() {
-        let err = run(Args {
-            connections: 0,
-            size: 150,
-            rounds: 1,
-        })
-        .await
-        .unwrap_err();
+        let err = run(args(0, 150, 1)).await.unwrap_err();
         assert!(err.to_string().contains("at least 1"), "{err}");
     }
 }

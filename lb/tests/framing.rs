@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::{Request, StatusCode};
+use hyper::{Method, Request, StatusCode};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -126,8 +126,10 @@ async fn serve(mut stream: TcpStream, script: Script, seen: Arc<Mutex<Vec<String
     }
 }
 
-fn get(path: &str) -> Request<Full<Bytes>> {
-    Request::get(path)
+fn request(method: Method, path: &str) -> Request<Full<Bytes>> {
+    Request::builder()
+        .method(method)
+        .uri(path)
         .header("host", "localhost")
         .body(Full::new(Bytes::new()))
         .unwrap()
@@ -181,11 +183,7 @@ async fn close_delimited_and_head_answers_are_framed_for_the_client() {
     let mut conn = HttpsConn::open(&pki, lb.addrs().https).await;
     let res = conn.get("/close").await;
     assert_eq!(res.text(), "until the close");
-    let head = Request::head("/head")
-        .header("host", "localhost")
-        .body(Full::new(Bytes::new()))
-        .unwrap();
-    let res = conn.send(head).await;
+    let res = conn.send(request(Method::HEAD, "/head")).await;
     assert_eq!(res.status, StatusCode::OK);
     assert_eq!(res.headers["content-length"], "12");
     assert!(res.body.is_empty());
@@ -289,7 +287,7 @@ async fn a_pooled_connection_closed_by_the_backend_is_replaced_without_an_error(
     let lb = start_lb(&backend.config(&pki)).await;
     let mut conn = HttpsConn::open(&pki, lb.addrs().https).await;
     for i in 0..5 {
-        let res = conn.send(get(&format!("/{i}"))).await;
+        let res = conn.send(request(Method::GET, &format!("/{i}"))).await;
         assert_eq!(res.status, StatusCode::OK, "request {i}");
         assert_eq!(res.text(), "ok");
     }
