@@ -3,7 +3,7 @@
 //! part of the body when it is already there, so a small request is one write), the body
 //! streamed after it, and the response head read and parsed in place with `httparse`.
 //!
-//! The proxy frames what it sends itself, whatever the client used: `Content-Length` when the
+//! [`round_trip`] is the entry point. The proxy frames what it sends itself, whatever the client used: `Content-Length` when the
 //! body's length is known, chunked otherwise, nothing for a request without a body (and
 //! `Content-Length: 0` when the client said so). The response's framing follows RFC 9112 §6.3:
 //! no body after `HEAD`, `204` or `304`; chunked when the last transfer coding is chunked; read
@@ -92,9 +92,32 @@ enum RequestFraming {
     Chunked,
 }
 
+/// Sends the request on `conn` and reads the answer's head (see [`send_request`] and
+/// [`read_response_head`]). A backend that stops reading a request body and closes may already
+/// have answered (`413 Content Too Large`, a redirect, an error page): that answer is passed on,
+/// with the connection marked not reusable, rather than a `502`.
+pub async fn round_trip(
+    conn: &mut BackendConn,
+    head: &request::Parts,
+    body: Option<Incoming>,
+    sent: &AtomicU64,
+) -> Result<ResponseHead, ExchangeError> {
+    match send_request(conn, head, body, sent).await {
+        Ok(()) => read_response_head(conn, &head.method).await,
+        Err(ExchangeError::Io(e)) => match read_response_head(conn, &head.method).await {
+            Ok(early) => Ok(ResponseHead {
+                keep_alive: false,
+                ..early
+            }),
+            Err(_) => Err(ExchangeError::Io(e)),
+        },
+        Err(e) => Err(e),
+    }
+}
+
 /// Writes the request (head from `head`, which must be in origin form and rewritten for the
 /// backend, then `body`) to `conn`, counting body bytes into `sent`.
-pub async fn send_request(
+async fn send_request(
     conn: &mut BackendConn,
     head: &request::Parts,
     body: Option<Incoming>,
@@ -197,7 +220,7 @@ fn encode_head(head: &request::Parts, framing: RequestFraming, out: &mut Vec<u8>
 
 /// Reads the final response head from `conn` (interim `1xx` answers other than `101` are
 /// skipped). `method` is the request's, which decides whether a body follows.
-pub async fn read_response_head(
+async fn read_response_head(
     conn: &mut BackendConn,
     method: &Method,
 ) -> Result<ResponseHead, ExchangeError> {

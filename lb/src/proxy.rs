@@ -195,11 +195,10 @@ async fn forward(conn: &Arc<ClientConn>, req: Request<Incoming>) -> Outcome {
         let replayable = reused && body.is_none();
         let stats = backend.stats();
         stats.requests.fetch_add(1, Relaxed);
-        let exchanged = tokio::time::timeout(timeouts.backend_response, async {
-            exchange::send_request(&mut upstream, &head, body.take(), &stats.bytes_to_backend)
-                .await?;
-            exchange::read_response_head(&mut upstream, &head.method).await
-        })
+        let exchanged = tokio::time::timeout(
+            timeouts.backend_response,
+            exchange::round_trip(&mut upstream, &head, body.take(), &stats.bytes_to_backend),
+        )
         .await;
         let error = match exchanged {
             Ok(Ok(answer)) if answer.status != StatusCode::SWITCHING_PROTOCOLS => {

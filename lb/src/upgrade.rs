@@ -114,10 +114,10 @@ pub async fn handle(conn: &Arc<ClientConn>, mut req: Request<Incoming>) -> Outco
 
     let stats = backend.stats();
     stats.requests.fetch_add(1, Relaxed);
-    let exchanged = tokio::time::timeout(timeouts.backend_response, async {
-        exchange::send_request(&mut upstream, &head, None, &stats.bytes_to_backend).await?;
-        exchange::read_response_head(&mut upstream, &head.method).await
-    })
+    let exchanged = tokio::time::timeout(
+        timeouts.backend_response,
+        exchange::round_trip(&mut upstream, &head, None, &stats.bytes_to_backend),
+    )
     .await;
     let answer = match exchanged {
         Ok(Ok(answer)) => answer,

@@ -336,3 +336,37 @@ async fn large_bodies_cross_intact_both_ways_with_either_request_framing() {
     assert_eq!(seen[1].body.len(), body.len());
     lb.shutdown().await;
 }
+
+#[tokio::test]
+async fn an_answer_sent_before_the_backend_stopped_reading_the_body_reaches_the_client() {
+    let pki = Pki::local();
+    // Refuses the upload after its head and closes with the body unread (the kernel resets).
+    let backend = RawBackend::start(|_| {
+        reply(
+            &["HTTP/1.1 413 Content Too Large\r\ncontent-length: 9\r\n\r\ntoo large"],
+            true,
+        )
+    })
+    .await;
+    let lb = start_lb(&backend.config(&pki)).await;
+    let tls = tls_connect(&pki, lb.addrs().https).await;
+    let (mut read, mut write) = tokio::io::split(tls);
+    let body = vec![b'u'; 4 << 20];
+    // The upload may be cut midway once the answer is out: write and read side by side.
+    let writer = tokio::spawn(async move {
+        let head = format!(
+            "POST /upload HTTP/1.1\r\nhost: localhost\r\ncontent-length: {}\r\n\r\n",
+            body.len()
+        );
+        let _ = write.write_all(head.as_bytes()).await;
+        let _ = write.write_all(&body).await;
+        write
+    });
+    let mut out = Vec::new();
+    let _ = within("the early answer", read.read_to_end(&mut out)).await;
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.1 413"), "{text:?}");
+    assert!(text.ends_with("too large"), "{text:?}");
+    drop(writer.await);
+    lb.shutdown().await;
+}
