@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::task::{Context, Poll, ready};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use hyper::body::{Body, Frame, SizeHint};
 
 use crate::balance::Lease;
@@ -111,77 +111,100 @@ impl UpstreamBody {
         Poll::Ready(Some(Err(io::Error::new(io::ErrorKind::InvalidData, why))))
     }
 
-    /// Hands out up to `limit` buffered bytes as a data frame, counting them.
-    fn data(&mut self, limit: u64) -> Option<Bytes> {
-        let conn = self.conn.as_mut()?;
-        let n = usize::try_from(limit)
-            .unwrap_or(usize::MAX)
-            .min(conn.buf.len());
-        if n == 0 {
-            return None;
-        }
-        let data = conn.buf.split_to(n).freeze();
-        if let Some(lease) = &self.lease {
-            lease
-                .backend()
-                .stats()
-                .bytes_to_client
-                .fetch_add(n as u64, Relaxed);
-        }
-        Some(data)
-    }
-
     /// Decodes what is buffered: a data frame, the end (`Ready(None)`), an error, or `None`
     /// when more bytes are needed.
     fn decode(&mut self) -> Option<PollFrame> {
+        let conn = self.conn.as_mut()?;
+        match self.state.step(&mut conn.buf) {
+            Step::Data(data) => {
+                if let Some(lease) = &self.lease {
+                    let stats = lease.backend().stats();
+                    stats.bytes_to_client.fetch_add(data.len() as u64, Relaxed);
+                }
+                if self.state == Decode::Done {
+                    self.finish();
+                }
+                Some(Poll::Ready(Some(Ok(Frame::data(data)))))
+            }
+            Step::End => {
+                self.finish();
+                Some(Poll::Ready(None))
+            }
+            Step::More => None,
+            Step::Invalid(why) => Some(self.fail(why)),
+        }
+    }
+}
+
+/// One step of decoding a body from the bytes buffered so far.
+#[derive(Debug, PartialEq)]
+enum Step {
+    /// The next piece of the body (a view of the buffer, not a copy).
+    Data(Bytes),
+    /// The body has ended; what follows it stays in the buffer.
+    End,
+    /// More bytes are needed.
+    More,
+    /// The backend broke the framing.
+    Invalid(&'static str),
+}
+
+impl Decode {
+    /// Takes what it can from the front of `buf`.
+    fn step(&mut self, buf: &mut BytesMut) -> Step {
         loop {
-            let buf = &mut self.conn.as_mut()?.buf;
-            match self.state {
-                Decode::Done => return Some(Poll::Ready(None)),
+            match *self {
+                Decode::Done => return Step::End,
                 Decode::Length(left) => {
-                    let data = self.data(left)?;
+                    let Some(data) = take(buf, left) else {
+                        return Step::More;
+                    };
                     let left = left - data.len() as u64;
-                    self.state = Decode::Length(left);
-                    if left == 0 {
-                        self.finish();
-                    }
-                    return Some(Poll::Ready(Some(Ok(Frame::data(data)))));
+                    *self = if left == 0 {
+                        Decode::Done
+                    } else {
+                        Decode::Length(left)
+                    };
+                    return Step::Data(data);
                 }
                 Decode::UntilClose => {
-                    let data = self.data(u64::MAX)?;
-                    return Some(Poll::Ready(Some(Ok(Frame::data(data)))));
+                    return take(buf, u64::MAX).map_or(Step::More, Step::Data);
                 }
                 Decode::ChunkData(left) => {
-                    let data = self.data(left)?;
+                    let Some(data) = take(buf, left) else {
+                        return Step::More;
+                    };
                     let left = left - data.len() as u64;
-                    self.state = if left == 0 {
+                    *self = if left == 0 {
                         Decode::ChunkEnd
                     } else {
                         Decode::ChunkData(left)
                     };
-                    return Some(Poll::Ready(Some(Ok(Frame::data(data)))));
+                    return Step::Data(data);
                 }
                 Decode::ChunkSize => match httparse::parse_chunk_size(buf) {
                     Ok(httparse::Status::Complete((used, size))) => {
                         let _ = buf.split_to(used);
-                        self.state = if size == 0 {
+                        *self = if size == 0 {
                             Decode::Trailers
                         } else {
                             Decode::ChunkData(size)
                         };
                     }
-                    Ok(httparse::Status::Partial) if buf.len() < MAX_CHUNK_LINE => return None,
-                    _ => return Some(self.fail("invalid chunk size line from the backend")),
+                    Ok(httparse::Status::Partial) if buf.len() < MAX_CHUNK_LINE => {
+                        return Step::More;
+                    }
+                    _ => return Step::Invalid("invalid chunk size line from the backend"),
                 },
                 Decode::ChunkEnd => {
                     if buf.len() < 2 {
-                        return None;
+                        return Step::More;
                     }
                     if &buf[..2] != b"\r\n" {
-                        return Some(self.fail("chunk data not followed by CRLF"));
+                        return Step::Invalid("chunk data not followed by CRLF");
                     }
                     let _ = buf.split_to(2);
-                    self.state = Decode::ChunkSize;
+                    *self = Decode::ChunkSize;
                 }
                 Decode::Trailers => {
                     let end = if buf.starts_with(b"\r\n") {
@@ -192,16 +215,22 @@ impl UpstreamBody {
                     match end {
                         Some(end) => {
                             let _ = buf.split_to(end);
-                            self.finish();
-                            return Some(Poll::Ready(None));
+                            *self = Decode::Done;
+                            return Step::End;
                         }
-                        None if buf.len() < MAX_TRAILERS => return None,
-                        None => return Some(self.fail("trailer section too large")),
+                        None if buf.len() < MAX_TRAILERS => return Step::More,
+                        None => return Step::Invalid("trailer section too large"),
                     }
                 }
             }
         }
     }
+}
+
+/// Up to `limit` bytes from the front of `buf`, `None` when it is empty.
+fn take(buf: &mut BytesMut, limit: u64) -> Option<Bytes> {
+    let n = usize::try_from(limit).unwrap_or(usize::MAX).min(buf.len());
+    (n > 0).then(|| buf.split_to(n).freeze())
 }
 
 impl Body for UpstreamBody {
@@ -302,5 +331,125 @@ impl Body for ResponseBody {
             }
             ResponseBody::Upstream(body) => body.size_hint(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Feeds `wire` to a decoder starting in `state`, cut at `cuts`, as reads would deliver it;
+    /// returns the body, whether it ended, and what was left in the buffer.
+    fn feed(
+        state: Decode,
+        wire: &[u8],
+        cuts: &[usize],
+    ) -> (Vec<u8>, Result<bool, &'static str>, Vec<u8>) {
+        let mut decode = state;
+        let mut buf = BytesMut::new();
+        let mut body = Vec::new();
+        let mut edges: Vec<usize> = cuts.iter().copied().filter(|&c| c < wire.len()).collect();
+        edges.sort_unstable();
+        edges.push(wire.len());
+        let mut from = 0;
+        for to in edges {
+            buf.extend_from_slice(&wire[from..to]);
+            from = to;
+            loop {
+                match decode.step(&mut buf) {
+                    Step::Data(data) => body.extend_from_slice(&data),
+                    Step::End => {
+                        // What the backend sent after the body, in later reads too.
+                        buf.extend_from_slice(&wire[from..]);
+                        return (body, Ok(true), buf.to_vec());
+                    }
+                    Step::More => break,
+                    Step::Invalid(why) => return (body, Err(why), buf.to_vec()),
+                }
+            }
+        }
+        (body, Ok(false), buf.to_vec())
+    }
+
+    /// Deterministic pseudo-random cut points.
+    fn cuts(seed: u64, len: usize, n: usize) -> Vec<usize> {
+        let mut x = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (0..n)
+            .map(|_| {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                (x >> 33) as usize % (len + 1)
+            })
+            .collect()
+    }
+
+    const CHUNKED: &[u8] =
+        b"5;ext=\"a b\"\r\nhello\r\n7\r\n, world\r\n0\r\nx-trailer: 1\r\nx-other: 2\r\n\r\nNEXT";
+
+    #[test]
+    fn chunked_bodies_decode_the_same_however_the_reads_fall() {
+        let expect = (b"hello, world".to_vec(), Ok(true), b"NEXT".to_vec());
+        for cut in 0..=CHUNKED.len() {
+            assert_eq!(
+                feed(Decode::ChunkSize, CHUNKED, &[cut]),
+                expect,
+                "cut at {cut}"
+            );
+        }
+        for seed in 0..500 {
+            let cuts = cuts(seed, CHUNKED.len(), 1 + seed as usize % 8);
+            assert_eq!(
+                feed(Decode::ChunkSize, CHUNKED, &cuts),
+                expect,
+                "cuts {cuts:?}"
+            );
+        }
+        let bare = b"3\r\nabc\r\n0\r\n\r\n";
+        for cut in 0..=bare.len() {
+            assert_eq!(
+                feed(Decode::ChunkSize, bare, &[cut]),
+                (b"abc".to_vec(), Ok(true), Vec::new()),
+                "cut at {cut}"
+            );
+        }
+    }
+
+    #[test]
+    fn length_bodies_stop_at_their_length() {
+        let wire = b"0123456789NEXT";
+        for seed in 0..100 {
+            let cuts = cuts(seed, wire.len(), 3);
+            let (body, ended, rest) = feed(Decode::Length(10), wire, &cuts);
+            assert_eq!(body, b"0123456789", "cuts {cuts:?}");
+            assert_eq!(ended, Ok(true));
+            assert_eq!(rest, b"NEXT");
+        }
+        // Short of its length it waits for more.
+        assert_eq!(feed(Decode::Length(10), b"01234", &[2]).1, Ok(false));
+    }
+
+    #[test]
+    fn broken_chunked_framing_is_refused() {
+        assert_eq!(
+            feed(Decode::ChunkSize, b"zz\r\nabc\r\n0\r\n\r\n", &[]).1,
+            Err("invalid chunk size line from the backend")
+        );
+        assert_eq!(
+            feed(Decode::ChunkSize, b"3\r\nabcX\r\n0\r\n\r\n", &[]).1,
+            Err("chunk data not followed by CRLF")
+        );
+        assert_eq!(
+            feed(Decode::ChunkSize, &[b'1'; MAX_CHUNK_LINE + 1], &[]).1,
+            Err("invalid chunk size line from the backend")
+        );
+        let mut endless = b"0\r\n".to_vec();
+        endless.extend(std::iter::repeat_n(b'x', MAX_TRAILERS + 1));
+        assert_eq!(
+            feed(Decode::ChunkSize, &endless, &[]).1,
+            Err("trailer section too large")
+        );
     }
 }
