@@ -156,31 +156,13 @@ impl Decode {
             match *self {
                 Decode::Done => return Step::End,
                 Decode::Length(left) => {
-                    let Some(data) = take(buf, left) else {
-                        return Step::More;
-                    };
-                    let left = left - data.len() as u64;
-                    *self = if left == 0 {
-                        Decode::Done
-                    } else {
-                        Decode::Length(left)
-                    };
-                    return Step::Data(data);
+                    return self.counted(buf, left, Decode::Done, Decode::Length);
                 }
                 Decode::UntilClose => {
                     return take(buf, u64::MAX).map_or(Step::More, Step::Data);
                 }
                 Decode::ChunkData(left) => {
-                    let Some(data) = take(buf, left) else {
-                        return Step::More;
-                    };
-                    let left = left - data.len() as u64;
-                    *self = if left == 0 {
-                        Decode::ChunkEnd
-                    } else {
-                        Decode::ChunkData(left)
-                    };
-                    return Step::Data(data);
+                    return self.counted(buf, left, Decode::ChunkEnd, Decode::ChunkData);
                 }
                 Decode::ChunkSize => match httparse::parse_chunk_size(buf) {
                     Ok(httparse::Status::Complete((used, size))) => {
@@ -224,6 +206,23 @@ impl Decode {
                 }
             }
         }
+    }
+
+    /// Takes up to `left` bytes of a counted stretch: the state becomes `after` once all have
+    /// come, `rest(still left)` until then.
+    fn counted(
+        &mut self,
+        buf: &mut BytesMut,
+        left: u64,
+        after: Decode,
+        rest: fn(u64) -> Decode,
+    ) -> Step {
+        let Some(data) = take(buf, left) else {
+            return Step::More;
+        };
+        let left = left - data.len() as u64;
+        *self = if left == 0 { after } else { rest(left) };
+        Step::Data(data)
     }
 }
 
