@@ -3,9 +3,9 @@
 //! part of the body when it is already there, so a small request is one write), the body
 //! streamed after it, and the response head read and parsed in place with `httparse`.
 //!
-//! [`round_trip`] is the entry point. The proxy frames what it sends itself, whatever the client used: `Content-Length` when the
-//! body's length is known, chunked otherwise, nothing for a request without a body (and
-//! `Content-Length: 0` when the client said so). The response's framing follows RFC 9112 §6.3:
+//! [`round_trip`] is the entry point. The proxy frames what it sends itself, whatever the client
+//! used: `Content-Length` when the body's length is known, chunked otherwise, nothing for a
+//! request without a body (and `Content-Length: 0` when the client said so). The response's framing follows RFC 9112 §6.3:
 //! no body after `HEAD`, `204` or `304`; chunked when the last transfer coding is chunked; read
 //! to the close for any other transfer coding or when there is no length; otherwise exactly
 //! `Content-Length` bytes (duplicate lengths must agree). Interim `1xx` answers (`100 Continue`,
@@ -13,7 +13,7 @@
 //! that is not valid HTTP/1.1, or whose head exceeds [`MAX_RESPONSE_HEAD`], is an error the
 //! caller turns into `502`.
 
-use std::io;
+use std::io::{self, Write as _};
 use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::Relaxed;
 
@@ -26,6 +26,7 @@ use hyper::http::request;
 use hyper::{Method, StatusCode};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
+use crate::headers;
 use crate::upstream::BackendConn;
 
 /// Largest response head accepted from a backend.
@@ -170,7 +171,7 @@ async fn send_request(
                 }
                 sent.fetch_add(data.len() as u64, Relaxed);
                 if framing == RequestFraming::Chunked {
-                    out.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+                    let _ = write!(out, "{:x}\r\n", data.len());
                     out.extend_from_slice(&data);
                     out.extend_from_slice(b"\r\n");
                 } else {
@@ -211,7 +212,7 @@ fn encode_head(head: &request::Parts, framing: RequestFraming, out: &mut Vec<u8>
     match framing {
         RequestFraming::None => {}
         RequestFraming::Length(n) => {
-            out.extend_from_slice(format!("content-length: {n}\r\n").as_bytes());
+            let _ = write!(out, "content-length: {n}\r\n");
         }
         RequestFraming::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
     }
@@ -297,7 +298,6 @@ fn parse_response_head(
     let mut length: Option<u64> = None;
     let mut transfer_coded = false;
     let mut chunked = false;
-    let mut close = response.version != Some(1);
     for field in response.headers.iter() {
         let name = HeaderName::from_bytes(field.name.as_bytes())
             .map_err(|_| ExchangeError::BadResponse("invalid header name"))?;
@@ -315,15 +315,6 @@ fn parse_response_head(
         } else if name == header::TRANSFER_ENCODING {
             transfer_coded = true;
             chunked = last_token_is(field.value, b"chunked");
-        } else if name == header::CONNECTION {
-            for token in field.value.split(|&b| b == b',') {
-                let token = token.trim_ascii();
-                if token.eq_ignore_ascii_case(b"close") {
-                    close = true;
-                } else if token.eq_ignore_ascii_case(b"keep-alive") && response.version == Some(0) {
-                    close = false;
-                }
-            }
         }
         headers.append(name, value);
     }
@@ -341,6 +332,12 @@ fn parse_response_head(
         }
     } else {
         length.map_or(Framing::UntilClose, Framing::Length)
+    };
+    // HTTP/1.1 keeps the connection unless told to close it; HTTP/1.0 only when asked to.
+    let close = if response.version == Some(1) {
+        headers::connection_has(&headers, "close")
+    } else {
+        !headers::connection_has(&headers, "keep-alive")
     };
     if transfer_coded {
         // The transfer coding overrides any length (RFC 9112 §6.3).
