@@ -102,7 +102,9 @@ pub struct BackendStats {
 pub struct Backend {
     name: String,
     addr: SocketAddr,
-    weight: u32,
+    /// Clamped to [`MAX_WEIGHT`]; changed in place by a reload, so draining a backend with
+    /// weight 0 keeps its state, counters and open tunnels.
+    weight: AtomicU32,
     /// Health state; starts up, like HAProxy, and is flipped only by the health checker.
     up: AtomicBool,
     /// Live [`Lease`]s: connections or tunnels currently using this backend.
@@ -122,7 +124,7 @@ impl Backend {
         Backend {
             name,
             addr,
-            weight: weight.min(MAX_WEIGHT),
+            weight: AtomicU32::new(weight.min(MAX_WEIGHT)),
             up: AtomicBool::new(true),
             active: AtomicU64::new(0),
             stats: BackendStats::default(),
@@ -143,7 +145,13 @@ impl Backend {
 
     /// Its weight after clamping.
     pub fn weight(&self) -> u32 {
-        self.weight
+        self.weight.load(Relaxed)
+    }
+
+    /// Sets a new weight (clamped to [`MAX_WEIGHT`]), as a reload does; pools built afterwards
+    /// schedule by it, and a weight of 0 stops new connections at once.
+    pub fn set_weight(&self, weight: u32) {
+        self.weight.store(weight.min(MAX_WEIGHT), Relaxed);
     }
 
     /// Whether the health checker currently considers the backend able to serve.
@@ -235,7 +243,7 @@ pub struct Pool {
 impl Pool {
     /// A pool over `backends`, choosing by `policy`.
     pub fn new(backends: Vec<Arc<Backend>>, policy: Policy) -> Self {
-        let weights: Vec<u32> = backends.iter().map(|b| b.weight).collect();
+        let weights: Vec<u32> = backends.iter().map(|b| b.weight()).collect();
         Pool {
             schedule: smooth_schedule(&weights),
             backends,
@@ -257,7 +265,7 @@ impl Pool {
     /// A backend that is up, has a non-zero weight and whose address is not in `exclude`
     /// (the backends this request already failed to reach), or `None` if there is none.
     pub fn pick(&self, exclude: &[SocketAddr]) -> Option<Arc<Backend>> {
-        let eligible = |b: &Backend| b.weight > 0 && b.is_up() && !exclude.contains(&b.addr);
+        let eligible = |b: &Backend| b.weight() > 0 && b.is_up() && !exclude.contains(&b.addr);
         let chosen = match self.policy {
             Policy::RoundRobin => self.pick_round_robin(eligible),
             Policy::LeastConnections => self.pick_least_connections(eligible),
@@ -302,7 +310,7 @@ impl Pool {
                 None => true,
                 // load / weight < best_load / best_weight, without division.
                 Some((b, best_load)) => {
-                    load * u128::from(b.weight) < best_load * u128::from(backend.weight)
+                    load * u128::from(b.weight()) < best_load * u128::from(backend.weight())
                 }
             };
             if lower {

@@ -102,13 +102,13 @@ impl UpstreamBody {
     }
 
     /// The body broke: the connection is closed and the backend's error count goes up.
-    fn fail(&mut self, why: &'static str) -> PollFrame {
+    fn fail(&mut self, error: io::Error) -> PollFrame {
         if let Some(lease) = self.lease.take() {
             lease.backend().stats().errors.fetch_add(1, Relaxed);
         }
         self.conn = None;
         self.state = Decode::Done;
-        Poll::Ready(Some(Err(io::Error::new(io::ErrorKind::InvalidData, why))))
+        Poll::Ready(Some(Err(error)))
     }
 
     /// Decodes what is buffered: a data frame, the end (`Ready(None)`), an error, or `None`
@@ -131,7 +131,7 @@ impl UpstreamBody {
                 Some(Poll::Ready(None))
             }
             Step::More => None,
-            Step::Invalid(why) => Some(self.fail(why)),
+            Step::Invalid(why) => Some(self.fail(io::Error::new(io::ErrorKind::InvalidData, why))),
         }
     }
 }
@@ -257,16 +257,14 @@ impl Body for UpstreamBody {
                     this.finish();
                     return Poll::Ready(None);
                 }
-                Ok(0) => return this.fail("the backend closed the connection mid-body"),
-                Ok(_) => {}
-                Err(e) => {
-                    if let Some(lease) = this.lease.take() {
-                        lease.backend().stats().errors.fetch_add(1, Relaxed);
-                    }
-                    this.conn = None;
-                    this.state = Decode::Done;
-                    return Poll::Ready(Some(Err(e)));
+                Ok(0) => {
+                    return this.fail(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the backend closed the connection mid-body",
+                    ));
                 }
+                Ok(_) => {}
+                Err(e) => return this.fail(e),
             }
         }
     }

@@ -41,8 +41,8 @@ pub const READ_CHUNK: usize = 16 * 1024;
 /// Why an exchange failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ExchangeError {
-    /// The backend closed or reset the connection before any byte of an answer, and nothing
-    /// of the request's body had been consumed: the request may be sent again elsewhere.
+    /// The backend closed or reset the connection before any byte of an answer (whether the
+    /// request may be sent again is the caller's decision: it must have had no body).
     #[error("connection closed before the response: {0}")]
     Closed(io::Error),
     /// The client's request body broke off (the client left or sent bad chunks).
@@ -343,11 +343,14 @@ fn parse_response_head(
         // The transfer coding overrides any length (RFC 9112 §6.3).
         headers.remove(header::CONTENT_LENGTH);
     }
+    // A transfer coding next to a length, or on HTTP/1.0, is how response smuggling starts
+    // (RFC 9112 §6.3): this answer is forwarded, the connection not reused.
+    let suspicious = transfer_coded && (length.is_some() || response.version != Some(1));
     let head = ResponseHead {
         status,
         headers,
         framing,
-        keep_alive: !close && framing != Framing::UntilClose,
+        keep_alive: !close && !suspicious && framing != Framing::UntilClose,
     };
     Ok(Some(head))
 }
@@ -403,6 +406,20 @@ mod tests {
         );
         assert_eq!(h.framing, Framing::Chunked);
         assert!(!h.headers.contains_key("content-length"));
+        assert!(
+            !h.keep_alive,
+            "a length beside a transfer coding ends the connection"
+        );
+        let h = parse(
+            "HTTP/1.0 200 OK\r\nconnection: keep-alive\r\ntransfer-encoding: chunked\r\n\r\n",
+            &get,
+        );
+        assert_eq!((h.framing, h.keep_alive), (Framing::Chunked, false));
+        let h = parse(
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n",
+            &get,
+        );
+        assert_eq!((h.framing, h.keep_alive), (Framing::Chunked, true));
         let h = parse("HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\n", &get);
         assert_eq!((h.framing, h.keep_alive), (Framing::UntilClose, false));
         let h = parse("HTTP/1.1 200 OK\r\n\r\n", &get);

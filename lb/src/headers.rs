@@ -43,6 +43,19 @@ static HOP_BY_HOP: [HeaderName; 9] = [
 pub enum RequestHeadError {
     /// An HTTP/1.1 request without `Host` (RFC 9112 §3.2).
     MissingHost,
+    /// More than one `Host` field: the backend might route by another one than this hop logs
+    /// and forwards as `X-Forwarded-Host` (RFC 9112 §3.2 requires a 400).
+    DuplicateHost,
+}
+
+impl RequestHeadError {
+    /// The body of the 400 the client gets.
+    pub fn message(self) -> &'static str {
+        match self {
+            RequestHeadError::MissingHost => "400 Bad Request: a Host header is required\n",
+            RequestHeadError::DuplicateHost => "400 Bad Request: more than one Host header\n",
+        }
+    }
 }
 
 /// Whether the `Connection` header(s) list `token` (case-insensitive).
@@ -82,7 +95,11 @@ pub fn prepare_request(
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
         head.uri = Uri::from(path);
     }
-    let host = head.headers.get(header::HOST).cloned();
+    let mut hosts = head.headers.get_all(header::HOST).iter();
+    let host = hosts.next().cloned();
+    if hosts.next().is_some() {
+        return Err(RequestHeadError::DuplicateHost);
+    }
     if host.is_none() && head.version == Version::HTTP_11 {
         return Err(RequestHeadError::MissingHost);
     }
@@ -262,6 +279,15 @@ mod tests {
         prepare_request(&mut h, CLIENT, false).unwrap();
         assert_eq!(h.uri, "/ws?a=b");
         assert_eq!(h.headers["host"], "chat.example.test");
+    }
+
+    #[test]
+    fn two_host_headers_are_refused() {
+        let mut h = head(|b| b.header("host", "a").header("host", "b"));
+        assert_eq!(
+            prepare_request(&mut h, CLIENT, false),
+            Err(RequestHeadError::DuplicateHost)
+        );
     }
 
     #[test]

@@ -162,11 +162,8 @@ pub async fn handle(
 /// Forwards a plain HTTP request (see the module docs).
 async fn forward(conn: &Arc<ClientConn>, req: Request<Incoming>) -> Outcome {
     let (mut head, body) = req.into_parts();
-    if headers::prepare_request(&mut head, conn.peer.ip().to_canonical(), false).is_err() {
-        return Outcome::local(local_response(
-            StatusCode::BAD_REQUEST,
-            "400 Bad Request: a Host header is required\n",
-        ));
+    if let Err(e) = headers::prepare_request(&mut head, conn.peer.ip().to_canonical(), false) {
+        return Outcome::local(local_response(StatusCode::BAD_REQUEST, e.message()));
     }
     let mut body = (!body.is_end_stream()).then_some(body);
     let engine = &conn.engine;
@@ -190,9 +187,10 @@ async fn forward(conn: &Arc<ClientConn>, req: Request<Incoming>) -> Outcome {
                 continue;
             }
         };
-        // A bodiless request sent over a reused connection can be sent again if that
-        // connection turns out to have been closed by the backend meanwhile.
-        let replayable = reused && body.is_none();
+        // A bodiless idempotent request sent over a reused connection can be sent again if
+        // that connection turns out to have been closed by the backend meanwhile (RFC 9110
+        // §9.2.2: the backend may have acted on a POST before closing).
+        let replayable = reused && body.is_none() && head.method.is_idempotent();
         let stats = backend.stats();
         stats.requests.fetch_add(1, Relaxed);
         let exchanged = tokio::time::timeout(

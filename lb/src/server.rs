@@ -302,12 +302,17 @@ impl Lb {
             .backends
             .iter()
             .map(|b| {
-                old_pool
+                match old_pool
                     .backends()
                     .iter()
-                    .find(|o| o.addr() == b.addr && o.name() == b.name && o.weight() == b.weight)
-                    .cloned()
-                    .unwrap_or_else(|| Arc::new(Backend::new(b.name.clone(), b.addr, b.weight)))
+                    .find(|o| o.addr() == b.addr && o.name() == b.name)
+                {
+                    Some(kept) => {
+                        kept.set_weight(b.weight);
+                        Arc::clone(kept)
+                    }
+                    None => Arc::new(Backend::new(b.name.clone(), b.addr, b.weight)),
+                }
             })
             .collect();
         let kept = backends

@@ -85,11 +85,8 @@ pub async fn handle(conn: &Arc<ClientConn>, mut req: Request<Incoming>) -> Outco
     }
     let client_upgrade = hyper::upgrade::on(&mut req);
     let (mut head, _empty) = req.into_parts();
-    if headers::prepare_request(&mut head, conn.peer.ip().to_canonical(), true).is_err() {
-        return Outcome::local(local_response(
-            StatusCode::BAD_REQUEST,
-            "a Host header is required",
-        ));
+    if let Err(e) = headers::prepare_request(&mut head, conn.peer.ip().to_canonical(), true) {
+        return Outcome::local(local_response(StatusCode::BAD_REQUEST, e.message()));
     }
 
     let engine = &conn.engine;

@@ -54,6 +54,24 @@ async fn backends_that_remain_keep_their_state_and_counters() {
     assert_eq!(pool.backends().len(), 2);
     assert!(Arc::ptr_eq(&before, &pool.backends()[0]));
     assert_eq!(pool.backends()[0].stats().requests.load(Relaxed), 1);
+
+    // Draining `a` with weight 0 keeps it (state, counters) and sends everything to `b`.
+    let config = TestConfig::new(&pki, &[&a, &b]);
+    let toml = config.toml().replace(
+        &format!("addr = \"{}\"\n", a.addr()),
+        &format!("addr = \"{}\"\nweight = 0\n", a.addr()),
+    );
+    let drained = lb::Config::parse(&toml, "test.toml", &config.base, &lb::Overrides::default())
+        .expect("valid config");
+    lb.reload(drained).expect("reload");
+    let pool = lb.pool();
+    assert!(Arc::ptr_eq(&before, &pool.backends()[0]));
+    assert_eq!(pool.backends()[0].weight(), 0);
+    for _ in 0..4 {
+        let res = https_get(&pki, lb.addrs().https, "/").await;
+        assert_eq!(res.backend(), Some("b"));
+    }
+    assert_eq!(pool.backends()[0].stats().requests.load(Relaxed), 1);
     lb.shutdown().await;
 }
 
