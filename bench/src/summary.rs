@@ -4,7 +4,8 @@
 //! where `report` is what a subcommand printed with `--json`. For every known figure this module
 //! takes each metric (a JSON pointer into the report) per system, prints the median over the
 //! repetitions, and the ratio lb ÷ the better of HAProxy and nginx. The fan-out ramp gets its own
-//! table and the highest rate that lost nothing with p99 under the latency limit.
+//! table and the highest rate that lost nothing with p99 under the latency limit. Titles with
+//! `{clients}` get the client count the fan-out reports themselves give.
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -19,7 +20,7 @@ use serde_json::Value;
 pub struct Args {
     /// The results file (JSON lines) written by bench/run.
     results: PathBuf,
-    /// p99 limit in ms for the ramp's highest acceptable rate.
+    /// p99 limit in ms for the ramp's highest acceptable rate (bench/run passes its RAMP_P99_MS).
     #[arg(long, default_value_t = 50.0)]
     p99_limit_ms: f64,
 }
@@ -49,6 +50,7 @@ struct Metric {
 
 struct Figure {
     id: &'static str,
+    /// `{clients}` is replaced by the `clients` of the figure's reports.
     title: &'static str,
     metrics: &'static [Metric],
 }
@@ -179,12 +181,12 @@ const FIGURES: &[Figure] = &[
     },
     Figure {
         id: "stack-25",
-        title: "Whole stack, 1,000 clients, 25 msg/s",
+        title: "Whole stack, {clients} clients, 25 msg/s",
         metrics: STACK,
     },
     Figure {
         id: "stack-100",
-        title: "Whole stack, 1,000 clients, 100 msg/s",
+        title: "Whole stack, {clients} clients, 100 msg/s",
         metrics: STACK,
     },
 ];
@@ -237,7 +239,8 @@ fn figure_table(out: &mut String, figure: &Figure, records: &[&Record]) {
         .unwrap_or(0);
     let with_ratio =
         systems.contains(&"lb") && (systems.contains(&"haproxy") || systems.contains(&"nginx"));
-    let _ = writeln!(out, "### {} (median of {reps})\n", figure.title);
+    let title = figure.title.replace("{clients}", &clients(records));
+    let _ = writeln!(out, "### {title} (median of {reps})\n");
     let mut header = String::from("| figure |");
     let mut rule = String::from("|---|");
     for s in &systems {
@@ -298,7 +301,7 @@ fn ratio(medians: &BTreeMap<&str, f64>, better: Better) -> Option<f64> {
 }
 
 fn ramp_table(out: &mut String, records: &[&Record], p99_limit_ms: f64) {
-    let _ = writeln!(out, "### Whole stack ramp, 1,000 clients\n");
+    let _ = writeln!(out, "### Whole stack ramp, {} clients\n", clients(records));
     let _ = writeln!(
         out,
         "| system | msg/s | deliveries/s | lost | p50 (ms) | p99 (ms) | server CPU per delivery (µs) | generator cores | machine cores |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|"
@@ -309,7 +312,8 @@ fn ramp_table(out: &mut String, records: &[&Record], p99_limit_ms: f64) {
             .and_then(Value::as_f64)
             .unwrap_or(f64::NAN)
     };
-    let mut knees: BTreeMap<&str, Option<f64>> = BTreeMap::new();
+    // Per system: the rate and the deliveries/s of the highest clean step.
+    let mut knees: BTreeMap<&str, Option<(f64, f64)>> = BTreeMap::new();
     let mut sorted: Vec<&&Record> = records.iter().collect();
     sorted.sort_by(|a, b| {
         (&a.system, get(a, "/rate"))
@@ -318,29 +322,28 @@ fn ramp_table(out: &mut String, records: &[&Record], p99_limit_ms: f64) {
     });
     for r in sorted {
         let (rate, lost, p99) = (get(r, "/rate"), get(r, "/lost"), get(r, "/latency/p99_ms"));
+        let deliveries = get(r, "/deliveries_per_s");
         let _ = writeln!(
             out,
-            "| {} | {rate:.0} | {:.0} | {lost:.0} | {:.2} | {p99:.2} | {:.2} | {:.2} | {:.2} |",
+            "| {} | {rate:.0} | {deliveries:.0} | {lost:.0} | {:.2} | {p99:.2} | {:.2} | {:.2} | {:.2} |",
             display_name(&r.system),
-            get(r, "/deliveries_per_s"),
             get(r, "/latency/p50_ms"),
             get(r, "/server_cpu_us_per_delivery"),
             get(r, "/generator/cores"),
             get(r, "/machine_cores"),
         );
         let knee = knees.entry(r.system.as_str()).or_insert(None);
-        if lost == 0.0 && p99 < p99_limit_ms && knee.is_none_or(|k| rate > k) {
-            *knee = Some(rate);
+        if lost == 0.0 && p99 < p99_limit_ms && knee.is_none_or(|(k, _)| rate > k) {
+            *knee = Some((rate, deliveries));
         }
     }
     out.push('\n');
     for (system, knee) in knees {
         let _ = match knee {
-            Some(k) => writeln!(
+            Some((k, deliveries)) => writeln!(
                 out,
-                "{}: highest rate with zero loss and p99 < {p99_limit_ms} ms: **{k:.0} msg/s** ({:.0} deliveries/s)\n",
+                "{}: highest rate with zero loss and p99 < {p99_limit_ms} ms: **{k:.0} msg/s** ({deliveries:.0} deliveries/s)\n",
                 display_name(system),
-                k * 1000.0
             ),
             None => writeln!(
                 out,
@@ -349,6 +352,38 @@ fn ramp_table(out: &mut String, records: &[&Record], p99_limit_ms: f64) {
             ),
         };
     }
+}
+
+/// The `clients` the reports asked for, with thousands separators; several values (a results file
+/// joined from runs with different `STACK_CLIENTS`) are all named, in ascending order.
+fn clients(records: &[&Record]) -> String {
+    let mut counts: Vec<u64> = records
+        .iter()
+        .filter_map(|r| r.report.pointer("/clients").and_then(Value::as_u64))
+        .collect();
+    counts.sort_unstable();
+    counts.dedup();
+    if counts.is_empty() {
+        return "?".to_string();
+    }
+    counts
+        .into_iter()
+        .map(thousands)
+        .collect::<Vec<_>>()
+        .join(" or ")
+}
+
+/// `1234567` as `1,234,567`.
+fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
 }
 
 fn display_name(system: &str) -> &str {
@@ -434,11 +469,18 @@ mod tests {
 
     #[test]
     fn ramp_finds_the_highest_clean_rate() {
+        // 500 clients, and deliveries a little short of rate × clients as in a real run.
         let step = |rate: f64, lost: u64, p99: f64| {
             record(
                 "ramp",
                 "lb",
-                serde_json::json!({"rate": rate, "lost": lost, "latency": {"p99_ms": p99}}),
+                serde_json::json!({
+                    "clients": 500,
+                    "rate": rate,
+                    "deliveries_per_s": rate * 500.0 - 7.0,
+                    "lost": lost,
+                    "latency": {"p99_ms": p99},
+                }),
             )
         };
         let records = vec![
@@ -449,8 +491,30 @@ mod tests {
         ];
         let text = render(&records, 50.0);
         assert!(text.contains("**200 msg/s**"), "{text}");
+        assert!(text.contains("(99993 deliveries/s)"), "{text}");
+        assert!(text.contains("ramp, 500 clients"), "{text}");
         let none = render(&[step(100.0, 1, 3.0)], 50.0);
         assert!(none.contains("no step met"), "{none}");
+    }
+
+    #[test]
+    fn stack_titles_take_the_client_count_from_the_reports() {
+        let records = vec![
+            record("stack-25", "lb", serde_json::json!({"clients": 2500})),
+            record("stack-100", "lb", serde_json::json!({"clients": 1000})),
+            record("stack-100", "lb", serde_json::json!({"clients": 200})),
+        ];
+        let text = render(&records, 50.0);
+        assert!(
+            text.contains("Whole stack, 2,500 clients, 25 msg/s"),
+            "{text}"
+        );
+        assert!(
+            text.contains("Whole stack, 200 or 1,000 clients, 100 msg/s"),
+            "{text}"
+        );
+        assert_eq!(thousands(1_234_567), "1,234,567");
+        assert_eq!(thousands(999), "999");
     }
 
     #[test]
