@@ -7,7 +7,7 @@
 //! per direction for the whole life of a tunnel, while here each read lands in a buffer on the
 //! stack of the poll call, and is written straight to the other side. Only when that side
 //! cannot take it all (backpressure) do the leftover bytes move to a per-direction spill buffer,
-//! allocated on first need and reused afterwards. An idle tunnel therefore holds no copy
+//! allocated when needed and released once drained. An idle tunnel therefore holds no copy
 //! buffers at all, and no frame ever causes an allocation of its own.
 //!
 //! When one side ends its stream (EOF), the other side's write half is shut down after
@@ -64,7 +64,7 @@ impl SpliceEnd {
 }
 
 /// What a finished tunnel did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SpliceReport {
     /// Bytes copied from the client to the backend.
     pub to_backend: u64,
@@ -72,6 +72,8 @@ pub struct SpliceReport {
     pub to_client: u64,
     /// Why it ended.
     pub end: SpliceEnd,
+    /// The read or write error behind a `ClientError` or `BackendError`.
+    pub error: Option<String>,
 }
 
 /// Copies between `client` and `backend` until the tunnel ends (see the module docs).
@@ -111,19 +113,20 @@ where
         }
         for (state, read_side_is_client) in [(&up_state, true), (&down_state, false)] {
             if let Poll::Ready(Err(failure)) = state {
-                let client_failed = match failure {
-                    Failure::Read => read_side_is_client,
-                    Failure::Write => !read_side_is_client,
+                let (client_failed, error) = match failure {
+                    Failure::Read(e) => (read_side_is_client, e),
+                    Failure::Write(e) => (!read_side_is_client, e),
                 };
-                return Poll::Ready(if client_failed {
+                let end = if client_failed {
                     SpliceEnd::ClientError
                 } else {
                     SpliceEnd::BackendError
-                });
+                };
+                return Poll::Ready((end, Some(error.to_string())));
             }
         }
         if up_state.is_ready() && down_state.is_ready() {
-            return Poll::Ready(SpliceEnd::Closed);
+            return Poll::Ready((SpliceEnd::Closed, None));
         }
         if (up_state.is_ready() || down_state.is_ready()) && half_closed.is_none() {
             let now = Instant::now();
@@ -136,11 +139,11 @@ where
             let now = Instant::now();
             let lingering = half_closed.map(|at| at + HALF_CLOSE_GRACE);
             if lingering.is_some_and(|deadline| deadline <= now) {
-                return Poll::Ready(SpliceEnd::Closed);
+                return Poll::Ready((SpliceEnd::Closed, None));
             }
             let idle_deadline = last_activity + idle;
             if idle_deadline <= now {
-                return Poll::Ready(SpliceEnd::IdleTimeout);
+                return Poll::Ready((SpliceEnd::IdleTimeout, None));
             }
             timer
                 .as_mut()
@@ -148,14 +151,15 @@ where
         }
     });
 
-    let end = tokio::select! {
-        end = copy => end,
-        () = stop.cancelled() => SpliceEnd::Shutdown,
+    let (end, error) = tokio::select! {
+        ended = copy => ended,
+        () = stop.cancelled() => (SpliceEnd::Shutdown, None),
     };
     SpliceReport {
         to_backend: up.bytes,
         to_client: down.bytes,
         end,
+        error,
     }
 }
 
@@ -163,9 +167,9 @@ where
 #[derive(Debug)]
 enum Failure {
     /// Reading from the source.
-    Read,
+    Read(std::io::Error),
     /// Writing to (or flushing, or shutting down) the destination.
-    Write,
+    Write(std::io::Error),
 }
 
 /// One direction of the tunnel: reads from a source, writes to a destination.
@@ -219,11 +223,14 @@ impl Direction {
                 self.wrote(n);
             }
             self.spill_pos = 0;
-            self.spill.clear();
+            if self.spill.capacity() != 0 {
+                // Drained: release it, so a tunnel that once met backpressure idles without it.
+                self.spill = Vec::new();
+            }
 
             if self.eof {
-                ready!(Pin::new(&mut *dst).poll_flush(cx)).map_err(|_| Failure::Write)?;
-                ready!(Pin::new(&mut *dst).poll_shutdown(cx)).map_err(|_| Failure::Write)?;
+                ready!(Pin::new(&mut *dst).poll_flush(cx)).map_err(Failure::Write)?;
+                ready!(Pin::new(&mut *dst).poll_shutdown(cx)).map_err(Failure::Write)?;
                 self.done = true;
                 return Poll::Ready(Ok(()));
             }
@@ -233,12 +240,12 @@ impl Direction {
             match Pin::new(&mut *src).poll_read(cx, &mut buf) {
                 Poll::Pending => {
                     if self.need_flush {
-                        ready!(Pin::new(&mut *dst).poll_flush(cx)).map_err(|_| Failure::Write)?;
+                        ready!(Pin::new(&mut *dst).poll_flush(cx)).map_err(Failure::Write)?;
                         self.need_flush = false;
                     }
                     return Poll::Pending;
                 }
-                Poll::Ready(Err(_)) => return Poll::Ready(Err(Failure::Read)),
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(Failure::Read(e))),
                 Poll::Ready(Ok(())) => {}
             }
             let data = buf.filled();
@@ -278,7 +285,8 @@ fn poll_write_some<W: AsyncWrite + Unpin>(
     data: &[u8],
 ) -> Poll<Result<usize, Failure>> {
     match ready!(Pin::new(dst).poll_write(cx, data)) {
-        Ok(0) | Err(_) => Poll::Ready(Err(Failure::Write)),
+        Ok(0) => Poll::Ready(Err(Failure::Write(std::io::ErrorKind::WriteZero.into()))),
+        Err(e) => Poll::Ready(Err(Failure::Write(e))),
         Ok(n) => Poll::Ready(Ok(n)),
     }
 }
@@ -370,7 +378,8 @@ mod tests {
     async fn stop_token_ends_the_tunnel() {
         let (_client, _backend, stop, task) = start(Duration::from_secs(60), b"");
         stop.cancel();
-        assert_eq!(task.await.unwrap().end, SpliceEnd::Shutdown);
+        let report = task.await.unwrap();
+        assert_eq!((report.end, report.error), (SpliceEnd::Shutdown, None));
     }
 
     #[tokio::test]
@@ -380,6 +389,8 @@ mod tests {
         let mut client = client;
         // Writing towards a vanished backend fails that side.
         let _ = client.write_all(b"hello").await;
-        assert_eq!(task.await.unwrap().end, SpliceEnd::BackendError);
+        let report = task.await.unwrap();
+        assert_eq!(report.end, SpliceEnd::BackendError);
+        assert!(report.error.is_some(), "the cause is kept for the log line");
     }
 }

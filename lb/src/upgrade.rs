@@ -222,6 +222,7 @@ async fn tunnel(
         to_backend = report.to_backend,
         to_client = report.to_client,
         end = report.end.as_str(),
+        error = report.error.as_deref().unwrap_or("-"),
         "tunnel"
     );
     drop(lease);

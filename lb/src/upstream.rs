@@ -25,7 +25,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 /// Opens a TCP connection to `addr` within `timeout`, with TCP_NODELAY set.
-pub async fn connect(addr: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
+async fn connect(addr: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
     let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
@@ -55,8 +55,8 @@ pub struct BackendConn {
 
 impl BackendConn {
     /// Whether an idle connection can carry another request: the backend has neither closed
-    /// it nor sent anything unasked. Answers from the readiness the runtime already knows, so
-    /// it costs no system call while the connection is quiet.
+    /// it nor sent anything unasked. Answers from the readiness the runtime already knows when
+    /// the socket is marked not readable (no system call); otherwise one `recv` finds out.
     fn is_usable(&self) -> bool {
         let mut probe = [0u8; 1];
         matches!(self.stream.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
@@ -96,20 +96,19 @@ impl Upstreams {
     }
 
     /// Takes the most recently used idle connection to `addr` that is still usable and has
-    /// been idle less than `max_age`.
+    /// been idle less than `max_age`. The lock is held only to pop; checking a connection and
+    /// closing a dead one happen outside it.
     pub fn take(&self, addr: SocketAddr, max_age: Duration) -> Option<BackendConn> {
-        let mut idle = self.lock();
-        let list = idle.get_mut(&addr)?;
-        let now = Instant::now();
-        while let Some(entry) = list.pop() {
-            if now.duration_since(entry.since) < max_age && entry.conn.is_usable() {
+        loop {
+            let entry = self.lock().get_mut(&addr)?.pop()?;
+            if entry.since.elapsed() < max_age && entry.conn.is_usable() {
                 return Some(entry.conn);
             }
         }
-        None
     }
 
-    /// Returns a connection whose exchange finished cleanly.
+    /// Returns a connection whose exchange finished cleanly (dropped, which closes it, when
+    /// the pool is closed or full).
     pub fn put(&self, conn: BackendConn) {
         if self.closed.load(Ordering::Relaxed) || !conn.buf.is_empty() {
             return;
@@ -122,18 +121,33 @@ impl Upstreams {
                 conn,
                 since: Instant::now(),
             });
+        } else {
+            drop(idle);
+            drop(conn);
         }
     }
 
     /// Drops idle connections older than `max_age`, closed by their backend, or to backends
-    /// `keep` rejects.
+    /// `keep` rejects. They are taken out under the lock and closed after it.
     pub fn sweep(&self, max_age: Duration, keep: impl Fn(SocketAddr) -> bool) {
-        let now = Instant::now();
+        let all = std::mem::take(&mut *self.lock());
+        let mut kept: HashMap<SocketAddr, Vec<Idle>> = HashMap::new();
+        for (addr, list) in all.into_iter().filter(|(addr, _)| keep(*addr)) {
+            let live: Vec<Idle> = list
+                .into_iter()
+                .filter(|c| c.since.elapsed() < max_age && c.conn.is_usable())
+                .collect();
+            if !live.is_empty() {
+                kept.insert(addr, live);
+            }
+        }
         let mut idle = self.lock();
-        idle.retain(|addr, list| {
-            list.retain(|c| now.duration_since(c.since) < max_age && c.conn.is_usable());
-            keep(*addr) && !list.is_empty()
-        });
+        for (addr, mut list) in kept {
+            // Connections put back meanwhile are the more recent: they stay on top.
+            let newer = idle.remove(&addr).unwrap_or_default();
+            list.extend(newer);
+            idle.insert(addr, list);
+        }
     }
 
     /// Drops every idle connection and pools nothing from now on (shutdown).
