@@ -11,8 +11,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::pki_types::ServerName;
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
@@ -129,16 +128,10 @@ pub fn ws_config() -> WebSocketConfig {
 /// The TLS 1.2/1.3 settings of the generator: trusts only `ca`, offers ALPN `http/1.1`, never resumes.
 fn client_config(ca: &Path) -> anyhow::Result<rustls::ClientConfig> {
     let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_file_iter(ca)
-        .with_context(|| format!("reading CA file {}", ca.display()))?
-    {
-        let cert = cert.with_context(|| format!("parsing CA file {}", ca.display()))?;
+    for cert in certs::load_ca(ca)? {
         roots
             .add(cert)
             .with_context(|| format!("adding a certificate of {}", ca.display()))?;
-    }
-    if roots.is_empty() {
-        bail!("CA file {} holds no certificate", ca.display());
     }
     let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
@@ -176,5 +169,14 @@ mod tests {
         .err()
         .unwrap();
         assert!(format!("{err:#}").contains("/nonexistent/ca.pem"));
+        // An empty CA file: certs says it holds no certificate.
+        let err = Target::resolve("wss://127.0.0.1:1/ws", Some(Path::new("/dev/null")))
+            .await
+            .err()
+            .unwrap();
+        assert!(
+            format!("{err:#}").contains("/dev/null: no certificate found"),
+            "{err:#}"
+        );
     }
 }

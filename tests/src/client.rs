@@ -7,8 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 use futures_util::{SinkExt, StreamExt};
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, ServerName};
+use rustls_pki_types::ServerName;
 use serde_json::Value;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
@@ -29,10 +28,10 @@ pub const RECV_WITHIN: Duration = Duration::from_secs(10);
 /// A TLS client configuration trusting only the CA in `ca_file`.
 pub fn tls_connector(ca_file: &Path) -> Result<TlsConnector> {
     let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_file_iter(ca_file)
-        .with_context(|| format!("cannot read CA file {}", ca_file.display()))?
-    {
-        roots.add(cert.context("bad certificate in CA file")?)?;
+    for cert in certs::load_ca(ca_file)? {
+        roots
+            .add(cert)
+            .with_context(|| format!("bad certificate in CA file {}", ca_file.display()))?;
     }
     let config = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
