@@ -18,7 +18,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::client::{Target, Ws};
 use crate::latency::Percentiles;
-use crate::procstat::{Measured, Watch, Window};
+use crate::procstat::{Load, Measured, Watch, Window};
 
 /// Options of `bench echo`.
 #[derive(Debug, clap::Args)]
@@ -224,22 +224,12 @@ impl std::fmt::Display for Report {
             }
             writeln!(f)?;
         }
-        for (u, per) in self
-            .measured
-            .watched
-            .iter()
-            .zip(&self.cpu_us_per_round_trip)
-        {
-            writeln!(
-                f,
-                "  {:<13}  {:.2} cores, {:.2} µs CPU per round trip, RSS {:.1} MiB",
-                u.name, u.cores, per, u.rss_mib
-            )?;
-        }
-        write!(
+        self.measured.write_cpu_rows(
             f,
-            "  generator      {:.2} cores; machine {:.2} cores busy",
-            self.measured.generator.cores, self.measured.machine_cores
+            &self.cpu_us_per_round_trip,
+            "round trip",
+            None,
+            Load::Generator,
         )
     }
 }

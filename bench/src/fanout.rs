@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::client::{Target, Ws};
 use crate::latency::Percentiles;
-use crate::procstat::{Measured, Watch, Window};
+use crate::procstat::{Load, Measured, Watch, Window};
 
 /// How often the main task checks whether every expected delivery has arrived.
 const DRAIN_POLL: Duration = Duration::from_millis(5);
@@ -426,22 +426,12 @@ impl std::fmt::Display for Report {
         )?;
         writeln!(f, "  deliveries/s   {:.0}", self.deliveries_per_s)?;
         writeln!(f, "  latency        {}", self.latency)?;
-        for (u, per) in self.measured.watched.iter().zip(&self.cpu_us_per_delivery) {
-            writeln!(
-                f,
-                "  {:<13}  {:.2} cores, {:.2} µs CPU per delivery, RSS {:.1} MiB",
-                u.name, u.cores, per, u.rss_mib
-            )?;
-        }
-        writeln!(
+        self.measured.write_cpu_rows(
             f,
-            "  server total   {:.2} µs CPU per delivery",
-            self.server_cpu_us_per_delivery
-        )?;
-        write!(
-            f,
-            "  generator      {:.2} cores; machine {:.2} cores busy",
-            self.measured.generator.cores, self.measured.machine_cores
+            &self.cpu_us_per_delivery,
+            "delivery",
+            Some(self.server_cpu_us_per_delivery),
+            Load::Generator,
         )
     }
 }

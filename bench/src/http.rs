@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use serde::Serialize;
 
-use crate::procstat::{Measured, Watch, Window};
+use crate::procstat::{Load, Measured, Watch, Window};
 
 /// Options of `bench http`.
 #[derive(Debug, clap::Args)]
@@ -176,18 +176,8 @@ impl std::fmt::Display for Report {
             "  latency        p50 {:.3} ms, p90 {:.3} ms, p99 {:.3} ms",
             self.p50_ms, self.p90_ms, self.p99_ms
         )?;
-        for (u, per) in self.measured.watched.iter().zip(&self.cpu_us_per_request) {
-            writeln!(
-                f,
-                "  {:<13}  {:.2} cores, {:.2} µs CPU per request",
-                u.name, u.cores, per
-            )?;
-        }
-        write!(
-            f,
-            "  wrk            {:.2} cores; machine {:.2} cores busy",
-            self.measured.children.cores, self.measured.machine_cores
-        )
+        self.measured
+            .write_cpu_rows(f, &self.cpu_us_per_request, "request", None, Load::Wrk)
     }
 }
 

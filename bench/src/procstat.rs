@@ -8,6 +8,7 @@
 //! (`/proc/stat`), and reports what each used in between ([`Measured`]). So every report can say
 //! whether the generator was the bottleneck and whether other work was competing for the cores.
 
+use std::fmt;
 use std::fs;
 use std::str::FromStr;
 use std::time::{Duration, Instant};
@@ -188,6 +189,15 @@ impl Window {
     }
 }
 
+/// Who made the load, which decides the last rows of a report.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Load {
+    /// This process: the watched rows give resident memory too, the last row the generator's cores.
+    Generator,
+    /// `wrk`, run as a child: the watched rows give CPU only, the last row wrk's cores.
+    Wrk,
+}
+
 impl Measured {
     /// Microseconds of CPU per unit of work (request, round trip, delivery) for each watched group.
     pub fn cpu_us_per(&self, units: u64) -> Vec<f64> {
@@ -195,6 +205,42 @@ impl Measured {
             .iter()
             .map(|u| u.cpu_seconds * 1e6 / units.max(1) as f64)
             .collect()
+    }
+
+    /// The CPU rows that end every report: one per watched group with its cores and `per_unit`
+    /// µs of CPU per `unit`, then `server total` of them when given, then the cores of whatever
+    /// made the `load` and of the whole machine (that last line without a newline).
+    pub fn write_cpu_rows(
+        &self,
+        f: &mut fmt::Formatter<'_>,
+        per_unit: &[f64],
+        unit: &str,
+        server_total: Option<f64>,
+        load: Load,
+    ) -> fmt::Result {
+        for (u, per) in self.watched.iter().zip(per_unit) {
+            write!(
+                f,
+                "  {:<13}  {:.2} cores, {per:.2} µs CPU per {unit}",
+                u.name, u.cores
+            )?;
+            if load == Load::Generator {
+                write!(f, ", RSS {:.1} MiB", u.rss_mib)?;
+            }
+            writeln!(f)?;
+        }
+        if let Some(total) = server_total {
+            writeln!(f, "  server total   {total:.2} µs CPU per {unit}")?;
+        }
+        let (name, cores) = match load {
+            Load::Generator => ("generator", self.generator.cores),
+            Load::Wrk => ("wrk", self.children.cores),
+        };
+        write!(
+            f,
+            "  {name:<13}  {cores:.2} cores; machine {:.2} cores busy",
+            self.machine_cores
+        )
     }
 }
 
@@ -310,6 +356,44 @@ mod tests {
         assert_eq!(measured.watched.len(), 1);
         assert!(measured.machine_cores >= 0.0);
         assert_eq!(measured.cpu_us_per(0).len(), 1);
+    }
+
+    #[test]
+    fn cpu_rows_of_the_generator_and_of_wrk() {
+        let usage = |name: &str, cores: f64, rss_mib: f64| Usage {
+            name: name.to_string(),
+            cpu_seconds: 0.0,
+            cores,
+            rss_mib,
+            rss_growth_kib: 0.0,
+        };
+        let measured = Measured {
+            watched: vec![usage("lb", 0.5, 12.0), usage("apps", 1.25, 40.0)],
+            generator: usage("generator", 0.75, 0.0),
+            children: usage("children", 0.33, 0.0),
+            machine_cores: 1.9,
+            wall_s: 1.0,
+        };
+        struct Rows<'a>(&'a Measured, &'a str, Option<f64>, Load);
+        impl fmt::Display for Rows<'_> {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                self.0
+                    .write_cpu_rows(f, &[1.5, 2.0], self.1, self.2, self.3)
+            }
+        }
+        assert_eq!(
+            Rows(&measured, "delivery", Some(3.5), Load::Generator).to_string(),
+            "  lb             0.50 cores, 1.50 µs CPU per delivery, RSS 12.0 MiB\n\
+             \x20 apps           1.25 cores, 2.00 µs CPU per delivery, RSS 40.0 MiB\n\
+             \x20 server total   3.50 µs CPU per delivery\n\
+             \x20 generator      0.75 cores; machine 1.90 cores busy"
+        );
+        assert_eq!(
+            Rows(&measured, "request", None, Load::Wrk).to_string(),
+            "  lb             0.50 cores, 1.50 µs CPU per request\n\
+             \x20 apps           1.25 cores, 2.00 µs CPU per request\n\
+             \x20 wrk            0.33 cores; machine 1.90 cores busy"
+        );
     }
 
     #[test]
