@@ -115,7 +115,9 @@ pub struct Timeouts {
     pub tls_handshake: Duration,
     /// Time to establish a TCP connection to a backend.
     pub backend_connect: Duration,
-    /// Time a backend has to send response headers.
+    /// Time a backend has to send the response head once a request is sent; also the longest
+    /// pause allowed in forwarding a request body (a backend not reading, a client not
+    /// sending).
     pub backend_response: Duration,
     /// How long an unused pooled backend connection stays open.
     pub backend_idle: Duration,

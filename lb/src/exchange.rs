@@ -16,6 +16,7 @@
 use std::io::{self, Write as _};
 use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::FutureExt as _;
@@ -25,6 +26,7 @@ use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::http::request;
 use hyper::{Method, StatusCode};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpStream;
 
 use crate::headers;
 use crate::upstream::BackendConn;
@@ -45,9 +47,13 @@ pub enum ExchangeError {
     /// request may be sent again is the caller's decision: it must have had no body).
     #[error("connection closed before the response: {0}")]
     Closed(io::Error),
-    /// The client's request body broke off (the client left or sent bad chunks).
+    /// The client's request body broke off (the client left, sent bad chunks, or sent
+    /// nothing more for the step timeout).
     #[error("client request body failed: {0}")]
-    ClientBody(hyper::Error),
+    ClientBody(Box<dyn std::error::Error + Send + Sync>),
+    /// The backend sent no response head within the step timeout after the request.
+    #[error("no response head in time")]
+    Timeout,
     /// The backend's answer is not acceptable HTTP/1.1.
     #[error("invalid response: {0}")]
     BadResponse(&'static str),
@@ -94,7 +100,9 @@ enum RequestFraming {
 }
 
 /// Sends the request on `conn` and reads the answer's head (see [`send_request`] and
-/// [`read_response_head`]). A backend that stops reading a request body and closes may already
+/// [`read_response_head`]). Each step must progress within `step`: every write to the backend,
+/// every piece of the client's body, and the response head once the request is sent (so a long
+/// upload is fine as long as it moves). A backend that stops reading a request body may already
 /// have answered (`413 Content Too Large`, a redirect, an error page): that answer is passed on,
 /// with the connection marked not reusable, rather than a `502`.
 pub async fn round_trip(
@@ -102,16 +110,19 @@ pub async fn round_trip(
     head: &request::Parts,
     body: Option<Incoming>,
     sent: &AtomicU64,
+    step: Duration,
 ) -> Result<ResponseHead, ExchangeError> {
-    match send_request(conn, head, body, sent).await {
-        Ok(()) => read_response_head(conn, &head.method).await,
-        Err(ExchangeError::Io(e)) => match read_response_head(conn, &head.method).await {
-            Ok(early) => Ok(ResponseHead {
-                keep_alive: false,
-                ..early
-            }),
-            Err(_) => Err(ExchangeError::Io(e)),
-        },
+    match send_request(conn, head, body, sent, step).await {
+        Ok(()) => read_response_head_within(conn, &head.method, step).await,
+        Err(ExchangeError::Io(e)) => {
+            match read_response_head_within(conn, &head.method, step).await {
+                Ok(early) => Ok(ResponseHead {
+                    keep_alive: false,
+                    ..early
+                }),
+                Err(_) => Err(ExchangeError::Io(e)),
+            }
+        }
         Err(e) => Err(e),
     }
 }
@@ -123,6 +134,7 @@ async fn send_request(
     head: &request::Parts,
     body: Option<Incoming>,
     sent: &AtomicU64,
+    step: Duration,
 ) -> Result<(), ExchangeError> {
     let mut out = Vec::with_capacity(1024);
     let Some(mut body) = body else {
@@ -132,9 +144,7 @@ async fn send_request(
             RequestFraming::None
         };
         encode_head(head, framing, &mut out);
-        return conn
-            .stream
-            .write_all(&out)
+        return write_within(&mut conn.stream, &out, step)
             .await
             .map_err(ExchangeError::Closed);
     };
@@ -143,53 +153,72 @@ async fn send_request(
         .exact()
         .map_or(RequestFraming::Chunked, RequestFraming::Length);
     encode_head(head, framing, &mut out);
-    // The first part of the body usually arrived with the head: send both in one write.
-    let mut pending = body.frame().now_or_never();
+    // The first part of the body usually arrived with the head: it joins the head in `out`
+    // and both leave in one write. Later pieces of a counted body go out without a copy.
+    let mut first = body.frame().now_or_never();
+    let mut head_sent = false;
     loop {
-        let frame = match pending.take() {
+        let frame = match first.take() {
             Some(frame) => frame,
             None => {
-                if !out.is_empty() {
-                    conn.stream
-                        .write_all(&out)
+                if !head_sent {
+                    write_within(&mut conn.stream, &out, step)
                         .await
                         .map_err(ExchangeError::Io)?;
                     out.clear();
+                    head_sent = true;
                 }
-                body.frame().await
+                tokio::time::timeout(step, body.frame())
+                    .await
+                    .map_err(|_| ExchangeError::ClientBody("no more of the body in time".into()))?
             }
         };
-        match frame {
+        let data = match frame {
             None => break,
-            Some(Err(e)) => return Err(ExchangeError::ClientBody(e)),
-            Some(Ok(frame)) => {
-                let Ok(data) = frame.into_data() else {
-                    continue; // trailers are not forwarded
-                };
-                if data.is_empty() {
-                    continue;
-                }
-                sent.fetch_add(data.len() as u64, Relaxed);
-                if framing == RequestFraming::Chunked {
-                    let _ = write!(out, "{:x}\r\n", data.len());
-                    out.extend_from_slice(&data);
-                    out.extend_from_slice(b"\r\n");
-                } else {
-                    out.extend_from_slice(&data);
-                }
-            }
+            Some(Err(e)) => return Err(ExchangeError::ClientBody(e.into())),
+            // Trailers are not forwarded.
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) if !data.is_empty() => data,
+                _ => continue,
+            },
+        };
+        sent.fetch_add(data.len() as u64, Relaxed);
+        if framing == RequestFraming::Chunked {
+            let _ = write!(out, "{:x}\r\n", data.len());
+            out.extend_from_slice(&data);
+            out.extend_from_slice(b"\r\n");
+        } else if head_sent {
+            write_within(&mut conn.stream, &data, step)
+                .await
+                .map_err(ExchangeError::Io)?;
+            continue;
+        } else {
+            out.extend_from_slice(&data);
+        }
+        if head_sent {
+            write_within(&mut conn.stream, &out, step)
+                .await
+                .map_err(ExchangeError::Io)?;
+            out.clear();
         }
     }
     if framing == RequestFraming::Chunked {
         out.extend_from_slice(b"0\r\n\r\n");
     }
     if !out.is_empty() {
-        conn.stream
-            .write_all(&out)
+        write_within(&mut conn.stream, &out, step)
             .await
             .map_err(ExchangeError::Io)?;
     }
     Ok(())
+}
+
+/// Writes all of `data` to `stream`, failing with `TimedOut` when the backend takes none of it
+/// for `step`.
+async fn write_within(stream: &mut TcpStream, data: &[u8], step: Duration) -> io::Result<()> {
+    tokio::time::timeout(step, stream.write_all(data))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "the backend took no data in time"))?
 }
 
 /// Appends the request head for the backend to `out`: request line, every header field except
@@ -217,6 +246,17 @@ fn encode_head(head: &request::Parts, framing: RequestFraming, out: &mut Vec<u8>
         RequestFraming::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
     }
     out.extend_from_slice(b"\r\n");
+}
+
+/// [`read_response_head`] bounded by `step`.
+async fn read_response_head_within(
+    conn: &mut BackendConn,
+    method: &Method,
+    step: Duration,
+) -> Result<ResponseHead, ExchangeError> {
+    tokio::time::timeout(step, read_response_head(conn, method))
+        .await
+        .unwrap_or(Err(ExchangeError::Timeout))
 }
 
 /// Reads the final response head from `conn` (interim `1xx` answers other than `101` are

@@ -16,7 +16,6 @@
 //! line.
 
 use std::convert::Infallible;
-use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
@@ -31,9 +30,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use crate::balance::{Backend, Pool};
+use crate::balance::{Backend, Lease, Pool};
 use crate::body::{ResponseBody, UpstreamBody};
-use crate::config::{Config, Timeouts};
+use crate::config::Config;
 use crate::exchange::{self, ExchangeError};
 use crate::headers;
 use crate::listener::ConnSlot;
@@ -167,39 +166,36 @@ async fn forward(conn: &Arc<ClientConn>, req: Request<Incoming>) -> Outcome {
     }
     let mut body = (!body.is_end_stream()).then_some(body);
     let engine = &conn.engine;
-    let timeouts = conn.config.timeouts;
-    let pool = engine.pool.load_full();
     let mut exclude: Vec<SocketAddr> = Vec::new();
 
     loop {
-        let Some(backend) = pool.pick(&exclude) else {
-            return Outcome::local(no_backend());
-        };
-        let lease = backend.lease();
-        let addr = backend.addr();
-        let (mut upstream, reused) = match obtain(engine, addr, &timeouts).await {
+        let found = match connect_any(conn, &mut exclude, Reuse::Pooled).await {
             Ok(found) => found,
-            Err(e) => {
-                warn!(peer = %conn.peer, backend = backend.name(), error = %e,
-                      "backend connect failed; trying another backend");
-                backend.report_connect_failure();
-                exclude.push(addr);
-                continue;
-            }
+            Err(outcome) => return outcome,
         };
+        let Connected {
+            backend,
+            lease,
+            mut upstream,
+            reused,
+        } = found;
         // A bodiless idempotent request sent over a reused connection can be sent again if
         // that connection turns out to have been closed by the backend meanwhile (RFC 9110
         // §9.2.2: the backend may have acted on a POST before closing).
         let replayable = reused && body.is_none() && head.method.is_idempotent();
         let stats = backend.stats();
         stats.requests.fetch_add(1, Relaxed);
-        let exchanged = tokio::time::timeout(
-            timeouts.backend_response,
-            exchange::round_trip(&mut upstream, &head, body.take(), &stats.bytes_to_backend),
+        let step = conn.config.timeouts.backend_response;
+        let error = match exchange::round_trip(
+            &mut upstream,
+            &head,
+            body.take(),
+            &stats.bytes_to_backend,
+            step,
         )
-        .await;
-        let error = match exchanged {
-            Ok(Ok(answer)) if answer.status != StatusCode::SWITCHING_PROTOCOLS => {
+        .await
+        {
+            Ok(answer) if answer.status != StatusCode::SWITCHING_PROTOCOLS => {
                 let mut response = Response::new(ResponseBody::Upstream(UpstreamBody::new(
                     upstream,
                     answer.framing,
@@ -211,50 +207,101 @@ async fn forward(conn: &Arc<ClientConn>, req: Request<Incoming>) -> Outcome {
                 headers::prepare_response(response.headers_mut(), false);
                 return Outcome::backend(response, backend);
             }
-            Ok(Ok(_)) => ExchangeError::BadResponse("101 to a request that asked for no upgrade"),
-            Ok(Err(ExchangeError::Closed(_))) if replayable => continue,
-            Ok(Err(ExchangeError::ClientBody(e))) => {
-                debug!(peer = %conn.peer, backend = backend.name(), error = %e,
-                       "client request body ended early");
-                return Outcome::backend(
-                    local_response(
-                        StatusCode::BAD_REQUEST,
-                        "400 Bad Request: incomplete body\n",
-                    ),
-                    backend,
-                );
-            }
-            Ok(Err(e)) => e,
-            Err(_) => {
-                stats.errors.fetch_add(1, Relaxed);
-                warn!(peer = %conn.peer, backend = backend.name(),
-                      timeout_ms = timeouts.backend_response.as_millis() as u64,
-                      "backend did not answer in time");
-                return Outcome::backend(
-                    local_response(StatusCode::GATEWAY_TIMEOUT, "504 Gateway Timeout\n"),
-                    backend,
-                );
-            }
+            Ok(_) => ExchangeError::BadResponse("101 to a request that asked for no upgrade"),
+            Err(ExchangeError::Closed(_)) if replayable => continue,
+            Err(e) => e,
         };
-        stats.errors.fetch_add(1, Relaxed);
-        warn!(peer = %conn.peer, backend = backend.name(), error = %error,
-              "backend failed the request");
-        return Outcome::backend(
-            local_response(StatusCode::BAD_GATEWAY, "502 Bad Gateway\n"),
-            backend,
-        );
+        return failed(conn, backend, error);
     }
 }
 
-/// A connection to `addr`: a pooled one if one is still usable (`true`), else a new one.
-async fn obtain(
-    engine: &Engine,
-    addr: SocketAddr,
-    timeouts: &Timeouts,
-) -> io::Result<(BackendConn, bool)> {
-    if let Some(conn) = engine.upstreams.take(addr, timeouts.backend_idle) {
-        return Ok((conn, true));
+/// Whether a request may use a pooled keep-alive connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reuse {
+    /// A pooled connection when one is usable, else a new one.
+    Pooled,
+    /// Always a new connection (an upgrade: it becomes a tunnel).
+    Fresh,
+}
+
+/// A backend chosen and connected for one request.
+#[derive(Debug)]
+pub struct Connected {
+    /// The backend.
+    pub backend: Arc<Backend>,
+    /// Its least-connections count for this request.
+    pub lease: Lease,
+    /// The connection.
+    pub upstream: BackendConn,
+    /// It came from the keep-alive pool.
+    pub reused: bool,
+}
+
+/// Picks a backend (skipping `exclude`) and connects to it; a backend that cannot be connected
+/// to is reported to its health state, added to `exclude`, and the next one is tried. With no
+/// backend left the error is the client's 503.
+pub async fn connect_any(
+    conn: &ClientConn,
+    exclude: &mut Vec<SocketAddr>,
+    reuse: Reuse,
+) -> Result<Connected, Outcome> {
+    let engine = &conn.engine;
+    let timeouts = conn.config.timeouts;
+    let pool = engine.pool.load_full();
+    loop {
+        let Some(backend) = pool.pick(exclude) else {
+            return Err(Outcome::local(no_backend()));
+        };
+        let lease = backend.lease();
+        let addr = backend.addr();
+        let pooled = match reuse {
+            Reuse::Pooled => engine.upstreams.take(addr, timeouts.backend_idle),
+            Reuse::Fresh => None,
+        };
+        let reused = pooled.is_some();
+        let upstream = match pooled {
+            Some(upstream) => upstream,
+            None => match upstream::open(addr, timeouts.backend_connect).await {
+                Ok(upstream) => upstream,
+                Err(e) => {
+                    warn!(peer = %conn.peer, backend = backend.name(), error = %e,
+                          "backend connect failed; trying another backend");
+                    backend.report_connect_failure();
+                    exclude.push(addr);
+                    continue;
+                }
+            },
+        };
+        return Ok(Connected {
+            backend,
+            lease,
+            upstream,
+            reused,
+        });
     }
-    let conn = upstream::open(addr, timeouts.backend_connect).await?;
-    Ok((conn, false))
+}
+
+/// The client's answer when an exchange with `backend` failed, logged: 400 when the client's
+/// own body broke off, 504 when the backend did not answer in time, 502 otherwise (both of
+/// those counted as backend errors).
+pub fn failed(conn: &ClientConn, backend: Arc<Backend>, error: ExchangeError) -> Outcome {
+    let (status, text) = match &error {
+        ExchangeError::ClientBody(e) => {
+            debug!(peer = %conn.peer, backend = backend.name(), error = %e,
+                   "client request body ended early");
+            return Outcome::backend(
+                local_response(
+                    StatusCode::BAD_REQUEST,
+                    "400 Bad Request: incomplete body\n",
+                ),
+                backend,
+            );
+        }
+        ExchangeError::Timeout => (StatusCode::GATEWAY_TIMEOUT, "504 Gateway Timeout\n"),
+        _ => (StatusCode::BAD_GATEWAY, "502 Bad Gateway\n"),
+    };
+    backend.stats().errors.fetch_add(1, Relaxed);
+    warn!(peer = %conn.peer, backend = backend.name(), error = %error,
+          status = status.as_u16(), "backend failed the request");
+    Outcome::backend(local_response(status, text), backend)
 }

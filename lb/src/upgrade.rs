@@ -11,7 +11,6 @@
 //! the tunnel idles out, or shutdown's drain grace runs out; any other answer (a 403 from an
 //! origin check, say) is passed to the client as a normal response.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Instant;
@@ -25,16 +24,15 @@ use hyper::{Method, Request, Response, StatusCode, Version};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 use crate::balance::{Backend, Lease};
 use crate::body::{ResponseBody, UpstreamBody};
 use crate::exchange;
 use crate::headers;
-use crate::proxy::{ClientConn, Outcome, local_response};
+use crate::proxy::{ClientConn, Connected, Outcome, Reuse, connect_any, failed, local_response};
 use crate::splice::splice;
 use crate::tls_stream::TlsStream;
-use crate::upstream;
 
 /// `Sec-WebSocket-Key`.
 const SEC_WEBSOCKET_KEY: &str = "sec-websocket-key";
@@ -90,50 +88,24 @@ pub async fn handle(conn: &Arc<ClientConn>, mut req: Request<Incoming>) -> Outco
     }
 
     let engine = &conn.engine;
-    let timeouts = conn.config.timeouts;
-    let pool = engine.pool.load_full();
-    let mut exclude: Vec<SocketAddr> = Vec::new();
-    let (backend, lease, mut upstream) = loop {
-        let Some(backend) = pool.pick(&exclude) else {
-            return Outcome::local(crate::proxy::no_backend());
-        };
-        let lease = backend.lease();
-        match upstream::open(backend.addr(), timeouts.backend_connect).await {
-            Ok(upstream) => break (backend, lease, upstream),
-            Err(e) => {
-                warn!(peer = %conn.peer, backend = backend.name(), error = %e,
-                      "backend connect failed; trying another backend");
-                backend.report_connect_failure();
-                exclude.push(backend.addr());
-            }
-        }
+    let Connected {
+        backend,
+        lease,
+        mut upstream,
+        ..
+    } = match connect_any(conn, &mut Vec::new(), Reuse::Fresh).await {
+        Ok(found) => found,
+        Err(outcome) => return outcome,
     };
-
     let stats = backend.stats();
     stats.requests.fetch_add(1, Relaxed);
-    let exchanged = tokio::time::timeout(
-        timeouts.backend_response,
-        exchange::round_trip(&mut upstream, &head, None, &stats.bytes_to_backend),
-    )
-    .await;
-    let answer = match exchanged {
-        Ok(Ok(answer)) => answer,
-        Ok(Err(e)) => {
-            stats.errors.fetch_add(1, Relaxed);
-            warn!(peer = %conn.peer, backend = backend.name(), error = %e, "backend failed the upgrade request");
-            return Outcome::backend(
-                local_response(StatusCode::BAD_GATEWAY, "bad gateway\n"),
-                backend,
-            );
-        }
-        Err(_) => {
-            stats.errors.fetch_add(1, Relaxed);
-            return Outcome::backend(
-                local_response(StatusCode::GATEWAY_TIMEOUT, "gateway timeout\n"),
-                backend,
-            );
-        }
-    };
+    let step = conn.config.timeouts.backend_response;
+    let answer =
+        match exchange::round_trip(&mut upstream, &head, None, &stats.bytes_to_backend, step).await
+        {
+            Ok(answer) => answer,
+            Err(e) => return failed(conn, backend, e),
+        };
 
     let switching = answer.status == StatusCode::SWITCHING_PROTOCOLS;
     let mut headers = answer.headers;

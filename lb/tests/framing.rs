@@ -26,12 +26,15 @@ struct Reply {
     pieces: Vec<Vec<u8>>,
     /// Close the connection after the last piece.
     close: bool,
+    /// Keep the connection open after the last piece without reading from it again.
+    hold: bool,
 }
 
 fn reply(pieces: &[&str], close: bool) -> Reply {
     Reply {
         pieces: pieces.iter().map(|p| p.as_bytes().to_vec()).collect(),
         close,
+        hold: false,
     }
 }
 
@@ -122,6 +125,9 @@ async fn serve(mut stream: TcpStream, script: Script, seen: Arc<Mutex<Vec<String
         }
         if reply.close {
             return;
+        }
+        if reply.hold {
+            std::future::pending::<()>().await;
         }
     }
 }
@@ -368,5 +374,41 @@ async fn an_answer_sent_before_the_backend_stopped_reading_the_body_reaches_the_
     assert!(text.starts_with("HTTP/1.1 413"), "{text:?}");
     assert!(text.ends_with("too large"), "{text:?}");
     drop(writer.await);
+    lb.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_early_answer_reaches_the_client_even_when_the_backend_holds_the_upload() {
+    let pki = Pki::local();
+    // Answers after the head, then neither reads the body nor closes.
+    let backend = RawBackend::start(|_| Reply {
+        hold: true,
+        ..reply(
+            &["HTTP/1.1 401 Unauthorized\r\ncontent-length: 7\r\n\r\nsign in"],
+            false,
+        )
+    })
+    .await;
+    let mut config = backend.config(&pki);
+    config.timeouts = "backend_response = \"1s\"\n".into();
+    let lb = start_lb(&config).await;
+    let tls = tls_connect(&pki, lb.addrs().https).await;
+    let (mut read, mut write) = tokio::io::split(tls);
+    let body = vec![b'u'; 8 << 20];
+    let writer = tokio::spawn(async move {
+        let head = format!(
+            "POST /upload HTTP/1.1\r\nhost: localhost\r\ncontent-length: {}\r\n\r\n",
+            body.len()
+        );
+        let _ = write.write_all(head.as_bytes()).await;
+        let _ = write.write_all(&body).await;
+        write
+    });
+    let mut out = Vec::new();
+    let _ = within("the held early answer", read.read_to_end(&mut out)).await;
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.1 401"), "{text:?}");
+    assert!(text.ends_with("sign in"), "{text:?}");
+    writer.abort();
     lb.shutdown().await;
 }
