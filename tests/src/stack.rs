@@ -5,6 +5,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -213,22 +214,26 @@ impl Stack {
     /// change just after a client's handshake completes or its connection ends) and returns
     /// how many each backend holds, in configuration order.
     pub async fn tunnels(&self, total: u64) -> Result<Vec<u64>> {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let counts: Vec<u64> = self
-                .backends()
-                .await?
-                .iter()
-                .map(|b| b.tunnels_active)
-                .collect();
-            if counts.iter().sum::<u64>() == total {
-                return Ok(counts);
-            }
-            if Instant::now() >= deadline {
-                bail!("lb holds tunnels {counts:?}, expected {total} in all");
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let last = Mutex::new(Vec::new());
+        let counted = eventually(
+            &format!("{total} tunnels"),
+            Duration::from_secs(10),
+            || async {
+                let counts: Vec<u64> = self
+                    .backends()
+                    .await?
+                    .iter()
+                    .map(|b| b.tunnels_active)
+                    .collect();
+                let reached = counts.iter().sum::<u64>() == total;
+                *last.lock().unwrap_or_else(PoisonError::into_inner) = counts;
+                Ok(reached)
+            },
+        )
+        .await;
+        let counts = last.into_inner().unwrap_or_else(PoisonError::into_inner);
+        counted.with_context(|| format!("lb holds tunnels {counts:?}, expected {total} in all"))?;
+        Ok(counts)
     }
 
     /// Waits until `lb` reports backend `name` up (`true`) or down (`false`).

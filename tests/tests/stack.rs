@@ -7,7 +7,7 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use tests::client::{ChatClient, Closed};
 use tests::stack::Stack;
 use tokio::task::JoinSet;
@@ -20,33 +20,38 @@ struct Seen {
 }
 
 /// Reads messages until one whose content is `end` (kept last), or until the connection closes.
-async fn read_until(mut client: ChatClient, end: String) -> (ChatClient, Seen) {
+/// Fails when nothing arrives in time or a frame is not chat JSON: a hang is not a disconnect.
+async fn read_until(mut client: ChatClient, end: String) -> Result<(ChatClient, Seen)> {
     let mut contents = Vec::new();
     loop {
-        match client.recv_event().await {
-            Ok(Some(msg)) => {
+        let event = client
+            .recv_event()
+            .await
+            .with_context(|| format!("waiting for {end:?} after {contents:?}"))?;
+        match event {
+            Some(msg) => {
                 let content = msg["content"].as_str().unwrap_or_default().to_string();
                 let done = content == end;
                 contents.push(content);
                 if done {
-                    return (
+                    return Ok((
                         client,
                         Seen {
                             contents,
                             closed: None,
                         },
-                    );
+                    ));
                 }
             }
-            Ok(None) | Err(_) => {
+            None => {
                 let closed = client.last_close();
-                return (
+                return Ok((
                     client,
                     Seen {
                         contents,
                         closed: Some(closed),
                     },
-                );
+                ));
             }
         }
     }
@@ -85,7 +90,7 @@ async fn fifty_clients_through_lb_each_get_every_message_exactly_once() -> Resul
     }
     let expected: HashSet<&str> = sent.iter().map(String::as_str).collect();
     while let Some(joined) = tasks.join_next().await {
-        let (_, seen) = joined?;
+        let (_, seen) = joined??;
         assert_eq!(seen.closed, None, "a client was disconnected: {seen:?}");
         let before_end = &seen.contents[..seen.contents.len() - 1];
         let got: HashSet<&str> = before_end.iter().map(String::as_str).collect();
@@ -134,7 +139,7 @@ async fn killed_app_costs_its_clients_a_reconnect_and_the_others_nothing() -> Re
     let mut stayed = Vec::new();
     let mut dropped = Vec::new();
     while let Some(joined) = readers.join_next().await {
-        let (client, seen) = joined?;
+        let (client, seen) = joined??;
         match seen.closed {
             None => {
                 assert_eq!(
@@ -244,7 +249,7 @@ async fn app_graceful_shutdown_moves_its_clients_to_the_other_app() -> Result<()
     let mut going_away = 0;
     let mut stayed = Vec::new();
     while let Some(joined) = readers.join_next().await {
-        let (client, seen) = joined?;
+        let (client, seen) = joined??;
         match seen.closed {
             None => {
                 assert_eq!(seen.contents, ["end"]);
