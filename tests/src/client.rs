@@ -188,10 +188,4 @@ impl ChatClient {
             _ => Closed::Abrupt,
         }
     }
-
-    /// Waits for the server to close the connection (skipping messages); returns how it did.
-    pub async fn closed(&mut self) -> Result<Closed> {
-        while self.recv_event().await?.is_some() {}
-        Ok(self.last_close())
-    }
 }

@@ -127,11 +127,6 @@ impl Proc {
         }
     }
 
-    /// The process id.
-    pub fn pid(&self) -> u32 {
-        self.child.id().unwrap_or(0)
-    }
-
     /// Sends a signal (`TERM`, `HUP`, `KILL`, ...) to this process by PID.
     pub fn signal(&self, signal: &str) -> Result<()> {
         let pid = self

@@ -94,11 +94,6 @@ impl Redis {
         }
     }
 
-    /// The port it listens on.
-    pub fn port(&self) -> u16 {
-        self.port
-    }
-
     /// Kills the server (as a crash would).
     pub async fn stop(&mut self) {
         if let Some(mut proc) = self.proc.take() {
