@@ -4,7 +4,7 @@
 //! Readiness is a line, never a sleep: our binaries print `listening <kind> <addr>` once a
 //! listener is bound; `redis-server` prints `Ready to accept connections`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
@@ -17,6 +17,8 @@ use tokio::time::timeout;
 
 /// How long a process may take to print its readiness lines.
 pub const READY_WITHIN: Duration = Duration::from_secs(30);
+/// How many of its last stdout lines an error about a process that never got ready quotes.
+const LAST_LINES: usize = 20;
 
 /// Path of a binary built from this workspace (`app`, `lb`, `bench`), next to the test binary.
 pub fn workspace_bin(name: &str) -> Result<PathBuf> {
@@ -55,6 +57,19 @@ pub enum Ready<'a> {
     Line(&'a str),
 }
 
+/// The last lines a child printed, for an error message; empty when it printed none.
+fn quote(lines: &VecDeque<String>) -> String {
+    if lines.is_empty() {
+        return "; it printed nothing on stdout".to_string();
+    }
+    let mut out = format!("; its last {} lines on stdout:", lines.len());
+    for line in lines {
+        out.push_str("\n  ");
+        out.push_str(line);
+    }
+    out
+}
+
 /// A running child process, killed when dropped.
 pub struct Proc {
     name: String,
@@ -79,8 +94,13 @@ impl Proc {
             .ok_or_else(|| anyhow!("{name}: no stdout"))?;
         let mut lines = BufReader::new(stdout).lines();
         let mut listening = HashMap::new();
+        let mut last = VecDeque::with_capacity(LAST_LINES);
         let wait = async {
             while let Some(line) = lines.next_line().await? {
+                if last.len() == LAST_LINES {
+                    last.pop_front();
+                }
+                last.push_back(line.clone());
                 match &ready {
                     Ready::Line(text) if line.contains(text) => return Ok(()),
                     Ready::Line(_) => {}
@@ -102,13 +122,15 @@ impl Proc {
             }
             Err(anyhow!("{name} closed stdout before it was ready"))
         };
-        match timeout(READY_WITHIN, wait).await {
+        let waited = timeout(READY_WITHIN, wait).await;
+        let printed = quote(&last);
+        match waited {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
                 let status = child.try_wait().ok().flatten();
-                bail!("{e:#} (exit status: {status:?})");
+                bail!("{e:#} (exit status: {status:?}){printed}");
             }
-            Err(_) => bail!("{name} was not ready within {READY_WITHIN:?}"),
+            Err(_) => bail!("{name} was not ready within {READY_WITHIN:?}{printed}"),
         }
         // Keep draining stdout so the child never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
@@ -159,5 +181,36 @@ impl Proc {
     /// Kills the process (SIGKILL) and reaps it.
     pub async fn kill(&mut self) {
         let _ = self.child.kill().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_child_that_ends_before_it_is_ready_is_quoted() {
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "seq 30; exit 3"]);
+        let err = Proc::spawn("counter", cmd, Ready::Line("never printed"))
+            .await
+            .err()
+            .unwrap();
+        let text = format!("{err:#}");
+        assert!(
+            text.contains("counter closed stdout before it was ready"),
+            "{text}"
+        );
+        assert!(text.contains("last 20 lines"), "{text}");
+        let last_twenty: String = (11..=30).map(|n| format!("\n  {n}")).collect();
+        assert!(text.ends_with(&last_twenty), "{text}");
+
+        let mut silent = Command::new("sh");
+        silent.args(["-c", "exit 0"]);
+        let err = Proc::spawn("silent", silent, Ready::Line("never printed"))
+            .await
+            .err()
+            .unwrap();
+        assert!(format!("{err:#}").contains("printed nothing"), "{err:#}");
     }
 }
