@@ -24,9 +24,12 @@ pub const DEFAULT_HOSTS: &[&str] = &["localhost", "127.0.0.1"];
 /// How long the local CA stays valid.
 const CA_VALIDITY: Duration = Duration::days(3650);
 
-/// How long a server certificate stays valid: 825 days, the longest that Apple platforms accept
-/// for a certificate under a locally trusted CA.
-const SERVER_VALIDITY: Duration = Duration::days(825);
+/// How long a server certificate stays valid, in days: 825, the longest that Apple platforms
+/// accept for a certificate under a locally trusted CA.
+pub const SERVER_VALIDITY_DAYS: i64 = 825;
+
+/// [`SERVER_VALIDITY_DAYS`] as a duration.
+const SERVER_VALIDITY: Duration = Duration::days(SERVER_VALIDITY_DAYS);
 
 /// Backdating of `not_before`, so that a client whose clock runs slightly behind accepts it.
 const CLOCK_SKEW: Duration = Duration::days(1);

@@ -12,6 +12,6 @@ mod load;
 mod write;
 
 pub use error::CertError;
-pub use generate::{Bundle, DEFAULT_HOSTS, generate};
+pub use generate::{Bundle, DEFAULT_HOSTS, SERVER_VALIDITY_DAYS, generate};
 pub use load::{CertChain, load_ca, load_combined, load_pair};
 pub use write::{FileNames, Written};

@@ -240,15 +240,23 @@ impl Config {
             .iter()
             .enumerate()
             .map(|(i, source)| {
-                let (key, result) = match source {
-                    CertificateSource::Pair { cert, key } => ("cert", certs::load_pair(cert, key)),
+                let (field, result) = match source {
+                    CertificateSource::Pair { cert, key } => {
+                        let result = certs::load_pair(cert, key);
+                        // Name the field whose file failed (the certificate is read first).
+                        let field = match &result {
+                            Err(
+                                certs::CertError::NoPrivateKey { .. }
+                                | certs::CertError::KeyMismatch { .. },
+                            ) => "key",
+                            Err(certs::CertError::Read { path, .. }) if path != cert => "key",
+                            _ => "cert",
+                        };
+                        (field, result)
+                    }
                     CertificateSource::Combined { pem } => ("pem", certs::load_combined(pem)),
                 };
-                result.map_err(|e| ConfigError::Invalid {
-                    file: self.source.clone(),
-                    key: format!("certificates[{i}].{key}"),
-                    reason: e.to_string(),
-                })
+                result.map_err(|e| self.error(format!("certificates[{i}].{field}"), e))
             })
             .collect()
     }

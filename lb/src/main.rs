@@ -262,13 +262,19 @@ fn certs_generate(out: &Path, mut hosts: Vec<String>, force: bool) -> ExitCode {
     let written = certs::generate(&hosts).and_then(|bundle| bundle.write_to(out, force));
     let written = match written {
         Ok(w) => w,
-        Err(e @ certs::CertError::Write { .. }) => {
-            eprintln!("lb: {e}");
-            return ExitCode::FAILURE;
-        }
-        Err(e) => {
+        // What the operator asked for is wrong: usage error (64).
+        Err(
+            e @ (certs::CertError::InvalidHost { .. }
+            | certs::CertError::NoHosts
+            | certs::CertError::WouldOverwrite { .. }),
+        ) => {
             eprintln!("lb: {e}");
             return ExitCode::from(EXIT_CONFIG);
+        }
+        // Writing or generating failed: runtime error (1).
+        Err(e) => {
+            eprintln!("lb: {e}");
+            return ExitCode::FAILURE;
         }
     };
     let ca = written.ca_cert.display();
@@ -283,7 +289,7 @@ fn certs_generate(out: &Path, mut hosts: Vec<String>, force: bool) -> ExitCode {
 Wrote a new local CA and a server certificate for {hosts} to {dir}:
   {ca_file:<11} the CA certificate: trust this on clients
   {ca_key:<11} the CA private key (mode 0600): keep it; lb does not need it
-  {crt:<11} server certificate, valid 825 days
+  {crt:<11} server certificate, valid {days} days
   {key:<11} server private key (mode 0600)
   {pem:<11} server certificate + key in one file (HAProxy style)
 
@@ -303,6 +309,7 @@ Trust the CA:
   macOS:           sudo security add-trusted-cert -d -r trustRoot \\
                      -k /Library/Keychains/System.keychain {ca}",
         hosts = hosts.join(", "),
+        days = certs::SERVER_VALIDITY_DAYS,
         dir = out.display(),
         ca_file = certs::FileNames::CA_CERT,
         ca_key = certs::FileNames::CA_KEY,

@@ -289,13 +289,15 @@ impl Lb {
         }
     }
 
-    fn apply(&self, config: Config) -> Result<(), ConfigError> {
+    fn apply(&self, mut config: Config) -> Result<(), ConfigError> {
         let state = &self.state;
         let tls = tls::server_config(&config)?;
         let old = state.config.load_full();
         if config.listen != old.listen {
             warn!(file = %config.source,
                   "listener addresses changed; they take effect only after a restart");
+            // What is stored describes what is bound.
+            config.listen = old.listen;
         }
         let old_pool = state.engine.pool.load_full();
         let backends: Vec<Arc<Backend>> = config

@@ -111,6 +111,7 @@ async fn check_reports_an_unloadable_certificate() {
     let backend = TestBackend::start("app1").await;
     let path = pki.dir.path().join("lb.toml");
     let mut config = TestConfig::new(&pki, &[&backend]);
+    // The key field names a file without a key: the error names that field.
     config.certificates = format!(
         "[[certificates]]\ncert = {:?}\nkey = {:?}\n",
         pki.cert, pki.cert
@@ -119,8 +120,20 @@ async fn check_reports_an_unloadable_certificate() {
     let out = lb(&["check", "--config", path.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(64));
     let err = stderr(&out);
-    assert!(err.contains("certificates[0].cert"), "{err}");
+    assert!(err.contains("certificates[0].key"), "{err}");
     assert!(err.contains("no private key found"), "{err}");
+
+    // The cert field names a file without a certificate.
+    config.certificates = format!(
+        "[[certificates]]\ncert = {:?}\nkey = {:?}\n",
+        pki.key, pki.key
+    );
+    config.write(&path);
+    let out = lb(&["check", "--config", path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(64));
+    let err = stderr(&out);
+    assert!(err.contains("certificates[0].cert"), "{err}");
+    assert!(err.contains("no certificate found"), "{err}");
 }
 
 #[test]

@@ -182,3 +182,21 @@ async fn sighup_reloads_the_real_binary_and_a_bad_file_is_rejected() {
         .unwrap();
     assert!(status.success(), "{status}");
 }
+
+#[tokio::test]
+async fn changed_listen_addresses_wait_for_a_restart_and_are_not_reported_as_bound() {
+    let pki = Pki::local();
+    let a = TestBackend::start("a").await;
+    let lb = start_lb(&TestConfig::new(&pki, &[&a])).await;
+    let before = lb.config().listen;
+    let mut moved = TestConfig::new(&pki, &[&a]).config();
+    moved.listen.https = "127.0.0.1:1".parse().unwrap();
+    lb.reload(moved).expect("reload");
+    assert_eq!(lb.config().listen, before);
+    assert_eq!(
+        https_get(&pki, lb.addrs().https, "/").await.status,
+        200,
+        "still served where it was bound"
+    );
+    lb.shutdown().await;
+}
