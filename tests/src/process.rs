@@ -188,15 +188,20 @@ impl Proc {
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn a_child_that_ends_before_it_is_ready_is_quoted() {
+    /// The error of spawning `sh -c script` as `name`, waiting for a line it never prints.
+    async fn never_ready(name: &str, script: &str) -> String {
         let mut cmd = Command::new("sh");
-        cmd.args(["-c", "seq 30; exit 3"]);
-        let err = Proc::spawn("counter", cmd, Ready::Line("never printed"))
+        cmd.args(["-c", script]);
+        let err = Proc::spawn(name, cmd, Ready::Line("never printed"))
             .await
             .err()
             .unwrap();
-        let text = format!("{err:#}");
+        format!("{err:#}")
+    }
+
+    #[tokio::test]
+    async fn a_child_that_ends_before_it_is_ready_is_quoted() {
+        let text = never_ready("counter", "seq 30; exit 3").await;
         assert!(
             text.contains("counter closed stdout before it was ready"),
             "{text}"
@@ -205,12 +210,7 @@ mod tests {
         let last_twenty: String = (11..=30).map(|n| format!("\n  {n}")).collect();
         assert!(text.ends_with(&last_twenty), "{text}");
 
-        let mut silent = Command::new("sh");
-        silent.args(["-c", "exit 0"]);
-        let err = Proc::spawn("silent", silent, Ready::Line("never printed"))
-            .await
-            .err()
-            .unwrap();
-        assert!(format!("{err:#}").contains("printed nothing"), "{err:#}");
+        let text = never_ready("silent", "exit 0").await;
+        assert!(text.contains("printed nothing"), "{text}");
     }
 }
