@@ -4,7 +4,8 @@
 //! the subscriber task (see `subscriber`) brings every message of the channel, this instance's
 //! own included, back into the local [`Fanout`]. Without Redis, publishing is delivering to the
 //! local fan-out directly, so a single instance needs nothing else. Either way a message the
-//! broker cannot take is an error the sender is told about, never a silent drop.
+//! broker cannot take is an error the sender is told about, never a silent drop; with Redis,
+//! that includes a `PUBLISH` no subscriber received, not even this instance's own subscription.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -125,17 +126,48 @@ impl Broker {
                     return Err(PublishError::SubscriptionDown);
                 }
                 let mut connection = redis.publisher.clone();
-                redis::cmd("PUBLISH")
+                let receivers = redis::cmd("PUBLISH")
                     .arg(&redis.config.channel)
                     .arg(payload)
                     .query_async::<i64>(&mut connection)
                     .await
-                    .map(drop)
                     .map_err(|e| {
                         tracing::warn!(server = %redis.config.display, error = %e, "publish failed");
                         PublishError::Redis(e)
-                    })
+                    })?;
+                delivered(receivers).inspect_err(|_| {
+                    tracing::warn!(
+                        server = %redis.config.display,
+                        channel = %redis.config.channel,
+                        "published to no subscriber, not even this instance: its subscription \
+                         is gone at Redis; the sender is told to retry"
+                    );
+                })
             }
         }
+    }
+}
+
+/// What `PUBLISH` answering `receivers` means. This instance is subscribed to the channel
+/// whenever it publishes, so no receiver at all means its own subscription is gone at the Redis
+/// end (Redis restarted, the connection was cut) before the subscriber noticed: its clients
+/// would never see the message.
+fn delivered(receivers: i64) -> Result<(), PublishError> {
+    if receivers > 0 {
+        Ok(())
+    } else {
+        Err(PublishError::SubscriptionDown)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_receiver_means_the_subscription_is_down() {
+        assert!(matches!(delivered(0), Err(PublishError::SubscriptionDown)));
+        assert!(delivered(1).is_ok());
+        assert!(delivered(3).is_ok());
     }
 }

@@ -1,7 +1,8 @@
 //! Redis going away: the instance reports 503, tells senders, resubscribes with backoff when
-//! Redis is back, delivers again, and never exits.
+//! Redis is back, delivers again, and never exits. A subscription Redis dropped before the
+//! instance noticed does not swallow messages either: their senders are told.
 
-use crate::support::{App, Redis, assert_chat_shape, free_port};
+use crate::support::{App, Redis, SilentRelay, assert_chat_shape, free_port};
 
 const FAST_RECONNECT: &str = "redis_reconnect_min = \"50ms\"\nredis_reconnect_max = \"500ms\"";
 
@@ -48,4 +49,24 @@ async fn an_instance_started_before_redis_becomes_healthy_when_redis_comes() {
     client.say("ann", "now").await;
     let delivered = client.text().await;
     assert_eq!(assert_chat_shape(&delivered).content, "now");
+}
+
+#[tokio::test]
+async fn a_message_no_subscriber_received_is_reported_to_its_sender() {
+    // Through the relay the app is not told when Redis drops its subscription, so it still
+    // counts as subscribed (as just after a Redis restart): only PUBLISH's count of receivers
+    // (0) shows that the message reached nobody, not even this instance's own clients.
+    let redis = Redis::start().await;
+    let relay = SilentRelay::to(&redis).await;
+    let app = App::start(&format!("redis_url = \"{}\"\n", relay.url)).await;
+    app.wait_health(200).await;
+    let mut client = app.connect().await;
+    client.say("ann", "before").await;
+    assert_eq!(assert_chat_shape(&client.text().await).content, "before");
+
+    let killed: i64 = redis.command(&["CLIENT", "KILL", "TYPE", "pubsub"]).await;
+    assert_eq!(killed, 1, "the app's subscription");
+    client.say("ann", "to nobody").await;
+    let error = client.error().await;
+    assert!(error.contains("reconnecting to Redis"), "{error}");
 }

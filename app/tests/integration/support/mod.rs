@@ -219,17 +219,67 @@ impl Redis {
 
     /// A raw `PUBLISH`; returns how many subscribers received it.
     pub async fn publish(&self, channel: &str, payload: &str) -> i64 {
+        self.command(&["PUBLISH", channel, payload]).await
+    }
+
+    /// Any command, on a connection of its own; returns the answer.
+    pub async fn command<T: redis::FromRedisValue>(&self, words: &[&str]) -> T {
         let mut connection = self
             .client()
             .get_multiplexed_async_connection()
             .await
             .unwrap();
-        redis::cmd("PUBLISH")
-            .arg(channel)
-            .arg(payload)
-            .query_async(&mut connection)
-            .await
-            .unwrap()
+        let mut command = redis::cmd(words[0]);
+        command.arg(&words[1..]);
+        command.query_async(&mut connection).await.unwrap()
+    }
+}
+
+/// A TCP relay in front of a plain Redis that hides Redis dropping a connection: the client's
+/// end stays open and silent, as after a network cut the client has not noticed yet. Every
+/// relayed connection ends when this is dropped.
+pub struct SilentRelay {
+    /// `redis://127.0.0.1:<port>` of the relay.
+    pub url: String,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl SilentRelay {
+    /// A relay to `redis`, accepting connections when this returns.
+    pub async fn to(redis: &Redis) -> SilentRelay {
+        assert!(redis.tls.is_none(), "the relay is for plain redis://");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("redis://{}", listener.local_addr().unwrap());
+        let upstream = SocketAddr::from(([127, 0, 0, 1], redis.port));
+        let task = tokio::spawn(async move {
+            // Aborting this task drops the set, which aborts every connection's task.
+            let mut connections = tokio::task::JoinSet::new();
+            while let Ok((client, _)) = listener.accept().await {
+                connections.spawn(relay_silently(client, upstream));
+            }
+        });
+        SilentRelay { url, task }
+    }
+}
+
+impl Drop for SilentRelay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Copies both ways until the client closes; once Redis closes, holds the client's end open.
+async fn relay_silently(client: TcpStream, upstream: SocketAddr) {
+    let Ok(server) = TcpStream::connect(upstream).await else {
+        return;
+    };
+    let (mut from_client, mut to_client) = client.into_split();
+    let (mut from_server, mut to_server) = server.into_split();
+    tokio::select! {
+        _ = tokio::io::copy(&mut from_client, &mut to_server) => {}
+        _ = tokio::io::copy(&mut from_server, &mut to_client) => {
+            std::future::pending::<()>().await;
+        }
     }
 }
 
