@@ -25,15 +25,14 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tracing::debug;
 
 use crate::balance::Pool;
+use crate::listener;
 use crate::metrics::{BACKEND, GLOBAL, Metrics, encode_prometheus};
 
 /// An admin client must send its request head within this time.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
-/// Pause after a failed accept (such as EMFILE) before accepting again.
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// Content type of the Prometheus text exposition format.
 const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 const PLAIN_TEXT: &str = "text/plain; charset=utf-8";
@@ -49,48 +48,39 @@ pub async fn serve(
     let mut http = http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT);
-    loop {
-        let accepted = tokio::select! {
-            () = token.cancelled() => return,
-            accepted = listener.accept() => accepted,
-        };
-        let (stream, peer) = match accepted {
-            Ok(accepted) => accepted,
-            Err(error) => {
-                warn!(error = %error, "admin listener: accept failed");
+    let connections = token.clone();
+    listener::accept_loop(
+        listener,
+        "admin",
+        token,
+        || Some(()),
+        move |stream, peer, ()| {
+            let metrics = Arc::clone(&metrics);
+            let pool = Arc::clone(&pool);
+            let service = service_fn(move |request: Request<Incoming>| {
+                let response = respond(
+                    request.method(),
+                    request.uri().path(),
+                    &metrics,
+                    &pool.load(),
+                );
+                async move { Ok::<_, Infallible>(response) }
+            });
+            let connection = http.serve_connection(TokioIo::new(stream), service);
+            let token = connections.clone();
+            tokio::spawn(async move {
                 tokio::select! {
-                    () = token.cancelled() => return,
-                    () = tokio::time::sleep(ACCEPT_BACKOFF) => continue,
-                }
-            }
-        };
-        if let Err(error) = stream.set_nodelay(true) {
-            debug!(peer = %peer, error = %error, "admin connection: TCP_NODELAY not set");
-        }
-        let metrics = Arc::clone(&metrics);
-        let pool = Arc::clone(&pool);
-        let service = service_fn(move |request: Request<Incoming>| {
-            let response = respond(
-                request.method(),
-                request.uri().path(),
-                &metrics,
-                &pool.load(),
-            );
-            async move { Ok::<_, Infallible>(response) }
-        });
-        let connection = http.serve_connection(TokioIo::new(stream), service);
-        let token = token.clone();
-        tokio::spawn(async move {
-            tokio::select! {
-                result = connection => {
-                    if let Err(error) = result {
-                        debug!(peer = %peer, error = %error, "admin connection failed");
+                    result = connection => {
+                        if let Err(error) = result {
+                            debug!(peer = %peer, error = %error, "admin connection failed");
+                        }
                     }
+                    () = token.cancelled() => {}
                 }
-                () = token.cancelled() => {}
-            }
-        });
-    }
+            });
+        },
+    )
+    .await;
 }
 
 /// The response to one admin request.

@@ -1,9 +1,10 @@
 //! Accepting client connections: the accept loop and the connection limit.
 //!
-//! Each listener (https, redirect) runs one [`accept_loop`]: accept, take a [`ConnSlot`] from
-//! the shared [`ConnLimit`] (or close the connection at once when the limit is reached, so the
-//! process never runs out of file descriptors mid-connection), set TCP_NODELAY, and hand the
-//! socket to the listener's connection handler. Accept errors never end the loop: running out
+//! Each listener runs one [`accept_loop`]: accept, admit (https and redirect take a
+//! [`ConnSlot`] from the shared [`ConnLimit`], or close the connection at once when the limit is
+//! reached, so the process never runs out of file descriptors mid-connection; the admin
+//! listener admits everyone), set TCP_NODELAY, and hand the socket to the listener's
+//! connection handler. Accept errors never end the loop: running out
 //! of descriptors or memory backs off briefly (the condition clears as connections close), any
 //! other error (a connection reset before it was accepted) is skipped. The loop ends when its
 //! cancellation token fires, which closes the listening socket.
@@ -104,13 +105,15 @@ impl Drop for ConnSlot {
     }
 }
 
-/// Accepts connections on `listener` until `token` fires, handing each to `serve`.
-pub async fn accept_loop(
+/// Accepts connections on `listener` until `token` fires. Each one is first admitted by
+/// `admit` (the connection limit hands out a [`ConnSlot`]; `None` closes the connection at
+/// once), gets TCP_NODELAY, and goes to `serve` with what `admit` gave.
+pub async fn accept_loop<T>(
     listener: TcpListener,
     kind: &'static str,
-    limit: Arc<ConnLimit>,
     token: CancellationToken,
-    mut serve: impl FnMut(TcpStream, SocketAddr, ConnSlot),
+    mut admit: impl FnMut() -> Option<T>,
+    mut serve: impl FnMut(TcpStream, SocketAddr, T),
 ) {
     loop {
         let accepted = tokio::select! {
@@ -119,14 +122,14 @@ pub async fn accept_loop(
         };
         match accepted {
             Ok((stream, peer)) => {
-                let Some(slot) = limit.try_acquire() else {
+                let Some(admitted) = admit() else {
                     drop(stream);
                     continue;
                 };
                 if let Err(e) = stream.set_nodelay(true) {
                     debug!(listener = kind, peer = %peer, error = %e, "could not set TCP_NODELAY");
                 }
-                serve(stream, peer, slot);
+                serve(stream, peer, admitted);
             }
             Err(e) if is_exhaustion(&e) => {
                 warn!(listener = kind, error = %e, "accept failed: out of resources; backing off");

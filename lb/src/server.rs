@@ -10,6 +10,7 @@
 //! [`Lb::shutdown`] stops accepting, lets in-flight requests finish and tunnels run for up to
 //! `timeouts.drain_grace`, then closes whatever is left.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::Ordering::Relaxed;
@@ -17,13 +18,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::balance::{Backend, Pool};
 use crate::config::{Config, ConfigError};
-use crate::listener::{self, ConnLimit};
+use crate::listener::{self, ConnLimit, ConnSlot};
 use crate::metrics::Metrics;
 use crate::proxy::Engine;
 use crate::upstream::Upstreams;
@@ -189,31 +191,9 @@ impl Lb {
             reloading: Mutex::new(()),
         });
 
-        let s = Arc::clone(&state);
-        tracker.spawn(listener::accept_loop(
-            https,
-            "https",
-            Arc::clone(&state.limit),
-            root.child_token(),
-            move |stream, peer, slot| {
-                s.engine
-                    .tracker
-                    .spawn(conn::serve(Arc::clone(&s), stream, peer, slot));
-            },
-        ));
+        spawn_listener(&state, &tracker, https, "https", &root, conn::serve);
         if let Some(l) = redirect {
-            let s = Arc::clone(&state);
-            tracker.spawn(listener::accept_loop(
-                l,
-                "redirect",
-                Arc::clone(&state.limit),
-                root.child_token(),
-                move |stream, peer, slot| {
-                    s.engine
-                        .tracker
-                        .spawn(redirect::serve(Arc::clone(&s), stream, peer, slot));
-                },
-            ));
+            spawn_listener(&state, &tracker, l, "redirect", &root, redirect::serve);
         }
         if let Some(l) = admin {
             tracker.spawn(admin::serve(
@@ -402,6 +382,33 @@ impl Drop for Lb {
         self.state.root.cancel();
         self.state.engine.kill.cancel();
     }
+}
+
+/// Runs the accept loop of a client-facing listener: each connection takes a slot of the
+/// connection limit and is served by `serve` as a task the drain waits for.
+fn spawn_listener<F>(
+    state: &Arc<State>,
+    tracker: &TaskTracker,
+    listener: TcpListener,
+    kind: &'static str,
+    root: &CancellationToken,
+    serve: fn(Arc<State>, TcpStream, SocketAddr, ConnSlot) -> F,
+) where
+    F: Future<Output = ()> + Send + 'static,
+{
+    let s = Arc::clone(state);
+    let limit = Arc::clone(&state.limit);
+    tracker.spawn(listener::accept_loop(
+        listener,
+        kind,
+        root.child_token(),
+        move || limit.try_acquire(),
+        move |stream, peer, slot| {
+            s.engine
+                .tracker
+                .spawn(serve(Arc::clone(&s), stream, peer, slot));
+        },
+    ));
 }
 
 /// The connection limit for `config` within `nofile` descriptors.
