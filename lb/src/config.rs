@@ -141,24 +141,67 @@ pub struct Limits {
 }
 
 /// Command-line values that replace keys of the file (or, without a file, make the whole
-/// configuration: quick mode).
-#[derive(Debug, Clone, Default)]
+/// configuration: quick mode). They are `lb run`'s flags as they are.
+#[derive(Debug, Clone, Default, clap::Args)]
 pub struct Overrides {
     /// `listen.https`.
+    #[arg(
+        long,
+        value_name = "ADDR",
+        help = "HTTPS listen address (listen.https), e.g. 0.0.0.0:443"
+    )]
     pub listen: Option<String>,
     /// `backends` (each `host:port`), replacing the file's list when non-empty.
+    #[arg(
+        long = "backend",
+        value_name = "ADDR",
+        help = "Backend host:port (repeatable; replaces the file's backends)"
+    )]
     pub backends: Vec<String>,
     /// Certificate file (with `key`), replacing the file's `certificates`.
+    #[arg(
+        long,
+        value_name = "FILE",
+        requires = "key",
+        conflicts_with = "pem",
+        help = "Certificate chain PEM file (with --key)"
+    )]
     pub cert: Option<PathBuf>,
     /// Key file (with `cert`).
+    #[arg(
+        long,
+        value_name = "FILE",
+        requires = "cert",
+        help = "Private key PEM file (with --cert)"
+    )]
     pub key: Option<PathBuf>,
     /// Combined PEM, replacing the file's `certificates`.
+    #[arg(
+        long,
+        value_name = "FILE",
+        help = "Combined certificate and key PEM file (HAProxy `crt` style)"
+    )]
     pub pem: Option<PathBuf>,
     /// `listen.admin` (`off` disables it).
+    #[arg(
+        long,
+        value_name = "ADDR",
+        help = "Admin listen address (listen.admin), or \"off\""
+    )]
     pub admin: Option<String>,
     /// `listen.redirect`.
+    #[arg(
+        long,
+        value_name = "ADDR",
+        help = "Plain-HTTP redirect listen address (listen.redirect)"
+    )]
     pub redirect: Option<String>,
     /// `balance.policy`.
+    #[arg(
+        long,
+        value_name = "POLICY",
+        help = "Balancing policy: round-robin or least-connections"
+    )]
     pub policy: Option<String>,
 }
 

@@ -67,61 +67,26 @@ struct RunArgs {
     /// Configuration file (see config/lb.toml).
     #[arg(long, short)]
     config: Option<PathBuf>,
-    /// HTTPS listen address (listen.https), e.g. 0.0.0.0:443.
-    #[arg(long, value_name = "ADDR")]
-    listen: Option<String>,
-    /// Backend host:port (repeatable; replaces the file's backends).
-    #[arg(long = "backend", value_name = "ADDR")]
-    backends: Vec<String>,
-    /// Certificate chain PEM file (with --key).
-    #[arg(long, value_name = "FILE", requires = "key", conflicts_with = "pem")]
-    cert: Option<PathBuf>,
-    /// Private key PEM file (with --cert).
-    #[arg(long, value_name = "FILE", requires = "cert")]
-    key: Option<PathBuf>,
-    /// Combined certificate and key PEM file (HAProxy `crt` style).
-    #[arg(long, value_name = "FILE")]
-    pem: Option<PathBuf>,
-    /// Admin listen address (listen.admin), or "off".
-    #[arg(long, value_name = "ADDR")]
-    admin: Option<String>,
-    /// Plain-HTTP redirect listen address (listen.redirect).
-    #[arg(long, value_name = "ADDR")]
-    redirect: Option<String>,
-    /// Balancing policy: round-robin or least-connections.
-    #[arg(long, value_name = "POLICY")]
-    policy: Option<String>,
+    #[command(flatten)]
+    overrides: Overrides,
 }
 
 impl RunArgs {
-    fn overrides(&self) -> Overrides {
-        Overrides {
-            listen: self.listen.clone(),
-            backends: self.backends.clone(),
-            cert: self.cert.clone(),
-            key: self.key.clone(),
-            pem: self.pem.clone(),
-            admin: self.admin.clone(),
-            redirect: self.redirect.clone(),
-            policy: self.policy.clone(),
-        }
-    }
-
     /// Neither a file nor any quick-mode flag: nothing to run.
     fn is_empty(&self) -> bool {
+        let o = &self.overrides;
         self.config.is_none()
-            && self.listen.is_none()
-            && self.backends.is_empty()
-            && self.cert.is_none()
-            && self.pem.is_none()
+            && o.listen.is_none()
+            && o.backends.is_empty()
+            && o.cert.is_none()
+            && o.pem.is_none()
     }
 
     /// The configuration: the file with overrides, or quick mode.
     fn load(&self) -> Result<Config, ConfigError> {
-        let overrides = self.overrides();
         match &self.config {
-            Some(path) => Config::load(path, &overrides),
-            None => Config::from_overrides(&overrides),
+            Some(path) => Config::load(path, &self.overrides),
+            None => Config::from_overrides(&self.overrides),
         }
     }
 }
