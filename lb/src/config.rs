@@ -237,6 +237,17 @@ pub enum ConfigError {
     },
 }
 
+impl ConfigError {
+    /// `key` of `file` is wrong for `reason`.
+    pub fn invalid(file: &str, key: impl Into<String>, reason: impl fmt::Display) -> Self {
+        ConfigError::Invalid {
+            file: file.to_owned(),
+            key: key.into(),
+            reason: reason.to_string(),
+        }
+    }
+}
+
 /// The file name used in messages when there is no file.
 pub const COMMAND_LINE: &str = "<command line>";
 
@@ -306,11 +317,7 @@ impl Config {
 
     /// An error about `key` of this configuration.
     pub fn error(&self, key: impl Into<String>, reason: impl fmt::Display) -> ConfigError {
-        ConfigError::Invalid {
-            file: self.source.clone(),
-            key: key.into(),
-            reason: reason.to_string(),
-        }
+        ConfigError::invalid(&self.source, key, reason)
     }
 }
 
@@ -533,11 +540,7 @@ struct Validator<'a> {
 
 impl Validator<'_> {
     fn err(&self, key: impl Into<String>, reason: impl fmt::Display) -> ConfigError {
-        ConfigError::Invalid {
-            file: self.file.to_owned(),
-            key: key.into(),
-            reason: reason.to_string(),
-        }
+        ConfigError::invalid(self.file, key, reason)
     }
 
     fn addr(&self, key: &str, value: &str) -> Result<SocketAddr, ConfigError> {

@@ -21,7 +21,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tracing::debug;
 
-use crate::config::MIN_MAX_HEADER_BYTES;
+use crate::config::{Config, MIN_MAX_HEADER_BYTES};
 use crate::listener::ConnSlot;
 use crate::proxy::{self, ClientConn};
 use crate::server::State;
@@ -33,6 +33,18 @@ content-type: text/plain; charset=utf-8\r\ncontent-length: 20\r\n\r\n408 Request
 
 /// How long writing the 408 may take.
 const REQUEST_TIMEOUT_WRITE: Duration = Duration::from_secs(1);
+
+/// hyper's HTTP/1.1 server with the client-side limits of `config`: the header read timeout
+/// and the head size. The https and redirect listeners both use it.
+pub fn http1_server(config: &Config) -> hyper::server::conn::http1::Builder {
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(config.timeouts.client_header)
+        .max_buf_size(config.limits.max_header_bytes.max(MIN_MAX_HEADER_BYTES))
+        .max_header_size(config.limits.max_header_bytes);
+    builder
+}
 
 /// Serves one accepted https connection to its end.
 pub async fn serve(state: Arc<State>, stream: TcpStream, peer: SocketAddr, slot: ConnSlot) {
@@ -59,8 +71,7 @@ pub async fn serve(state: Arc<State>, stream: TcpStream, peer: SocketAddr, slot:
         () = state.root.cancelled() => return,
     };
 
-    let limits = config.limits;
-    let header_timeout = config.timeouts.client_header;
+    let server = http1_server(&config);
     let client = Arc::new(ClientConn {
         peer,
         config,
@@ -68,11 +79,7 @@ pub async fn serve(state: Arc<State>, stream: TcpStream, peer: SocketAddr, slot:
         slot,
     });
     let service = service_fn(move |req| proxy::handle(Arc::clone(&client), req));
-    let mut connection = hyper::server::conn::http1::Builder::new()
-        .timer(TokioTimer::new())
-        .header_read_timeout(header_timeout)
-        .max_buf_size(limits.max_header_bytes.max(MIN_MAX_HEADER_BYTES))
-        .max_header_size(limits.max_header_bytes)
+    let mut connection = server
         .serve_connection(TokioIo::new(tls), service)
         .with_upgrades();
 

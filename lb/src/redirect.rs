@@ -13,12 +13,12 @@ use hyper::header::{self, HeaderValue};
 use hyper::http::uri::Authority;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tracing::{debug, info};
 
 use crate::body::ResponseBody;
-use crate::config::MIN_MAX_HEADER_BYTES;
+use crate::conn;
 use crate::listener::ConnSlot;
 use crate::proxy::local_response;
 use crate::server::State;
@@ -74,12 +74,8 @@ pub async fn serve(state: Arc<State>, stream: TcpStream, peer: SocketAddr, slot:
               status = response.status().as_u16(), "redirect");
         Ok::<_, Infallible>(response)
     });
-    let mut connection = hyper::server::conn::http1::Builder::new()
-        .timer(TokioTimer::new())
-        .header_read_timeout(config.timeouts.client_header)
-        .max_buf_size(config.limits.max_header_bytes.max(MIN_MAX_HEADER_BYTES))
-        .max_header_size(config.limits.max_header_bytes)
-        .serve_connection(TokioIo::new(stream), service);
+    let mut connection =
+        conn::http1_server(&config).serve_connection(TokioIo::new(stream), service);
     let result = state
         .serve_until_drained(&mut connection, |c| c.graceful_shutdown())
         .await;
