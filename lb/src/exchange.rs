@@ -261,7 +261,7 @@ async fn read_response_head_within(
 
 /// Reads the final response head from `conn` (interim `1xx` answers other than `101` are
 /// skipped). `method` is the request's, which decides whether a body follows.
-async fn read_response_head(
+pub(crate) async fn read_response_head(
     conn: &mut BackendConn,
     method: &Method,
 ) -> Result<ResponseHead, ExchangeError> {

@@ -17,14 +17,16 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use hyper::Method;
+use tokio::io::AsyncWriteExt;
 use tokio::time::{self, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::balance::{Backend, Pool};
+use crate::exchange::ExchangeError;
+use crate::upstream;
 
 /// Default time between two checks of a backend (HAProxy `inter`).
 pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(2);
@@ -41,10 +43,6 @@ pub const DEFAULT_EXPECT_STATUS: u16 = 200;
 
 /// Shortest interval the checker will use: a zero interval from a config is raised to this.
 const MIN_INTERVAL: Duration = Duration::from_millis(10);
-/// Largest response head a check reads before giving up on the backend.
-const MAX_RESPONSE_HEAD: usize = 16 * 1024;
-/// Response headers a check can parse.
-const MAX_RESPONSE_HEADERS: usize = 64;
 
 /// How backends are checked. Thresholds of 0 are treated as 1.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -161,9 +159,7 @@ enum CheckError {
     #[error("connection closed before a complete response head")]
     Closed,
     #[error("malformed response: {0}")]
-    Malformed(httparse::Error),
-    #[error("response head larger than {MAX_RESPONSE_HEAD} bytes")]
-    HeadTooLarge,
+    Malformed(&'static str),
     #[error("status {got}, expected {expected}")]
     Status { got: u16, expected: u16 },
     #[error("the proxy could not connect")]
@@ -236,47 +232,47 @@ async fn check(
     expect: u16,
     limit: Duration,
 ) -> Result<(), CheckError> {
-    match time::timeout(limit, exchange(addr, request, expect)).await {
+    match time::timeout(limit, exchange(addr, request, expect, limit)).await {
         Ok(outcome) => outcome,
         Err(_elapsed) => Err(CheckError::Timeout(limit)),
     }
 }
 
-async fn exchange(addr: SocketAddr, request: &[u8], expect: u16) -> Result<(), CheckError> {
-    let mut stream = TcpStream::connect(addr)
+async fn exchange(
+    addr: SocketAddr,
+    request: &[u8],
+    expect: u16,
+    limit: Duration,
+) -> Result<(), CheckError> {
+    let mut conn = upstream::open(addr, limit)
         .await
         .map_err(CheckError::Connect)?;
-    stream.set_nodelay(true).map_err(CheckError::Io)?;
-    stream.write_all(request).await.map_err(CheckError::Io)?;
-    let mut head = Vec::with_capacity(1024);
-    loop {
-        if stream.read_buf(&mut head).await.map_err(CheckError::Io)? == 0 {
-            return Err(CheckError::Closed);
-        }
-        let mut headers = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
-        let mut response = httparse::Response::new(&mut headers);
-        match response.parse(&head).map_err(CheckError::Malformed)? {
-            httparse::Status::Complete(_) => {
-                let got = response.code.unwrap_or(0);
-                return if got == expect {
-                    Ok(())
-                } else {
-                    Err(CheckError::Status {
-                        got,
-                        expected: expect,
-                    })
-                };
-            }
-            httparse::Status::Partial if head.len() >= MAX_RESPONSE_HEAD => {
-                return Err(CheckError::HeadTooLarge);
-            }
-            httparse::Status::Partial => {}
-        }
+    conn.stream
+        .write_all(request)
+        .await
+        .map_err(CheckError::Io)?;
+    // The answer is read as the proxy reads any backend's (limits, interim 1xx skipped).
+    let head = crate::exchange::read_response_head(&mut conn, &Method::GET)
+        .await
+        .map_err(|e| match e {
+            ExchangeError::Closed(_) => CheckError::Closed,
+            ExchangeError::BadResponse(why) => CheckError::Malformed(why),
+            other => CheckError::Io(io::Error::other(other)),
+        })?;
+    let got = head.status.as_u16();
+    if got == expect {
+        Ok(())
+    } else {
+        Err(CheckError::Status {
+            got,
+            expected: expect,
+        })
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use tokio::io::AsyncReadExt;
     use tokio::net::TcpListener;
     use tokio::time::Instant;
 
@@ -352,6 +348,11 @@ mod tests {
         let req = check_request("/healthz", "127.0.0.1:1".parse().unwrap());
         let ok = answering("HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await;
         assert!(check(ok, &req, 200, limit).await.is_ok());
+        let hinted = answering(
+            "HTTP/1.1 103 Early Hints\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n",
+        )
+        .await;
+        assert!(check(hinted, &req, 200, limit).await.is_ok());
         let draining = answering("HTTP/1.1 503 Service Unavailable\r\n\r\n").await;
         assert!(matches!(
             check(draining, &req, 200, limit).await,
