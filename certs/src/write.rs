@@ -115,35 +115,15 @@ mod tests {
     use crate::{generate, load_ca, load_combined, load_pair};
     use std::os::unix::fs::PermissionsExt;
 
-    /// A directory under the system temp dir, removed on drop.
-    struct TempDir(PathBuf);
-
-    impl TempDir {
-        fn new(tag: &str) -> Self {
-            let dir = std::env::temp_dir().join(format!(
-                "certs-test-{tag}-{}-{:?}",
-                std::process::id(),
-                std::time::SystemTime::now()
-            ));
-            TempDir(dir)
-        }
-    }
-
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = fs::remove_dir_all(&self.0);
-        }
-    }
-
     fn mode(path: &Path) -> u32 {
         fs::metadata(path).unwrap().permissions().mode() & 0o777
     }
 
     #[test]
     fn writes_every_file_with_key_files_private_and_loads_back() {
-        let dir = TempDir::new("write");
+        let dir = tempfile::tempdir().unwrap();
         let bundle = generate(&["localhost".into(), "127.0.0.1".into()]).unwrap();
-        let w = bundle.write_to(&dir.0.join("nested"), false).unwrap();
+        let w = bundle.write_to(&dir.path().join("nested"), false).unwrap();
         for key in [&w.ca_key, &w.server_key, &w.combined] {
             assert_eq!(mode(key), 0o600, "{}", key.display());
         }
@@ -160,18 +140,18 @@ mod tests {
 
     #[test]
     fn refuses_to_overwrite_keys_without_force() {
-        let dir = TempDir::new("force");
+        let dir = tempfile::tempdir().unwrap();
         let first = generate(&["localhost".into()]).unwrap();
-        let w = first.write_to(&dir.0, false).unwrap();
+        let w = first.write_to(dir.path(), false).unwrap();
         let second = generate(&["localhost".into()]).unwrap();
-        let err = second.write_to(&dir.0, false).unwrap_err();
+        let err = second.write_to(dir.path(), false).unwrap_err();
         assert!(matches!(err, CertError::WouldOverwrite { ref paths } if paths.len() == 3));
         assert!(err.to_string().contains("--force"), "{err}");
         assert_eq!(
             fs::read_to_string(&w.server_key).unwrap(),
             first.server_key_pem
         );
-        second.write_to(&dir.0, true).unwrap();
+        second.write_to(dir.path(), true).unwrap();
         assert_eq!(
             fs::read_to_string(&w.server_key).unwrap(),
             second.server_key_pem

@@ -191,9 +191,9 @@ impl Backend {
         self.passive_wake.notify_one();
     }
 
-    /// Sets the health state; returns the previous one.
-    pub(crate) fn set_up(&self, up: bool) -> bool {
-        self.up.swap(up, Relaxed)
+    /// Sets the health state.
+    pub(crate) fn set_up(&self, up: bool) {
+        self.up.store(up, Relaxed);
     }
 
     /// Takes the connect failures reported since the last call.

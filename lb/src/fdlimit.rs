@@ -25,7 +25,7 @@ pub fn raise() -> u64 {
 
 /// How many client connections fit in `nofile` descriptors when `pooled` descriptors may be
 /// held by idle backend connections.
-pub fn connections_for(nofile: u64, pooled: u64) -> usize {
+fn connections_for(nofile: u64, pooled: u64) -> usize {
     let usable = nofile.saturating_sub(RESERVED + pooled);
     usize::try_from((usable / 2).max(1)).unwrap_or(usize::MAX)
 }
