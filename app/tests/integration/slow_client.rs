@@ -1,5 +1,6 @@
 //! A client that never reads is disconnected once its queue is full, while the others keep
-//! receiving every message.
+//! receiving every message; one that reads late gets everything queued for it, intact and in
+//! order.
 
 use crate::support::{App, Ended, assert_chat_shape};
 
@@ -40,4 +41,28 @@ async fn a_client_that_never_reads_is_closed_and_the_others_get_everything() {
         assert_chat_shape(&watcher.text().await).content,
         "still here"
     );
+}
+
+#[tokio::test]
+async fn messages_queued_for_a_client_that_reads_late_arrive_intact_and_in_order() {
+    let app =
+        App::start("max_content_chars = 12000\nmessages_per_second = 1000\nmessages_burst = 1000")
+            .await;
+    let mut late = app.connect().await;
+    let mut sender = app.connect().await;
+    // Sent back to back, so messages pile up for `late` and leave in batches; sizes below,
+    // around and well above the write buffer, so frames are cut across writes.
+    let sizes = [1, 90, 1000, 1100, 3000, 11_000];
+    let contents: Vec<String> = (0..48)
+        .map(|i| format!("{i:02}:{}", "x".repeat(sizes[i % sizes.len()])))
+        .collect();
+    for content in &contents {
+        sender.say("ann", content).await;
+    }
+    for content in &contents {
+        assert_eq!(assert_chat_shape(&sender.text().await).content, *content);
+    }
+    for content in &contents {
+        assert_eq!(assert_chat_shape(&late.text().await).content, *content);
+    }
 }
