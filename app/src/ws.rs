@@ -67,9 +67,11 @@ pub async fn upgrade(
     if state.is_draining() {
         return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response();
     }
-    let request_origin = headers
-        .get(header::ORIGIN)
-        .map(|v| v.to_str().unwrap_or("\u{0}"));
+    let Ok(request_origin) = headers.get(header::ORIGIN).map(|v| v.to_str()).transpose() else {
+        let origin = headers.get(header::ORIGIN);
+        tracing::warn!(%peer, %forwarded_for, ?origin, "WebSocket refused: Origin header is not ASCII text");
+        return (StatusCode::FORBIDDEN, "origin not allowed\n").into_response();
+    };
     let host = headers.get(header::HOST).and_then(|v| v.to_str().ok());
     if !origin::allowed(request_origin, host, &state.config().allowed_origins) {
         tracing::warn!(%peer, %forwarded_for, origin = ?request_origin, host = ?host, "WebSocket refused: origin not allowed");

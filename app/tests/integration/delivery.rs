@@ -124,6 +124,11 @@ async fn only_same_host_and_listed_origins_may_open_a_websocket() {
         403
     );
     assert_eq!(handshake_status(app.addr, Some("null")).await, 403);
+    // Not ASCII: refused as such, never matched against the allowed origins.
+    assert_eq!(
+        handshake_status(app.addr, Some("https://chät.example.com")).await,
+        403
+    );
 }
 
 #[tokio::test]
