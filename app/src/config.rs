@@ -4,7 +4,8 @@
 //! rejected, every key optional), the command-line / environment [`Overrides`] replace the keys
 //! they name, and [`RawConfig::validate`] turns the result into the typed [`Config`] the rest of
 //! the crate reads. Every default is a named `DEFAULT_*` constant below; every error names where
-//! the value came from (the file, or the flag), the key, and what is wrong with it.
+//! the value came from (the file, or the flag), the key (or, for what the TOML parser rejects,
+//! the line, quoted), and what is wrong with it.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -158,15 +159,11 @@ pub enum ConfigError {
         error: std::io::Error,
     },
     /// The file is not valid TOML or has an unknown key or a value of the wrong type.
-    #[error("{origin}:{line}: key `{key}`: {message}")]
+    #[error("{origin}: {message}")]
     Parse {
         /// The file.
         origin: String,
-        /// 1-based line of the offending key or value.
-        line: usize,
-        /// The key on that line, as written.
-        key: String,
-        /// The parser's explanation.
+        /// `line N `the line`: ` where the parser points, then its explanation, on one line.
         message: String,
     },
     /// A value parsed but is not acceptable.
@@ -230,25 +227,11 @@ impl Config {
 }
 
 impl RawConfig {
-    /// Parses TOML text; errors carry the line and the key written on it.
+    /// Parses TOML text; errors carry the line the parser points at, quoted.
     pub fn parse(text: &str, origin: &str) -> Result<RawConfig, ConfigError> {
-        toml::from_str(text).map_err(|e| {
-            let offset = e.span().map_or(0, |s| s.start).min(text.len());
-            let line_start = text[..offset].rfind('\n').map_or(0, |i| i + 1);
-            let line_text = text[line_start..].lines().next().unwrap_or("");
-            let key = line_text
-                .split('=')
-                .next()
-                .unwrap_or("")
-                .trim()
-                .trim_matches('"')
-                .to_owned();
-            ConfigError::Parse {
-                origin: origin.to_owned(),
-                line: text[..line_start].matches('\n').count() + 1,
-                key,
-                message: e.message().trim().to_owned(),
-            }
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            origin: origin.to_owned(),
+            message: parse_message(text, &e),
         })
     }
 
@@ -368,6 +351,8 @@ impl RawConfig {
             for (key, set) in [
                 ("redis_channel", self.redis_channel.is_some()),
                 ("redis_ca_file", self.redis_ca_file.is_some()),
+                ("redis_reconnect_min", self.redis_reconnect_min.is_some()),
+                ("redis_reconnect_max", self.redis_reconnect_max.is_some()),
             ] {
                 if set {
                     return Err(origin.invalid(
@@ -466,6 +451,27 @@ impl RawConfig {
             reconnect_max,
         }))
     }
+}
+
+/// The parser's explanation of `e`, after `line N `the line`: ` when it points at a place.
+/// The line is trimmed and cut to 80 characters; inside a multi-line value (an array) it is
+/// the element at fault, which no key name would describe.
+fn parse_message(text: &str, e: &toml::de::Error) -> String {
+    let message = e.message().trim().replace('\n', " ");
+    let Some(before) = e.span().and_then(|span| text.get(..span.start)) else {
+        return message;
+    };
+    let number = before.matches('\n').count() + 1;
+    let start = before.rfind('\n').map_or(0, |i| i + 1);
+    let line: String = text
+        .get(start..)
+        .and_then(|rest| rest.lines().next())
+        .unwrap_or("")
+        .trim()
+        .chars()
+        .take(80)
+        .collect();
+    format!("line {number} `{line}`: {message}")
 }
 
 /// The value of a numeric key, or its default; below `min` is an error naming the key.
@@ -597,7 +603,10 @@ mod tests {
         let err = Config::from_toml("listen = \"127.0.0.1:1\"\nmax_conections = 5\n", "a.toml")
             .unwrap_err();
         let text = err.to_string();
-        assert!(text.starts_with("a.toml:2: key `max_conections`"), "{text}");
+        assert!(
+            text.starts_with("a.toml: line 2 `max_conections = 5`: "),
+            "{text}"
+        );
         assert!(text.contains("unknown field"), "{text}");
     }
 
@@ -605,15 +614,25 @@ mod tests {
     fn wrong_type_names_the_key() {
         let err = Config::from_toml("client_queue = \"many\"\n", "a.toml").unwrap_err();
         assert!(
-            err.to_string().starts_with("a.toml:1: key `client_queue`"),
+            err.to_string()
+                .starts_with("a.toml: line 1 `client_queue = \"many\"`: "),
             "{err}"
         );
         let err = Config::from_toml("shutdown_grace = \"soon\"\n", "a.toml").unwrap_err();
         assert!(
             err.to_string()
-                .starts_with("a.toml:1: key `shutdown_grace`"),
+                .starts_with("a.toml: line 1 `shutdown_grace = \"soon\"`: "),
             "{err}"
         );
+    }
+
+    #[test]
+    fn an_error_inside_a_multi_line_array_quotes_its_line() {
+        let text = "redis_url = \"redis://h\"\nredis_channel = \"caf\u{e9} \u{2615}\"\n\
+                    allowed_origins = [\n    \"https://a.example\",\n    5,\n]\n";
+        let err = Config::from_toml(text, "a.toml").unwrap_err().to_string();
+        assert!(err.starts_with("a.toml: line 5 `5,`: "), "{err}");
+        assert!(err.contains("invalid type"), "{err}");
     }
 
     #[test]
@@ -623,6 +642,8 @@ mod tests {
             ("redis_url = \"http://x\"", "redis_url"),
             ("redis_url = \"redis+unix:///tmp/r.sock\"", "redis_url"),
             ("redis_channel = \"c\"", "redis_channel"),
+            ("redis_reconnect_min = \"1s\"", "redis_reconnect_min"),
+            ("redis_reconnect_max = \"1s\"", "redis_reconnect_max"),
             (
                 "redis_url = \"redis://h\"\nredis_ca_file = \"/nonexistent\"",
                 "redis_ca_file",
