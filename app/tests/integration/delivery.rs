@@ -88,6 +88,14 @@ async fn a_single_instance_without_redis_works_end_to_end() {
     for id in ["name", "content", "send", "messages", "state"] {
         assert!(page.contains(&format!("id=\"{id}\"")), "page lacks #{id}");
     }
+    // The fields hold no more than the server accepts.
+    for (id, limit) in [
+        ("name", app::config::DEFAULT_MAX_NAME_CHARS),
+        ("content", app::config::DEFAULT_MAX_CONTENT_CHARS),
+    ] {
+        let field = format!("id=\"{id}\" maxlength=\"{limit}\"");
+        assert!(page.contains(&field), "page lacks {field}");
+    }
     assert!(
         !page.contains("innerHTML"),
         "the page must render text only"
