@@ -406,6 +406,13 @@ mod tests {
         }
     }
 
+    /// Waits until `clients` connection tasks have joined the fan-out.
+    async fn joined(state: &AppState, clients: usize) {
+        while state.fanout().len() < clients {
+            tokio::task::yield_now().await;
+        }
+    }
+
     fn state(toml: &str) -> AppState {
         AppState::new(Config::from_toml(toml, "test").unwrap()).unwrap()
     }
@@ -415,9 +422,7 @@ mod tests {
         let state = state("");
         let mut alice = connect(&state);
         let mut bob = connect(&state);
-        while state.fanout().len() < 2 {
-            tokio::task::yield_now().await;
-        }
+        joined(&state, 2).await;
         alice.send("not json");
         assert_eq!(
             alice.text().await,
@@ -454,9 +459,7 @@ mod tests {
     async fn queued_messages_are_written_in_order_and_flushed() {
         let state = state("");
         let mut client = connect(&state);
-        while state.fanout().len() < 1 {
-            tokio::task::yield_now().await;
-        }
+        joined(&state, 1).await;
         // Queued before the connection task runs again, so they are written as one batch.
         let messages: Vec<String> = (0..WRITE_BATCH + 3)
             .map(|i| format!("{{\"n\":{i}}}"))
@@ -473,9 +476,7 @@ mod tests {
     async fn shutdown_closes_with_1001() {
         let state = state("");
         let mut client = connect(&state);
-        while state.fanout().len() < 1 {
-            tokio::task::yield_now().await;
-        }
+        joined(&state, 1).await;
         state.close_all().cancel();
         match client.from_server.recv().await.unwrap() {
             Message::Close(Some(frame)) => assert_eq!(frame.code, close_code::AWAY),
