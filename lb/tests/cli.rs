@@ -111,27 +111,19 @@ async fn check_reports_an_unloadable_certificate() {
     let backend = TestBackend::start("app1").await;
     let path = pki.dir.path().join("lb.toml");
     let mut config = TestConfig::new(&pki, &[&backend]);
+    let mut check = |cert: &std::path::Path, key: &std::path::Path| {
+        config.certificates = format!("[[certificates]]\ncert = {cert:?}\nkey = {key:?}\n");
+        config.write(&path);
+        let out = lb(&["check", "--config", path.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(64));
+        stderr(&out)
+    };
     // The key field names a file without a key: the error names that field.
-    config.certificates = format!(
-        "[[certificates]]\ncert = {:?}\nkey = {:?}\n",
-        pki.cert, pki.cert
-    );
-    config.write(&path);
-    let out = lb(&["check", "--config", path.to_str().unwrap()]);
-    assert_eq!(out.status.code(), Some(64));
-    let err = stderr(&out);
+    let err = check(&pki.cert, &pki.cert);
     assert!(err.contains("certificates[0].key"), "{err}");
     assert!(err.contains("no private key found"), "{err}");
-
     // The cert field names a file without a certificate.
-    config.certificates = format!(
-        "[[certificates]]\ncert = {:?}\nkey = {:?}\n",
-        pki.key, pki.key
-    );
-    config.write(&path);
-    let out = lb(&["check", "--config", path.to_str().unwrap()]);
-    assert_eq!(out.status.code(), Some(64));
-    let err = stderr(&out);
+    let err = check(&pki.key, &pki.key);
     assert!(err.contains("certificates[0].cert"), "{err}");
     assert!(err.contains("no certificate found"), "{err}");
 }

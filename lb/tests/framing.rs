@@ -132,6 +132,23 @@ async fn serve(mut stream: TcpStream, script: Script, seen: Arc<Mutex<Vec<String
     }
 }
 
+/// POSTs `size` bytes to `addr` and returns everything the client received until the close.
+/// The upload may be cut midway once an answer is out, so writing and reading go side by side.
+async fn upload(pki: &Pki, addr: SocketAddr, size: usize) -> String {
+    let tls = tls_connect(pki, addr).await;
+    let (mut read, mut write) = tokio::io::split(tls);
+    let writer = tokio::spawn(async move {
+        let head =
+            format!("POST /upload HTTP/1.1\r\nhost: localhost\r\ncontent-length: {size}\r\n\r\n");
+        let _ = write.write_all(head.as_bytes()).await;
+        let _ = write.write_all(&vec![b'u'; size]).await;
+    });
+    let mut out = Vec::new();
+    let _ = within("the answer to an upload", read.read_to_end(&mut out)).await;
+    writer.abort();
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 fn request(method: Method, path: &str) -> Request<Full<Bytes>> {
     Request::builder()
         .method(method)
@@ -355,25 +372,9 @@ async fn an_answer_sent_before_the_backend_stopped_reading_the_body_reaches_the_
     })
     .await;
     let lb = start_lb(&backend.config(&pki)).await;
-    let tls = tls_connect(&pki, lb.addrs().https).await;
-    let (mut read, mut write) = tokio::io::split(tls);
-    let body = vec![b'u'; 4 << 20];
-    // The upload may be cut midway once the answer is out: write and read side by side.
-    let writer = tokio::spawn(async move {
-        let head = format!(
-            "POST /upload HTTP/1.1\r\nhost: localhost\r\ncontent-length: {}\r\n\r\n",
-            body.len()
-        );
-        let _ = write.write_all(head.as_bytes()).await;
-        let _ = write.write_all(&body).await;
-        write
-    });
-    let mut out = Vec::new();
-    let _ = within("the early answer", read.read_to_end(&mut out)).await;
-    let text = String::from_utf8_lossy(&out);
+    let text = upload(&pki, lb.addrs().https, 4 << 20).await;
     assert!(text.starts_with("HTTP/1.1 413"), "{text:?}");
     assert!(text.ends_with("too large"), "{text:?}");
-    drop(writer.await);
     lb.shutdown().await;
 }
 
@@ -392,23 +393,8 @@ async fn an_early_answer_reaches_the_client_even_when_the_backend_holds_the_uplo
     let mut config = backend.config(&pki);
     config.timeouts = "backend_response = \"1s\"\n".into();
     let lb = start_lb(&config).await;
-    let tls = tls_connect(&pki, lb.addrs().https).await;
-    let (mut read, mut write) = tokio::io::split(tls);
-    let body = vec![b'u'; 8 << 20];
-    let writer = tokio::spawn(async move {
-        let head = format!(
-            "POST /upload HTTP/1.1\r\nhost: localhost\r\ncontent-length: {}\r\n\r\n",
-            body.len()
-        );
-        let _ = write.write_all(head.as_bytes()).await;
-        let _ = write.write_all(&body).await;
-        write
-    });
-    let mut out = Vec::new();
-    let _ = within("the held early answer", read.read_to_end(&mut out)).await;
-    let text = String::from_utf8_lossy(&out);
+    let text = upload(&pki, lb.addrs().https, 8 << 20).await;
     assert!(text.starts_with("HTTP/1.1 401"), "{text:?}");
     assert!(text.ends_with("sign in"), "{text:?}");
-    writer.abort();
     lb.shutdown().await;
 }
