@@ -1,22 +1,30 @@
-//! The broker: how a message accepted by this instance reaches every instance's clients.
+//! The broker: how a message accepted by this instance reaches every instance's clients, and
+//! how a reconnecting client gets what it missed.
 //!
-//! With Redis configured, [`Broker::publish`] sends the serialised message to the channel and
-//! the subscriber task (see `subscriber`) brings every message of the channel, this instance's
-//! own included, back into the local [`Fanout`]. Without Redis, publishing is delivering to the
-//! local fan-out directly, so a single instance needs nothing else. Either way a message the
-//! broker cannot take is an error the sender is told about, never a silent drop; with Redis,
-//! that includes a `PUBLISH` no subscriber received, not even this instance's own subscription.
+//! With Redis configured, [`Broker::publish`] runs the history script of `stream`: the message
+//! is added to the channel's Stream (its id assigned there) and published on the channel in one
+//! step; the subscriber task (see `subscriber`) brings every message of the channel, this
+//! instance's own included, back into the local [`Fanout`], and catches up from the Stream after
+//! losing Redis for a while. Without Redis, the in-process `ring` assigns ids and keeps the
+//! history, and publishing is delivering to the local fan-out directly, so a single instance
+//! needs nothing else. Either way a message the broker cannot take is an error the sender is
+//! told about, never a silent drop, and [`Broker::resume`] reads the history for a client
+//! coming back with its last position.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use axum::extract::ws::Utf8Bytes;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::RedisConfig;
+use crate::config::{HistoryConfig, RedisConfig};
 use crate::fanout::Fanout;
+use crate::history::{self, Published, Resume};
+use crate::position::Position;
+use crate::ring::Ring;
+use crate::stream::{Receivers, Stream};
 use crate::subscriber;
 
 /// Publishing a response to Redis must not stall a sender for long.
@@ -27,13 +35,15 @@ const PUBLISH_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_s
 /// Why a message was not published; the text is what the sender reads in `error`.
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
-    /// The subscription is down: other instances might get the message, this one would not.
-    #[error("message not sent: the server is reconnecting to Redis; try again shortly")]
-    SubscriptionDown,
-    /// Redis refused or did not answer the `PUBLISH`.
+    /// Redis refused or did not answer.
     #[error("message not sent: Redis is unreachable; try again shortly")]
     Redis(#[source] redis::RedisError),
 }
+
+/// Why the history could not be read for a resuming client: it should try again shortly.
+#[derive(Debug, thiserror::Error)]
+#[error("the message history is unreachable")]
+pub struct ResumeError(#[source] redis::RedisError);
 
 /// An error setting up the broker.
 #[derive(Debug, thiserror::Error)]
@@ -44,29 +54,47 @@ pub struct BrokerError {
     source: redis::RedisError,
 }
 
-/// Redis pub/sub or the in-process broker; cheap to clone.
+/// Redis pub/sub with its Stream history, or the in-process broker; cheap to clone.
 #[derive(Clone)]
 pub enum Broker {
     /// No Redis: a published message goes straight to this instance's clients.
-    Local(Arc<Fanout>),
-    /// Redis pub/sub across instances.
+    Local(Arc<LocalBroker>),
+    /// Redis pub/sub and history across instances.
     Redis(Arc<RedisBroker>),
 }
 
-/// The Redis side: an auto-reconnecting publishing connection and the subscription's state.
+/// The in-process side: the history and the clients.
+pub struct LocalBroker {
+    ring: Ring,
+    fanout: Arc<Fanout>,
+}
+
+/// The Redis side: an auto-reconnecting connection for publishing and reading history, and the
+/// subscription's state.
 pub struct RedisBroker {
     publisher: ConnectionManager,
     config: RedisConfig,
+    stream: Arc<Stream>,
     fanout: Arc<Fanout>,
     subscribed: Arc<AtomicBool>,
+    /// Told when a publish reached no subscriber at all: this instance's subscription is gone
+    /// at Redis even though its connection looks alive, so the subscriber starts over at once.
+    resubscribe: Arc<Notify>,
 }
 
 impl Broker {
     /// Redis when `redis` is set, in-process otherwise. Connects lazily: Redis need not be up.
     /// Must run inside a Tokio runtime.
-    pub fn new(redis: Option<&RedisConfig>, fanout: Arc<Fanout>) -> Result<Broker, BrokerError> {
+    pub fn new(
+        redis: Option<&RedisConfig>,
+        history: HistoryConfig,
+        fanout: Arc<Fanout>,
+    ) -> Result<Broker, BrokerError> {
         let Some(config) = redis else {
-            return Ok(Broker::Local(fanout));
+            return Ok(Broker::Local(Arc::new(LocalBroker {
+                ring: Ring::new(history),
+                fanout,
+            })));
         };
         // The redis crate builds its rustls configuration (rediss://) from the process-wide
         // crypto provider; make it ring, the one this workspace builds. An error only means a
@@ -85,9 +113,11 @@ impl Broker {
                 })?;
         Ok(Broker::Redis(Arc::new(RedisBroker {
             publisher,
+            stream: Arc::new(Stream::new(&config.channel, history)),
             config: config.clone(),
             fanout,
             subscribed: Arc::new(AtomicBool::new(false)),
+            resubscribe: Arc::new(Notify::new()),
         })))
     }
 
@@ -96,10 +126,14 @@ impl Broker {
     pub fn start(&self, tracker: &TaskTracker, stop: CancellationToken) {
         if let Broker::Redis(redis) = self {
             let task = subscriber::run(
-                redis.config.clone(),
-                redis.publisher.clone(),
-                Arc::clone(&redis.fanout),
-                Arc::clone(&redis.subscribed),
+                subscriber::Subscriber {
+                    config: redis.config.clone(),
+                    publisher: redis.publisher.clone(),
+                    stream: Arc::clone(&redis.stream),
+                    fanout: Arc::clone(&redis.fanout),
+                    subscribed: Arc::clone(&redis.subscribed),
+                    resubscribe: Arc::clone(&redis.resubscribe),
+                },
                 stop,
             );
             tracker.spawn(task);
@@ -114,60 +148,60 @@ impl Broker {
         }
     }
 
-    /// Sends one serialised chat message to every instance.
-    pub async fn publish(&self, payload: String) -> Result<(), PublishError> {
+    /// Adds one serialised chat message (`body`) to the history and sends it to every
+    /// instance, unless `cid` was published already; says where it is.
+    pub async fn publish(&self, body: &str, cid: Option<&str>) -> Result<Published, PublishError> {
         match self {
-            Broker::Local(fanout) => {
-                fanout.deliver(&Utf8Bytes::from(payload));
-                Ok(())
+            Broker::Local(local) => {
+                let (published, delivery) = local.ring.publish(body, cid);
+                if let Some(delivery) = delivery {
+                    local.fanout.deliver(&delivery);
+                }
+                Ok(published)
             }
             Broker::Redis(redis) => {
-                if !redis.subscribed.load(Ordering::Acquire) {
-                    return Err(PublishError::SubscriptionDown);
-                }
                 let mut connection = redis.publisher.clone();
-                let receivers = redis::cmd("PUBLISH")
-                    .arg(&redis.config.channel)
-                    .arg(payload)
-                    .query_async::<i64>(&mut connection)
+                let (published, receivers) = redis
+                    .stream
+                    .publish(&mut connection, body, cid)
                     .await
                     .map_err(|e| {
                         tracing::warn!(server = %redis.config.display, error = %e, "publish failed");
                         PublishError::Redis(e)
                     })?;
-                delivered(receivers).inspect_err(|_| {
+                if receivers == Receivers::None {
+                    // This instance is subscribed whenever it publishes, so no receiver means
+                    // its subscription is gone at Redis. The message is in the history; the
+                    // subscriber starts over and delivers it from there.
                     tracing::warn!(
                         server = %redis.config.display,
                         channel = %redis.config.channel,
-                        "published to no subscriber, not even this instance: its subscription \
-                         is gone at Redis; the sender is told to retry"
+                        "published to no subscriber, not even this instance: resubscribing"
                     );
-                })
+                    redis.resubscribe.notify_one();
+                }
+                Ok(published)
             }
         }
     }
-}
 
-/// What `PUBLISH` answering `receivers` means. This instance is subscribed to the channel
-/// whenever it publishes, so no receiver at all means its own subscription is gone at the Redis
-/// end (Redis restarted, the connection was cut) before the subscriber noticed: its clients
-/// would never see the message.
-fn delivered(receivers: i64) -> Result<(), PublishError> {
-    if receivers > 0 {
-        Ok(())
-    } else {
-        Err(PublishError::SubscriptionDown)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn no_receiver_means_the_subscription_is_down() {
-        assert!(matches!(delivered(0), Err(PublishError::SubscriptionDown)));
-        assert!(delivered(1).is_ok());
-        assert!(delivered(3).is_ok());
+    /// What a client at `from` missed (`None`: a fresh client, which only learns where the
+    /// history stands).
+    pub async fn resume(&self, from: Option<&Position>) -> Result<Resume, ResumeError> {
+        let snapshot = match self {
+            Broker::Local(local) => local.ring.read(from),
+            Broker::Redis(redis) => {
+                let mut connection = redis.publisher.clone();
+                redis
+                    .stream
+                    .read(&mut connection, from)
+                    .await
+                    .map_err(|e| {
+                        tracing::warn!(server = %redis.config.display, error = %e, "history read failed");
+                        ResumeError(e)
+                    })?
+            }
+        };
+        Ok(history::resume(snapshot, from))
     }
 }

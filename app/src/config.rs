@@ -34,6 +34,12 @@ pub const DEFAULT_CLIENT_QUEUE: usize = 256;
 /// Time between SIGTERM (503 on `/healthz`, new WebSockets refused) and closing every open
 /// WebSocket with 1001; long enough for a load balancer's health check to notice.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+/// Messages kept in each channel's history for clients that resume after a reconnect.
+pub const DEFAULT_HISTORY_MESSAGES: usize = 10_000;
+/// Age beyond which messages leave the history.
+pub const DEFAULT_HISTORY_AGE: Duration = Duration::from_secs(600);
+/// How long a client message id (`cid`) is remembered, so a retried send is published once.
+pub const DEFAULT_DEDUPE_WINDOW: Duration = Duration::from_secs(600);
 /// First delay before resubscribing after the Redis subscription is lost.
 pub const DEFAULT_REDIS_RECONNECT_MIN: Duration = Duration::from_millis(100);
 /// Cap of the doubling delay between resubscription attempts.
@@ -76,6 +82,14 @@ pub struct RawConfig {
     /// Drain time before open WebSockets are closed on shutdown.
     #[serde(default, with = "humantime_serde")]
     pub shutdown_grace: Option<Duration>,
+    /// Messages kept per channel for resuming clients.
+    pub history_messages: Option<usize>,
+    /// Age beyond which messages leave the history.
+    #[serde(default, with = "humantime_serde")]
+    pub history_age: Option<Duration>,
+    /// How long a client message id is remembered.
+    #[serde(default, with = "humantime_serde")]
+    pub dedupe_window: Option<Duration>,
 }
 
 /// Values given on the command line or in the environment; they win over the file.
@@ -102,6 +116,30 @@ pub struct Config {
     pub client_queue: usize,
     /// Drain time on shutdown before WebSockets are closed with 1001.
     pub shutdown_grace: Duration,
+    /// What the channel's history keeps.
+    pub history: HistoryConfig,
+}
+
+/// How much of a channel's history is kept for resuming clients, and how long a client
+/// message id is remembered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HistoryConfig {
+    /// Messages kept (approximately, with Redis: trimming works in whole stream nodes).
+    pub messages: usize,
+    /// Age beyond which messages are trimmed.
+    pub max_age: Duration,
+    /// How long a `cid` is remembered for deduplication.
+    pub dedupe_window: Duration,
+}
+
+impl Default for HistoryConfig {
+    fn default() -> Self {
+        HistoryConfig {
+            messages: DEFAULT_HISTORY_MESSAGES,
+            max_age: DEFAULT_HISTORY_AGE,
+            dedupe_window: DEFAULT_DEDUPE_WINDOW,
+        }
+    }
 }
 
 /// How to reach Redis and what to do when it goes away.
@@ -335,6 +373,7 @@ impl RawConfig {
             .collect::<Result<Vec<_>, _>>()?;
 
         let redis = self.redis(&origin)?;
+        let history = self.history(&origin)?;
 
         Ok(Config {
             listen,
@@ -343,6 +382,45 @@ impl RawConfig {
             allowed_origins,
             client_queue,
             shutdown_grace: self.shutdown_grace.unwrap_or(DEFAULT_SHUTDOWN_GRACE),
+            history,
+        })
+    }
+
+    fn history(&self, origin: &Origin<'_>) -> Result<HistoryConfig, ConfigError> {
+        let messages = at_least(
+            origin,
+            "history_messages",
+            self.history_messages,
+            DEFAULT_HISTORY_MESSAGES,
+            1,
+        )?;
+        if messages > MAX_HISTORY_MESSAGES {
+            return Err(origin.invalid(
+                "history_messages",
+                format!("{messages} is too large; the maximum is {MAX_HISTORY_MESSAGES}"),
+            ));
+        }
+        let second = Duration::from_secs(1);
+        let max_age = at_least(
+            origin,
+            "history_age",
+            self.history_age.map(Seconds),
+            Seconds(DEFAULT_HISTORY_AGE),
+            Seconds(second),
+        )?
+        .0;
+        let dedupe_window = at_least(
+            origin,
+            "dedupe_window",
+            self.dedupe_window.map(Seconds),
+            Seconds(DEFAULT_DEDUPE_WINDOW),
+            Seconds(second),
+        )?
+        .0;
+        Ok(HistoryConfig {
+            messages,
+            max_age,
+            dedupe_window,
         })
     }
 
@@ -474,6 +552,19 @@ fn parse_message(text: &str, e: &toml::de::Error) -> String {
     format!("line {number} `{line}`: {message}")
 }
 
+/// Most messages a channel's history may keep: a resuming client is sent all it missed at once.
+pub const MAX_HISTORY_MESSAGES: usize = 1_000_000;
+
+/// A duration that prints the way it is written in the file ("1s", "10m"), for errors.
+#[derive(Debug, Clone, Copy, PartialEq, PartialOrd)]
+struct Seconds(Duration);
+
+impl std::fmt::Display for Seconds {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        humantime_serde::re::humantime::format_duration(self.0).fmt(f)
+    }
+}
+
 /// The value of a numeric key, or its default; below `min` is an error naming the key.
 fn at_least<T>(
     origin: &Origin<'_>,
@@ -535,6 +626,9 @@ mod tests {
             "max_connections",
             "client_queue",
             "shutdown_grace",
+            "history_messages",
+            "history_age",
+            "dedupe_window",
         ];
         for key in keys {
             assert!(
@@ -719,5 +813,33 @@ mod tests {
             Config::from_toml("redis_url = \"rediss://:tok%40en@cache.example:6380\"", "a")
                 .unwrap();
         assert_eq!(config.redis.unwrap().display, "rediss://cache.example:6380");
+    }
+
+    #[test]
+    fn history_keys_have_defaults_and_bounds() {
+        let config = Config::from_toml("", "app.toml").unwrap();
+        assert_eq!(config.history, HistoryConfig::default());
+        let config = Config::from_toml(
+            "history_messages = 5\nhistory_age = \"2s\"\ndedupe_window = \"1m\"",
+            "app.toml",
+        )
+        .unwrap();
+        assert_eq!(config.history.messages, 5);
+        assert_eq!(config.history.max_age, Duration::from_secs(2));
+        assert_eq!(config.history.dedupe_window, Duration::from_secs(60));
+        for (text, key) in [
+            ("history_messages = 0", "history_messages"),
+            ("history_messages = 1000001", "history_messages"),
+            ("history_age = \"500ms\"", "history_age"),
+            ("dedupe_window = \"0s\"", "dedupe_window"),
+        ] {
+            let (origin, bad) = invalid_key(Config::from_toml(text, "app.toml"));
+            assert_eq!((origin.as_str(), bad), ("app.toml", key), "{text}");
+        }
+        let err = Config::from_toml("history_age = \"10ms\"", "app.toml").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "app.toml: key `history_age`: 10ms is too small; the minimum is 1s"
+        );
     }
 }

@@ -1,19 +1,44 @@
 //! Local fan-out of chat messages to this instance's WebSocket clients.
 //!
 //! The broker hands every message from the channel to [`Fanout::deliver`] once, already
-//! serialised as [`Utf8Bytes`]; cloning it only bumps a reference count, so a thousand clients
-//! share one buffer. Each client registered with [`Fanout::join`] owns a bounded queue
-//! ([`Member`]). A client whose queue is full is not skipped silently and does not slow the
-//! others: it is removed and its `stop` token cancelled, and its connection task closes it with
-//! 1013 (try again later), after which the page reconnects.
+//! serialised as [`Utf8Bytes`] with its id read once ([`Delivery`]); cloning it only bumps a
+//! reference count, so a thousand clients share one buffer. Each client registered with
+//! [`Fanout::join`] owns a bounded queue ([`Member`]). A client whose queue is full is not
+//! skipped silently and does not slow the others: it is removed and its `stop` token cancelled,
+//! and its connection task closes it with 1013 (try again later), after which the page
+//! reconnects and resumes from its last id. [`Fanout::evict_all`] does the same to every client
+//! when this instance itself has lost track of the channel (a gap it cannot fill), so that each
+//! client learns it through its own resume instead of missing messages silently.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use axum::extract::ws::Utf8Bytes;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+
+use crate::position::MessageId;
+
+/// One message on its way to clients: the exact text they receive and its id, when it has one
+/// (messages from the original app have none).
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    /// The message's id in the channel's history.
+    pub id: Option<MessageId>,
+    /// The frame's text, shared by every client.
+    pub text: Utf8Bytes,
+}
+
+/// Why the fan-out let a client go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Eviction {
+    /// Its queue was full: it cannot keep up.
+    TooSlow,
+    /// This instance missed part of the channel and cannot fill the gap itself; the client's
+    /// resume tells it what it can recover.
+    Gap,
+}
 
 /// Every local client's queue, keyed by a per-instance id.
 #[derive(Debug)]
@@ -25,8 +50,9 @@ pub struct Fanout {
 
 #[derive(Debug)]
 struct Client {
-    tx: mpsc::Sender<Utf8Bytes>,
+    tx: mpsc::Sender<Delivery>,
     stop: CancellationToken,
+    evicted: Arc<OnceLock<Eviction>>,
 }
 
 /// One client's end: its queue of messages to send and the token that ends it.
@@ -34,9 +60,11 @@ struct Client {
 pub struct Member {
     id: u64,
     /// Messages to write to this client, in channel order.
-    pub rx: mpsc::Receiver<Utf8Bytes>,
-    /// Cancelled when this client is evicted for a full queue, or when `stop`'s parent is.
+    pub rx: mpsc::Receiver<Delivery>,
+    /// Cancelled when this client is evicted, or when `stop`'s parent is.
     pub stop: CancellationToken,
+    /// Why the fan-out let this client go, once it did.
+    pub evicted: Arc<OnceLock<Eviction>>,
     fanout: Arc<Fanout>,
 }
 
@@ -61,31 +89,34 @@ impl Fanout {
     pub fn join(self: &Arc<Self>, stop: CancellationToken) -> Member {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel(self.queue);
+        let evicted = Arc::new(OnceLock::new());
         self.lock().insert(
             id,
             Client {
                 tx,
                 stop: stop.clone(),
+                evicted: Arc::clone(&evicted),
             },
         );
         Member {
             id,
             rx,
             stop,
+            evicted,
             fanout: Arc::clone(self),
         }
     }
 
     /// Queues `message` for every client; evicts those whose queue is full. Returns how many
     /// clients it was queued for.
-    pub fn deliver(&self, message: &Utf8Bytes) -> usize {
+    pub fn deliver(&self, message: &Delivery) -> usize {
         let mut clients = self.lock();
         let before = clients.len();
         clients.retain(|id, client| match client.tx.try_send(message.clone()) {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(_)) => {
                 tracing::warn!(client = id, "client queue full: disconnecting slow client");
-                client.stop.cancel();
+                client.evict(Eviction::TooSlow);
                 false
             }
             Err(mpsc::error::TrySendError::Closed(_)) => false,
@@ -95,6 +126,17 @@ impl Fanout {
             tracing::debug!(removed = before - delivered, "clients removed from fan-out");
         }
         delivered
+    }
+
+    /// Lets every client go with `reason`; returns how many there were.
+    pub fn evict_all(&self, reason: Eviction) -> usize {
+        let mut clients = self.lock();
+        let count = clients.len();
+        for client in clients.values() {
+            client.evict(reason);
+        }
+        clients.clear();
+        count
     }
 
     /// Number of registered clients.
@@ -112,21 +154,35 @@ impl Fanout {
     }
 }
 
+impl Client {
+    fn evict(&self, reason: Eviction) {
+        // The first reason wins; a client is let go once.
+        let _ = self.evicted.set(reason);
+        self.stop.cancel();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn text(text: &str) -> Delivery {
+        Delivery {
+            id: None,
+            text: Utf8Bytes::from(text),
+        }
+    }
 
     #[tokio::test]
     async fn every_member_gets_the_same_bytes_in_order() {
         let fanout = Fanout::new(4);
         let mut a = fanout.join(CancellationToken::new());
         let mut b = fanout.join(CancellationToken::new());
-        let first = Utf8Bytes::from("one");
-        assert_eq!(fanout.deliver(&first), 2);
-        assert_eq!(fanout.deliver(&Utf8Bytes::from("two")), 2);
+        assert_eq!(fanout.deliver(&text("one")), 2);
+        assert_eq!(fanout.deliver(&text("two")), 2);
         for member in [&mut a, &mut b] {
-            assert_eq!(member.rx.recv().await.unwrap().as_str(), "one");
-            assert_eq!(member.rx.recv().await.unwrap().as_str(), "two");
+            assert_eq!(member.rx.recv().await.unwrap().text.as_str(), "one");
+            assert_eq!(member.rx.recv().await.unwrap().text.as_str(), "two");
         }
     }
 
@@ -136,14 +192,15 @@ mod tests {
         let slow = fanout.join(CancellationToken::new());
         let mut fast = fanout.join(CancellationToken::new());
         for i in 0..3 {
-            fanout.deliver(&Utf8Bytes::from(i.to_string()));
+            fanout.deliver(&text(&i.to_string()));
             // The fast member keeps up.
-            assert_eq!(fast.rx.recv().await.unwrap().as_str(), i.to_string());
+            assert_eq!(fast.rx.recv().await.unwrap().text.as_str(), i.to_string());
         }
         assert!(slow.stop.is_cancelled());
+        assert_eq!(slow.evicted.get(), Some(&Eviction::TooSlow));
         assert!(!fast.stop.is_cancelled());
         assert_eq!(fanout.len(), 1);
-        assert_eq!(fanout.deliver(&Utf8Bytes::from("next")), 1);
+        assert_eq!(fanout.deliver(&text("next")), 1);
     }
 
     #[tokio::test]
@@ -153,6 +210,19 @@ mod tests {
         assert_eq!(fanout.len(), 1);
         drop(member);
         assert_eq!(fanout.len(), 0);
-        assert_eq!(fanout.deliver(&Utf8Bytes::from("x")), 0);
+        assert_eq!(fanout.deliver(&text("x")), 0);
+    }
+
+    #[tokio::test]
+    async fn evicting_everyone_stops_each_member_with_the_reason() {
+        let fanout = Fanout::new(2);
+        let a = fanout.join(CancellationToken::new());
+        let b = fanout.join(CancellationToken::new());
+        assert_eq!(fanout.evict_all(Eviction::Gap), 2);
+        for member in [&a, &b] {
+            assert!(member.stop.is_cancelled());
+            assert_eq!(member.evicted.get(), Some(&Eviction::Gap));
+        }
+        assert_eq!(fanout.len(), 0);
     }
 }

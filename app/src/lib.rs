@@ -2,9 +2,12 @@
 //! through Redis pub/sub (or an in-process broker when no Redis is configured).
 //!
 //! Data flow: a client's frame arrives in `ws`, is checked and stamped by `protocol`, and is
-//! published by `broker`; the `subscriber` (Redis) or the in-process broker hands every message
-//! of the channel, serialised once, to `fanout`, which queues it for each local client; each
-//! connection task in `ws` writes its queue to its socket. `health` reports whether the
+//! published by `broker` into the channel's history (`stream`: a Redis Stream, or `ring`
+//! in-process), which gives it its id (`position`); the `subscriber` (Redis) or the in-process
+//! broker hands every message of the channel, serialised once, to `fanout`, which queues it for
+//! each local client; each connection task in `ws` writes its queue to its socket. A client
+//! that reconnects with its last position gets what it missed from the history first
+//! (`history` decides whether the gap can be filled). `health` reports whether the
 //! instance can serve, `page` serves the embedded page, `shutdown` drains on SIGTERM.
 //!
 //! The binary (`main.rs`) parses the command line, loads [`config::Config`], binds the
@@ -15,11 +18,15 @@ mod broker;
 pub mod config;
 mod fanout;
 mod health;
+mod history;
 mod origin;
 mod page;
+pub mod position;
 pub mod protocol;
 mod rate_limit;
+mod ring;
 pub mod shutdown;
+mod stream;
 mod subscriber;
 mod ws;
 
@@ -82,7 +89,7 @@ impl AppState {
     /// background, once [`run`] starts). Must be called inside a Tokio runtime.
     pub fn new(config: Config) -> Result<AppState, Error> {
         let fanout = Fanout::new(config.client_queue);
-        let broker = Broker::new(config.redis.as_ref(), Arc::clone(&fanout))?;
+        let broker = Broker::new(config.redis.as_ref(), config.history, Arc::clone(&fanout))?;
         Ok(AppState(Arc::new(Shared {
             config,
             fanout,

@@ -4,17 +4,25 @@
 //! (JSON object, both fields strings within their limits; other fields are ignored), stamped
 //! with the server's local time by [`ChatMessage::stamp`] and serialised once by
 //! [`ChatMessage::to_json`] into exactly `{"time":"YYYY/MM/DD HH:MM:SS","name":…,"content":…}`:
-//! that string is what goes to Redis and, unchanged, to every client. What comes back from
-//! Redis is checked by [`is_chat_payload`] only (a JSON object) and forwarded byte for byte, so
-//! fields another instance adds pass through. Problems become [`InputError`], which the sender
-//! alone receives as [`error_json`].
+//! that string is the body stored in the channel's history; [`with_position`] appends the
+//! message's `"id"` and `"epoch"` (the same splice the Redis script does), and that is what every
+//! client receives. What comes back from Redis is checked by [`read_channel_payload`] only (a
+//! JSON object, its optional `id` and `epoch` read) and forwarded byte for byte, so fields another
+//! instance adds pass through and the original Python app's messages (no id) still reach every
+//! client. A client may add `"cid"`, its own id for the message, to make a retried send safe;
+//! the sender then gets [`ack_json`]. Problems become [`InputError`], which the sender alone
+//! receives as [`error_json`]. A client resuming after a reconnect first gets [`ResumeNotice`].
 
 use chrono::{DateTime, TimeZone};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::position::MessageId;
+
 /// `strftime` format of the `time` field, as the original writes it.
 pub const TIME_FORMAT: &str = "%Y/%m/%d %H:%M:%S";
+/// Longest client message id (`cid`).
+pub const MAX_CID_CHARS: usize = 64;
 
 /// Why a client's frame was not accepted; the text is what the client reads in `error`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -41,6 +49,9 @@ pub enum InputError {
         /// The limit in characters.
         limit: usize,
     },
+    /// A client message id that is not 1 to 64 characters of `A-Z a-z 0-9 _ -`.
+    #[error("field \"cid\" must be 1 to 64 characters of A-Z, a-z, 0-9, _ and -")]
+    BadCid,
     /// A binary frame: the protocol is JSON text.
     #[error("binary frames are not accepted; send JSON text")]
     Binary,
@@ -61,6 +72,9 @@ pub struct Incoming {
     pub name: String,
     /// Message text (shown as text, never as HTML).
     pub content: String,
+    /// The client's own id for this message: a retried send with the same `cid` is published
+    /// once, and the sender is told the id the message got.
+    pub cid: Option<String>,
 }
 
 /// The message every instance publishes and every client receives.
@@ -104,7 +118,20 @@ pub fn parse_incoming(
     };
     let name = field("name", max_name_chars)?;
     let content = field("content", max_content_chars)?;
-    Ok(Incoming { name, content })
+    let cid = match object.remove("cid") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(cid)) if is_cid(&cid) => Some(cid),
+        Some(_) => return Err(InputError::BadCid),
+    };
+    Ok(Incoming { name, content, cid })
+}
+
+/// Whether `cid` is a usable client message id: it becomes part of a Redis key.
+pub fn is_cid(cid: &str) -> bool {
+    (1..=MAX_CID_CHARS).contains(&cid.len())
+        && cid
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
 impl ChatMessage {
@@ -127,15 +154,100 @@ impl ChatMessage {
     }
 }
 
-/// Whether a payload received from the channel may be shown to clients: a JSON object.
-pub fn is_chat_payload(payload: &str) -> bool {
-    payload.trim_start().starts_with('{')
-        && serde_json::from_str::<serde::de::IgnoredAny>(payload).is_ok()
+/// `body` (a serialised [`ChatMessage`], a JSON object) with `"id"` and `"epoch"` appended:
+/// what clients receive. The history's Redis script builds the same text.
+pub fn with_position(body: &str, id: MessageId, epoch: &str) -> String {
+    let open = body.trim_end().strip_suffix('}').unwrap_or("{");
+    let separator = if open.trim_end().ends_with('{') {
+        ""
+    } else {
+        ","
+    };
+    format!("{open}{separator}\"id\":\"{id}\",\"epoch\":\"{epoch}\"}}")
 }
 
-/// `{"error": "<reason>"}`, the answer the sender alone receives.
-pub fn error_json(reason: &str) -> String {
-    serde_json::json!({ "error": reason }).to_string()
+/// What a payload from the channel says about its place in the history.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stamp {
+    /// Its id, when it has one (messages from the original app have none).
+    pub id: Option<MessageId>,
+    /// The epoch of that id.
+    pub epoch: Option<String>,
+}
+
+/// Reads a payload from the channel: `None` unless it is a JSON object (which may be shown to
+/// clients), otherwise its optional `id` and `epoch`. A malformed `id` counts as none.
+pub fn read_channel_payload(payload: &str) -> Option<Stamp> {
+    /// Any JSON value is accepted in these fields (the original app's clients may put a number
+    /// in `id`); only strings in our format count.
+    #[derive(Deserialize)]
+    struct Fields {
+        #[serde(default)]
+        id: Option<Value>,
+        #[serde(default)]
+        epoch: Option<Value>,
+    }
+    if !payload.trim_start().starts_with('{') {
+        return None;
+    }
+    let fields: Fields = serde_json::from_str(payload).ok()?;
+    let text = |v: Option<Value>| match v {
+        Some(Value::String(s)) => Some(s),
+        _ => None,
+    };
+    let epoch = text(fields.epoch);
+    let id = text(fields.id).and_then(|id| id.parse().ok());
+    Some(match (id, epoch) {
+        (Some(id), Some(epoch)) => Stamp {
+            id: Some(id),
+            epoch: Some(epoch),
+        },
+        // Half a position is none.
+        _ => Stamp {
+            id: None,
+            epoch: None,
+        },
+    })
+}
+
+/// `{"error": "<reason>"}`, the answer the sender alone receives; with the message's `cid` when
+/// it had one, so the client knows which send to retry.
+pub fn error_json(reason: &str, cid: Option<&str>) -> String {
+    match cid {
+        Some(cid) => serde_json::json!({ "error": reason, "cid": cid }).to_string(),
+        None => serde_json::json!({ "error": reason }).to_string(),
+    }
+}
+
+/// `{"ack": "<cid>", "id": "<id>", "epoch": "<epoch>"}`: the sender's message with this `cid` is
+/// in the history under `id` (sent now, or by an earlier try).
+pub fn ack_json(cid: &str, id: MessageId, epoch: &str) -> String {
+    serde_json::json!({ "ack": cid, "id": id.to_string(), "epoch": epoch }).to_string()
+}
+
+/// The first frame a client that asked to resume receives: whether its gap was filled, the
+/// epoch and position it now holds, and how many missed messages follow.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ResumeNotice {
+    /// `true`: the `missed` messages that follow are exactly what the client missed (none for a
+    /// fresh client). `false`: what it missed cannot be recovered (`reason` says why).
+    pub recovered: bool,
+    /// The history's current epoch.
+    pub epoch: String,
+    /// The greatest id the client holds once the missed messages are delivered.
+    pub last: String,
+    /// How many missed messages follow this frame.
+    pub missed: usize,
+    /// Why nothing could be recovered.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+impl ResumeNotice {
+    /// The frame's text.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).unwrap_or_else(|_| "{}".to_owned())
+    }
 }
 
 #[cfg(test)]
@@ -153,7 +265,8 @@ mod tests {
             parse(r#"{"name": "ann", "content": "hello"}"#),
             Ok(Incoming {
                 name: "ann".into(),
-                content: "hello".into()
+                content: "hello".into(),
+                cid: None,
             })
         );
     }
@@ -164,7 +277,8 @@ mod tests {
             parse(r#"{"id": 7, "name": "ann", "content": "hi", "time": "forged", "x": {"y": 1}}"#),
             Ok(Incoming {
                 name: "ann".into(),
-                content: "hi".into()
+                content: "hi".into(),
+                cid: None,
             })
         );
     }
@@ -226,6 +340,7 @@ mod tests {
             Incoming {
                 name: "ann \"the\" <b>".into(),
                 content: "line\nnext".into(),
+                cid: None,
             },
             &now,
         );
@@ -244,6 +359,7 @@ mod tests {
             Incoming {
                 name: String::new(),
                 content: String::new(),
+                cid: None,
             },
             &now,
         );
@@ -261,21 +377,104 @@ mod tests {
     }
 
     #[test]
-    fn recognises_chat_payloads_from_the_channel() {
-        assert!(is_chat_payload(
-            r#"{"time": "2024/01/01 00:00:00", "name": "py", "content": "hi"}"#
-        ));
-        assert!(is_chat_payload(
-            r#"{"time":"t","name":"n","content":"c","id":"x1"}"#
-        ));
-        assert!(!is_chat_payload("not json"));
-        assert!(!is_chat_payload("[1, 2]"));
-        assert!(!is_chat_payload("{\"a\": 1} trailing"));
+    fn reads_chat_payloads_and_their_place_from_the_channel() {
+        assert_eq!(
+            read_channel_payload(
+                r#"{"time": "2024/01/01 00:00:00", "name": "py", "content": "hi"}"#
+            ),
+            Some(Stamp {
+                id: None,
+                epoch: None
+            })
+        );
+        assert_eq!(
+            read_channel_payload(
+                r#"{"time":"t","name":"n","content":"c","id":"17-3","epoch":"ab"}"#
+            ),
+            Some(Stamp {
+                id: Some(MessageId { ms: 17, seq: 3 }),
+                epoch: Some("ab".into())
+            })
+        );
+        // Escaped text in other fields does not disturb reading the id.
+        assert_eq!(
+            read_channel_payload(r#"{"content":"\"id\":\"9-9\"","id":"1-2","epoch":"e"}"#)
+                .and_then(|s| s.id),
+            Some(MessageId { ms: 1, seq: 2 })
+        );
+        for odd in [
+            r#"{"id":"not-an-id","epoch":"e"}"#,
+            r#"{"id":7,"epoch":"e"}"#,
+            r#"{"id":"1-2"}"#,
+            r#"{"id":"1-2","epoch":{"x":1}}"#,
+        ] {
+            assert_eq!(
+                read_channel_payload(odd),
+                Some(Stamp {
+                    id: None,
+                    epoch: None
+                }),
+                "{odd}"
+            );
+        }
+        assert_eq!(read_channel_payload("not json"), None);
+        assert_eq!(read_channel_payload("[1, 2]"), None);
+        assert_eq!(read_channel_payload("{\"a\": 1} trailing"), None);
     }
 
     #[test]
-    fn error_json_escapes_the_reason() {
-        assert_eq!(error_json("bad \"x\""), r#"{"error":"bad \"x\""}"#);
+    fn the_position_is_appended_to_the_body() {
+        let body = r#"{"time":"t","name":"n","content":"c"}"#;
+        let id = MessageId { ms: 5, seq: 1 };
+        let full = with_position(body, id, "e1");
+        assert_eq!(
+            full,
+            r#"{"time":"t","name":"n","content":"c","id":"5-1","epoch":"e1"}"#
+        );
+        assert_eq!(
+            read_channel_payload(&full),
+            Some(Stamp {
+                id: Some(id),
+                epoch: Some("e1".into())
+            })
+        );
+        assert_eq!(with_position("{}", id, "e"), r#"{"id":"5-1","epoch":"e"}"#);
+    }
+
+    #[test]
+    fn client_message_ids_are_checked() {
+        let with = |cid: &str| parse(&format!(r#"{{"name": "a", "content": "b", "cid": {cid}}}"#));
+        assert_eq!(
+            with(r#""abc-_09XZ""#).unwrap().cid.as_deref(),
+            Some("abc-_09XZ")
+        );
+        assert_eq!(with("null").unwrap().cid, None);
+        let longest = "x".repeat(MAX_CID_CHARS);
+        assert!(with(&format!("\"{longest}\"")).is_ok());
+        for bad in [r#""""#, r#""a b""#, r#""a:b""#, r#""é""#, "7", "[]"] {
+            assert_eq!(with(bad), Err(InputError::BadCid), "{bad}");
+        }
+        assert_eq!(with(&format!("\"{longest}x\"")), Err(InputError::BadCid));
+    }
+
+    #[test]
+    fn acks_errors_and_notices_are_json() {
+        let ack: Value =
+            serde_json::from_str(&ack_json("c1", MessageId { ms: 2, seq: 0 }, "e")).unwrap();
+        assert_eq!(
+            ack,
+            serde_json::json!({"ack": "c1", "id": "2-0", "epoch": "e"})
+        );
+        let notice = ResumeNotice {
+            recovered: false,
+            epoch: "e".into(),
+            last: "0-0".into(),
+            missed: 0,
+            reason: Some("why".into()),
+        };
+        let value: Value = serde_json::from_str(&notice.to_json()).unwrap();
+        assert_eq!(value["recovered"], false);
+        assert_eq!(value["reason"], "why");
     }
 
     #[test]
@@ -291,7 +490,7 @@ mod tests {
             for end in 0..=seed.len() {
                 if let Some(prefix) = seed.get(..end) {
                     let _ = parse(prefix);
-                    let _ = is_chat_payload(prefix);
+                    let _ = read_channel_payload(prefix);
                     let _ = parse(&format!("{prefix}\u{0}}}"));
                 }
             }

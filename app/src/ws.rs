@@ -1,14 +1,18 @@
 //! The WebSocket endpoint `/ws`: admission, then one task per connection.
 //!
 //! [`upgrade`] admits a handshake or refuses it with an HTTP status: 503 while draining or at
-//! `max_connections`, 403 for a foreign `Origin`. An admitted connection runs [`serve`], one
-//! task that does three things until the client leaves or is told to go:
+//! `max_connections`, 403 for a foreign `Origin`, 400 for a query string that is not one. An
+//! admitted connection runs [`serve`], one task that first, for a client that asked to resume
+//! (`?resume`, or `?epoch=E&last=ID`; see [`ResumeQuery`]), sends the [`protocol::ResumeNotice`]
+//! and the messages it missed, then does three things until the client leaves or is told to go:
 //! - frames from the client: rate limit, [`protocol::parse_incoming`], stamp, then
-//!   [`Broker::publish`]; a problem is answered with `{"error": …}` to this client alone and the
-//!   connection stays open; a frame over the size limit closes with 1009, invalid UTF-8 with 1007;
-//! - messages from the fan-out queue: written to the client, in order;
-//! - `stop`: cancelled by the fan-out when the queue is full (close 1013, the page reconnects)
-//!   or by shutdown (close 1001).
+//!   [`Broker::publish`] (answered with `{"ack": cid, …}` when the frame had a `cid`); a problem
+//!   is answered with `{"error": …}` to this client alone and the connection stays open; a frame
+//!   over the size limit closes with 1009, invalid UTF-8 with 1007;
+//! - messages from the fan-out queue: written to the client, in order, minus those the resume
+//!   already sent;
+//! - `stop`: cancelled by the fan-out when the queue is full or this instance lost track of the
+//!   channel (close 1013, the page reconnects and resumes) or by shutdown (close 1001).
 //!
 //! Buffers are small (a 4 KiB read buffer; a 1 KiB write buffer, allocated at the first
 //! message, in which the frames of one batch collect until the flush) so that many idle
@@ -20,7 +24,9 @@ use std::time::{Duration, Instant};
 
 use axum::Extension;
 use axum::extract::ConnectInfo;
+use axum::extract::Query;
 use axum::extract::State;
+use axum::extract::rejection::QueryRejection;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocketUpgrade, close_code};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -30,8 +36,11 @@ use tracing::Instrument;
 
 use crate::AppState;
 use crate::broker::Broker;
+use crate::fanout::{Delivery, Eviction};
+use crate::history::Resume;
 use crate::origin;
-use crate::protocol::{self, ChatMessage, InputError};
+use crate::position::{MAX_EPOCH_CHARS, MessageId, Position};
+use crate::protocol::{self, ChatMessage, InputError, ResumeNotice};
 use crate::rate_limit::TokenBucket;
 
 /// Read buffer per connection; axum's default is 128 KiB, which idle connections would hold.
@@ -50,10 +59,53 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 /// Close code for a client that cannot keep up: "try again later"; the page reconnects.
 pub const CLOSE_TOO_SLOW: u16 = close_code::AGAIN;
 
+/// The query string of `/ws`: `?resume` for a fresh client that wants a position to resume
+/// from later, `?epoch=E&last=ID` to resume after `ID`; none of them for the original protocol.
+#[derive(Debug, Default, serde::Deserialize)]
+pub struct ResumeQuery {
+    resume: Option<String>,
+    epoch: Option<String>,
+    last: Option<String>,
+}
+
+/// What a connecting client asked for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Resuming {
+    /// The original protocol: no notice, live messages only.
+    No,
+    /// A position to resume from later, nothing to recover.
+    Fresh,
+    /// Everything after this position.
+    From(Position),
+    /// A position that cannot be one (the reason is told to the client).
+    Malformed(&'static str),
+}
+
+impl ResumeQuery {
+    fn resuming(self) -> Resuming {
+        match (self.epoch, self.last) {
+            (None, None) if self.resume.is_some() => Resuming::Fresh,
+            (None, None) => Resuming::No,
+            (Some(epoch), Some(last)) => {
+                let epoch_ok = !epoch.is_empty()
+                    && epoch.len() <= MAX_EPOCH_CHARS
+                    && epoch.bytes().all(|b| b.is_ascii_graphic());
+                match last.parse::<MessageId>() {
+                    Ok(last) if epoch_ok => Resuming::From(Position { epoch, last }),
+                    Ok(_) => Resuming::Malformed("`epoch` is not an epoch this server gave"),
+                    Err(_) => Resuming::Malformed("`last` is not a message id (<ms>-<seq>)"),
+                }
+            }
+            _ => Resuming::Malformed("resuming needs both `epoch` and `last`"),
+        }
+    }
+}
+
 /// `GET /ws`: admission checks, then the upgrade.
 pub async fn upgrade(
     State(state): State<AppState>,
     peer: Option<Extension<ConnectInfo<SocketAddr>>>,
+    query: Result<Query<ResumeQuery>, QueryRejection>,
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
@@ -67,6 +119,13 @@ pub async fn upgrade(
     if state.is_draining() {
         return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response();
     }
+    let resuming = match query {
+        Ok(Query(query)) => query.resuming(),
+        Err(e) => {
+            tracing::info!(%peer, %forwarded_for, error = %e, "WebSocket refused: bad query string");
+            return (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response();
+        }
+    };
     let Ok(request_origin) = headers.get(header::ORIGIN).map(|v| v.to_str()).transpose() else {
         let origin = headers.get(header::ORIGIN);
         tracing::warn!(%peer, %forwarded_for, ?origin, "WebSocket refused: Origin header is not ASCII text");
@@ -93,7 +152,7 @@ pub async fn upgrade(
             async move {
                 let _slot = slot;
                 let _tracked = tracked;
-                serve(socket, state).await;
+                serve(socket, state, resuming).await;
             }
             .instrument(span)
         })
@@ -129,16 +188,27 @@ enum End {
     Stopped,
     /// The client broke a limit or the protocol: close with this frame.
     Refused(CloseFrame),
+    /// A resume could not read the history: close with 1013, the client tries again.
+    HistoryUnavailable,
 }
 
 /// Runs one connection until the client leaves or is told to go.
-pub async fn serve<S>(mut socket: S, state: AppState)
+async fn serve<S>(mut socket: S, state: AppState, resuming: Resuming)
 where
     S: Stream<Item = Result<Message, axum::Error>> + Sink<Message, Error = axum::Error> + Unpin,
 {
     let limits = &state.config().limits;
+    // Joined before the history is read: whatever is published from now on is queued, and what
+    // the resume sends as well is skipped when it comes out of the queue.
     let mut member = state.fanout().join(state.close_all().child_token());
     let stop = member.stop.clone();
+    let skip_through = match resume(&mut socket, &state, resuming, &stop).await {
+        Ok(skip_through) => skip_through,
+        Err(end) => {
+            finish(&mut socket, &state, end, member.evicted.get().copied()).await;
+            return;
+        }
+    };
     let mut bucket = TokenBucket::new(
         limits.messages_per_second,
         limits.messages_burst,
@@ -154,7 +224,8 @@ where
             () = stop.cancelled() => break End::Stopped,
             queued = member.rx.recv() => {
                 let Some(first) = queued else { break End::Stopped };
-                if let Err(end) = write_queued(&mut socket, first, &mut member.rx, &stop).await {
+                let fresh = |d: &Delivery| skip_through.is_none_or(|s| d.id.is_none_or(|id| id > s));
+                if let Err(end) = write_queued(&mut socket, first, &mut member.rx, fresh, &stop).await {
                     break end;
                 }
             }
@@ -168,21 +239,29 @@ where
                         Some(rate_limited(&state))
                     }
                     Some(Ok(Message::Text(text))) => accept(&text, &state, &stop).await,
-                    Some(Ok(Message::Binary(_))) => Some(InputError::Binary.to_string()),
+                    Some(Ok(Message::Binary(_))) => {
+                        Some(protocol::error_json(&InputError::Binary.to_string(), None))
+                    }
                     // Pings are answered by the WebSocket layer; a close is answered there too,
                     // after which the stream ends.
                     Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Close(_))) => None,
                 };
-                if let Some(reason) = reply {
-                    let reply = Message::Text(protocol::error_json(&reason).into());
-                    if let Err(end) = send(&mut socket, reply, &stop).await {
+                if let Some(reply) = reply {
+                    if let Err(end) = send(&mut socket, Message::Text(reply.into()), &stop).await {
                         break end;
                     }
                 }
             }
         }
     };
+    finish(&mut socket, &state, end, member.evicted.get().copied()).await;
+}
 
+/// Closes the connection as `end` requires.
+async fn finish<S>(socket: &mut S, state: &AppState, end: End, evicted: Option<Eviction>)
+where
+    S: Stream<Item = Result<Message, axum::Error>> + Sink<Message, Error = axum::Error> + Unpin,
+{
     let frame = match end {
         End::Gone => None,
         End::Refused(frame) => Some(frame),
@@ -190,44 +269,134 @@ where
             code: close_code::AWAY,
             reason: Utf8Bytes::from_static("server shutting down"),
         }),
-        End::Stopped => {
-            tracing::info!("closing a client that cannot keep up (queue full)");
-            Some(CloseFrame {
+        End::Stopped => Some(match evicted {
+            Some(Eviction::Gap) => CloseFrame {
                 code: CLOSE_TOO_SLOW,
-                reason: Utf8Bytes::from_static("too slow: message queue full; reconnect"),
-            })
-        }
+                reason: Utf8Bytes::from_static("message stream interrupted; reconnect to resume"),
+            },
+            Some(Eviction::TooSlow) | None => {
+                tracing::info!("closing a client that cannot keep up (queue full)");
+                CloseFrame {
+                    code: CLOSE_TOO_SLOW,
+                    reason: Utf8Bytes::from_static("too slow: message queue full; reconnect"),
+                }
+            }
+        }),
+        End::HistoryUnavailable => Some(CloseFrame {
+            code: CLOSE_TOO_SLOW,
+            reason: Utf8Bytes::from_static("message history unreachable; reconnect shortly"),
+        }),
     };
     if let Some(frame) = frame {
         tracing::debug!(code = frame.code, reason = %frame.reason, "closing WebSocket");
-        close(&mut socket, frame).await;
+        close(socket, frame).await;
     }
     tracing::debug!("WebSocket closed");
 }
 
-/// Validates, stamps and publishes a client's text frame; the error text for the sender, if any.
+/// For a client that asked to resume: the notice and the missed messages. Returns the id up to
+/// which queued messages were sent already.
+async fn resume<S>(
+    socket: &mut S,
+    state: &AppState,
+    resuming: Resuming,
+    stop: &CancellationToken,
+) -> Result<Option<MessageId>, End>
+where
+    S: Sink<Message, Error = axum::Error> + Unpin,
+{
+    let (from, malformed) = match resuming {
+        Resuming::No => return Ok(None),
+        Resuming::Fresh => (None, None),
+        Resuming::From(position) => (Some(position), None),
+        Resuming::Malformed(reason) => (None, Some(reason)),
+    };
+    let read = tokio::select! {
+        read = state.broker().resume(from.as_ref()) => read,
+        () = stop.cancelled() => return Err(End::Stopped),
+    };
+    let Resume {
+        recovered,
+        epoch,
+        last,
+        missed,
+        reason,
+    } = read.map_err(|_| End::HistoryUnavailable)?;
+    let notice = ResumeNotice {
+        recovered: recovered && malformed.is_none(),
+        epoch,
+        last: last.to_string(),
+        missed: missed.len(),
+        reason: malformed.or(reason).map(str::to_owned),
+    };
+    if !notice.recovered {
+        tracing::info!(
+            reason = notice.reason.as_deref().unwrap_or("-"),
+            "a resuming client's gap cannot be filled"
+        );
+    }
+    let write = async {
+        socket.feed(Message::Text(notice.to_json().into())).await?;
+        for delivery in missed {
+            socket.feed(Message::Text(delivery.text)).await?;
+        }
+        socket.flush().await
+    };
+    tokio::select! {
+        written = write => written.map_err(|_| End::Gone)?,
+        () = stop.cancelled() => return Err(End::Stopped),
+    }
+    // Only a filled gap overlaps the queue; after a fresh or failed resume everything queued is
+    // new to the client.
+    Ok(from.filter(|_| notice.recovered).map(|_| last))
+}
+
+/// Validates, stamps and publishes a client's text frame; the answer for the sender, if any
+/// (an error, or the ack of a message with a `cid`).
 async fn accept(text: &str, state: &AppState, stop: &CancellationToken) -> Option<String> {
     let limits = &state.config().limits;
-    let incoming =
+    let mut incoming =
         match protocol::parse_incoming(text, limits.max_name_chars, limits.max_content_chars) {
             Ok(incoming) => incoming,
-            Err(e) => return Some(e.to_string()),
+            Err(e) => {
+                let cid = cid_of(text);
+                return Some(protocol::error_json(&e.to_string(), cid.as_deref()));
+            }
         };
+    let cid = incoming.cid.take();
     let message = ChatMessage::stamp(incoming, &chrono::Local::now());
     let broker: &Broker = state.broker();
-    tokio::select! {
-        published = broker.publish(message.to_json()) => published.err().map(|e| e.to_string()),
-        () = stop.cancelled() => None,
+    let body = message.to_json();
+    let published = tokio::select! {
+        published = broker.publish(&body, cid.as_deref()) => published,
+        () = stop.cancelled() => return None,
+    };
+    match (published, cid) {
+        (Ok(published), Some(cid)) => {
+            Some(protocol::ack_json(&cid, published.id, &published.epoch))
+        }
+        (Ok(_), None) => None,
+        (Err(e), cid) => Some(protocol::error_json(&e.to_string(), cid.as_deref())),
     }
+}
+
+/// The `cid` of a frame that was refused, when it had a usable one, so the error names it.
+fn cid_of(text: &str) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Cid {
+        cid: String,
+    }
+    let cid = serde_json::from_str::<Cid>(text).ok()?.cid;
+    protocol::is_cid(&cid).then_some(cid)
 }
 
 fn rate_limited(state: &AppState) -> String {
     let limits = &state.config().limits;
-    InputError::RateLimited {
+    let reason = InputError::RateLimited {
         per_second: limits.messages_per_second,
         burst: limits.messages_burst,
-    }
-    .to_string()
+    };
+    protocol::error_json(&reason.to_string(), None)
 }
 
 /// The close frame owed to a client whose frame the WebSocket layer rejected, if any.
@@ -267,21 +436,27 @@ fn refusal(error: axum::Error, max_frame_bytes: usize) -> End {
     End::Refused(frame)
 }
 
-/// Writes `first` and whatever else is already queued (up to a batch), then flushes.
+/// Writes `first` and whatever else is already queued (up to a batch), those that pass `wanted`,
+/// then flushes.
 async fn write_queued<S>(
     socket: &mut S,
-    first: Utf8Bytes,
-    rx: &mut tokio::sync::mpsc::Receiver<Utf8Bytes>,
+    first: Delivery,
+    rx: &mut tokio::sync::mpsc::Receiver<Delivery>,
+    wanted: impl Fn(&Delivery) -> bool,
     stop: &CancellationToken,
 ) -> Result<(), End>
 where
     S: Sink<Message, Error = axum::Error> + Unpin,
 {
     let write = async {
-        socket.feed(Message::Text(first)).await?;
+        if wanted(&first) {
+            socket.feed(Message::Text(first.text)).await?;
+        }
         for _ in 1..WRITE_BATCH {
             let Ok(next) = rx.try_recv() else { break };
-            socket.feed(Message::Text(next)).await?;
+            if wanted(&next) {
+                socket.feed(Message::Text(next.text)).await?;
+            }
         }
         socket.flush().await
     };
@@ -399,7 +574,7 @@ mod tests {
             unflushed: Vec::new(),
             outgoing,
         };
-        tokio::spawn(serve(socket, state.clone()));
+        tokio::spawn(serve(socket, state.clone(), Resuming::No));
         Client {
             to_server,
             from_server,
@@ -426,7 +601,7 @@ mod tests {
         alice.send("not json");
         assert_eq!(
             alice.text().await,
-            protocol::error_json(&InputError::NotJson.to_string())
+            protocol::error_json(&InputError::NotJson.to_string(), None)
         );
         alice.send(r#"{"name": "alice", "content": "hi"}"#);
         let seen_by_alice = alice.text().await;
@@ -465,7 +640,10 @@ mod tests {
             .map(|i| format!("{{\"n\":{i}}}"))
             .collect();
         for message in &messages {
-            state.fanout().deliver(&Utf8Bytes::from(message.as_str()));
+            state.fanout().deliver(&Delivery {
+                id: None,
+                text: Utf8Bytes::from(message.as_str()),
+            });
         }
         for message in &messages {
             assert_eq!(&client.text().await, message);

@@ -8,6 +8,7 @@ mod bad_input;
 mod binary;
 mod delivery;
 mod redis_faults;
+mod resume;
 mod shutdown;
 mod slow_client;
 mod support;

@@ -1,14 +1,16 @@
 //! Redis going away: the instance reports 503, tells senders, resubscribes with backoff when
 //! Redis is back, delivers again, and never exits. A subscription Redis dropped before the
-//! instance noticed does not swallow messages either: their senders are told.
+//! instance noticed does not swallow messages either: the instance starts over and delivers
+//! them from the history. A Redis that lost its data (a new epoch) lets every client go, and
+//! each learns through its resume that its gap cannot be filled.
 
-use crate::support::{App, Redis, SilentRelay, assert_chat_shape, free_port};
+use crate::support::{App, Client, Ended, Redis, SilentRelay, assert_chat_shape, free_port};
 
 const FAST_RECONNECT: &str = "redis_reconnect_min = \"50ms\"\nredis_reconnect_max = \"500ms\"";
 
 #[tokio::test]
 async fn redis_restart_turns_health_503_then_200_and_delivery_resumes() {
-    let mut redis = Redis::start().await;
+    let mut redis = Redis::start_persistent().await;
     let app = App::with_redis(&redis, FAST_RECONNECT).await;
     app.wait_health(200).await;
     let mut client = app.connect().await;
@@ -25,11 +27,38 @@ async fn redis_restart_turns_health_503_then_200_and_delivery_resumes() {
     redis.restart().await;
     app.wait_health(200).await;
     // Once healthy, the very first message goes through (the publishing connection was
-    // checked before /healthz turned 200).
+    // checked before /healthz turned 200), and the client was never let go: the history
+    // survived the restart.
     client.say("ann", "after").await;
     let delivered = client.text().await;
     assert_eq!(assert_chat_shape(&delivered).content, "after");
     assert!(app.is_running());
+}
+
+#[tokio::test]
+async fn a_redis_that_lost_its_data_lets_clients_go_and_their_resume_says_so() {
+    let mut redis = Redis::start().await;
+    let app = App::with_redis(&redis, FAST_RECONNECT).await;
+    app.wait_health(200).await;
+    let (mut client, _) = Client::resume(app.addr, "resume").await;
+    client.say("ann", "before").await;
+    let before = client.json().await;
+    let (epoch, last) = (
+        before["epoch"].as_str().unwrap(),
+        before["id"].as_str().unwrap(),
+    );
+
+    // No persistence: the restarted Redis has no history, so a new epoch starts.
+    redis.restart().await;
+    assert_eq!(client.ended(0).await, Ended::Closed(1013));
+    app.wait_health(200).await;
+    let (_, notice) = Client::resume(app.addr, &format!("epoch={epoch}&last={last}")).await;
+    assert_eq!(notice["recovered"], false, "{notice}");
+    assert_ne!(notice["epoch"], epoch);
+    assert!(
+        notice["reason"].as_str().unwrap().contains("epoch"),
+        "{notice}"
+    );
 }
 
 #[tokio::test]
@@ -52,10 +81,11 @@ async fn an_instance_started_before_redis_becomes_healthy_when_redis_comes() {
 }
 
 #[tokio::test]
-async fn a_message_no_subscriber_received_is_reported_to_its_sender() {
+async fn a_message_no_subscriber_received_still_reaches_the_clients() {
     // Through the relay the app is not told when Redis drops its subscription, so it still
     // counts as subscribed (as just after a Redis restart): only PUBLISH's count of receivers
-    // (0) shows that the message reached nobody, not even this instance's own clients.
+    // (0) shows that the message reached nobody, not even this instance's own clients. The
+    // message is in the history; the instance resubscribes at once and delivers it from there.
     let redis = Redis::start().await;
     let relay = SilentRelay::to(&redis).await;
     let app = App::start(&format!("redis_url = \"{}\"\n", relay.url)).await;
@@ -67,6 +97,8 @@ async fn a_message_no_subscriber_received_is_reported_to_its_sender() {
     let killed: i64 = redis.command(&["CLIENT", "KILL", "TYPE", "pubsub"]).await;
     assert_eq!(killed, 1, "the app's subscription");
     client.say("ann", "to nobody").await;
-    let error = client.error().await;
-    assert!(error.contains("reconnecting to Redis"), "{error}");
+    let delivered = client.text().await;
+    assert_eq!(assert_chat_shape(&delivered).content, "to nobody");
+    client.say("ann", "then live").await;
+    assert_eq!(assert_chat_shape(&client.text().await).content, "then live");
 }

@@ -50,11 +50,15 @@ pub fn free_port() -> u16 {
     listener.local_addr().unwrap().port()
 }
 
-/// A `redis-server` child on 127.0.0.1, without persistence; killed on drop.
+/// A `redis-server` child on 127.0.0.1, without persistence unless it has a data directory;
+/// killed on drop.
 pub struct Redis {
     port: u16,
     tls: Option<Tls>,
     child: Option<Child>,
+    /// With a directory, an append-only file fsynced at every write: what it held survives
+    /// even SIGKILL.
+    data: Option<tempfile::TempDir>,
 }
 
 /// What a TLS `redis-server` needs: a private CA, a certificate for 127.0.0.1, a password.
@@ -100,6 +104,19 @@ impl Redis {
             port,
             tls: None,
             child: None,
+            data: None,
+        };
+        redis.spawn().await;
+        redis
+    }
+
+    /// Starts a plain server that keeps its data across restarts (append-only file).
+    pub async fn start_persistent() -> Redis {
+        let mut redis = Redis {
+            port: free_port(),
+            tls: None,
+            child: None,
+            data: Some(tempfile::tempdir().unwrap()),
         };
         redis.spawn().await;
         redis
@@ -112,6 +129,7 @@ impl Redis {
             port: free_port(),
             tls: Some(Tls::generate()),
             child: None,
+            data: None,
         };
         redis.spawn().await;
         redis
@@ -120,7 +138,13 @@ impl Redis {
     async fn spawn(&mut self) {
         let port = self.port.to_string();
         let mut command = Command::new("redis-server");
-        command.args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]);
+        command.args(["--bind", "127.0.0.1", "--save", ""]);
+        match &self.data {
+            None => command.args(["--appendonly", "no"]),
+            Some(dir) => command
+                .args(["--appendonly", "yes", "--appendfsync", "always", "--dir"])
+                .arg(dir.path()),
+        };
         match &self.tls {
             None => command.args(["--port", &port]),
             Some(tls) => command
@@ -412,6 +436,21 @@ pub enum Ended {
 }
 
 impl Client {
+    /// Connects to `ws://addr/ws?<query>` as a client that resumes (`resume`, or
+    /// `epoch=E&last=ID`); returns it with the notice the server sends first, parsed.
+    pub async fn resume(addr: SocketAddr, query: &str) -> (Client, serde_json::Value) {
+        let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws?{query}"))
+            .await
+            .unwrap();
+        let mut client = Client { ws };
+        let notice: serde_json::Value = serde_json::from_str(&client.text().await).unwrap();
+        assert!(
+            notice["recovered"].is_boolean(),
+            "not a resume notice: {notice}"
+        );
+        (client, notice)
+    }
+
     /// Connects to `ws://addr/ws` and waits until the server's connection task runs.
     pub async fn connect(addr: SocketAddr) -> Client {
         let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws"))
@@ -438,6 +477,17 @@ impl Client {
     /// Sends `text` as a text frame.
     pub async fn send_text(&mut self, text: &str) {
         self.ws.send(Message::text(text)).await.unwrap();
+    }
+
+    /// Sends a chat message with a client message id.
+    pub async fn say_with_cid(&mut self, name: &str, content: &str, cid: &str) {
+        let json = serde_json::json!({ "name": name, "content": content, "cid": cid });
+        self.send_text(&json.to_string()).await;
+    }
+
+    /// The next text frame, parsed as JSON.
+    pub async fn json(&mut self) -> serde_json::Value {
+        serde_json::from_str(&self.text().await).unwrap()
     }
 
     /// Sends a chat message.
@@ -525,15 +575,18 @@ pub async fn handshake_status(addr: SocketAddr, origin: Option<&str>) -> u16 {
     }
 }
 
-/// Checks the original simple-chat shape: exactly `time`, `name`, `content`, in that order,
-/// with `time` as `YYYY/MM/DD HH:MM:SS`; returns the parsed message.
+/// Checks the original simple-chat shape: `time`, `name`, `content`, in that order, with
+/// `time` as `YYYY/MM/DD HH:MM:SS`, followed by our additive `id` and `epoch` (both or
+/// neither: a message of the original app has none); returns the parsed message.
 pub fn assert_chat_shape(text: &str) -> app::protocol::ChatMessage {
     assert!(text.starts_with("{\"time\":\""), "{text}");
     let value: serde_json::Value = serde_json::from_str(text).unwrap();
-    let keys: Vec<_> = value.as_object().unwrap().keys().cloned().collect();
-    let mut sorted = keys.clone();
-    sorted.sort();
-    assert_eq!(sorted, ["content", "name", "time"], "{text}");
+    let mut keys: Vec<_> = value.as_object().unwrap().keys().cloned().collect();
+    keys.sort();
+    assert!(
+        keys == ["content", "name", "time"] || keys == ["content", "epoch", "id", "name", "time"],
+        "{text}"
+    );
     let message: app::protocol::ChatMessage = serde_json::from_str(text).unwrap();
     let time = message.time.as_bytes();
     assert_eq!(time.len(), 19, "{text}");

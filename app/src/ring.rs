@@ -1,0 +1,226 @@
+//! The in-process history, for a single instance without Redis: the same semantics as the
+//! Redis Stream (`stream`) from a ring buffer.
+//!
+//! [`Ring::publish`] gives a message the next id (`<ms>-<seq>` from this process' clock, never
+//! going backwards), appends it, trims by count and age, remembers its `cid` for the dedupe
+//! window, and returns the text to hand to the fan-out. [`Ring::read`] answers a resume. The
+//! epoch is new at every start of the process: its history starts empty.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Mutex, PoisonError};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use axum::extract::ws::Utf8Bytes;
+
+use crate::config::HistoryConfig;
+use crate::fanout::Delivery;
+use crate::history::{Published, Snapshot};
+use crate::position::{MessageId, Position, new_epoch};
+use crate::protocol;
+
+/// The history of this process' one channel.
+#[derive(Debug)]
+pub struct Ring {
+    epoch: String,
+    config: HistoryConfig,
+    state: Mutex<State>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    entries: VecDeque<Entry>,
+    last_added: MessageId,
+    max_trimmed: MessageId,
+    /// `cid` → the id it got and when it stops counting.
+    cids: HashMap<String, (MessageId, Instant)>,
+}
+
+#[derive(Debug)]
+struct Entry {
+    added: Instant,
+    delivery: Delivery,
+}
+
+impl Ring {
+    /// An empty history with a new epoch.
+    pub fn new(config: HistoryConfig) -> Ring {
+        Ring {
+            epoch: new_epoch(),
+            config,
+            state: Mutex::new(State::default()),
+        }
+    }
+
+    /// Adds `body` (a serialised chat message) unless `cid` was published within the dedupe
+    /// window; returns where it is and, when new, the delivery for the fan-out.
+    pub fn publish(&self, body: &str, cid: Option<&str>) -> (Published, Option<Delivery>) {
+        self.publish_at(body, cid, Instant::now(), unix_ms())
+    }
+
+    fn publish_at(
+        &self,
+        body: &str,
+        cid: Option<&str>,
+        now: Instant,
+        now_ms: u64,
+    ) -> (Published, Option<Delivery>) {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        state.cids.retain(|_, (_, until)| *until > now);
+        if let Some((id, _)) = cid.and_then(|cid| state.cids.get(cid)) {
+            let published = Published {
+                id: *id,
+                epoch: self.epoch.clone(),
+                duplicate: true,
+            };
+            return (published, None);
+        }
+        let last = state.last_added;
+        let id = if now_ms > last.ms {
+            MessageId { ms: now_ms, seq: 0 }
+        } else {
+            MessageId {
+                ms: last.ms,
+                seq: last.seq.saturating_add(1),
+            }
+        };
+        let delivery = Delivery {
+            id: Some(id),
+            text: Utf8Bytes::from(protocol::with_position(body, id, &self.epoch)),
+        };
+        state.entries.push_back(Entry {
+            added: now,
+            delivery: delivery.clone(),
+        });
+        state.last_added = id;
+        if let Some(cid) = cid {
+            state
+                .cids
+                .insert(cid.to_owned(), (id, now + self.config.dedupe_window));
+        }
+        self.trim(&mut state, now);
+        let published = Published {
+            id,
+            epoch: self.epoch.clone(),
+            duplicate: false,
+        };
+        (published, Some(delivery))
+    }
+
+    fn trim(&self, state: &mut State, now: Instant) {
+        let too_old = |e: &Entry| now.duration_since(e.added) > self.config.max_age;
+        while let Some(first) = state.entries.front() {
+            if state.entries.len() <= self.config.messages && !too_old(first) {
+                break;
+            }
+            if let Some(gone) = state.entries.pop_front() {
+                state.max_trimmed = gone.delivery.id.unwrap_or(state.max_trimmed);
+            }
+        }
+    }
+
+    /// The history as a resume from `from` needs it.
+    pub fn read(&self, from: Option<&Position>) -> Snapshot {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        self.trim(&mut state, Instant::now());
+        let after = match from {
+            Some(from) if from.epoch == self.epoch => state
+                .entries
+                .iter()
+                .filter(|e| e.delivery.id.is_some_and(|id| id > from.last))
+                .map(|e| e.delivery.clone())
+                .collect(),
+            _ => Vec::new(),
+        };
+        Snapshot {
+            epoch: self.epoch.clone(),
+            last_added: state.last_added,
+            max_trimmed: state.max_trimmed,
+            after,
+        }
+    }
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::history::{TRIMMED, resume};
+
+    fn ring(messages: usize, age_s: u64) -> Ring {
+        Ring::new(HistoryConfig {
+            messages,
+            max_age: Duration::from_secs(age_s),
+            dedupe_window: Duration::from_secs(60),
+        })
+    }
+
+    #[test]
+    fn ids_grow_within_a_millisecond_and_never_go_back() {
+        let ring = ring(10, 60);
+        let now = Instant::now();
+        let a = ring.publish_at("{}", None, now, 100).0.id;
+        let b = ring.publish_at("{}", None, now, 100).0.id;
+        let c = ring.publish_at("{}", None, now, 99).0.id;
+        let d = ring.publish_at("{}", None, now, 101).0.id;
+        assert_eq!(a, MessageId { ms: 100, seq: 0 });
+        assert!(a < b && b < c && c < d, "{a} {b} {c} {d}");
+    }
+
+    #[test]
+    fn a_repeated_cid_is_published_once_with_the_first_id() {
+        let ring = ring(10, 60);
+        let (first, delivery) = ring.publish(r#"{"content":"x"}"#, Some("c1"));
+        assert!(!first.duplicate);
+        let text = delivery.unwrap().text;
+        assert!(text.as_str().contains(&format!("\"id\":\"{}\"", first.id)));
+        let (again, none) = ring.publish(r#"{"content":"x"}"#, Some("c1"));
+        assert!(again.duplicate && none.is_none());
+        assert_eq!(again.id, first.id);
+        assert_eq!(ring.read(None).last_added, first.id);
+        // Past the window the cid is forgotten.
+        let later = Instant::now() + Duration::from_secs(61);
+        let (third, _) = ring.publish_at("{}", Some("c1"), later, unix_ms());
+        assert!(!third.duplicate);
+    }
+
+    #[test]
+    fn a_resume_gets_what_came_after_and_trimming_is_detected() {
+        let ring = ring(3, 60);
+        let ids: Vec<MessageId> = (0..5).map(|_| ring.publish("{}", None).0.id).collect();
+        let epoch = ring.read(None).epoch;
+        let from = Position {
+            epoch: epoch.clone(),
+            last: ids[2],
+        };
+        let r = resume(ring.read(Some(&from)), Some(&from));
+        assert!(r.recovered);
+        assert_eq!(
+            r.missed.iter().map(|m| m.id).collect::<Vec<_>>(),
+            [Some(ids[3]), Some(ids[4])]
+        );
+        // Only three are kept: after ids[0], ids[1] is gone.
+        let from = Position {
+            epoch,
+            last: ids[0],
+        };
+        let r = resume(ring.read(Some(&from)), Some(&from));
+        assert_eq!(r.reason, Some(TRIMMED));
+    }
+
+    #[test]
+    fn old_messages_leave_by_age() {
+        let ring = ring(100, 1);
+        let start = Instant::now();
+        let first = ring.publish_at("{}", None, start, 1).0.id;
+        ring.publish_at("{}", None, start + Duration::from_secs(2), 2);
+        let snapshot = ring.read(None);
+        assert_eq!(snapshot.max_trimmed, first);
+    }
+}

@@ -1,0 +1,260 @@
+//! The channel's history in Redis: a Stream beside the pub/sub channel, written and read by two
+//! Lua scripts so that each step is atomic on the server.
+//!
+//! Keys, all with the channel as hash tag so they live on one slot (one shard of a cluster):
+//! `{<channel>}:history` (the Stream; field `p` holds the message body without its position),
+//! `{<channel>}:epoch` (the history's current life) and `{<channel>}:cid:<cid>` (the id a client
+//! message id got, for the dedupe window).
+//!
+//! - [`Stream::publish`]: unless the `cid` was seen, `XADD` with `MAXLEN ~`, `XTRIM MINID ~` by
+//!   age, remember the `cid`, and `PUBLISH` the body with `"id"` and `"epoch"` appended on the
+//!   channel, all in one script: the order of the channel is the order of the Stream.
+//! - [`Stream::read`]: the epoch, the greatest id added and the greatest trimmed (`XINFO
+//!   STREAM`, Redis 7), and the entries after a position (`XRANGE (id +`).
+//!
+//! Both scripts first make sure a life exists: an epoch key AND a Stream. If either is missing
+//! (a Redis restarted without persistence, a key evicted), a fresh epoch starts with an empty
+//! Stream, so a client holding the old epoch is told its gap cannot be filled.
+
+use std::sync::{Mutex, PoisonError};
+
+use axum::extract::ws::Utf8Bytes;
+use redis::aio::ConnectionLike;
+use redis::{RedisError, Script};
+
+use crate::config::HistoryConfig;
+use crate::fanout::Delivery;
+use crate::history::{Published, Snapshot};
+use crate::position::{MessageId, Position, new_epoch};
+use crate::protocol;
+
+/// Makes sure the history has a life (epoch key and Stream both present) and returns its epoch.
+/// KEYS[1] Stream, KEYS[2] epoch key; `fresh` is the epoch to start if there is none.
+const LIFE: &str = r#"
+local function life(stream, epoch_key, fresh)
+  local epoch = redis.call('GET', epoch_key)
+  if epoch and redis.call('EXISTS', stream) == 1 then
+    return epoch
+  end
+  redis.call('DEL', stream)
+  redis.call('XGROUP', 'CREATE', stream, 'scaleout-life', '$', 'MKSTREAM')
+  redis.call('XGROUP', 'DESTROY', stream, 'scaleout-life')
+  redis.call('SET', epoch_key, fresh)
+  return fresh
+end
+"#;
+
+/// KEYS: Stream, epoch key, [cid key]. ARGV: body, max messages, max age ms, fresh epoch,
+/// dedupe seconds, channel. Returns {epoch, id, duplicate (0/1), receivers of the PUBLISH}.
+const PUBLISH: &str = r#"
+local epoch = life(KEYS[1], KEYS[2], ARGV[4])
+if KEYS[3] then
+  local seen = redis.call('GET', KEYS[3])
+  if seen then
+    return {epoch, seen, 1, -1}
+  end
+end
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'p', ARGV[1])
+local now = redis.call('TIME')
+local oldest = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) - tonumber(ARGV[3])
+if oldest > 0 then
+  redis.call('XTRIM', KEYS[1], 'MINID', '~', string.format('%.0f', oldest))
+end
+if KEYS[3] then
+  redis.call('SET', KEYS[3], id, 'EX', ARGV[5])
+end
+local open = string.sub(ARGV[1], 1, -2)
+local separator = ','
+if string.sub(open, -1) == '{' then
+  separator = ''
+end
+local receivers = redis.call('PUBLISH', ARGV[6], open .. separator .. '"id":"' .. id .. '","epoch":"' .. epoch .. '"}')
+return {epoch, id, 0, receivers}
+"#;
+
+/// KEYS: Stream, epoch key. ARGV: fresh epoch, the reader's epoch ('' for none), the reader's
+/// last id ('' for none). Returns {epoch, last added, max trimmed, id1, body1, id2, body2, ...};
+/// entries only when the reader's epoch is the current one.
+const READ: &str = r#"
+local epoch = life(KEYS[1], KEYS[2], ARGV[1])
+local info = redis.call('XINFO', 'STREAM', KEYS[1])
+local last_added, max_trimmed = '0-0', nil
+for i = 1, #info, 2 do
+  if info[i] == 'last-generated-id' then
+    last_added = info[i + 1]
+  elseif info[i] == 'max-deleted-entry-id' then
+    max_trimmed = info[i + 1]
+  end
+end
+if not max_trimmed then
+  return redis.error_reply('the chat history needs Redis 7.0 or later (XINFO STREAM max-deleted-entry-id)')
+end
+local out = {epoch, last_added, max_trimmed}
+if ARGV[3] ~= '' and ARGV[2] == epoch then
+  local entries = redis.call('XRANGE', KEYS[1], '(' .. ARGV[3], '+')
+  for _, entry in ipairs(entries) do
+    local fields = entry[2]
+    for i = 1, #fields, 2 do
+      if fields[i] == 'p' then
+        out[#out + 1] = entry[1]
+        out[#out + 1] = fields[i + 1]
+      end
+    end
+  end
+end
+return out
+"#;
+
+/// Who the channel's `PUBLISH` reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Receivers {
+    /// At least one subscription (this instance's own, when it is alive).
+    Some,
+    /// Nobody: not even this instance's subscription exists at Redis any more.
+    None,
+    /// Nothing was published (a repeated `cid`).
+    NotPublished,
+}
+
+/// One channel's history in Redis.
+pub struct Stream {
+    channel: String,
+    stream_key: String,
+    epoch_key: String,
+    config: HistoryConfig,
+    publish: Script,
+    read: Script,
+    /// The epoch this instance starts if it finds no life; replaced once used, so one value
+    /// never names two lives.
+    fresh: Mutex<String>,
+}
+
+impl std::fmt::Debug for Stream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stream")
+            .field("stream_key", &self.stream_key)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Stream {
+    /// The history of `channel`.
+    pub fn new(channel: &str, config: HistoryConfig) -> Stream {
+        Stream {
+            channel: channel.to_owned(),
+            stream_key: format!("{{{channel}}}:history"),
+            epoch_key: format!("{{{channel}}}:epoch"),
+            config,
+            publish: Script::new(&format!("{LIFE}{PUBLISH}")),
+            read: Script::new(&format!("{LIFE}{READ}")),
+            fresh: Mutex::new(new_epoch()),
+        }
+    }
+
+    fn fresh(&self) -> String {
+        self.fresh
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// After a script answered with `epoch`: if that is our fresh one, we started a life with it.
+    fn used(&self, epoch: &str) {
+        let mut fresh = self.fresh.lock().unwrap_or_else(PoisonError::into_inner);
+        if *fresh == epoch {
+            *fresh = new_epoch();
+        }
+    }
+
+    /// Adds `body` to the history and publishes it on the channel, unless `cid` was published
+    /// within the dedupe window.
+    pub async fn publish<C: ConnectionLike>(
+        &self,
+        connection: &mut C,
+        body: &str,
+        cid: Option<&str>,
+    ) -> Result<(Published, Receivers), RedisError> {
+        let mut invocation = self.publish.key(&self.stream_key);
+        invocation.key(&self.epoch_key);
+        if let Some(cid) = cid {
+            invocation.key(format!("{{{}}}:cid:{cid}", self.channel));
+        }
+        invocation
+            .arg(body)
+            .arg(self.config.messages)
+            .arg(u64::try_from(self.config.max_age.as_millis()).unwrap_or(u64::MAX))
+            .arg(self.fresh())
+            .arg(self.config.dedupe_window.as_secs().max(1))
+            .arg(&self.channel);
+        let (epoch, id, duplicate, receivers): (String, String, i64, i64) =
+            invocation.invoke_async(connection).await?;
+        self.used(&epoch);
+        let published = Published {
+            id: parse_id(&id)?,
+            epoch,
+            duplicate: duplicate == 1,
+        };
+        let receivers = match receivers {
+            n if n > 0 => Receivers::Some,
+            0 => Receivers::None,
+            _ => Receivers::NotPublished,
+        };
+        Ok((published, receivers))
+    }
+
+    /// Reads the history for a reader at `from` (a client resuming, or this instance's
+    /// subscriber catching up); `None` reads only where the history stands.
+    pub async fn read<C: ConnectionLike>(
+        &self,
+        connection: &mut C,
+        from: Option<&Position>,
+    ) -> Result<Snapshot, RedisError> {
+        let (epoch, last) = match from {
+            Some(p) => (p.epoch.clone(), p.last.to_string()),
+            None => (String::new(), String::new()),
+        };
+        let reply: Vec<String> = self
+            .read
+            .key(&self.stream_key)
+            .key(&self.epoch_key)
+            .arg(self.fresh())
+            .arg(epoch)
+            .arg(last)
+            .invoke_async(connection)
+            .await?;
+        let mut reply = reply.into_iter();
+        let (Some(epoch), Some(last_added), Some(max_trimmed)) =
+            (reply.next(), reply.next(), reply.next())
+        else {
+            return Err(malformed("a history read answered fewer than three values"));
+        };
+        self.used(&epoch);
+        let mut after = Vec::new();
+        while let (Some(id), Some(body)) = (reply.next(), reply.next()) {
+            let id = parse_id(&id)?;
+            after.push(Delivery {
+                id: Some(id),
+                text: Utf8Bytes::from(protocol::with_position(&body, id, &epoch)),
+            });
+        }
+        Ok(Snapshot {
+            last_added: parse_id(&last_added)?,
+            max_trimmed: parse_id(&max_trimmed)?,
+            epoch,
+            after,
+        })
+    }
+}
+
+fn parse_id(text: &str) -> Result<MessageId, RedisError> {
+    text.parse::<MessageId>()
+        .map_err(|e| malformed(e.to_string()))
+}
+
+fn malformed(what: impl Into<String>) -> RedisError {
+    RedisError::from((
+        redis::ErrorKind::Parse,
+        "unexpected history reply",
+        what.into(),
+    ))
+}
