@@ -77,6 +77,9 @@ pub struct RedisBroker {
     stream: Arc<Stream>,
     fanout: Arc<Fanout>,
     subscribed: Arc<AtomicBool>,
+    /// Raised once the subscriber knows where the channel stands (its first subscription):
+    /// before that, a client could miss a message published before that position was read.
+    positioned: Arc<AtomicBool>,
     /// Told when a publish reached no subscriber at all: this instance's subscription is gone
     /// at Redis even though its connection looks alive, so the subscriber starts over at once.
     resubscribe: Arc<Notify>,
@@ -117,6 +120,7 @@ impl Broker {
             config: config.clone(),
             fanout,
             subscribed: Arc::new(AtomicBool::new(false)),
+            positioned: Arc::new(AtomicBool::new(false)),
             resubscribe: Arc::new(Notify::new()),
         })))
     }
@@ -132,6 +136,7 @@ impl Broker {
                     stream: Arc::clone(&redis.stream),
                     fanout: Arc::clone(&redis.fanout),
                     subscribed: Arc::clone(&redis.subscribed),
+                    positioned: Arc::clone(&redis.positioned),
                     resubscribe: Arc::clone(&redis.resubscribe),
                 },
                 stop,
@@ -145,6 +150,16 @@ impl Broker {
         match self {
             Broker::Local(_) => true,
             Broker::Redis(redis) => redis.subscribed.load(Ordering::Acquire),
+        }
+    }
+
+    /// Whether clients may join: always for the in-process broker; with Redis, once the
+    /// subscriber has subscribed for the first time (and stays so through later outages, which
+    /// the subscriber catches up on for every client).
+    pub fn accepts_clients(&self) -> bool {
+        match self {
+            Broker::Local(_) => true,
+            Broker::Redis(redis) => redis.positioned.load(Ordering::Acquire),
         }
     }
 

@@ -211,12 +211,18 @@ pub fn read_channel_payload(payload: &str) -> Option<Stamp> {
 }
 
 /// `{"error": "<reason>"}`, the answer the sender alone receives; with the message's `cid` when
-/// it had one, so the client knows which send to retry.
-pub fn error_json(reason: &str, cid: Option<&str>) -> String {
-    match cid {
-        Some(cid) => serde_json::json!({ "error": reason, "cid": cid }).to_string(),
-        None => serde_json::json!({ "error": reason }).to_string(),
+/// it had one, so the client knows which send failed, and `"retry": true` when the same send
+/// may succeed later (Redis unreachable, too fast) rather than never (bad input).
+pub fn error_json(reason: &str, cid: Option<&str>, retry: bool) -> String {
+    let mut object = serde_json::Map::new();
+    object.insert("error".to_owned(), reason.into());
+    if let Some(cid) = cid {
+        object.insert("cid".to_owned(), cid.into());
     }
+    if retry {
+        object.insert("retry".to_owned(), true.into());
+    }
+    Value::Object(object).to_string()
 }
 
 /// `{"ack": "<cid>", "id": "<id>", "epoch": "<epoch>"}`: the sender's message with this `cid` is

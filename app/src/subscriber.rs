@@ -53,6 +53,8 @@ pub struct Subscriber {
     pub fanout: Arc<Fanout>,
     /// Raised while subscribed and caught up.
     pub subscribed: Arc<AtomicBool>,
+    /// Raised at the first subscription, never lowered.
+    pub positioned: Arc<AtomicBool>,
     /// Notified when the subscription is known to be gone at Redis.
     pub resubscribe: Arc<Notify>,
 }
@@ -72,6 +74,7 @@ pub async fn run(mut sub: Subscriber, stop: CancellationToken) {
             Ok(Ok((pubsub, snapshot))) => {
                 let caught_up = seen.catch_up(snapshot, &sub.fanout);
                 sub.subscribed.store(true, Ordering::Release);
+                sub.positioned.store(true, Ordering::Release);
                 backoff.reset();
                 tracing::info!(%server, %channel, caught_up, "subscribed to Redis channel");
                 let reason = pump(pubsub, &sub, &mut seen, &stop).await;

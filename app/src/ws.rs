@@ -1,7 +1,7 @@
 //! The WebSocket endpoint `/ws`: admission, then one task per connection.
 //!
-//! [`upgrade`] admits a handshake or refuses it with an HTTP status: 503 while draining or at
-//! `max_connections`, 403 for a foreign `Origin`, 400 for a query string that is not one. An
+//! [`upgrade`] admits a handshake or refuses it with an HTTP status: 503 while draining, at
+//! `max_connections`, or before the instance first subscribed to Redis, 403 for a foreign `Origin`, 400 for a query string that is not one. An
 //! admitted connection runs [`serve`], one task that first, for a client that asked to resume
 //! (`?resume`, or `?epoch=E&last=ID`; see [`ResumeQuery`]), sends the [`protocol::ResumeNotice`]
 //! and the messages it missed, then does three things until the client leaves or is told to go:
@@ -119,6 +119,13 @@ pub async fn upgrade(
     if state.is_draining() {
         return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response();
     }
+    if !state.broker().accepts_clients() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "starting: not connected to Redis yet\n",
+        )
+            .into_response();
+    }
     let resuming = match query {
         Ok(Query(query)) => query.resuming(),
         Err(e) => {
@@ -233,14 +240,15 @@ where
                 let reply = match frame {
                     None => break End::Gone,
                     Some(Err(e)) => break refusal(e, limits.max_frame_bytes),
-                    Some(Ok(Message::Text(_) | Message::Binary(_)))
-                        if !bucket.allow(Instant::now()) =>
-                    {
-                        Some(rate_limited(&state))
+                    Some(Ok(Message::Text(text))) if !bucket.allow(Instant::now()) => {
+                        Some(rate_limited(&state, &text))
+                    }
+                    Some(Ok(Message::Binary(_))) if !bucket.allow(Instant::now()) => {
+                        Some(rate_limited(&state, ""))
                     }
                     Some(Ok(Message::Text(text))) => accept(&text, &state, &stop).await,
                     Some(Ok(Message::Binary(_))) => {
-                        Some(protocol::error_json(&InputError::Binary.to_string(), None))
+                        Some(protocol::error_json(&InputError::Binary.to_string(), None, false))
                     }
                     // Pings are answered by the WebSocket layer; a close is answered there too,
                     // after which the stream ends.
@@ -360,7 +368,7 @@ async fn accept(text: &str, state: &AppState, stop: &CancellationToken) -> Optio
             Ok(incoming) => incoming,
             Err(e) => {
                 let cid = cid_of(text);
-                return Some(protocol::error_json(&e.to_string(), cid.as_deref()));
+                return Some(protocol::error_json(&e.to_string(), cid.as_deref(), false));
             }
         };
     let cid = incoming.cid.take();
@@ -376,7 +384,7 @@ async fn accept(text: &str, state: &AppState, stop: &CancellationToken) -> Optio
             Some(protocol::ack_json(&cid, published.id, &published.epoch))
         }
         (Ok(_), None) => None,
-        (Err(e), cid) => Some(protocol::error_json(&e.to_string(), cid.as_deref())),
+        (Err(e), cid) => Some(protocol::error_json(&e.to_string(), cid.as_deref(), true)),
     }
 }
 
@@ -390,13 +398,14 @@ fn cid_of(text: &str) -> Option<String> {
     protocol::is_cid(&cid).then_some(cid)
 }
 
-fn rate_limited(state: &AppState) -> String {
+/// The answer to a frame over the rate limit: with its `cid`, to be sent again later.
+fn rate_limited(state: &AppState, text: &str) -> String {
     let limits = &state.config().limits;
     let reason = InputError::RateLimited {
         per_second: limits.messages_per_second,
         burst: limits.messages_burst,
     };
-    protocol::error_json(&reason.to_string(), None)
+    protocol::error_json(&reason.to_string(), cid_of(text).as_deref(), true)
 }
 
 /// The close frame owed to a client whose frame the WebSocket layer rejected, if any.
@@ -601,7 +610,7 @@ mod tests {
         alice.send("not json");
         assert_eq!(
             alice.text().await,
-            protocol::error_json(&InputError::NotJson.to_string(), None)
+            protocol::error_json(&InputError::NotJson.to_string(), None, false)
         );
         alice.send(r#"{"name": "alice", "content": "hi"}"#);
         let seen_by_alice = alice.text().await;

@@ -20,7 +20,7 @@ pub struct RedisTls {
     pub ca: std::path::PathBuf,
 }
 
-/// A running `redis-server`.
+/// A running `redis-server` that keeps its data in an append-only file across restarts.
 pub struct Redis {
     proc: Option<Proc>,
     port: u16,
@@ -53,7 +53,10 @@ impl Redis {
     async fn spawn(&mut self) -> Result<()> {
         let mut cmd = Command::new(system_bin("redis-server", "redis-server")?);
         cmd.current_dir(self.dir.path())
-            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            // The append-only file keeps the chat history across restarts, as deployments do
+            // (they use everysec; always here, so that even a kill loses nothing in a test).
+            .args(["--bind", "127.0.0.1", "--save", ""])
+            .args(["--appendonly", "yes", "--appendfsync", "always"])
             .args(["--dir", &path_str(self.dir.path())]);
         match &self.tls {
             None => {

@@ -163,6 +163,17 @@ impl Stack {
         for i in 1..=n_apps {
             apps.push(start_app(&format!("app{i}"), &app_toml, &redis.url()).await?);
         }
+        // An app takes clients once it has subscribed to Redis (/healthz 200); until then it
+        // refuses WebSockets with 503.
+        for app in &apps {
+            let addr = app.addr("http");
+            eventually(
+                &format!("{addr}/healthz to answer 200"),
+                Duration::from_secs(10),
+                || async move { Ok(http_get(addr, "/healthz").await?.0 == 200) },
+            )
+            .await?;
+        }
         let backends: Vec<(String, SocketAddr)> = apps
             .iter()
             .enumerate()

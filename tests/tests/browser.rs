@@ -1,13 +1,15 @@
 //! The chat page in a real browser: headless Chromium opens two pages at
 //! `https://localhost:PORT/` through `lb` (trusting the CA from `lb certs generate`), a name and a
 //! message typed into page 1 and sent with Enter appear in both pages, shown as text. Screenshots
-//! of both pages are saved under `target/browser/` for people to look at.
+//! of both pages are saved under `target/browser/` for people to look at. A page whose app is
+//! killed resumes through the other one: every message sent while it was away is shown, once.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Result;
 use tests::browser::Browser;
+use tests::client::ChatClient;
 use tests::stack::Stack;
 
 const WITHIN: Duration = Duration::from_secs(15);
@@ -56,5 +58,54 @@ async fn message_typed_in_one_page_appears_in_both() -> Result<()> {
     let one = browser.screenshot(&page1, &dir.join("page1.png")).await?;
     let two = browser.screenshot(&page2, &dir.join("page2.png")).await?;
     println!("screenshots: {} {}", one.display(), two.display());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_whose_app_dies_resumes_and_shows_every_message_once() -> Result<()> {
+    let mut stack = Stack::start(2).await?;
+    let url = format!("https://localhost:{}/", stack.lb.addr("https").port());
+    let mut browser = Browser::launch(&stack.ca_file()).await?;
+    let page = browser.open(&url).await?;
+    let connected = "document.getElementById('state').dataset.state === 'connected'";
+    browser.wait_for(&page, connected, WITHIN).await?;
+    let tunnels = stack.tunnels(1).await?;
+    let (dies, lives) = if tunnels[0] == 1 { (0, 1) } else { (1, 0) };
+    // The sender is attached to the other app directly, so it outlives the page's app.
+    let survivor = format!("ws://{}/ws", stack.apps[lives].addr("http"));
+    let mut sender = ChatClient::connect(&survivor, None).await?;
+    sender.send("bob", "before").await?;
+    let shows =
+        |text: &str| format!("document.getElementById('messages').textContent.includes({text:?})");
+    browser.wait_for(&page, &shows("before"), WITHIN).await?;
+
+    stack.apps[dies].kill().await;
+    browser
+        .wait_for(&page, &format!("!({connected})"), WITHIN)
+        .await?;
+    // Sent while the page is away (it waits at least 250 ms before reconnecting).
+    for i in 1..=3 {
+        sender.send("bob", &format!("away-{i}")).await?;
+    }
+    browser.wait_for(&page, connected, WITHIN).await?;
+    browser.wait_for(&page, &shows("away-3"), WITHIN).await?;
+    sender.send("bob", "after").await?;
+    browser.wait_for(&page, &shows("after"), WITHIN).await?;
+
+    let contents = browser
+        .eval(
+            &page,
+            "Array.from(document.querySelectorAll('#messages .content'))\
+             .map(function (e) { return e.textContent; }).join('|')",
+        )
+        .await?;
+    assert_eq!(contents, "before|away-1|away-2|away-3|after");
+    let notes = browser
+        .eval(
+            &page,
+            "document.querySelectorAll('#messages li.note').length",
+        )
+        .await?;
+    assert_eq!(notes, 0, "the page said messages may be missing");
     Ok(())
 }

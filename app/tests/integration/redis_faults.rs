@@ -4,7 +4,9 @@
 //! them from the history. A Redis that lost its data (a new epoch) lets every client go, and
 //! each learns through its resume that its gap cannot be filled.
 
-use crate::support::{App, Client, Ended, Redis, SilentRelay, assert_chat_shape, free_port};
+use crate::support::{
+    App, Client, Ended, Redis, SilentRelay, assert_chat_shape, free_port, handshake_status,
+};
 
 const FAST_RECONNECT: &str = "redis_reconnect_min = \"50ms\"\nredis_reconnect_max = \"500ms\"";
 
@@ -69,15 +71,28 @@ async fn an_instance_started_before_redis_becomes_healthy_when_redis_comes() {
     ))
     .await;
     assert_eq!(app.get("/healthz").await.0, 503);
-    let mut client = app.connect().await;
-    client.say("ann", "too early").await;
-    assert!(client.error().await.contains("message not sent"));
+    // Until it knows where the channel stands, it takes no client: one could miss a message.
+    assert_eq!(handshake_status(app.addr, None).await, 503);
 
-    let _redis = Redis::start_on(port).await;
+    let mut redis = Redis::start_persistent_on(port).await;
     app.wait_health(200).await;
+    let mut client = app.connect().await;
     client.say("ann", "now").await;
     let delivered = client.text().await;
     assert_eq!(assert_chat_shape(&delivered).content, "now");
+
+    // Later outages do not close the door: the instance catches up for every client.
+    redis.stop().await;
+    app.wait_health(503).await;
+    let mut during = app.connect().await;
+    client.say("ann", "while down").await;
+    assert!(client.error().await.contains("message not sent"));
+    redis.restart().await;
+    app.wait_health(200).await;
+    client.say("ann", "back").await;
+    for c in [&mut client, &mut during] {
+        assert_eq!(assert_chat_shape(&c.text().await).content, "back");
+    }
 }
 
 #[tokio::test]

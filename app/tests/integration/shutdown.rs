@@ -1,6 +1,6 @@
 //! Graceful shutdown in-process: cancelling the token does what SIGTERM does in the binary.
 
-use crate::support::{App, Ended, handshake_status};
+use crate::support::{App, Ended, Redis, handshake_status};
 
 #[tokio::test]
 async fn shutdown_turns_health_503_refuses_new_sockets_then_closes_with_1001() {
@@ -18,12 +18,12 @@ async fn shutdown_turns_health_503_refuses_new_sockets_then_closes_with_1001() {
 
 #[tokio::test]
 async fn shutdown_with_redis_down_still_completes() {
-    let port = crate::support::free_port();
-    let mut app = App::start(&format!(
-        "redis_url = \"redis://127.0.0.1:{port}\"\nshutdown_grace = \"0s\""
-    ))
-    .await;
+    let mut redis = Redis::start().await;
+    let mut app = App::with_redis(&redis, "shutdown_grace = \"0s\"").await;
+    app.wait_health(200).await;
     let mut client = app.connect().await;
+    redis.stop().await;
+    app.wait_health(503).await;
     app.begin_shutdown();
     assert_eq!(client.ended(0).await, Ended::Closed(1001));
     app.finished().await.unwrap();

@@ -1,10 +1,12 @@
 //! `chat-probe CA_FILE SENDER_URL [RECEIVER_URL...]`: a chat client for tests that run it on
 //! another (network-namespace) host. Connects every URL, sends one message from the first, and
 //! prints `received <url> <json>` for each connection that gets it (the sender included).
-//! Exits 0 when all received it, 1 otherwise.
+//! A connection refused while the apps start (they answer 503 until subscribed to Redis) is
+//! tried again for up to ten seconds. Exits 0 when all received it, 1 otherwise.
 
 use std::path::Path;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use tests::client::{ChatClient, tls_connector};
@@ -31,7 +33,18 @@ async fn probe() -> Result<()> {
     let tls = tls_connector(Path::new(ca))?;
     let mut clients = Vec::new();
     for url in urls {
-        clients.push(ChatClient::connect(url, Some(&tls)).await?);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let client = loop {
+            match ChatClient::connect(url, Some(&tls)).await {
+                Ok(client) => break client,
+                Err(e) if tokio::time::Instant::now() < deadline => {
+                    eprintln!("chat-probe: {url}: {e:#}; trying again");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        clients.push(client);
     }
     let content = format!("probe {}", std::process::id());
     clients[0].send("probe", &content).await?;

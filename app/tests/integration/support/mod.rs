@@ -99,7 +99,7 @@ impl Redis {
     }
 
     /// Starts a plain server on `port` and waits until it answers `PING`.
-    pub async fn start_on(port: u16) -> Redis {
+    async fn start_on(port: u16) -> Redis {
         let mut redis = Redis {
             port,
             tls: None,
@@ -112,8 +112,13 @@ impl Redis {
 
     /// Starts a plain server that keeps its data across restarts (append-only file).
     pub async fn start_persistent() -> Redis {
+        Redis::start_persistent_on(free_port()).await
+    }
+
+    /// Starts a plain server on `port` that keeps its data across restarts.
+    pub async fn start_persistent_on(port: u16) -> Redis {
         let mut redis = Redis {
-            port: free_port(),
+            port,
             tls: None,
             child: None,
             data: Some(tempfile::tempdir().unwrap()),
@@ -517,12 +522,14 @@ impl Client {
         }
     }
 
-    /// The next text frame, which must be `{"error": "..."}`; returns the reason.
+    /// The next text frame, which must be `{"error": "..."}` (with `"retry": true` for what
+    /// may succeed later); returns the reason.
     pub async fn error(&mut self) -> String {
         let text = self.text().await;
         let value: serde_json::Value = serde_json::from_str(&text).unwrap();
         let object = value.as_object().expect("not an object");
-        assert_eq!(object.len(), 1, "{text}");
+        let retry = object.get("retry").is_some_and(|r| r == true);
+        assert_eq!(object.len(), 1 + usize::from(retry), "{text}");
         object["error"]
             .as_str()
             .expect("no error string")
