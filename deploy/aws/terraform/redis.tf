@@ -1,6 +1,9 @@
 # ElastiCache Redis shared by the app instances: a primary and a replica in the two zones,
 # TLS in transit, an AUTH token, encrypted at rest. The apps connect to the primary endpoint
 # with rediss:// and the token; on failover the endpoint's name moves and the apps reconnect.
+# The chat history (a Stream per channel) lives here too: the replica takes over with what it
+# had replicated (asynchronously: the last writes before a failover can be lost, and the
+# history's epoch then tells resuming clients their gap cannot be filled).
 
 resource "random_password" "redis_auth" {
   count = var.redis_auth_token == null ? 1 : 0
