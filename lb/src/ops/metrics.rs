@@ -10,7 +10,7 @@
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
-use crate::balance::{Backend, Pool};
+use crate::backends::balance::{Backend, Pool};
 
 /// Counters for the whole process (every backend together).
 #[derive(Debug, Default)]
@@ -403,7 +403,7 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::balance::Policy;
+    use crate::backends::balance::Policy;
 
     #[test]
     fn responses_are_counted_by_class() {

@@ -22,10 +22,10 @@ use tokio::net::TcpStream;
 use tracing::debug;
 
 use crate::config::{Config, MIN_MAX_HEADER_BYTES};
-use crate::listener::ConnSlot;
-use crate::proxy::{self, ClientConn};
-use crate::server::State;
-use crate::tls_stream;
+use crate::front::listener::ConnSlot;
+use crate::front::tls_stream;
+use crate::http::proxy::{self, ClientConn};
+use crate::ops::server::State;
 
 /// The answer to a client that was too slow sending its request head.
 const REQUEST_TIMEOUT: &[u8] = b"HTTP/1.1 408 Request Timeout\r\nconnection: close\r\n\

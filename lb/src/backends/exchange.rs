@@ -28,8 +28,8 @@ use hyper::{Method, StatusCode};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 
-use crate::headers;
-use crate::upstream::BackendConn;
+use crate::backends::upstream::BackendConn;
+use crate::http::headers;
 
 /// Largest response head accepted from a backend.
 pub const MAX_RESPONSE_HEAD: usize = 64 * 1024;

@@ -23,13 +23,15 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use crate::balance::{Backend, Pool};
+use crate::backends::balance::{Backend, Pool};
+use crate::backends::health;
+use crate::backends::upstream::Upstreams;
 use crate::config::{Config, ConfigError};
-use crate::listener::{self, ConnLimit, ConnSlot};
-use crate::metrics::Metrics;
-use crate::proxy::Engine;
-use crate::upstream::Upstreams;
-use crate::{admin, conn, fdlimit, health, redirect, tls};
+use crate::front::listener::{self, ConnLimit, ConnSlot};
+use crate::front::{conn, redirect, tls};
+use crate::http::proxy::Engine;
+use crate::ops::metrics::Metrics;
+use crate::ops::{admin, fdlimit};
 
 /// How often idle keep-alive connections are checked for age.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(5);

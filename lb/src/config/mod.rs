@@ -16,8 +16,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::balance::{MAX_WEIGHT, Policy};
-use crate::health::HealthConfig;
+use crate::backends::balance::{MAX_WEIGHT, Policy};
+use crate::backends::health::HealthConfig;
 
 /// Where the https listener binds when the file does not say.
 pub const DEFAULT_HTTPS_LISTEN: &str = "0.0.0.0:443";
@@ -509,7 +509,7 @@ impl RawConfig {
             None => Policy::default(),
             Some(p) => p
                 .parse()
-                .map_err(|e: crate::balance::UnknownPolicy| v.err("balance.policy", e))?,
+                .map_err(|e: crate::backends::balance::UnknownPolicy| v.err("balance.policy", e))?,
         };
 
         let health = v.health(self.health.unwrap_or_default())?;
@@ -1080,7 +1080,7 @@ mod tests {
 
     #[test]
     fn shipped_example_is_valid() {
-        let text = include_str!("../../config/lb.toml");
+        let text = include_str!("../../../config/lb.toml");
         let c = Config::parse(
             text,
             "config/lb.toml",
@@ -1103,7 +1103,7 @@ mod tests {
         // Deterministic xorshift mutations of the shipped example: every result is Ok or a
         // ConfigError, never a panic. The backend list is overridden so that no mutated host
         // name is ever looked up in DNS.
-        let original = include_str!("../../config/lb.toml");
+        let original = include_str!("../../../config/lb.toml");
         let alphabet = b"[]=\"'#.:,0123456789abcdefhs \n\\{}-_*";
         let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
         let mut next = move || {

@@ -27,9 +27,9 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
-use crate::balance::Pool;
-use crate::listener;
-use crate::metrics::{BACKEND, GLOBAL, Metrics, encode_prometheus};
+use crate::backends::balance::Pool;
+use crate::front::listener;
+use crate::ops::metrics::{BACKEND, GLOBAL, Metrics, encode_prometheus};
 
 /// An admin client must send its request head within this time.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
@@ -247,7 +247,7 @@ mod tests {
     use http_body_util::BodyExt;
 
     use super::*;
-    use crate::balance::{Backend, Policy};
+    use crate::backends::balance::{Backend, Policy};
 
     fn pool() -> Pool {
         let app1 = Backend::new("app1".into(), SocketAddr::from(([127, 0, 0, 1], 8081)), 1);

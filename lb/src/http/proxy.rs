@@ -30,15 +30,15 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use crate::balance::{Backend, Lease, Pool};
-use crate::body::{ResponseBody, UpstreamBody};
+use crate::backends::balance::{Backend, Lease, Pool};
+use crate::backends::exchange::{self, ExchangeError};
+use crate::backends::upstream::{self, BackendConn, Upstreams};
 use crate::config::Config;
-use crate::exchange::{self, ExchangeError};
-use crate::headers;
-use crate::listener::ConnSlot;
-use crate::metrics::Metrics;
-use crate::upgrade;
-use crate::upstream::{self, BackendConn, Upstreams};
+use crate::front::listener::ConnSlot;
+use crate::http::body::{ResponseBody, UpstreamBody};
+use crate::http::headers;
+use crate::http::upgrade;
+use crate::ops::metrics::Metrics;
 
 /// What every connection shares: the live backend pool and the means to reach it.
 #[derive(Debug)]

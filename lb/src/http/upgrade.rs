@@ -26,13 +26,15 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tracing::{debug, info};
 
-use crate::balance::{Backend, Lease};
-use crate::body::{ResponseBody, UpstreamBody};
-use crate::exchange;
-use crate::headers;
-use crate::proxy::{ClientConn, Connected, Outcome, Reuse, connect_any, failed, local_response};
-use crate::splice::splice;
-use crate::tls_stream::TlsStream;
+use crate::backends::balance::{Backend, Lease};
+use crate::backends::exchange;
+use crate::front::tls_stream::TlsStream;
+use crate::http::body::{ResponseBody, UpstreamBody};
+use crate::http::headers;
+use crate::http::proxy::{
+    ClientConn, Connected, Outcome, Reuse, connect_any, failed, local_response,
+};
+use crate::tunnel::splice::splice;
 
 /// `Sec-WebSocket-Key`.
 const SEC_WEBSOCKET_KEY: &str = "sec-websocket-key";
@@ -184,7 +186,7 @@ async fn tunnel(
 
     metrics.tunnels_active.fetch_sub(1, Relaxed);
     stats.tunnels_active.fetch_sub(1, Relaxed);
-    if matches!(report.end, crate::splice::SpliceEnd::BackendError) {
+    if matches!(report.end, crate::tunnel::splice::SpliceEnd::BackendError) {
         stats.errors.fetch_add(1, Relaxed);
     }
     info!(

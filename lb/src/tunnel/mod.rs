@@ -1,0 +1,3 @@
+//! WebSocket tunnels after the upgrade.
+
+pub mod splice;
