@@ -1,10 +1,24 @@
 //! The scaleout load balancer: terminates TLS, proxies HTTP/1.1 and splices WebSocket tunnels
 //! to health-checked backends.
+//!
+//! Data flows from `config` (file and flags → validated [`Config`]) into [`Lb::start`]
+//! (`ops::server`), which binds the listeners. Each accepted connection goes through `front`
+//! (accept loop and connection limit, TLS, hyper's HTTP/1.1 server, or the plain-HTTP
+//! redirect); each request through `http` (head rewriting, backend choice with failover, the
+//! response body streamed back, or a WebSocket upgrade), which reaches backends through
+//! `backends` (balancing, health checks, keep-alive connections, the HTTP/1.1 exchange) and
+//! hands upgraded connections to `tunnel` (the byte splice). `ops` runs the process around
+//! them: start, [`Lb::reload`] and [`Lb::shutdown`], signals, the open-file limit and the admin
+//! listener, which reads the counters in `metrics` that every group bumps.
+//!
+//! Dependencies point one way: `ops` → `front` → `http` → `tunnel`, `backends`; `config` and
+//! `metrics` are read by all of them and depend only on `backends`.
 
 pub mod backends;
 pub mod config;
 pub mod front;
 pub mod http;
+pub mod metrics;
 pub mod ops;
 pub mod tunnel;
 

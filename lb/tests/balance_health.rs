@@ -20,7 +20,7 @@ use arc_swap::ArcSwap;
 use futures_util::StreamExt;
 use lb::backends::balance::{Backend, Policy, Pool};
 use lb::backends::health::{self, HealthConfig};
-use lb::ops::metrics::Metrics;
+use lb::metrics::Metrics;
 use support::{
     Pki, TestBackend, TestConfig, https_get, start_lb, wait_until, within, ws_connect, ws_echo,
 };

@@ -19,7 +19,7 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::ops::metrics::Metrics;
+use crate::metrics::Metrics;
 
 /// Pause after an accept failure caused by resource exhaustion.
 const EXHAUSTED_BACKOFF: Duration = Duration::from_millis(100);

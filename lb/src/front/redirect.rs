@@ -19,9 +19,9 @@ use tracing::{debug, info};
 
 use crate::front::conn;
 use crate::front::listener::ConnSlot;
+use crate::front::state::State;
 use crate::http::body::ResponseBody;
-use crate::http::proxy::local_response;
-use crate::ops::server::State;
+use crate::http::context::local_response;
 
 /// The `Location` for a request to `host` (a `Host` header value) and `target` (path and
 /// query), or `None` when `host` is not a valid authority.

@@ -29,7 +29,7 @@ use tracing::debug;
 
 use crate::backends::balance::Pool;
 use crate::front::listener;
-use crate::ops::metrics::{BACKEND, GLOBAL, Metrics, encode_prometheus};
+use crate::metrics::{BACKEND, GLOBAL, Metrics, encode_prometheus};
 
 /// An admin client must send its request head within this time.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
