@@ -16,7 +16,7 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::Extension;
 use axum::extract::ConnectInfo;
@@ -139,11 +139,7 @@ where
     let limits = &state.config().limits;
     let mut member = state.fanout().join(state.close_all().child_token());
     let stop = member.stop.clone();
-    let mut bucket = TokenBucket::new(
-        limits.messages_per_second,
-        limits.messages_burst,
-        Instant::now(),
-    );
+    let bucket = TokenBucket::new(limits.messages_per_second, limits.messages_burst);
     tracing::debug!(clients = state.fanout().len(), "WebSocket open");
 
     let end = loop {
@@ -163,7 +159,7 @@ where
                     None => break End::Gone,
                     Some(Err(e)) => break refusal(e, limits.max_frame_bytes),
                     Some(Ok(Message::Text(_) | Message::Binary(_)))
-                        if !bucket.allow(Instant::now()) =>
+                        if !bucket.allow() =>
                     {
                         Some(rate_limited(&state))
                     }
