@@ -1,83 +1,84 @@
-//! Per-connection rate limit: a token bucket.
+//! Per-connection rate limit: `governor`'s GCRA limiter, which admits exactly what a token
+//! bucket of `burst` tokens refilled at `per_second` would.
 //!
-//! Each frame a client sends takes one token; tokens refill at `per_second` up to `burst`.
-//! The WebSocket handler asks [`TokenBucket::allow`] with the current instant before looking at
-//! a frame; a `false` answer becomes an error reply to that client alone. Pure logic over
-//! explicit instants, so it is tested without clocks or sockets.
+//! Each frame a client sends takes one cell; the WebSocket handler asks [`TokenBucket::allow`]
+//! before looking at a frame, and a `false` answer becomes an error reply to that client alone.
+//! The clock is a parameter, so the tests drive a fake one instead of sleeping.
 
-use std::time::Instant;
+use std::num::NonZeroU32;
 
-/// A token bucket refilled continuously.
-#[derive(Debug, Clone)]
-pub struct TokenBucket {
-    per_second: f64,
-    burst: f64,
-    tokens: f64,
-    last: Instant,
+use governor::clock::{Clock, DefaultClock};
+use governor::middleware::NoOpMiddleware;
+use governor::state::{InMemoryState, NotKeyed};
+use governor::{Quota, RateLimiter};
+
+/// One connection's limiter: a burst of `burst` frames, then `per_second` sustained.
+pub struct TokenBucket<C: Clock = DefaultClock> {
+    limiter: RateLimiter<NotKeyed, InMemoryState, C, NoOpMiddleware<C::Instant>>,
 }
 
 impl TokenBucket {
-    /// A full bucket of `burst` tokens refilled at `per_second`.
-    pub fn new(per_second: u32, burst: u32, now: Instant) -> TokenBucket {
+    /// A full bucket of `burst` frames refilled at `per_second`, on the monotonic clock.
+    pub fn new(per_second: u32, burst: u32) -> TokenBucket {
+        TokenBucket::with_clock(per_second, burst, DefaultClock::default())
+    }
+}
+
+impl<C: Clock> TokenBucket<C> {
+    /// The same limiter on `clock`. A zero rate or burst counts as 1 (config rejects both).
+    pub fn with_clock(per_second: u32, burst: u32, clock: C) -> TokenBucket<C> {
+        let at_least_one = |n| NonZeroU32::new(n).unwrap_or(NonZeroU32::MIN);
+        let quota = Quota::per_second(at_least_one(per_second)).allow_burst(at_least_one(burst));
         TokenBucket {
-            per_second: f64::from(per_second),
-            burst: f64::from(burst.max(1)),
-            tokens: f64::from(burst.max(1)),
-            last: now,
+            limiter: RateLimiter::direct_with_clock(quota, clock),
         }
     }
 
-    /// Takes a token if one is available at `now`.
-    pub fn allow(&mut self, now: Instant) -> bool {
-        if now > self.last {
-            let elapsed = now - self.last;
-            self.last = now;
-            self.tokens = (self.tokens + elapsed.as_secs_f64() * self.per_second).min(self.burst);
-        }
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
+    /// Takes a cell if one is available now.
+    pub fn allow(&self) -> bool {
+        self.limiter.check().is_ok()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use governor::clock::FakeRelativeClock;
     use std::time::Duration;
 
     #[test]
     fn allows_a_burst_then_the_sustained_rate() {
-        let start = Instant::now();
-        let mut bucket = TokenBucket::new(2, 3, start);
-        assert!(bucket.allow(start));
-        assert!(bucket.allow(start));
-        assert!(bucket.allow(start));
-        assert!(!bucket.allow(start));
-        // Half a second later, one token (2 per second) has come back.
-        let later = start + Duration::from_millis(500);
-        assert!(bucket.allow(later));
-        assert!(!bucket.allow(later));
+        let clock = FakeRelativeClock::default();
+        let bucket = TokenBucket::with_clock(2, 3, clock.clone());
+        assert!(bucket.allow());
+        assert!(bucket.allow());
+        assert!(bucket.allow());
+        assert!(!bucket.allow());
+        // Just under half a second later, nothing has come back yet.
+        clock.advance(Duration::from_millis(499));
+        assert!(!bucket.allow());
+        // At half a second, one frame (2 per second) has come back, and only one.
+        clock.advance(Duration::from_millis(1));
+        assert!(bucket.allow());
+        assert!(!bucket.allow());
     }
 
     #[test]
     fn refill_is_capped_at_the_burst() {
-        let start = Instant::now();
-        let mut bucket = TokenBucket::new(100, 2, start);
-        assert!(bucket.allow(start));
-        let much_later = start + Duration::from_secs(3600);
-        assert!(bucket.allow(much_later));
-        assert!(bucket.allow(much_later));
-        assert!(!bucket.allow(much_later));
+        let clock = FakeRelativeClock::default();
+        let bucket = TokenBucket::with_clock(100, 2, clock.clone());
+        assert!(bucket.allow());
+        clock.advance(Duration::from_secs(3600));
+        assert!(bucket.allow());
+        assert!(bucket.allow());
+        assert!(!bucket.allow());
     }
 
     #[test]
-    fn a_clock_going_backwards_does_not_add_tokens() {
-        let start = Instant::now() + Duration::from_secs(10);
-        let mut bucket = TokenBucket::new(1, 1, start);
-        assert!(bucket.allow(start));
-        assert!(!bucket.allow(start - Duration::from_secs(5)));
+    fn the_real_clock_allows_the_burst_at_once() {
+        let bucket = TokenBucket::new(1, 5);
+        let allowed = (0..10).filter(|_| bucket.allow()).count();
+        // Ten frames within well under a second: the burst and at most one refilled frame.
+        assert!((5..=6).contains(&allowed), "{allowed} allowed");
     }
 }

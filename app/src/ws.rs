@@ -20,7 +20,7 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::Extension;
 use axum::extract::ConnectInfo;
@@ -216,11 +216,7 @@ where
             return;
         }
     };
-    let mut bucket = TokenBucket::new(
-        limits.messages_per_second,
-        limits.messages_burst,
-        Instant::now(),
-    );
+    let bucket = TokenBucket::new(limits.messages_per_second, limits.messages_burst);
     tracing::debug!(clients = state.fanout().len(), "WebSocket open");
 
     let end = loop {
@@ -240,10 +236,10 @@ where
                 let reply = match frame {
                     None => break End::Gone,
                     Some(Err(e)) => break refusal(e, limits.max_frame_bytes),
-                    Some(Ok(Message::Text(text))) if !bucket.allow(Instant::now()) => {
+                    Some(Ok(Message::Text(text))) if !bucket.allow() => {
                         Some(rate_limited(&state, &text))
                     }
-                    Some(Ok(Message::Binary(_))) if !bucket.allow(Instant::now()) => {
+                    Some(Ok(Message::Binary(_))) if !bucket.allow() => {
                         Some(rate_limited(&state, ""))
                     }
                     Some(Ok(Message::Text(text))) => accept(&text, &state, &stop).await,

@@ -46,7 +46,10 @@ pub fn system_bin(name: &str, package: &str) -> Result<PathBuf> {
             return Ok(path);
         }
     }
-    bail!("{name} not found: run `apt-get install -y {package}`")
+    bail!(
+        "{name} not found: run `apt-get install -y {package}` (tests/run, the README's test \
+         command, installs every package the tests need)"
+    )
 }
 
 /// What a process prints when it is ready.

@@ -22,41 +22,40 @@ fn screenshot_dir() -> PathBuf {
 async fn message_typed_in_one_page_appears_in_both() -> Result<()> {
     let stack = Stack::start(2).await?;
     let url = format!("https://localhost:{}/", stack.lb.addr("https").port());
-    let mut browser = Browser::launch(&stack.ca_file()).await?;
+    let browser = Browser::launch(&stack.ca_file()).await?;
     let page1 = browser.open(&url).await?;
     let page2 = browser.open(&url).await?;
     let connected = "document.getElementById('state').dataset.state === 'connected'";
-    browser.wait_for(&page1, connected, WITHIN).await?;
-    browser.wait_for(&page2, connected, WITHIN).await?;
+    page1.wait_for(connected, WITHIN).await?;
+    page2.wait_for(connected, WITHIN).await?;
     // Both pages hold a WebSocket tunnel through lb (which app each is on depends on how the
     // page's other requests interleaved with round-robin; crossing apps is stack.rs's job).
     stack.tunnels(2).await?;
 
     // Markup in a message must be shown as text, never run or rendered.
     let content = "hello from page 1 <b>not bold</b>";
-    browser.type_into(&page1, "name", "alice").await?;
-    browser.type_into(&page1, "content", content).await?;
-    browser.press_enter(&page1).await?;
+    page1.type_into("name", "alice").await?;
+    page1.type_into("content", content).await?;
+    page1.press_enter().await?;
 
     let shows = format!(
         "document.getElementById('messages').textContent.includes({content:?}) && \
          document.getElementById('messages').textContent.includes('alice') && \
          document.querySelectorAll('#messages b').length === 0"
     );
-    browser.wait_for(&page1, &shows, WITHIN).await?;
-    browser.wait_for(&page2, &shows, WITHIN).await?;
+    page1.wait_for(&shows, WITHIN).await?;
+    page2.wait_for(&shows, WITHIN).await?;
     // Sending cleared the message field and kept the name.
-    let fields = browser
+    let fields = page1
         .eval(
-            &page1,
             "document.getElementById('content').value + '|' + document.getElementById('name').value",
         )
         .await?;
     assert_eq!(fields, "|alice");
 
     let dir = screenshot_dir();
-    let one = browser.screenshot(&page1, &dir.join("page1.png")).await?;
-    let two = browser.screenshot(&page2, &dir.join("page2.png")).await?;
+    let one = page1.screenshot(&dir.join("page1.png")).await?;
+    let two = page2.screenshot(&dir.join("page2.png")).await?;
     println!("screenshots: {} {}", one.display(), two.display());
     Ok(())
 }
@@ -65,10 +64,10 @@ async fn message_typed_in_one_page_appears_in_both() -> Result<()> {
 async fn a_page_whose_app_dies_resumes_and_shows_every_message_once() -> Result<()> {
     let mut stack = Stack::start(2).await?;
     let url = format!("https://localhost:{}/", stack.lb.addr("https").port());
-    let mut browser = Browser::launch(&stack.ca_file()).await?;
+    let browser = Browser::launch(&stack.ca_file()).await?;
     let page = browser.open(&url).await?;
     let connected = "document.getElementById('state').dataset.state === 'connected'";
-    browser.wait_for(&page, connected, WITHIN).await?;
+    page.wait_for(connected, WITHIN).await?;
     let tunnels = stack.tunnels(1).await?;
     let (dies, lives) = if tunnels[0] == 1 { (0, 1) } else { (1, 0) };
     // The sender is attached to the other app directly, so it outlives the page's app.
@@ -77,34 +76,28 @@ async fn a_page_whose_app_dies_resumes_and_shows_every_message_once() -> Result<
     sender.send("bob", "before").await?;
     let shows =
         |text: &str| format!("document.getElementById('messages').textContent.includes({text:?})");
-    browser.wait_for(&page, &shows("before"), WITHIN).await?;
+    page.wait_for(&shows("before"), WITHIN).await?;
 
     stack.apps[dies].kill().await;
-    browser
-        .wait_for(&page, &format!("!({connected})"), WITHIN)
-        .await?;
+    page.wait_for(&format!("!({connected})"), WITHIN).await?;
     // Sent while the page is away (it waits at least 250 ms before reconnecting).
     for i in 1..=3 {
         sender.send("bob", &format!("away-{i}")).await?;
     }
-    browser.wait_for(&page, connected, WITHIN).await?;
-    browser.wait_for(&page, &shows("away-3"), WITHIN).await?;
+    page.wait_for(connected, WITHIN).await?;
+    page.wait_for(&shows("away-3"), WITHIN).await?;
     sender.send("bob", "after").await?;
-    browser.wait_for(&page, &shows("after"), WITHIN).await?;
+    page.wait_for(&shows("after"), WITHIN).await?;
 
-    let contents = browser
+    let contents = page
         .eval(
-            &page,
             "Array.from(document.querySelectorAll('#messages .content'))\
              .map(function (e) { return e.textContent; }).join('|')",
         )
         .await?;
     assert_eq!(contents, "before|away-1|away-2|away-3|after");
-    let notes = browser
-        .eval(
-            &page,
-            "document.querySelectorAll('#messages li.note').length",
-        )
+    let notes = page
+        .eval("document.querySelectorAll('#messages li.note').length")
         .await?;
     assert_eq!(notes, 0, "the page said messages may be missing");
     Ok(())
