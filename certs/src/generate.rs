@@ -24,8 +24,9 @@ pub const DEFAULT_HOSTS: &[&str] = &["localhost", "127.0.0.1"];
 /// How long the local CA stays valid.
 const CA_VALIDITY: Duration = Duration::days(3650);
 
-/// How long a server certificate stays valid, in days: 825, the longest that Apple platforms
-/// accept for a certificate under a locally trusted CA.
+/// How long a server certificate stays valid, in days, counted from its backdated
+/// `not_before`: 825, the longest validity period that Apple platforms accept for a certificate
+/// under a locally trusted CA.
 pub const SERVER_VALIDITY_DAYS: i64 = 825;
 
 /// [`SERVER_VALIDITY_DAYS`] as a duration.
@@ -134,7 +135,7 @@ pub fn generate(hosts: &[String]) -> Result<Bundle, CertError> {
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     params.use_authority_key_identifier_extension = true;
     params.not_before = now - CLOCK_SKEW;
-    params.not_after = now + SERVER_VALIDITY;
+    params.not_after = params.not_before + SERVER_VALIDITY;
     let server_key = KeyPair::generate().map_err(|source| CertError::Generate {
         what: "server key",
         source,

@@ -4,6 +4,7 @@
 // Test code: an unwrap that fails is a failing test, with its location.
 #![allow(clippy::unwrap_used)]
 
+mod bad_frames;
 mod bad_input;
 mod binary;
 mod delivery;

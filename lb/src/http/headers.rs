@@ -46,6 +46,9 @@ pub enum RequestHeadError {
     /// More than one `Host` field: the backend might route by another one than this hop logs
     /// and forwards as `X-Forwarded-Host` (RFC 9112 §3.2 requires a 400).
     DuplicateHost,
+    /// An absolute-form target with user information (`https://user:pw@host/`): an error
+    /// (RFC 9110 §4.2.4); passed on, it would become the backend's `Host`.
+    UserinfoInTarget,
 }
 
 impl RequestHeadError {
@@ -54,6 +57,9 @@ impl RequestHeadError {
         match self {
             RequestHeadError::MissingHost => "400 Bad Request: a Host header is required\n",
             RequestHeadError::DuplicateHost => "400 Bad Request: more than one Host header\n",
+            RequestHeadError::UserinfoInTarget => {
+                "400 Bad Request: user information in the request target\n"
+            }
         }
     }
 }
@@ -67,6 +73,13 @@ pub fn prepare_request(
 ) -> Result<(), RequestHeadError> {
     // An absolute-form target (`GET https://host/path`) names the host; the backend gets the
     // origin form and that host.
+    if head
+        .uri
+        .authority()
+        .is_some_and(|a| a.as_str().contains('@'))
+    {
+        return Err(RequestHeadError::UserinfoInTarget);
+    }
     if let Some(authority) = head.uri.authority()
         && let Ok(host) = HeaderValue::from_str(authority.as_str())
     {
@@ -264,6 +277,18 @@ mod tests {
         prepare_request(&mut h, CLIENT, false).unwrap();
         assert_eq!(h.uri, "/ws?a=b");
         assert_eq!(h.headers["host"], "chat.example.test");
+    }
+
+    #[test]
+    fn user_information_in_the_target_is_refused() {
+        let mut h = head(|b| {
+            b.uri("https://user:pw@chat.example.test/")
+                .header("host", "h")
+        });
+        assert_eq!(
+            prepare_request(&mut h, CLIENT, false),
+            Err(RequestHeadError::UserinfoInTarget)
+        );
     }
 
     #[test]

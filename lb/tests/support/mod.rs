@@ -16,6 +16,9 @@
 //! Every wait is bounded by [`DEADLINE`]; nothing sleeps to synchronise.
 #![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
 
+/// Raw-socket backend and response reader (see its module docs).
+pub mod raw;
+
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
