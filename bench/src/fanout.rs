@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
 use tokio::time::{Interval, MissedTickBehavior};
 use tokio_tungstenite::tungstenite::Message;
+use tests::chaos::parse_content;
 use tokio_util::sync::CancellationToken;
 
 use crate::client::{Target, Ws};
@@ -379,23 +380,16 @@ fn parse(text: &str, shared: &Shared) -> Parsed {
     let Some(content) = frame.content else {
         return Parsed::Other;
     };
-    let mut parts = content.split(':').map(str::parse::<u64>);
-    let (Some(Ok(run)), Some(Ok(sender)), Some(Ok(seq)), Some(Ok(sent_at)), None) = (
-        parts.next(),
-        parts.next(),
-        parts.next(),
-        parts.next(),
-        parts.next(),
-    ) else {
+    let Some(content) = parse_content(&content, shared.run) else {
         return Parsed::Other;
     };
-    let (sender, seq) = (sender as usize, seq as usize);
-    if run != u64::from(shared.run) || sender >= shared.senders || seq >= shared.per_sender {
+    let (sender, seq) = (content.key.sender as usize, content.key.seq as usize);
+    if sender >= shared.senders || seq >= shared.per_sender {
         return Parsed::Other;
     }
     Parsed::Delivery {
         index: sender * shared.per_sender + seq,
-        sent_at,
+        sent_at: content.created_ns,
     }
 }
 
