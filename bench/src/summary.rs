@@ -192,7 +192,7 @@ const FIGURES: &[Figure] = &[
 ];
 
 /// Column order; systems not in the results are left out.
-const SYSTEMS: &[&str] = &["lb", "haproxy", "nginx", "direct"];
+const SYSTEMS: &[&str] = &["lb", "haproxy", "nginx", "baseline", "direct"];
 
 /// Reads the results and prints the tables.
 pub fn run(args: &Args) -> anyhow::Result<String> {
@@ -390,6 +390,7 @@ fn display_name(system: &str) -> &str {
     match system {
         "haproxy" => "HAProxy",
         "direct" => "direct (no proxy)",
+        "baseline" => "lb, baseline app",
         other => other,
     }
 }

@@ -2,35 +2,25 @@
 //! to health-checked backends.
 //!
 //! Data flows from `config` (file and flags → validated [`Config`]) into [`Lb::start`]
-//! (`server`), which binds the listeners. Each accepted connection (`listener`) is handed to
-//! `conn` (TLS via `tls` and `tls_stream`, then hyper's HTTP/1.1 server) or `redirect`; each
-//! request goes through `proxy` (headers rewritten by `headers`, backend chosen by `balance`,
-//! connections from `upstream`, the backend side run by `exchange`, response bodies decoded by
-//! `body`) or, for a WebSocket, `upgrade` and then `splice`. `health` keeps
-//! backend states current, `metrics` and `admin` expose counters, `signals` turns SIGHUP into
-//! [`Lb::reload`] and SIGTERM/SIGINT into [`Lb::shutdown`], and `fdlimit` sizes the connection
-//! limit from the open-file limit.
+//! (`ops::server`), which binds the listeners. Each accepted connection goes through `front`
+//! (accept loop and connection limit, TLS, hyper's HTTP/1.1 server, or the plain-HTTP
+//! redirect); each request through `http` (head rewriting, backend choice with failover, the
+//! response body streamed back, or a WebSocket upgrade), which reaches backends through
+//! `backends` (balancing, health checks, keep-alive connections, the HTTP/1.1 exchange) and
+//! hands upgraded connections to `tunnel` (the byte splice). `ops` runs the process around
+//! them: start, [`Lb::reload`] and [`Lb::shutdown`], signals, the open-file limit and the admin
+//! listener, which reads the counters in `metrics` that every group bumps.
+//!
+//! Dependencies point one way: `ops` → `front` → `http` → `tunnel`, `backends`; `config` and
+//! `metrics` are read by all of them and depend only on `backends`.
 
-pub mod admin;
-pub mod balance;
-pub mod body;
+pub mod backends;
 pub mod config;
-pub mod conn;
-pub mod exchange;
-pub mod fdlimit;
-pub mod headers;
-pub mod health;
-pub mod listener;
+pub mod front;
+pub mod http;
 pub mod metrics;
-pub mod proxy;
-pub mod redirect;
-pub mod server;
-pub mod signals;
-pub mod splice;
-pub mod tls;
-pub mod tls_stream;
-pub mod upgrade;
-pub mod upstream;
+pub mod ops;
+pub mod tunnel;
 
 pub use config::{Config, ConfigError, Overrides};
-pub use server::{Addrs, Lb, StartError};
+pub use ops::server::{Addrs, Lb, StartError};

@@ -127,7 +127,7 @@ fn main() -> ExitCode {
 /// `lb check`: parse, validate, load the certificates.
 fn check(path: &Path) -> ExitCode {
     let result = Config::load(path, &Overrides::default())
-        .and_then(|config| lb::tls::server_config(&config).map(|_| config));
+        .and_then(|config| lb::front::tls::server_config(&config).map(|_| config));
     match result {
         Ok(config) => {
             println!(
@@ -192,7 +192,7 @@ fn run(args: RunArgs) -> ExitCode {
             lb.shutdown().await;
             return ExitCode::FAILURE;
         }
-        let served = lb::signals::run(&lb, || args.load()).await;
+        let served = lb::ops::signals::run(&lb, || args.load()).await;
         lb.shutdown().await;
         match served {
             Ok(()) => ExitCode::SUCCESS,

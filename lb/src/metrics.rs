@@ -6,11 +6,28 @@
 //! family, help text, type and how to read it); [`encode_prometheus`] walks them to produce the
 //! `/metrics` body, and the admin stats views walk the same catalogues, so the three views
 //! never disagree about what exists.
+//!
+//! The text itself is written by the `prometheus-client` crate: at each scrape a collector
+//! (`Scrape`) reads the atomics and the current pool through the catalogues and hands
+//! constant counters and gauges to its Prometheus text (0.0.4) encoder, which writes the
+//! `# HELP` and `# TYPE` lines, the `_total` suffix of counters and the escaped labels. The hot
+//! path never sees the crate: it only bumps atomics.
 
-use std::fmt::Write as _;
+use std::fmt;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
-use crate::balance::{Backend, Pool};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::Registry;
+
+use crate::backends::balance::{Backend, Pool};
+
+/// `Content-Type` of the `/metrics` body: the Prometheus text format 0.0.4.
+pub const PROMETHEUS_TEXT: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
 
 /// Counters for the whole process (every backend together).
 #[derive(Debug, Default)]
@@ -68,10 +85,10 @@ pub enum Kind {
 }
 
 impl Kind {
-    fn as_str(self) -> &'static str {
+    fn metric_type(self) -> MetricType {
         match self {
-            Kind::Counter => "counter",
-            Kind::Gauge => "gauge",
+            Kind::Counter => MetricType::Counter,
+            Kind::Gauge => MetricType::Gauge,
         }
     }
 }
@@ -297,104 +314,92 @@ pub const BACKEND: &[Metric<Backend>] = &[
 
 /// The `/metrics` body: Prometheus text exposition format 0.0.4. Per-backend series carry the
 /// labels `backend` (its name) and `addr`.
-pub fn encode_prometheus(metrics: &Metrics, pool: &Pool) -> String {
+pub fn encode_prometheus(metrics: &Arc<Metrics>, pool: &Arc<Pool>) -> String {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(Scrape {
+        metrics: Arc::clone(metrics),
+        pool: Arc::clone(pool),
+    }));
     let mut out = String::with_capacity(4096);
-    encode_families(&mut out, GLOBAL, &[(String::new(), metrics)]);
-
-    let backends: Vec<(String, &Backend)> = pool
-        .backends()
-        .iter()
-        .map(|b| {
-            let labels = format!(
-                "backend=\"{}\",addr=\"{}\"",
-                escape_label(b.name()),
-                b.addr()
-            );
-            (labels, &**b)
-        })
-        .collect();
-    encode_header(
-        &mut out,
-        "lb_backend_up",
-        "1 if the backend is up (passing health checks), 0 if down.",
-        Kind::Gauge,
-    );
-    for (labels, backend) in &backends {
-        encode_sample(
-            &mut out,
-            "lb_backend_up",
-            labels,
-            None,
-            u64::from(backend.is_up()),
-        );
-    }
-    encode_families(&mut out, BACKEND, &backends);
+    // Writing into a String cannot fail, and our collector only fails when the writer does.
+    let _ = prometheus_client::encoding::prometheus_text::encode(&mut out, &registry);
     out
 }
 
+/// One scrape: the counters and the pool generation current when it began.
+#[derive(Debug)]
+struct Scrape {
+    metrics: Arc<Metrics>,
+    pool: Arc<Pool>,
+}
+
+/// The labels of one series: its subject's (possibly none), then its catalogue entry's.
+type Labels = Vec<(&'static str, String)>;
+
+impl Collector for Scrape {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
+        encode_families(&mut encoder, GLOBAL, &[(Labels::new(), &*self.metrics)])?;
+
+        let backends: Vec<(Labels, &Backend)> = self
+            .pool
+            .backends()
+            .iter()
+            .map(|b| {
+                let labels = vec![
+                    ("backend", b.name().to_owned()),
+                    ("addr", b.addr().to_string()),
+                ];
+                (labels, &**b)
+            })
+            .collect();
+        let mut up = encoder.encode_descriptor(
+            "lb_backend_up",
+            "1 if the backend is up (passing health checks), 0 if down.",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (labels, backend) in &backends {
+            ConstGauge::new(u64::from(backend.is_up())).encode(up.encode_family(labels)?)?;
+        }
+        encode_families(&mut encoder, BACKEND, &backends)
+    }
+}
+
 /// Writes each family of `catalogue` once, with one sample per entry and subject. A subject
-/// is the labels that identify it (possibly empty) and the value to read from.
-fn encode_families<T>(out: &mut String, catalogue: &[Metric<T>], subjects: &[(String, &T)]) {
+/// is the labels that identify it (possibly none) and the value to read from.
+fn encode_families<T>(
+    encoder: &mut DescriptorEncoder,
+    catalogue: &[Metric<T>],
+    subjects: &[(Labels, &T)],
+) -> fmt::Result {
     for family in catalogue.chunk_by(|a, b| a.family == b.family) {
         let Some(first) = family.first() else {
             continue;
         };
-        encode_header(out, first.family, first.help, first.kind);
+        // The encoder appends `_total` to a counter's name itself.
+        let name = match first.kind {
+            Kind::Counter => first.family.strip_suffix("_total").unwrap_or(first.family),
+            Kind::Gauge => first.family,
+        };
+        let mut samples =
+            encoder.encode_descriptor(name, first.help, None, first.kind.metric_type())?;
         for metric in family {
             for (labels, subject) in subjects {
-                encode_sample(
-                    out,
-                    metric.family,
-                    labels,
-                    metric.label,
-                    (metric.read)(subject),
-                );
+                let mut labels: Vec<(&str, &str)> = labels
+                    .iter()
+                    .map(|(name, value)| (*name, value.as_str()))
+                    .collect();
+                labels.extend(metric.label);
+                let sample = samples.encode_family(&labels)?;
+                let value = (metric.read)(subject);
+                match metric.kind {
+                    Kind::Counter => ConstCounter::new(value).encode(sample)?,
+                    Kind::Gauge => ConstGauge::new(value).encode(sample)?,
+                }
             }
         }
     }
-}
-
-fn encode_header(out: &mut String, family: &str, help: &str, kind: Kind) {
-    // Writing into a String cannot fail.
-    let _ = writeln!(out, "# HELP {family} {help}");
-    let _ = writeln!(out, "# TYPE {family} {}", kind.as_str());
-}
-
-fn encode_sample(
-    out: &mut String,
-    family: &str,
-    labels: &str,
-    extra: Option<(&str, &str)>,
-    value: u64,
-) {
-    out.push_str(family);
-    match (labels.is_empty(), extra) {
-        (true, None) => {}
-        (false, None) => {
-            let _ = write!(out, "{{{labels}}}");
-        }
-        (true, Some((name, v))) => {
-            let _ = write!(out, "{{{name}=\"{}\"}}", escape_label(v));
-        }
-        (false, Some((name, v))) => {
-            let _ = write!(out, "{{{labels},{name}=\"{}\"}}", escape_label(v));
-        }
-    }
-    let _ = writeln!(out, " {value}");
-}
-
-/// Escapes a label value as the exposition format requires: backslash, double quote, newline.
-fn escape_label(value: &str) -> String {
-    let mut escaped = String::with_capacity(value.len());
-    for c in value.chars() {
-        match c {
-            '\\' => escaped.push_str("\\\\"),
-            '"' => escaped.push_str("\\\""),
-            '\n' => escaped.push_str("\\n"),
-            c => escaped.push(c),
-        }
-    }
-    escaped
+    Ok(())
 }
 
 #[cfg(test)]
@@ -403,7 +408,7 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::balance::Policy;
+    use crate::backends::balance::Policy;
 
     #[test]
     fn responses_are_counted_by_class() {
@@ -464,7 +469,10 @@ mod tests {
         app1.stats().transitions_down.fetch_add(1, Relaxed);
         odd.set_up(false);
         let _lease = app1.lease();
-        let text = encode_prometheus(&m, &Pool::new(vec![app1, odd], Policy::RoundRobin));
+        let text = encode_prometheus(
+            &Arc::new(m),
+            &Arc::new(Pool::new(vec![app1, odd], Policy::RoundRobin)),
+        );
 
         let expected = [
             "# HELP lb_connections_total Client connections accepted.",

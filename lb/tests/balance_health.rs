@@ -18,8 +18,8 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use futures_util::StreamExt;
-use lb::balance::{Backend, Policy, Pool};
-use lb::health::{self, HealthConfig};
+use lb::backends::balance::{Backend, Policy, Pool};
+use lb::backends::health::{self, HealthConfig};
 use lb::metrics::Metrics;
 use support::{
     Pki, TestBackend, TestConfig, https_get, start_lb, wait_until, within, ws_connect, ws_echo,
@@ -184,7 +184,7 @@ async fn admin_metrics_parse_and_show_each_backend() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let admin_addr = listener.local_addr().unwrap();
     let token = CancellationToken::new();
-    let admin = tokio::spawn(lb::admin::serve(
+    let admin = tokio::spawn(lb::ops::admin::serve(
         listener,
         Arc::clone(&metrics),
         Arc::new(ArcSwap::from(Arc::clone(&pool))),

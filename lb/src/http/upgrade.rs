@@ -26,13 +26,14 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tracing::{debug, info};
 
-use crate::balance::{Backend, Lease};
-use crate::body::{ResponseBody, UpstreamBody};
-use crate::exchange;
-use crate::headers;
-use crate::proxy::{ClientConn, Connected, Outcome, Reuse, connect_any, failed, local_response};
-use crate::splice::splice;
-use crate::tls_stream::TlsStream;
+use crate::backends::balance::{Backend, Lease};
+use crate::backends::exchange;
+use crate::front::tls_stream::TlsStream;
+use crate::http::body::{ResponseBody, UpstreamBody};
+use crate::http::connect::{Connected, Reuse, connect_any, failed};
+use crate::http::context::{ClientConn, Outcome, local_response};
+use crate::http::headers;
+use crate::tunnel::splice::splice;
 
 /// `Sec-WebSocket-Key`.
 const SEC_WEBSOCKET_KEY: &str = "sec-websocket-key";
@@ -42,7 +43,7 @@ const SEC_WEBSOCKET_VERSION: &str = "sec-websocket-version";
 /// Whether the request asks for a WebSocket upgrade (`Upgrade: websocket`). Other upgrade
 /// protocols are not supported and are forwarded as plain requests, upgrade headers removed.
 pub fn is_websocket<B>(req: &Request<B>) -> bool {
-    headers::list_has(req.headers(), &header::UPGRADE, "websocket")
+    exchange::list_has(req.headers(), &header::UPGRADE, "websocket")
 }
 
 /// Checks a WebSocket opening handshake (RFC 6455 §4.2.1); the error says what is wrong.
@@ -53,7 +54,7 @@ pub fn validate<B>(req: &Request<B>) -> Result<(), &'static str> {
     if req.version() != Version::HTTP_11 {
         return Err("a WebSocket handshake must use HTTP/1.1");
     }
-    if !headers::connection_has(req.headers(), "upgrade") {
+    if !exchange::connection_has(req.headers(), "upgrade") {
         return Err("a WebSocket handshake needs \"Connection: Upgrade\"");
     }
     let mut versions = req.headers().get_all(SEC_WEBSOCKET_VERSION).iter();
@@ -184,7 +185,7 @@ async fn tunnel(
 
     metrics.tunnels_active.fetch_sub(1, Relaxed);
     stats.tunnels_active.fetch_sub(1, Relaxed);
-    if matches!(report.end, crate::splice::SpliceEnd::BackendError) {
+    if matches!(report.end, crate::tunnel::splice::SpliceEnd::BackendError) {
         stats.errors.fetch_add(1, Relaxed);
     }
     info!(

@@ -58,21 +58,6 @@ impl RequestHeadError {
     }
 }
 
-/// Whether the `Connection` header(s) list `token` (case-insensitive).
-pub fn connection_has(headers: &HeaderMap, token: &str) -> bool {
-    list_has(headers, &header::CONNECTION, token)
-}
-
-/// Whether the comma-separated header `name` lists `token` (case-insensitive).
-pub fn list_has(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool {
-    headers
-        .get_all(name)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case(token))
-}
-
 /// Rewrites a client request head for the backend (see the module docs). `websocket` keeps the
 /// upgrade headers.
 pub fn prepare_request(
@@ -318,14 +303,5 @@ mod tests {
         assert_eq!(switching["connection"], "upgrade");
         assert_eq!(switching["upgrade"], "websocket");
         assert!(!switching.contains_key("x-hop"));
-    }
-
-    #[test]
-    fn list_matching_ignores_case_and_spaces() {
-        let mut headers = HeaderMap::new();
-        headers.append("connection", HeaderValue::from_static("keep-alive"));
-        headers.append("connection", HeaderValue::from_static(" Upgrade "));
-        assert!(connection_has(&headers, "upgrade"));
-        assert!(!connection_has(&headers, "close"));
     }
 }

@@ -24,9 +24,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use crate::balance::{Backend, Pool};
-use crate::exchange::ExchangeError;
-use crate::upstream;
+use crate::backends::balance::{Backend, Pool};
+use crate::backends::exchange::ExchangeError;
+use crate::backends::upstream;
 
 /// Default time between two checks of a backend (HAProxy `inter`).
 pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(2);
@@ -252,7 +252,7 @@ async fn exchange(
         .await
         .map_err(CheckError::Io)?;
     // The answer is read as the proxy reads any backend's (limits, interim 1xx skipped).
-    let head = crate::exchange::read_response_head(&mut conn, &Method::GET)
+    let head = crate::backends::exchange::read_response_head(&mut conn, &Method::GET)
         .await
         .map_err(|e| match e {
             ExchangeError::Closed(_) => CheckError::Closed,
@@ -277,7 +277,7 @@ mod tests {
     use tokio::time::Instant;
 
     use super::*;
-    use crate::balance::Policy;
+    use crate::backends::balance::Policy;
 
     #[test]
     fn falls_after_fall_consecutive_failures() {

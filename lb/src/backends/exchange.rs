@@ -28,8 +28,7 @@ use hyper::{Method, StatusCode};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 
-use crate::headers;
-use crate::upstream::BackendConn;
+use crate::backends::upstream::BackendConn;
 
 /// Largest response head accepted from a backend.
 pub const MAX_RESPONSE_HEAD: usize = 64 * 1024;
@@ -375,9 +374,9 @@ fn parse_response_head(
     };
     // HTTP/1.1 keeps the connection unless told to close it; HTTP/1.0 only when asked to.
     let close = if response.version == Some(1) {
-        headers::connection_has(&headers, "close")
+        connection_has(&headers, "close")
     } else {
-        !headers::connection_has(&headers, "keep-alive")
+        !connection_has(&headers, "keep-alive")
     };
     if transfer_coded {
         // The transfer coding overrides any length (RFC 9112 §6.3).
@@ -410,6 +409,21 @@ fn last_token_is(value: &[u8], token: &[u8]) -> bool {
         .rsplit(|&b| b == b',')
         .next()
         .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(token))
+}
+
+/// Whether the `Connection` header(s) list `token` (case-insensitive).
+pub fn connection_has(headers: &HeaderMap, token: &str) -> bool {
+    list_has(headers, &header::CONNECTION, token)
+}
+
+/// Whether the comma-separated header `name` lists `token` (case-insensitive).
+pub fn list_has(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
 }
 
 #[cfg(test)]
@@ -551,5 +565,14 @@ mod tests {
                 .unwrap()
                 .ends_with("x-a: 1\r\ncontent-length: 0\r\n\r\n")
         );
+    }
+
+    #[test]
+    fn list_matching_ignores_case_and_spaces() {
+        let mut headers = HeaderMap::new();
+        headers.append("connection", HeaderValue::from_static("keep-alive"));
+        headers.append("connection", HeaderValue::from_static(" Upgrade "));
+        assert!(connection_has(&headers, "upgrade"));
+        assert!(!connection_has(&headers, "close"));
     }
 }

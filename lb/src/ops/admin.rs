@@ -27,14 +27,12 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
-use crate::balance::Pool;
-use crate::listener;
-use crate::metrics::{BACKEND, GLOBAL, Metrics, encode_prometheus};
+use crate::backends::balance::Pool;
+use crate::front::listener;
+use crate::metrics::{BACKEND, GLOBAL, Metrics, PROMETHEUS_TEXT, encode_prometheus};
 
 /// An admin client must send its request head within this time.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
-/// Content type of the Prometheus text exposition format.
-const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 const PLAIN_TEXT: &str = "text/plain; charset=utf-8";
 
 /// Serves the admin endpoints on `listener` until `token` is cancelled; open admin
@@ -84,7 +82,12 @@ pub async fn serve(
 }
 
 /// The response to one admin request.
-fn respond(method: &Method, path: &str, metrics: &Metrics, pool: &Pool) -> Response<Full<Bytes>> {
+fn respond(
+    method: &Method,
+    path: &str,
+    metrics: &Arc<Metrics>,
+    pool: &Arc<Pool>,
+) -> Response<Full<Bytes>> {
     if method != Method::GET && method != Method::HEAD {
         let mut response = reply(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -247,7 +250,7 @@ mod tests {
     use http_body_util::BodyExt;
 
     use super::*;
-    use crate::balance::{Backend, Policy};
+    use crate::backends::balance::{Backend, Policy};
 
     fn pool() -> Pool {
         let app1 = Backend::new("app1".into(), SocketAddr::from(([127, 0, 0, 1], 8081)), 1);
@@ -299,7 +302,7 @@ mod tests {
 
     #[tokio::test]
     async fn routes() {
-        let (metrics, pool) = (Metrics::default(), pool());
+        let (metrics, pool) = (Arc::new(Metrics::default()), Arc::new(pool()));
         let response = respond(&Method::GET, "/metrics", &metrics, &pool);
         assert_eq!(response.status(), StatusCode::OK);
         assert_eq!(response.headers()[header::CONTENT_TYPE], PROMETHEUS_TEXT);

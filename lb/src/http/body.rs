@@ -20,9 +20,9 @@ use std::task::{Context, Poll, ready};
 use bytes::{Bytes, BytesMut};
 use hyper::body::{Body, Frame, SizeHint};
 
-use crate::balance::Lease;
-use crate::exchange::{Framing, READ_CHUNK};
-use crate::upstream::{BackendConn, Upstreams};
+use crate::backends::balance::Lease;
+use crate::backends::exchange::{Framing, READ_CHUNK};
+use crate::backends::upstream::{BackendConn, Upstreams};
 
 /// Longest chunk-size line accepted (size, extensions, CRLF).
 const MAX_CHUNK_LINE: usize = 4096;

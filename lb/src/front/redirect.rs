@@ -17,11 +17,11 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tracing::{debug, info};
 
-use crate::body::ResponseBody;
-use crate::conn;
-use crate::listener::ConnSlot;
-use crate::proxy::local_response;
-use crate::server::State;
+use crate::front::conn;
+use crate::front::listener::ConnSlot;
+use crate::front::state::State;
+use crate::http::body::ResponseBody;
+use crate::http::context::local_response;
 
 /// The `Location` for a request to `host` (a `Host` header value) and `target` (path and
 /// query), or `None` when `host` is not a valid authority.

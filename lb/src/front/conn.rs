@@ -22,10 +22,11 @@ use tokio::net::TcpStream;
 use tracing::debug;
 
 use crate::config::{Config, MIN_MAX_HEADER_BYTES};
-use crate::listener::ConnSlot;
-use crate::proxy::{self, ClientConn};
-use crate::server::State;
-use crate::tls_stream;
+use crate::front::listener::ConnSlot;
+use crate::front::state::State;
+use crate::front::tls_stream;
+use crate::http::context::ClientConn;
+use crate::http::proxy;
 
 /// The answer to a client that was too slow sending its request head.
 const REQUEST_TIMEOUT: &[u8] = b"HTTP/1.1 408 Request Timeout\r\nconnection: close\r\n\

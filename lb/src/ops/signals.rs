@@ -12,7 +12,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info};
 
 use crate::config::{Config, ConfigError};
-use crate::server::Lb;
+use crate::ops::server::Lb;
 
 /// Serves signals for `lb` until SIGTERM or SIGINT; `load` produces the configuration to
 /// reload on SIGHUP.

@@ -482,7 +482,7 @@ mod tests {
         let bundle = certs::generate(&["localhost".to_owned()]).unwrap();
         let chain = bundle.server_chain().unwrap();
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut resolver = crate::tls::SniResolver::default();
+        let mut resolver = crate::front::tls::SniResolver::default();
         resolver.add(chain.certified_key(&provider).unwrap(), &chain.dns_names());
         let server = ServerConfig::builder_with_provider(Arc::clone(&provider))
             .with_safe_default_protocol_versions()

@@ -12,7 +12,6 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -23,13 +22,16 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use crate::balance::{Backend, Pool};
+use crate::backends::balance::{Backend, Pool};
+use crate::backends::health;
+use crate::backends::upstream::Upstreams;
 use crate::config::{Config, ConfigError};
-use crate::listener::{self, ConnLimit, ConnSlot};
+use crate::front::listener::{self, ConnLimit, ConnSlot};
+use crate::front::state::State;
+use crate::front::{conn, redirect, tls};
+use crate::http::context::Engine;
 use crate::metrics::Metrics;
-use crate::proxy::Engine;
-use crate::upstream::Upstreams;
-use crate::{admin, conn, fdlimit, health, redirect, tls};
+use crate::ops::{admin, fdlimit};
 
 /// How often idle keep-alive connections are checked for age.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(5);
@@ -66,55 +68,17 @@ pub enum StartError {
     },
 }
 
-/// State shared by the listeners and connections of one load balancer.
+/// A running load balancer. Dropping it stops everything at once; [`Lb::shutdown`] drains.
 #[derive(Debug)]
-pub struct State {
-    /// Request handling machinery.
-    pub engine: Arc<Engine>,
-    /// The current configuration generation.
-    pub config: ArcSwap<Config>,
-    /// The current TLS configuration.
-    pub tls: ArcSwap<rustls::ServerConfig>,
-    /// Cancelled at shutdown: listeners stop, connections finish their current request.
-    pub root: CancellationToken,
-    /// The client connection limit.
-    pub limit: Arc<ConnLimit>,
-    /// The https listener's port, for redirects.
-    pub https_port: u16,
+pub struct Lb {
+    state: Arc<State>,
+    addrs: Addrs,
     /// The open-file limit, for recomputing the connection limit on reload.
     nofile: u64,
     /// Cancels the health checkers of the current pool.
     health: Mutex<CancellationToken>,
     /// Serialises reloads.
     reloading: Mutex<()>,
-}
-
-impl State {
-    /// Drives a hyper server `connection` to its end. At shutdown it is asked (`graceful`) to
-    /// finish the request under way and close; `None` if the drain grace ran out first.
-    pub async fn serve_until_drained<C: std::future::Future + Unpin>(
-        &self,
-        connection: &mut C,
-        graceful: impl FnOnce(Pin<&mut C>),
-    ) -> Option<C::Output> {
-        tokio::select! {
-            result = &mut *connection => Some(result),
-            () = self.root.cancelled() => {
-                graceful(Pin::new(&mut *connection));
-                tokio::select! {
-                    result = connection => Some(result),
-                    () = self.engine.kill.cancelled() => None,
-                }
-            }
-        }
-    }
-}
-
-/// A running load balancer. Dropping it stops everything at once; [`Lb::shutdown`] drains.
-#[derive(Debug)]
-pub struct Lb {
-    state: Arc<State>,
-    addrs: Addrs,
 }
 
 impl Lb {
@@ -186,9 +150,6 @@ impl Lb {
             root: root.clone(),
             limit: ConnLimit::new(metrics, limit_n),
             https_port: addrs.https.port(),
-            nofile,
-            health: Mutex::new(health_token),
-            reloading: Mutex::new(()),
         });
 
         spawn_listener(&state, &tracker, https, "https", &root, conn::serve);
@@ -212,7 +173,13 @@ impl Lb {
             backends = state.engine.pool.load().backends().len(),
             "load balancer started"
         );
-        Ok(Lb { state, addrs })
+        Ok(Lb {
+            state,
+            addrs,
+            nofile,
+            health: Mutex::new(health_token),
+            reloading: Mutex::new(()),
+        })
     }
 
     /// The bound listener addresses.
@@ -252,7 +219,6 @@ impl Lb {
         load: impl FnOnce() -> Result<Config, ConfigError>,
     ) -> Result<(), ConfigError> {
         let _one_at_a_time = self
-            .state
             .reloading
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -307,14 +273,14 @@ impl Lb {
         state.engine.pool.store(Arc::clone(&pool));
         state
             .limit
-            .set_limit(connection_limit(&config, state.nofile));
+            .set_limit(connection_limit(&config, self.nofile));
         state
             .engine
             .upstreams
             .set_max_idle(config.limits.backend_idle_connections);
         let health_token = state.root.child_token();
         let old_health = std::mem::replace(
-            &mut *state
+            &mut *self
                 .health
                 .lock()
                 .unwrap_or_else(|poisoned| poisoned.into_inner()),
