@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use tests::chaos::{self, Config, Runs, Scenario};
+use ::tests::chaos::{self, Config, Runs, Scenario};
 
 /// Options of `bench chaos`.
 #[derive(Debug, clap::Args)]

@@ -17,8 +17,8 @@ mod summary;
 use std::net::SocketAddr;
 use std::process::ExitCode;
 
+use ::tests::latency;
 use clap::{Parser, Subcommand};
-use tests::latency;
 
 /// Load generator and neutral backend for measuring lb, HAProxy, nginx and the chat stack.
 #[derive(Parser)]
