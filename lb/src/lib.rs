@@ -12,7 +12,9 @@
 //! listener, which reads the counters in `metrics` that every group bumps.
 //!
 //! Dependencies point one way: `ops` → `front` → `http` → `tunnel`, `backends`; `config` and
-//! `metrics` are read by all of them and depend only on `backends`.
+//! `metrics` are read by all of them and depend only on `backends`. No module imports one that
+//! imports it back; `http` calls nothing in `front` and only carries two of its types (the
+//! connection's slot in the connection limit, and the TLS stream a tunnel unwraps).
 
 pub mod backends;
 pub mod config;
