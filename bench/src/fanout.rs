@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use ::tests::chaos::parse_content;
 use anyhow::{Context, bail};
 use futures_util::{SinkExt, StreamExt};
 use serde::{Deserialize, Serialize};
@@ -379,23 +380,16 @@ fn parse(text: &str, shared: &Shared) -> Parsed {
     let Some(content) = frame.content else {
         return Parsed::Other;
     };
-    let mut parts = content.split(':').map(str::parse::<u64>);
-    let (Some(Ok(run)), Some(Ok(sender)), Some(Ok(seq)), Some(Ok(sent_at)), None) = (
-        parts.next(),
-        parts.next(),
-        parts.next(),
-        parts.next(),
-        parts.next(),
-    ) else {
+    let Some(content) = parse_content(&content, shared.run) else {
         return Parsed::Other;
     };
-    let (sender, seq) = (sender as usize, seq as usize);
-    if run != u64::from(shared.run) || sender >= shared.senders || seq >= shared.per_sender {
+    let (sender, seq) = (content.key.sender as usize, content.key.seq as usize);
+    if sender >= shared.senders || seq >= shared.per_sender {
         return Parsed::Other;
     }
     Parsed::Delivery {
         index: sender * shared.per_sender + seq,
-        sent_at,
+        sent_at: content.created_ns,
     }
 }
 

@@ -1,22 +1,23 @@
-//! `bench`: load generator (fan-out, echo, idle) and neutral backend for side-by-side figures.
+//! `bench`: load generator (fan-out, echo, idle), fault injection (chaos) and neutral backend.
 //!
 //! Each subcommand runs one measurement and prints its report: human-readable by default, one
 //! JSON object with `--json` (what `bench/run` parses). Progress and errors go to stderr.
 
 mod backend;
+mod chaos;
 mod client;
 mod echo;
 mod fanout;
 mod floor;
 mod http;
 mod idle;
-mod latency;
 mod procstat;
 mod summary;
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
 
+use ::tests::latency;
 use clap::{Parser, Subcommand};
 
 /// Load generator and neutral backend for measuring lb, HAProxy, nginx and the chat stack.
@@ -32,6 +33,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Faults injected into the whole stack under chat load: loss, duplicates, reconnects.
+    Chaos(chaos::Args),
     /// Chat fan-out: N clients, S senders at a total rate; loss, duplicates, latency.
     Fanout(fanout::Args),
     /// WebSocket ping-pong through a URL: round trips/s and RTT percentiles.
@@ -66,6 +69,7 @@ fn main() -> ExitCode {
     };
     let outcome = runtime.block_on(async {
         match cli.command {
+            Command::Chaos(args) => emit(cli.json, &chaos::run(args).await?),
             Command::Fanout(args) => emit(cli.json, &fanout::run(args).await?),
             Command::Echo(args) => emit(cli.json, &echo::run(args).await?),
             Command::Floor(args) => emit(cli.json, &floor::run(args).await?),

@@ -8,7 +8,9 @@
 #![allow(clippy::unwrap_used)]
 
 pub mod browser;
+pub mod chaos;
 pub mod client;
+pub mod latency;
 pub mod netns;
 pub mod process;
 pub mod redis;

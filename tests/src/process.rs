@@ -20,14 +20,20 @@ pub const READY_WITHIN: Duration = Duration::from_secs(30);
 /// How many of its last stdout lines an error about a process that never got ready quotes.
 const LAST_LINES: usize = 20;
 
-/// Path of a binary built from this workspace (`app`, `lb`, `bench`), next to the test binary.
+/// Path of a binary built from this workspace (`app`, `lb`, `bench`): next to the running
+/// executable (a binary such as `bench` in `target/<profile>/`) or one directory up from it (a
+/// test binary in `target/<profile>/deps/`).
 pub fn workspace_bin(name: &str) -> Result<PathBuf> {
-    let exe = std::env::current_exe().context("cannot locate the test executable")?;
-    // target/<profile>/deps/<test-binary> -> target/<profile>/<name>
+    let exe = std::env::current_exe().context("cannot locate the running executable")?;
     let dir = exe
         .parent()
-        .and_then(|deps| deps.parent())
-        .ok_or_else(|| anyhow!("unexpected test executable path {}", exe.display()))?;
+        .ok_or_else(|| anyhow!("unexpected executable path {}", exe.display()))?;
+    if dir.join(name).is_file() {
+        return Ok(dir.join(name));
+    }
+    let dir = dir
+        .parent()
+        .ok_or_else(|| anyhow!("unexpected executable path {}", exe.display()))?;
     let path = dir.join(name);
     if !path.exists() {
         bail!(
@@ -184,6 +190,12 @@ impl Proc {
     /// Kills the process (SIGKILL) and reaps it.
     pub async fn kill(&mut self) {
         let _ = self.child.kill().await;
+    }
+
+    /// Sends SIGTERM and waits, at most `within`, for the process to finish its shutdown.
+    pub async fn terminate(&mut self, within: Duration) -> Result<ExitStatus> {
+        self.signal("TERM")?;
+        self.wait_exit(within).await
     }
 }
 

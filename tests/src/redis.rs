@@ -1,13 +1,18 @@
-//! A real `redis-server` on an ephemeral loopback port, in its own temporary directory, with
-//! persistence off. It can be stopped and restarted on the same port to test reconnection.
+//! A real `redis-server` on an ephemeral loopback port, in its own temporary directory. It keeps
+//! its data in an append-only file ([`Persistence`]) or in memory only, and can be killed, shut
+//! down cleanly and started again on the same port to test reconnection and recovery.
 
 use std::path::Path;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use tempfile::TempDir;
 use tokio::process::Command;
 
 use crate::process::{Proc, Ready, system_bin};
+
+/// How long a clean shutdown may take.
+const SHUTDOWN_WITHIN: Duration = Duration::from_secs(10);
 
 /// Extra server settings (TLS, password) for a managed-Redis-like server.
 #[derive(Clone, Default)]
@@ -20,13 +25,28 @@ pub struct RedisTls {
     pub ca: std::path::PathBuf,
 }
 
-/// A running `redis-server` that keeps its data in an append-only file across restarts.
+/// How a server keeps its data across restarts (never with RDB snapshots).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Persistence {
+    /// Append-only file, fsync after every write: even a kill loses nothing (the tests' default).
+    #[default]
+    Always,
+    /// Append-only file, fsync once a second, as deployments run it: a clean shutdown loses
+    /// nothing, a crash up to a second.
+    EverySec,
+    /// Memory only: every restart starts empty (a managed Redis replaced, a node that lost its
+    /// data).
+    Off,
+}
+
+/// A running `redis-server` on a fixed loopback port.
 pub struct Redis {
     proc: Option<Proc>,
     port: u16,
     dir: TempDir,
     tls: Option<RedisTls>,
     password: Option<String>,
+    persistence: Persistence,
 }
 
 impl Redis {
@@ -37,6 +57,19 @@ impl Redis {
 
     /// Starts `redis-server`, with TLS only (no plain port) and `requirepass` when given.
     pub async fn start_with(tls: Option<RedisTls>, password: Option<&str>) -> Result<Redis> {
+        Self::start_full(tls, password, Persistence::default()).await
+    }
+
+    /// Starts a plain `redis-server` that keeps its data as `persistence` says.
+    pub async fn start_persisting(persistence: Persistence) -> Result<Redis> {
+        Self::start_full(None, None, persistence).await
+    }
+
+    async fn start_full(
+        tls: Option<RedisTls>,
+        password: Option<&str>,
+        persistence: Persistence,
+    ) -> Result<Redis> {
         let port = free_port()?;
         let dir = tempfile::tempdir().context("cannot create a temporary directory")?;
         let mut redis = Redis {
@@ -45,6 +78,7 @@ impl Redis {
             dir,
             tls,
             password: password.map(str::to_string),
+            persistence,
         };
         redis.spawn().await?;
         Ok(redis)
@@ -53,11 +87,13 @@ impl Redis {
     async fn spawn(&mut self) -> Result<()> {
         let mut cmd = Command::new(system_bin("redis-server", "redis-server")?);
         cmd.current_dir(self.dir.path())
-            // The append-only file keeps the chat history across restarts, as deployments do
-            // (they use everysec; always here, so that even a kill loses nothing in a test).
             .args(["--bind", "127.0.0.1", "--save", ""])
-            .args(["--appendonly", "yes", "--appendfsync", "always"])
             .args(["--dir", &path_str(self.dir.path())]);
+        match self.persistence {
+            Persistence::Always => cmd.args(["--appendonly", "yes", "--appendfsync", "always"]),
+            Persistence::EverySec => cmd.args(["--appendonly", "yes", "--appendfsync", "everysec"]),
+            Persistence::Off => cmd.args(["--appendonly", "no"]),
+        };
         match &self.tls {
             None => {
                 cmd.args(["--port", &self.port.to_string()]);
@@ -104,7 +140,16 @@ impl Redis {
         }
     }
 
-    /// Starts it again on the same port.
+    /// Shuts the server down cleanly (SIGTERM: it writes out its append-only file) and waits
+    /// until it has exited.
+    pub async fn shutdown(&mut self) -> Result<()> {
+        if let Some(mut proc) = self.proc.take() {
+            proc.terminate(SHUTDOWN_WITHIN).await?;
+        }
+        Ok(())
+    }
+
+    /// Starts a stopped server again on the same port (a running one is killed first).
     pub async fn restart(&mut self) -> Result<()> {
         self.stop().await;
         self.spawn().await

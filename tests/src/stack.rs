@@ -1,7 +1,9 @@
 //! The whole product on loopback: certificates from `lb certs generate`, one `redis-server`, two
 //! (or more) `app` processes and one `lb` in front of them with fast health checks, all real
 //! processes on ephemeral ports. Tests drive it through `wss://` with [`crate::client`] and
-//! read `lb`'s view of the backends from its admin `/stats`.
+//! read `lb`'s view of the backends from its admin `/stats`. The faults of the chaos driver are
+//! methods here: an app killed or drained and started again on its port, `lb` reloaded with a
+//! new configuration or restarted on its ports, Redis (in [`Stack::redis`]) stopped and started.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -19,7 +21,14 @@ use tokio_rustls::TlsConnector;
 
 use crate::client::{ChatClient, tls_connector};
 use crate::process::{Proc, Ready, workspace_bin};
-use crate::redis::Redis;
+use crate::redis::{Persistence, Redis};
+
+/// The Redis channel the apps share (the app's default `redis_channel`).
+pub const CHANNEL: &str = "simple-chat";
+/// How long an app or `lb` may take to drain and exit after SIGTERM.
+const EXIT_WITHIN: Duration = Duration::from_secs(15);
+/// How long a (re)started part may take to become ready, as the others see it.
+const READY_WITHIN: Duration = Duration::from_secs(10);
 
 /// Generates a CA and a server certificate for `hosts` into `dir` with `lb certs generate`.
 pub async fn generate_certs(dir: &Path, hosts: &[&str]) -> Result<()> {
@@ -45,10 +54,21 @@ pub fn app_config() -> &'static str {
 
 /// Starts an `app` process on an ephemeral port, sharing messages through `redis_url`.
 pub async fn start_app(name: &str, config: &Path, redis_url: &str) -> Result<Proc> {
+    start_app_on(name, config, redis_url, "127.0.0.1:0").await
+}
+
+/// Starts an `app` process listening on `listen` (`127.0.0.1:0` for an ephemeral port, or the
+/// port an earlier instance had).
+pub async fn start_app_on(
+    name: &str,
+    config: &Path,
+    redis_url: &str,
+    listen: &str,
+) -> Result<Proc> {
     let mut cmd = Command::new(workspace_bin("app")?);
     cmd.arg("--config")
         .arg(config)
-        .args(["--listen", "127.0.0.1:0", "--redis", redis_url]);
+        .args(["--listen", listen, "--redis", redis_url]);
     Proc::spawn(name, cmd, Ready::Listening(&["http"])).await
 }
 
@@ -56,20 +76,41 @@ pub async fn start_app(name: &str, config: &Path, redis_url: &str) -> Result<Pro
 /// an ephemeral loopback port, the given backends, round-robin, health checks every 100 ms
 /// (down after 2 failures, up after 1 pass).
 pub fn lb_config(https: &str, pem: &Path, backends: &[(String, SocketAddr)]) -> String {
+    let weighted: Vec<(String, SocketAddr, u32)> = backends
+        .iter()
+        .map(|(name, addr)| (name.clone(), *addr, 1))
+        .collect();
+    lb_config_weighted(https, "127.0.0.1:0", pem, &weighted)
+}
+
+/// Like [`lb_config`], with the admin address and each backend's weight given.
+pub fn lb_config_weighted(
+    https: &str,
+    admin: &str,
+    pem: &Path,
+    backends: &[(String, SocketAddr, u32)],
+) -> String {
     let mut text = format!(
-        "[listen]\nhttps = \"{https}\"\nadmin = \"127.0.0.1:0\"\n\n\
+        "[listen]\nhttps = \"{https}\"\nadmin = \"{admin}\"\n\n\
          [[certificates]]\npem = {pem:?}\n\n\
          [balance]\npolicy = \"round-robin\"\n\n\
          [health]\ninterval = \"100ms\"\ntimeout = \"500ms\"\nrise = 1\nfall = 2\n\n\
          [timeouts]\ndrain_grace = \"1s\"\n",
         pem = pem.display().to_string()
     );
-    for (name, addr) in backends {
+    for (name, addr, weight) in backends {
         text.push_str(&format!(
-            "\n[[backends]]\nname = \"{name}\"\naddr = \"{addr}\"\n"
+            "\n[[backends]]\nname = \"{name}\"\naddr = \"{addr}\"\nweight = {weight}\n"
         ));
     }
     text
+}
+
+/// Starts `lb` with the configuration file `config`.
+async fn start_lb(config: &Path) -> Result<Proc> {
+    let mut cmd = Command::new(workspace_bin("lb")?);
+    cmd.arg("run").arg("--config").arg(config);
+    Proc::spawn("lb", cmd, Ready::Listening(&["https", "admin"])).await
 }
 
 /// One backend as `lb` reports it on `/stats`.
@@ -79,6 +120,8 @@ pub struct BackendView {
     pub name: String,
     /// Whether health checks currently pass.
     pub up: bool,
+    /// Its weight in the balancing.
+    pub weight: u32,
     /// WebSocket tunnels open through it now.
     pub tunnels_active: u64,
     /// Failed connects from the proxy.
@@ -118,6 +161,17 @@ pub async fn lb_backends(admin: SocketAddr) -> Result<Vec<BackendView>> {
     Ok(stats.backends)
 }
 
+/// Waits until the app at `addr` answers 200 on `/healthz`: it has subscribed to Redis and takes
+/// clients (until then it refuses WebSockets with 503).
+pub async fn wait_healthy(addr: SocketAddr) -> Result<()> {
+    eventually(
+        &format!("{addr}/healthz to answer 200"),
+        READY_WITHIN,
+        || async move { Ok(http_get(addr, "/healthz").await?.0 == 200) },
+    )
+    .await
+}
+
 /// Polls `check` every 20 ms until it returns `Ok(true)`, at most `within`.
 pub async fn eventually<F, Fut>(what: &str, within: Duration, mut check: F) -> Result<()>
 where
@@ -137,6 +191,28 @@ where
     }
 }
 
+/// What a [`Stack`] is made of.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// How many apps behind `lb`.
+    pub apps: usize,
+    /// Lines appended to the apps' test configuration ([`app_config`]), e.g.
+    /// `history_messages = 5`.
+    pub app_config: String,
+    /// How Redis keeps its data.
+    pub redis: Persistence,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            apps: 2,
+            app_config: String::new(),
+            redis: Persistence::default(),
+        }
+    }
+}
+
 /// The running stack.
 pub struct Stack {
     /// Holds certificates and configs; removed at the end.
@@ -149,30 +225,36 @@ pub struct Stack {
     pub lb: Proc,
     /// Trusts the generated CA.
     pub tls: TlsConnector,
+    /// Each app's weight in `lb`'s configuration, in the order of `apps`.
+    weights: Vec<u32>,
 }
 
 impl Stack {
     /// Starts Redis, `n_apps` apps and `lb` in front of them.
     pub async fn start(n_apps: usize) -> Result<Stack> {
+        Self::start_with(&Options {
+            apps: n_apps,
+            ..Options::default()
+        })
+        .await
+    }
+
+    /// Starts the stack `options` describe.
+    pub async fn start_with(options: &Options) -> Result<Stack> {
         let dir = tempfile::tempdir()?;
         generate_certs(&dir.path().join("certs"), &["localhost", "127.0.0.1"]).await?;
-        let redis = Redis::start().await?;
+        let redis = Redis::start_persisting(options.redis).await?;
         let app_toml = dir.path().join("app.toml");
-        std::fs::write(&app_toml, app_config())?;
+        std::fs::write(
+            &app_toml,
+            format!("{}{}\n", app_config(), options.app_config),
+        )?;
         let mut apps = Vec::new();
-        for i in 1..=n_apps {
+        for i in 1..=options.apps {
             apps.push(start_app(&format!("app{i}"), &app_toml, &redis.url()).await?);
         }
-        // An app takes clients once it has subscribed to Redis (/healthz 200); until then it
-        // refuses WebSockets with 503.
         for app in &apps {
-            let addr = app.addr("http");
-            eventually(
-                &format!("{addr}/healthz to answer 200"),
-                Duration::from_secs(10),
-                || async move { Ok(http_get(addr, "/healthz").await?.0 == 200) },
-            )
-            .await?;
+            wait_healthy(app.addr("http")).await?;
         }
         let backends: Vec<(String, SocketAddr)> = apps
             .iter()
@@ -188,17 +270,91 @@ impl Stack {
                 &backends,
             ),
         )?;
-        let mut cmd = Command::new(workspace_bin("lb")?);
-        cmd.arg("run").arg("--config").arg(&lb_toml);
-        let lb = Proc::spawn("lb", cmd, Ready::Listening(&["https", "admin"])).await?;
+        let lb = start_lb(&lb_toml).await?;
         let tls = tls_connector(&dir.path().join("certs/ca.crt"))?;
         Ok(Stack {
             dir,
             redis,
+            weights: vec![1; apps.len()],
             apps,
             lb,
             tls,
         })
+    }
+
+    /// The configured name of app `i` (0-based): `app1`, `app2`, ...
+    pub fn app_name(i: usize) -> String {
+        format!("app{}", i + 1)
+    }
+
+    /// Kills app `i` (SIGKILL: no drain, its clients' connections just end).
+    pub async fn kill_app(&mut self, i: usize) {
+        self.apps[i].kill().await;
+    }
+
+    /// Drains app `i` (SIGTERM) and waits until it has exited.
+    pub async fn drain_app(&mut self, i: usize) -> Result<()> {
+        self.apps[i].terminate(EXIT_WITHIN).await?;
+        Ok(())
+    }
+
+    /// Starts app `i`, which has exited, again on its port, and waits until it is healthy and
+    /// `lb` counts it up.
+    pub async fn restart_app(&mut self, i: usize) -> Result<()> {
+        let name = Self::app_name(i);
+        let addr = self.apps[i].addr("http");
+        let app_toml = self.dir.path().join("app.toml");
+        self.apps[i] = start_app_on(&name, &app_toml, &self.redis.url(), &addr.to_string()).await?;
+        wait_healthy(addr).await?;
+        self.wait_backend(&name, true).await
+    }
+
+    /// Rewrites `lb`'s configuration with these backend weights (one per app) and its own
+    /// listener addresses, sends it SIGHUP, and waits until `/stats` shows the new weights.
+    pub async fn reload_lb(&mut self, weights: &[u32]) -> Result<()> {
+        if weights.len() != self.apps.len() {
+            bail!("{} weights for {} apps", weights.len(), self.apps.len());
+        }
+        self.weights = weights.to_vec();
+        self.write_lb_config()?;
+        self.lb.signal("HUP")?;
+        let admin = self.lb.addr("admin");
+        eventually("lb to apply the new weights", READY_WITHIN, || async move {
+            let shown: Vec<u32> = lb_backends(admin).await?.iter().map(|b| b.weight).collect();
+            Ok(shown == weights)
+        })
+        .await
+    }
+
+    /// Drains `lb` (SIGTERM), waits until it has exited, and starts it again on the same ports.
+    pub async fn restart_lb(&mut self) -> Result<()> {
+        self.write_lb_config()?;
+        self.lb.terminate(EXIT_WITHIN).await?;
+        let (https, admin) = (self.lb.addr("https"), self.lb.addr("admin"));
+        self.lb = start_lb(&self.dir.path().join("lb.toml")).await?;
+        if (self.lb.addr("https"), self.lb.addr("admin")) != (https, admin) {
+            bail!("lb came back on other ports");
+        }
+        Ok(())
+    }
+
+    /// Writes `lb.toml` with the listeners `lb` has bound and the current weights, so that a
+    /// reload or a restart keeps the same ports.
+    fn write_lb_config(&self) -> Result<()> {
+        let backends: Vec<(String, SocketAddr, u32)> = self
+            .apps
+            .iter()
+            .zip(&self.weights)
+            .enumerate()
+            .map(|(i, (app, weight))| (Self::app_name(i), app.addr("http"), *weight))
+            .collect();
+        let text = lb_config_weighted(
+            &self.lb.addr("https").to_string(),
+            &self.lb.addr("admin").to_string(),
+            &self.dir.path().join("certs/server.pem"),
+            &backends,
+        );
+        std::fs::write(self.dir.path().join("lb.toml"), text).context("cannot write lb.toml")
     }
 
     /// The chat WebSocket URL through `lb`.
