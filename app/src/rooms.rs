@@ -5,7 +5,9 @@
 //! `<redis_channel>:R`, whose history keys (`stream`) carry that channel as hash tag, so a room
 //! lives on one slot. The registry ([`Rooms`]) holds the rooms with local members: a client's
 //! handshake [`Rooms::join`]s its room (created with its first member, refused beyond
-//! `max_rooms`) and the [`Membership`] leaves it when dropped. When the last member leaves, the
+//! `max_rooms`) and the [`Membership`] leaves it when dropped. Creating a room first reads where
+//! its history stands (its start): the subscriber catches the room up from there, so whatever
+//! is published after its first member joined reaches it. When the last member leaves, the
 //! room lingers (`room_linger`) and is then removed, unless someone joined meanwhile; the
 //! default room is never removed.
 //!
@@ -36,10 +38,16 @@ pub const MAX_ROOM_CHARS: usize = 64;
 #[error("invalid room name: a room is 1 to 64 characters of A-Z, a-z, 0-9, _, - and .")]
 pub struct BadRoom;
 
-/// The room a new member is refused from: this instance holds `max_rooms` already.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("too many rooms on this instance (max_rooms = {0}); try again later")]
-pub struct RoomsFull(pub usize);
+/// Why a client could not join its room; the text is the answer of the refused handshake.
+#[derive(Debug, thiserror::Error)]
+pub enum JoinError {
+    /// This instance holds `max_rooms` rooms already.
+    #[error("too many rooms on this instance (max_rooms = {0}); try again later")]
+    Full(usize),
+    /// The room is new to this instance and where its history stands could not be read.
+    #[error("room not available: the message history is unreachable; try again shortly")]
+    Unavailable(#[source] redis::RedisError),
+}
 
 /// The room a client asked for in `?room=`: `None` (absent or empty) is the default room.
 pub fn parse_room(room: Option<&str>) -> Result<Option<&str>, BadRoom> {
@@ -71,6 +79,9 @@ pub struct Room {
     channel: String,
     fanout: Arc<Fanout>,
     store: Store,
+    /// Where the history stood before the room's first member joined (`None` for the default
+    /// room, which takes no client before it is ready).
+    start: Option<Position>,
     /// `true` once messages published from now on reach `fanout` (never lowered).
     ready: watch::Sender<bool>,
 }
@@ -98,6 +109,11 @@ impl Room {
     /// The room's history.
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    /// Where the history stood before the room's first member joined.
+    pub fn start(&self) -> Option<&Position> {
+        self.start.as_ref()
     }
 
     /// Whether every message published from now on reaches this room's local clients.
@@ -194,6 +210,7 @@ impl Rooms {
             channel: base.clone(),
             fanout: Fanout::new(config.client_queue),
             store: Store::new(&base, config.history, redis.as_ref()),
+            start: None,
             ready: watch::Sender::new(redis.is_none()),
         });
         let mut state = State::default();
@@ -223,49 +240,75 @@ impl Rooms {
         &self.default
     }
 
-    /// Puts a client in `room` (`None`: the default room), creating the room if it has no
-    /// local member yet, unless that would make more than `max_rooms`.
-    pub fn join(self: &Arc<Self>, room: Option<&str>) -> Result<Membership, RoomsFull> {
+    /// Puts a client in `room` (`None`: the default room). A room with no local member yet is
+    /// created, unless that would make more than `max_rooms`, once where its history stands
+    /// is read.
+    pub async fn join(self: &Arc<Self>, room: Option<&str>) -> Result<Membership, JoinError> {
         let channel = channel_of(&self.base, room);
-        let mut state = self.lock();
-        let (room, created) = match state.rooms.get_mut(&channel) {
-            Some(entry) => {
-                entry.members += 1;
-                entry.emptied = None;
-                (Arc::clone(&entry.room), false)
-            }
-            None => {
-                // The default room is in the map and does not count.
-                if state.rooms.len() > self.max_rooms {
-                    return Err(RoomsFull(self.max_rooms));
-                }
-                let room = Arc::new(Room {
-                    fanout: Fanout::new(self.queue),
-                    store: Store::new(&channel, self.history, self.redis.as_ref()),
-                    ready: watch::Sender::new(self.redis.is_none()),
-                    channel: channel.clone(),
-                });
-                state.rooms.insert(
-                    channel.clone(),
-                    Entry {
-                        room: Arc::clone(&room),
-                        members: 1,
-                        emptied: None,
-                    },
-                );
-                state.changes.insert(channel);
-                (room, true)
-            }
-        };
-        drop(state);
-        if created {
-            tracing::debug!(channel = %room.channel(), "room created");
-            self.changed.notify_one();
+        if let Some(membership) = self.join_existing(&channel)? {
+            return Ok(membership);
         }
+        let store = Store::new(&channel, self.history, self.redis.as_ref());
+        let now = store.read(None).await.map_err(JoinError::Unavailable)?;
+        let start = Position {
+            epoch: now.epoch,
+            last: now.last_added,
+        };
+        let mut state = self.lock();
+        if let Some(entry) = state.rooms.get_mut(&channel) {
+            // Created by another client meanwhile, from a position read before it joined,
+            // which was before this one did.
+            return Ok(self.enter(entry));
+        }
+        // The default room is in the map and does not count.
+        if state.rooms.len() > self.max_rooms {
+            return Err(JoinError::Full(self.max_rooms));
+        }
+        let room = Arc::new(Room {
+            fanout: Fanout::new(self.queue),
+            store,
+            start: Some(start),
+            ready: watch::Sender::new(self.redis.is_none()),
+            channel: channel.clone(),
+        });
+        state.rooms.insert(
+            channel.clone(),
+            Entry {
+                room: Arc::clone(&room),
+                members: 1,
+                emptied: None,
+            },
+        );
+        state.changes.insert(channel);
+        drop(state);
+        tracing::debug!(channel = %room.channel(), "room created");
+        self.changed.notify_one();
         Ok(Membership {
             rooms: Arc::clone(self),
             room,
         })
+    }
+
+    /// Joins the room of `channel` if this instance has it; refuses if it has not and is full.
+    fn join_existing(self: &Arc<Self>, channel: &str) -> Result<Option<Membership>, JoinError> {
+        let mut state = self.lock();
+        if let Some(entry) = state.rooms.get_mut(channel) {
+            return Ok(Some(self.enter(entry)));
+        }
+        if state.rooms.len() > self.max_rooms {
+            return Err(JoinError::Full(self.max_rooms));
+        }
+        Ok(None)
+    }
+
+    /// One more member of the room of `entry`.
+    fn enter(self: &Arc<Self>, entry: &mut Entry) -> Membership {
+        entry.members += 1;
+        entry.emptied = None;
+        Membership {
+            rooms: Arc::clone(self),
+            room: Arc::clone(&entry.room),
+        }
     }
 
     /// A member of `room` left; the last one starts the linger.
@@ -404,10 +447,10 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_room_lives_while_it_has_members_and_for_the_linger_after() {
         let rooms = rooms("room_linger = \"5s\"");
-        let default = rooms.join(None).unwrap();
+        let default = rooms.join(None).await.unwrap();
         assert!(Arc::ptr_eq(default.room(), rooms.default_room()));
-        let a = rooms.join(Some("lobby")).unwrap();
-        let b = rooms.join(Some("lobby")).unwrap();
+        let a = rooms.join(Some("lobby")).await.unwrap();
+        let b = rooms.join(Some("lobby")).await.unwrap();
         assert!(Arc::ptr_eq(a.room(), b.room()));
         assert!(a.room().is_ready(), "in-process rooms are ready at once");
         assert_eq!(channels(&rooms), ["simple-chat", "simple-chat:lobby"]);
@@ -418,7 +461,7 @@ mod tests {
         // Lingering: still there, and a member coming back gets the same room.
         tokio::time::sleep(Duration::from_secs(4)).await;
         assert_eq!(channels(&rooms), ["simple-chat", "simple-chat:lobby"]);
-        let back = rooms.join(Some("lobby")).unwrap();
+        let back = rooms.join(Some("lobby")).await.unwrap();
         assert!(Arc::ptr_eq(back.room(), &lobby));
         // The linger started by the first leave does not remove it under the new member.
         tokio::time::sleep(Duration::from_secs(2)).await;
@@ -427,23 +470,26 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(6)).await;
         assert_eq!(channels(&rooms), ["simple-chat"], "the default room stays");
         // Joining again creates a new room.
-        let again = rooms.join(Some("lobby")).unwrap();
+        let again = rooms.join(Some("lobby")).await.unwrap();
         assert!(!Arc::ptr_eq(again.room(), &lobby));
     }
 
     #[tokio::test(start_paused = true)]
     async fn joins_beyond_max_rooms_are_refused_until_one_is_gone() {
         let rooms = rooms("max_rooms = 1\nroom_linger = \"1s\"");
-        let one = rooms.join(Some("one")).unwrap();
-        assert_eq!(rooms.join(Some("two")).err(), Some(RoomsFull(1)));
+        let one = rooms.join(Some("one")).await.unwrap();
+        assert!(matches!(
+            rooms.join(Some("two")).await,
+            Err(JoinError::Full(1))
+        ));
         // The room that exists and the default room still take members.
-        let same = rooms.join(Some("one")).unwrap();
-        let _default = rooms.join(None).unwrap();
+        let same = rooms.join(Some("one")).await.unwrap();
+        let _default = rooms.join(None).await.unwrap();
         drop(one);
         drop(same);
         tokio::time::sleep(Duration::from_secs(2)).await;
-        assert!(rooms.join(Some("two")).is_ok());
-        let err = rooms.join(Some("three")).err().unwrap();
+        assert!(rooms.join(Some("two")).await.is_ok());
+        let err = rooms.join(Some("three")).await.err().unwrap();
         assert_eq!(
             err.to_string(),
             "too many rooms on this instance (max_rooms = 1); try again later"
@@ -454,9 +500,9 @@ mod tests {
     async fn changes_name_each_created_and_removed_channel_once() {
         let rooms = rooms("room_linger = \"1s\"");
         assert!(rooms.take_changes().is_empty());
-        let a = rooms.join(Some("a")).unwrap();
-        let _a2 = rooms.join(Some("a")).unwrap();
-        let b = rooms.join(Some("b")).unwrap();
+        let a = rooms.join(Some("a")).await.unwrap();
+        let _a2 = rooms.join(Some("a")).await.unwrap();
+        let b = rooms.join(Some("b")).await.unwrap();
         // The notification is kept until someone waits for it.
         rooms.changed().await;
         let mut changes = rooms.take_changes();

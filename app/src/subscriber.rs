@@ -3,8 +3,8 @@
 //!
 //! One task loops: connect, check that the publishing connection answers, then attach every
 //! room of the registry (`rooms`) at once ([`attach`]): learn where each room's channel stands
-//! (where this instance's delivery of it stopped, or, for a room new to it, the history's
-//! newest id, read *before* subscribing), `SUBSCRIBE` all their channels in one command, read
+//! (where this instance's delivery of it stopped, or, for a room new to it, its start, read
+//! before its first member joined), `SUBSCRIBE` all their channels in one command, read
 //! each room's history after its position and deliver that, mark each room ready, and raise
 //! the `subscribed` flag (which makes `/healthz` 200). Then it forwards every payload that is a
 //! JSON object, byte for byte, to the fan-out of its channel's room (one map lookup), skipping
@@ -136,10 +136,12 @@ async fn connect(
 
 /// Subscribes to the channels of `rooms` and catches each room up, in three steps each taken
 /// for all of them at once: where each room stands (where this instance's delivery of it
-/// stopped, or, for a room new to it, the history's newest id: read before subscribing, so that
-/// whatever is published from then on is either read below or arrives on the subscription),
-/// one `SUBSCRIBE`, and a read of each room's history after its position, delivered to the
-/// room's clients before the room is marked ready. Returns how many messages were delivered.
+/// stopped; for a room new to it, its start, read before its first member joined; for the
+/// default room at the first start, the history's newest id, read now), always before
+/// subscribing, so that whatever is published from then on is either read below or arrives on
+/// the subscription; one `SUBSCRIBE`; and a read of each room's history after its position,
+/// delivered to the room's clients before the room is marked ready. Returns how many messages
+/// were delivered.
 async fn attach(
     sink: &mut PubSubSink,
     attached: &mut Attachments,
@@ -152,7 +154,8 @@ async fn attach(
         let known = attached
             .get(room.channel())
             .filter(|a| Arc::ptr_eq(&a.room, room))
-            .and_then(|a| a.seen.last.clone());
+            .and_then(|a| a.seen.last.clone())
+            .or_else(|| room.start().cloned());
         async move {
             match known {
                 Some(position) => Ok(position),

@@ -4,17 +4,19 @@
 //! `max_connections`, before the instance first subscribed to Redis, or for a room beyond
 //! `max_rooms`; 403 for a foreign `Origin`; 400 for a query string that is not one or a room
 //! name that is not one. An admitted connection is a member of its room (`?room=NAME`, see
-//! `rooms`; none is the default room) and runs [`serve`], one task that first joins the room's
-//! fan-out and waits until the room is ready (its channel subscribed: at most
-//! [`ROOM_READY_TIMEOUT`], then 1013), then, for a client that asked to resume (`?resume`, or
-//! `?epoch=E&last=ID`; see [`WsQuery`]), sends the [`protocol::ResumeNotice`] and the messages
-//! of its room it missed, then does three things until the client leaves or is told to go:
+//! `rooms`; none is the default room) and in the room's fan-out before the handshake is
+//! answered, so that whatever is published after the client got its `101` reaches it. It runs
+//! [`serve`], one task that first waits until the room is ready (its channel subscribed: at
+//! most [`ROOM_READY_TIMEOUT`], then 1013), then, for a client that asked to resume
+//! (`?resume`, or `?epoch=E&last=ID`; see [`WsQuery`]), sends the [`protocol::ResumeNotice`]
+//! and the messages of its room it missed, then does three things until the client leaves or
+//! is told to go:
 //! - frames from the client: rate limit, [`protocol::parse_incoming`], stamp, then
-//!   [`Room::publish`] in its room (answered with `{"ack": cid, …}` when the frame had a `cid`); a problem
-//!   is answered with `{"error": …}` to this client alone and the connection stays open; a frame
-//!   over the size limit closes with 1009, invalid UTF-8 with 1007;
-//! - messages from the fan-out queue: written to the client, in order, minus those the resume
-//!   already sent;
+//!   [`Room::publish`] in its room (answered with `{"ack": cid, …}` when the frame had a
+//!   `cid`); a problem is answered with `{"error": …}` to this client alone and the connection
+//!   stays open; a frame over the size limit closes with 1009, invalid UTF-8 with 1007;
+//! - messages from the fan-out queue: written to the client, in order, minus those up to the
+//!   position the resume notice gave (sent with it, or older than the client's start);
 //! - `stop`: cancelled by the fan-out when the queue is full or this instance lost track of the
 //!   room's channel (close 1013, the page reconnects and resumes) or by shutdown (close 1001).
 //!
@@ -40,7 +42,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::AppState;
-use crate::fanout::{Delivery, Eviction};
+use crate::fanout::{Delivery, Eviction, Member};
 use crate::history::Resume;
 use crate::origin;
 use crate::position::{MAX_EPOCH_CHARS, MessageId, Position};
@@ -166,13 +168,19 @@ pub async fn upgrade(
         tracing::warn!(%peer, %forwarded_for, limit = state.config().limits.max_connections, "WebSocket refused: connection limit reached");
         return (StatusCode::SERVICE_UNAVAILABLE, "too many connections\n").into_response();
     };
-    let membership = match state.rooms().join(room.as_deref()) {
+    let membership = match state.rooms().join(room.as_deref()).await {
         Ok(membership) => membership,
         Err(e) => {
-            tracing::warn!(%peer, %forwarded_for, room = ?room, limit = e.0, "WebSocket refused: room limit reached");
+            tracing::warn!(%peer, %forwarded_for, room = ?room, error = %e, "WebSocket refused: cannot join the room");
             return (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")).into_response();
         }
     };
+    // In the room's fan-out before the client hears 101: whatever is published after its
+    // handshake is queued for it.
+    let member = membership
+        .room()
+        .fanout()
+        .join(state.close_all().child_token());
     let tracked = state.tracker().token();
     let max_frame = state.config().limits.max_frame_bytes;
     let span =
@@ -186,7 +194,7 @@ pub async fn upgrade(
             async move {
                 let _slot = slot;
                 let _tracked = tracked;
-                serve(socket, state, membership, resuming).await;
+                serve(socket, state, membership, member, resuming).await;
             }
             .instrument(span)
         })
@@ -228,20 +236,26 @@ enum End {
     RoomUnavailable,
 }
 
-/// Runs one connection of a member of a room until the client leaves or is told to go.
-async fn serve<S>(mut socket: S, state: AppState, membership: Membership, resuming: Resuming)
-where
+/// Runs one connection of a member of a room (`member`: its place in the room's fan-out, taken
+/// before the handshake was answered) until the client leaves or is told to go.
+async fn serve<S>(
+    mut socket: S,
+    state: AppState,
+    membership: Membership,
+    mut member: Member,
+    resuming: Resuming,
+) where
     S: Stream<Item = Result<Message, axum::Error>> + Sink<Message, Error = axum::Error> + Unpin,
 {
     let limits = &state.config().limits;
     let room = Arc::clone(membership.room());
-    // Joined before the history is read: whatever is published from now on is queued, and what
-    // the resume sends as well is skipped when it comes out of the queue.
-    let mut member = room.fanout().join(state.close_all().child_token());
+    // The member joined before the history is read: whatever is published from then on is
+    // queued, and what the resume sends as well is skipped when it comes out of the queue.
     let stop = member.stop.clone();
-    // A room new to this instance: nothing reaches the queue until its channel is subscribed,
-    // which the subscriber does from a position read after this join, so nothing published
-    // from now on is missed. The client is not served (no frame read, no resume) until then.
+    // A room new to this instance: the subscriber subscribes to its channel and catches up
+    // into the queue from the room's start, read before its first member joined, so nothing
+    // published after this member joined is missed. The client is not served (no frame read,
+    // no resume) until then.
     if !room.is_ready() {
         let ready = tokio::select! {
             ready = room.ready_within(ROOM_READY_TIMEOUT) => ready,
@@ -409,9 +423,10 @@ where
         written = write => written.map_err(|_| End::Gone)?,
         () = stop.cancelled() => return Err(End::Stopped),
     }
-    // Only a filled gap overlaps the queue; after a fresh or failed resume everything queued is
-    // new to the client.
-    Ok(from.filter(|_| notice.recovered).map(|_| last))
+    // The client now stands at `last`: what the queue holds up to it was either sent above or
+    // (for a fresh or failed resume, queued between the join and the read) precedes the
+    // position the client was given, and would reach it out of order.
+    Ok(Some(last))
 }
 
 /// Validates, stamps and publishes a client's text frame in its room; the answer for the
@@ -634,12 +649,13 @@ mod tests {
         }
     }
 
-    fn connect(state: &AppState) -> Client {
-        connect_to(state, None)
+    async fn connect(state: &AppState) -> Client {
+        connect_to(state, None).await
     }
 
-    /// A client of `room` (`None`: the default room).
-    fn connect_to(state: &AppState, room: Option<&str>) -> Client {
+    /// A client of `room` (`None`: the default room), in the room's fan-out when this returns
+    /// (as a real client is once it has its `101`).
+    async fn connect_to(state: &AppState, room: Option<&str>) -> Client {
         let (to_server, incoming) = mpsc::unbounded_channel();
         let (outgoing, from_server) = mpsc::unbounded_channel();
         let socket = FakeSocket {
@@ -647,18 +663,21 @@ mod tests {
             unflushed: Vec::new(),
             outgoing,
         };
-        let membership = state.rooms().join(room).unwrap();
-        tokio::spawn(serve(socket, state.clone(), membership, Resuming::No));
+        let membership = state.rooms().join(room).await.unwrap();
+        let member = membership
+            .room()
+            .fanout()
+            .join(state.close_all().child_token());
+        tokio::spawn(serve(
+            socket,
+            state.clone(),
+            membership,
+            member,
+            Resuming::No,
+        ));
         Client {
             to_server,
             from_server,
-        }
-    }
-
-    /// Waits until `clients` connection tasks have joined the fan-out of `room`.
-    async fn joined(room: &Room, clients: usize) {
-        while room.fanout().len() < clients {
-            tokio::task::yield_now().await;
         }
     }
 
@@ -669,9 +688,8 @@ mod tests {
     #[tokio::test]
     async fn a_message_reaches_every_client_and_bad_input_only_its_sender() {
         let state = state("");
-        let mut alice = connect(&state);
-        let mut bob = connect(&state);
-        joined(state.rooms().default_room(), 2).await;
+        let mut alice = connect(&state).await;
+        let mut bob = connect(&state).await;
         alice.send("not json");
         assert_eq!(
             alice.text().await,
@@ -691,7 +709,7 @@ mod tests {
     #[tokio::test]
     async fn binary_frames_and_floods_get_an_error_and_the_connection_stays() {
         let state = state("messages_per_second = 1\nmessages_burst = 2");
-        let mut client = connect(&state);
+        let mut client = connect(&state).await;
         client
             .to_server
             .send(Ok(Message::Binary(vec![1, 2, 3].into())))
@@ -711,8 +729,7 @@ mod tests {
     #[tokio::test]
     async fn queued_messages_are_written_in_order_and_flushed() {
         let state = state("");
-        let mut client = connect(&state);
-        joined(state.rooms().default_room(), 1).await;
+        let mut client = connect(&state).await;
         // Queued before the connection task runs again, so they are written as one batch.
         let messages: Vec<String> = (0..WRITE_BATCH + 3)
             .map(|i| format!("{{\"n\":{i}}}"))
@@ -731,14 +748,10 @@ mod tests {
     #[tokio::test]
     async fn a_message_reaches_only_the_members_of_its_room() {
         let state = state("");
-        let mut lobby = connect_to(&state, Some("lobby"));
-        let mut also_lobby = connect_to(&state, Some("lobby"));
-        let mut main = connect(&state);
-        let mut other = connect_to(&state, Some("other"));
-        let room = |name| state.rooms().join(Some(name)).unwrap();
-        joined(room("lobby").room(), 2).await;
-        joined(room("other").room(), 1).await;
-        joined(state.rooms().default_room(), 1).await;
+        let mut lobby = connect_to(&state, Some("lobby")).await;
+        let mut also_lobby = connect_to(&state, Some("lobby")).await;
+        let mut main = connect(&state).await;
+        let mut other = connect_to(&state, Some("other")).await;
 
         lobby.send(r#"{"name": "ann", "content": "in the lobby"}"#);
         for client in [&mut lobby, &mut also_lobby] {
@@ -753,7 +766,7 @@ mod tests {
         let message: ChatMessage = serde_json::from_str(&other.text().await).unwrap();
         assert_eq!(message.content, "elsewhere");
         // Each room has a history of its own: the lobby's first message is not the main room's.
-        let lobby_room = room("lobby");
+        let lobby_room = state.rooms().join(Some("lobby")).await.unwrap();
         let resumed = lobby_room.room().resume(None).await.unwrap();
         let main_room = state.rooms().default_room().resume(None).await.unwrap();
         assert_ne!(resumed.epoch, main_room.epoch);
@@ -762,8 +775,7 @@ mod tests {
     #[tokio::test]
     async fn shutdown_closes_with_1001() {
         let state = state("");
-        let mut client = connect(&state);
-        joined(state.rooms().default_room(), 1).await;
+        let mut client = connect(&state).await;
         state.close_all().cancel();
         match client.from_server.recv().await.unwrap() {
             Message::Close(Some(frame)) => assert_eq!(frame.code, close_code::AWAY),
