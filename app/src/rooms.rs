@@ -316,7 +316,11 @@ impl Rooms {
         let now = Instant::now();
         {
             let mut state = self.lock();
-            let Some(entry) = state.rooms.get_mut(room.channel()) else {
+            let Some(entry) = state
+                .rooms
+                .get_mut(room.channel())
+                .filter(|entry| Arc::ptr_eq(&entry.room, room))
+            else {
                 return;
             };
             entry.members = entry.members.saturating_sub(1);

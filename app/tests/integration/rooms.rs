@@ -32,10 +32,7 @@ async fn content(client: &mut Client) -> String {
 #[tokio::test]
 async fn two_rooms_across_two_instances_reach_only_their_members() {
     let redis = Redis::start().await;
-    let one = App::with_redis(&redis, "").await;
-    let two = App::with_redis(&redis, "").await;
-    one.wait_health(200).await;
-    two.wait_health(200).await;
+    let (one, two) = App::healthy_pair(&redis, "").await;
     let mut lobby = [
         Client::connect_with(one.addr, "room=lobby").await,
         Client::connect_with(two.addr, "room=lobby").await,
@@ -154,10 +151,7 @@ async fn a_client_resumes_within_its_room(reader: &App, writer: &App) {
 #[tokio::test]
 async fn across_two_instances_a_client_resumes_within_its_room() {
     let redis = Redis::start().await;
-    let one = App::with_redis(&redis, "").await;
-    let two = App::with_redis(&redis, "").await;
-    one.wait_health(200).await;
-    two.wait_health(200).await;
+    let (one, two) = App::healthy_pair(&redis, "").await;
     a_client_resumes_within_its_room(&one, &two).await;
 }
 
@@ -171,10 +165,7 @@ async fn without_redis_a_client_resumes_within_its_room() {
 async fn a_client_joining_a_room_new_to_its_instance_misses_nothing_sent_after() {
     const BURST: usize = 300;
     let redis = Redis::start().await;
-    let one = App::with_redis(&redis, FAST_SENDER).await;
-    let two = App::with_redis(&redis, FAST_SENDER).await;
-    one.wait_health(200).await;
-    two.wait_health(200).await;
+    let (one, two) = App::healthy_pair(&redis, FAST_SENDER).await;
 
     // Right after the handshake, while instance one (no member of the room until this client)
     // is still subscribing: what is sent now reaches the client once it is served. Whether the

@@ -356,6 +356,15 @@ impl App {
         App::start(&format!("{}{extra}", redis.app_config())).await
     }
 
+    /// Two apps on `redis` with extra TOML lines, both subscribed (`/healthz` 200).
+    pub async fn healthy_pair(redis: &Redis, extra: &str) -> (App, App) {
+        let one = App::with_redis(redis, extra).await;
+        let two = App::with_redis(redis, extra).await;
+        one.wait_health(200).await;
+        two.wait_health(200).await;
+        (one, two)
+    }
+
     /// `GET path`: the status code and body.
     pub async fn get(&self, path: &str) -> (u16, Vec<u8>) {
         http_get(self.addr, path).await
