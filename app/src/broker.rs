@@ -1,15 +1,17 @@
-//! The broker: how a message accepted by this instance reaches every instance's clients, and
-//! how a reconnecting client gets what it missed.
+//! The broker: how a message accepted by this instance reaches every instance's clients in its
+//! room, and how a reconnecting client gets what it missed.
 //!
-//! With Redis configured, [`Broker::publish`] runs the history script of `stream`: the message
-//! is added to the channel's Stream (its id assigned there) and published on the channel in one
-//! step; the subscriber task (see `subscriber`) brings every message of the channel, this
-//! instance's own included, back into the local [`Fanout`], and catches up from the Stream after
-//! losing Redis for a while. Without Redis, the in-process `ring` assigns ids and keeps the
-//! history, and publishing is delivering to the local fan-out directly, so a single instance
-//! needs nothing else. Either way a message the broker cannot take is an error the sender is
-//! told about, never a silent drop, and [`Broker::resume`] reads the history for a client
-//! coming back with its last position.
+//! Each room (see `rooms`) has a [`Store`], its history. With Redis configured,
+//! [`Store::publish`] runs the history script of `stream`: the message is added to the room's
+//! Stream (its id assigned there) and published on the room's channel in one step; the
+//! subscriber task (see `subscriber`), which [`Broker::start`] spawns, brings every message of
+//! every room with local members, this instance's own included, back into that room's local
+//! [`Fanout`], and catches up from the Streams after losing Redis for a while. Without Redis,
+//! the in-process `ring` of the room assigns ids and keeps the history, and publishing is
+//! delivering to the room's fan-out directly, so a single instance needs nothing else. Either
+//! way a message the broker cannot take is an error the sender is told about, never a silent
+//! drop, and [`Store::resume`] reads the history for a client coming back with its last
+//! position.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -19,11 +21,12 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{HistoryConfig, RedisConfig};
+use crate::config::{Config, HistoryConfig, RedisConfig};
 use crate::fanout::Fanout;
-use crate::history::{self, Published, Resume};
+use crate::history::{self, Published, Resume, Snapshot};
 use crate::position::Position;
 use crate::ring::Ring;
+use crate::rooms::Rooms;
 use crate::stream::{Receivers, Stream};
 use crate::subscriber;
 
@@ -54,50 +57,49 @@ pub struct BrokerError {
     source: redis::RedisError,
 }
 
-/// Redis pub/sub with its Stream history, or the in-process broker; cheap to clone.
+/// The rooms and, with Redis, the connection they share; cheap to clone.
 #[derive(Clone)]
-pub enum Broker {
-    /// No Redis: a published message goes straight to this instance's clients.
-    Local(Arc<LocalBroker>),
-    /// Redis pub/sub and history across instances.
-    Redis(Arc<RedisBroker>),
+pub struct Broker {
+    rooms: Arc<Rooms>,
+    redis: Option<Arc<RedisLink>>,
 }
 
-/// The in-process side: the history and the clients.
-pub struct LocalBroker {
-    ring: Ring,
-    fanout: Arc<Fanout>,
-}
-
-/// The Redis side: an auto-reconnecting connection for publishing and reading history, and the
-/// subscription's state.
-pub struct RedisBroker {
-    publisher: ConnectionManager,
-    config: RedisConfig,
-    stream: Arc<Stream>,
-    fanout: Arc<Fanout>,
-    subscribed: Arc<AtomicBool>,
-    /// Raised once the subscriber knows where the channel stands (its first subscription):
-    /// before that, a client could miss a message published before that position was read.
-    positioned: Arc<AtomicBool>,
+/// What every room's history in Redis shares: an auto-reconnecting connection for publishing
+/// and reading history, and the subscription's state.
+pub struct RedisLink {
+    /// Publishes and reads every room's history (one multiplexed connection).
+    pub publisher: ConnectionManager,
+    /// Where Redis is and how to back off.
+    pub config: RedisConfig,
+    /// Raised while subscribed and caught up (`/healthz` 200).
+    pub subscribed: AtomicBool,
     /// Told when a publish reached no subscriber at all: this instance's subscription is gone
     /// at Redis even though its connection looks alive, so the subscriber starts over at once.
-    resubscribe: Arc<Notify>,
+    pub resubscribe: Notify,
+}
+
+/// One room's history: a Stream in Redis shared by every instance, or in process.
+pub enum Store {
+    /// No Redis: a published message goes straight to this instance's clients of the room.
+    Ring(Ring),
+    /// The room's Stream and channel in Redis.
+    Redis {
+        /// The room's Stream.
+        stream: Stream,
+        /// The shared connection.
+        link: Arc<RedisLink>,
+    },
 }
 
 impl Broker {
-    /// Redis when `redis` is set, in-process otherwise. Connects lazily: Redis need not be up.
-    /// Must run inside a Tokio runtime.
-    pub fn new(
-        redis: Option<&RedisConfig>,
-        history: HistoryConfig,
-        fanout: Arc<Fanout>,
-    ) -> Result<Broker, BrokerError> {
-        let Some(config) = redis else {
-            return Ok(Broker::Local(Arc::new(LocalBroker {
-                ring: Ring::new(history),
-                fanout,
-            })));
+    /// Redis when `config` names one, in-process otherwise. Connects lazily: Redis need not be
+    /// up. Must run inside a Tokio runtime.
+    pub fn new(config: &Config) -> Result<Broker, BrokerError> {
+        let Some(redis) = &config.redis else {
+            return Ok(Broker {
+                rooms: Rooms::new(config, None),
+                redis: None,
+            });
         };
         // The redis crate builds its rustls configuration (rediss://) from the process-wide
         // crypto provider; make it ring, the one this workspace builds. An error only means a
@@ -105,39 +107,41 @@ impl Broker {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let manager_config = ConnectionManagerConfig::new()
             .set_number_of_retries(1)
-            .set_max_delay(config.reconnect_max)
+            .set_max_delay(redis.reconnect_max)
             .set_connection_timeout(Some(PUBLISH_CONNECT_TIMEOUT))
             .set_response_timeout(Some(PUBLISH_RESPONSE_TIMEOUT));
         let publisher =
-            ConnectionManager::new_lazy_with_config(config.client.clone(), manager_config)
-                .map_err(|source| BrokerError {
-                    server: config.display.clone(),
+            ConnectionManager::new_lazy_with_config(redis.client.clone(), manager_config).map_err(
+                |source| BrokerError {
+                    server: redis.display.clone(),
                     source,
-                })?;
-        Ok(Broker::Redis(Arc::new(RedisBroker {
+                },
+            )?;
+        let link = Arc::new(RedisLink {
             publisher,
-            stream: Arc::new(Stream::new(&config.channel, history)),
-            config: config.clone(),
-            fanout,
-            subscribed: Arc::new(AtomicBool::new(false)),
-            positioned: Arc::new(AtomicBool::new(false)),
-            resubscribe: Arc::new(Notify::new()),
-        })))
+            config: redis.clone(),
+            subscribed: AtomicBool::new(false),
+            resubscribe: Notify::new(),
+        });
+        Ok(Broker {
+            rooms: Rooms::new(config, Some(Arc::clone(&link))),
+            redis: Some(link),
+        })
+    }
+
+    /// The rooms of this instance.
+    pub fn rooms(&self) -> &Arc<Rooms> {
+        &self.rooms
     }
 
     /// Starts the background work the broker needs (the Redis subscriber) on `tracker`; it
     /// stops when `stop` is cancelled.
     pub fn start(&self, tracker: &TaskTracker, stop: CancellationToken) {
-        if let Broker::Redis(redis) = self {
+        if let Some(link) = &self.redis {
             let task = subscriber::run(
                 subscriber::Subscriber {
-                    config: redis.config.clone(),
-                    publisher: redis.publisher.clone(),
-                    stream: Arc::clone(&redis.stream),
-                    fanout: Arc::clone(&redis.fanout),
-                    subscribed: Arc::clone(&redis.subscribed),
-                    positioned: Arc::clone(&redis.positioned),
-                    resubscribe: Arc::clone(&redis.resubscribe),
+                    link: Arc::clone(link),
+                    rooms: Arc::clone(&self.rooms),
                 },
                 stop,
             );
@@ -147,55 +151,82 @@ impl Broker {
 
     /// Whether messages can flow: always for the in-process broker, while subscribed for Redis.
     pub fn is_up(&self) -> bool {
-        match self {
-            Broker::Local(_) => true,
-            Broker::Redis(redis) => redis.subscribed.load(Ordering::Acquire),
-        }
+        self.redis
+            .as_ref()
+            .is_none_or(|link| link.subscribed.load(Ordering::Acquire))
     }
 
     /// Whether clients may join: always for the in-process broker; with Redis, once the
-    /// subscriber has subscribed for the first time (and stays so through later outages, which
-    /// the subscriber catches up on for every client).
+    /// subscriber has subscribed to the default room for the first time (and stays so through
+    /// later outages, which the subscriber catches up on for every client).
     pub fn accepts_clients(&self) -> bool {
-        match self {
-            Broker::Local(_) => true,
-            Broker::Redis(redis) => redis.positioned.load(Ordering::Acquire),
+        self.rooms.default_room().is_ready()
+    }
+}
+
+impl Store {
+    /// The history of `channel`: in Redis when `redis` is given, in process otherwise.
+    pub fn new(channel: &str, history: HistoryConfig, redis: Option<&Arc<RedisLink>>) -> Store {
+        match redis {
+            None => Store::Ring(Ring::new(history)),
+            Some(link) => Store::Redis {
+                stream: Stream::new(channel, history),
+                link: Arc::clone(link),
+            },
         }
     }
 
     /// Adds one serialised chat message (`body`) to the history and sends it to every
-    /// instance, unless `cid` was published already; says where it is.
-    pub async fn publish(&self, body: &str, cid: Option<&str>) -> Result<Published, PublishError> {
+    /// instance's members of the room (`fanout`: this instance's, for the in-process history),
+    /// unless `cid` was published already; says where it is.
+    pub async fn publish(
+        &self,
+        fanout: &Fanout,
+        body: &str,
+        cid: Option<&str>,
+    ) -> Result<Published, PublishError> {
         match self {
-            Broker::Local(local) => {
-                let (published, delivery) = local.ring.publish(body, cid);
+            Store::Ring(ring) => {
+                let (published, delivery) = ring.publish(body, cid);
                 if let Some(delivery) = delivery {
-                    local.fanout.deliver(&delivery);
+                    fanout.deliver(&delivery);
                 }
                 Ok(published)
             }
-            Broker::Redis(redis) => {
-                let mut connection = redis.publisher.clone();
-                let (published, receivers) = redis
-                    .stream
+            Store::Redis { stream, link } => {
+                let mut connection = link.publisher.clone();
+                let (published, receivers) = stream
                     .publish(&mut connection, body, cid)
                     .await
                     .map_err(|e| {
-                        tracing::warn!(server = %redis.config.display, error = %e, "publish failed");
+                        tracing::warn!(server = %link.config.display, channel = %stream.channel(), error = %e, "publish failed");
                         PublishError::Redis(e)
                     })?;
                 if receivers == Receivers::None {
-                    // This instance is subscribed whenever it publishes, so no receiver means
-                    // its subscription is gone at Redis. The message is in the history; the
-                    // subscriber starts over and delivers it from there.
+                    // This instance is subscribed to a room whenever one of its members
+                    // publishes, so no receiver means its subscription is gone at Redis. The
+                    // message is in the history; the subscriber starts over and delivers it
+                    // from there.
                     tracing::warn!(
-                        server = %redis.config.display,
-                        channel = %redis.config.channel,
+                        server = %link.config.display,
+                        channel = %stream.channel(),
                         "published to no subscriber, not even this instance: resubscribing"
                     );
-                    redis.resubscribe.notify_one();
+                    link.resubscribe.notify_one();
                 }
                 Ok(published)
+            }
+        }
+    }
+
+    /// Reads the history for a reader at `from` (a client resuming, or this instance's
+    /// subscriber catching up); `None` reads only where the history stands.
+    pub async fn read(&self, from: Option<&Position>) -> Result<Snapshot, redis::RedisError> {
+        match self {
+            Store::Ring(ring) => Ok(ring.read(from)),
+            Store::Redis { stream, link } => {
+                let mut connection = link.publisher.clone();
+                stream.read(&mut connection, from).await
             }
         }
     }
@@ -203,20 +234,12 @@ impl Broker {
     /// What a client at `from` missed (`None`: a fresh client, which only learns where the
     /// history stands).
     pub async fn resume(&self, from: Option<&Position>) -> Result<Resume, ResumeError> {
-        let snapshot = match self {
-            Broker::Local(local) => local.ring.read(from),
-            Broker::Redis(redis) => {
-                let mut connection = redis.publisher.clone();
-                redis
-                    .stream
-                    .read(&mut connection, from)
-                    .await
-                    .map_err(|e| {
-                        tracing::warn!(server = %redis.config.display, error = %e, "history read failed");
-                        ResumeError(e)
-                    })?
+        let snapshot = self.read(from).await.map_err(|e| {
+            if let Store::Redis { stream, link } = self {
+                tracing::warn!(server = %link.config.display, channel = %stream.channel(), error = %e, "history read failed");
             }
-        };
+            ResumeError(e)
+        })?;
         Ok(history::resume(snapshot, from))
     }
 }

@@ -40,6 +40,12 @@ pub const DEFAULT_HISTORY_MESSAGES: usize = 10_000;
 pub const DEFAULT_HISTORY_AGE: Duration = Duration::from_secs(600);
 /// How long a client message id (`cid`) is remembered, so a retried send is published once.
 pub const DEFAULT_DEDUPE_WINDOW: Duration = Duration::from_secs(600);
+/// Rooms (besides the default room) one instance holds members of at once; a join of one more
+/// is refused with HTTP 503.
+pub const DEFAULT_MAX_ROOMS: usize = 1000;
+/// How long an instance stays subscribed to a room after its last local member left, so that a
+/// member coming straight back (a reload, a reconnect) finds it subscribed.
+pub const DEFAULT_ROOM_LINGER: Duration = Duration::from_secs(5);
 /// First delay before resubscribing after the Redis subscription is lost.
 pub const DEFAULT_REDIS_RECONNECT_MIN: Duration = Duration::from_millis(100);
 /// Cap of the doubling delay between resubscription attempts.
@@ -90,6 +96,11 @@ pub struct RawConfig {
     /// How long a client message id is remembered.
     #[serde(default, with = "humantime_serde")]
     pub dedupe_window: Option<Duration>,
+    /// Rooms with local members, besides the default room.
+    pub max_rooms: Option<usize>,
+    /// How long a room stays subscribed after its last local member left.
+    #[serde(default, with = "humantime_serde")]
+    pub room_linger: Option<Duration>,
 }
 
 /// Values given on the command line or in the environment; they win over the file.
@@ -116,8 +127,28 @@ pub struct Config {
     pub client_queue: usize,
     /// Drain time on shutdown before WebSockets are closed with 1001.
     pub shutdown_grace: Duration,
-    /// What the channel's history keeps.
+    /// What each room's history keeps.
     pub history: HistoryConfig,
+    /// How many rooms, and how long an empty one lingers.
+    pub rooms: RoomsConfig,
+}
+
+/// Limits of the rooms one instance holds (see `rooms`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RoomsConfig {
+    /// Rooms with local members at once, besides the default room (0: the default room only).
+    pub max_rooms: usize,
+    /// How long a room without local members stays subscribed before it is dropped.
+    pub linger: Duration,
+}
+
+impl Default for RoomsConfig {
+    fn default() -> Self {
+        RoomsConfig {
+            max_rooms: DEFAULT_MAX_ROOMS,
+            linger: DEFAULT_ROOM_LINGER,
+        }
+    }
 }
 
 /// How much of a channel's history is kept for resuming clients, and how long a client
@@ -374,6 +405,10 @@ impl RawConfig {
 
         let redis = self.redis(&origin)?;
         let history = self.history(&origin)?;
+        let rooms = RoomsConfig {
+            max_rooms: self.max_rooms.unwrap_or(DEFAULT_MAX_ROOMS),
+            linger: self.room_linger.unwrap_or(DEFAULT_ROOM_LINGER),
+        };
 
         Ok(Config {
             listen,
@@ -383,6 +418,7 @@ impl RawConfig {
             client_queue,
             shutdown_grace: self.shutdown_grace.unwrap_or(DEFAULT_SHUTDOWN_GRACE),
             history,
+            rooms,
         })
     }
 
@@ -629,6 +665,8 @@ mod tests {
             "history_messages",
             "history_age",
             "dedupe_window",
+            "max_rooms",
+            "room_linger",
         ];
         for key in keys {
             assert!(
@@ -840,6 +878,27 @@ mod tests {
         assert_eq!(
             err.to_string(),
             "app.toml: key `history_age`: 10ms is too small; the minimum is 1s"
+        );
+    }
+
+    #[test]
+    fn room_keys_have_defaults() {
+        let config = Config::from_toml("", "app.toml").unwrap();
+        assert_eq!(config.rooms, RoomsConfig::default());
+        let config =
+            Config::from_toml("max_rooms = 0\nroom_linger = \"250ms\"", "app.toml").unwrap();
+        assert_eq!(
+            config.rooms,
+            RoomsConfig {
+                max_rooms: 0,
+                linger: Duration::from_millis(250),
+            }
+        );
+        let err = Config::from_toml("max_rooms = -1", "app.toml").unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("app.toml: line 1 `max_rooms = -1`: "),
+            "{err}"
         );
     }
 }

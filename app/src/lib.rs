@@ -1,14 +1,16 @@
 //! The scaleout chat server: serves the chat page and WebSocket, and shares every message
 //! through Redis pub/sub (or an in-process broker when no Redis is configured).
 //!
-//! Data flow: a client's frame arrives in `ws`, is checked and stamped by `protocol`, and is
-//! published by `broker` into the channel's history (`stream`: a Redis Stream, or `ring`
-//! in-process), which gives it its id (`position`); the `subscriber` (Redis) or the in-process
-//! broker hands every message of the channel, serialised once, to `fanout`, which queues it for
-//! each local client; each connection task in `ws` writes its queue to its socket. A client
-//! that reconnects with its last position gets what it missed from the history first
-//! (`history` decides whether the gap can be filled). `health` reports whether the
-//! instance can serve, `page` serves the embedded page, `shutdown` drains on SIGTERM.
+//! Data flow: a client joins a room (`rooms`; the default room is the configured channel
+//! itself); its frame arrives in `ws`, is checked and stamped by `protocol`, and is published
+//! by `broker` into the room's history (`stream`: a Redis Stream, or `ring` in-process), which
+//! gives it its id (`position`); the `subscriber` (Redis, one subscription for every room with
+//! local members) or the in-process broker hands every message of the room, serialised once,
+//! to the room's `fanout`, which queues it for each local member; each connection task in `ws`
+//! writes its queue to its socket. A client that reconnects with its last position in its room
+//! gets what it missed from the history first (`history` decides whether the gap can be
+//! filled). `health` reports whether the instance can serve, `page` serves the embedded page,
+//! `shutdown` drains on SIGTERM.
 //!
 //! The binary (`main.rs`) parses the command line, loads [`config::Config`], binds the
 //! listener and calls [`run`]; tests call [`run`] or [`router`] directly.
@@ -25,6 +27,7 @@ pub mod position;
 pub mod protocol;
 mod rate_limit;
 mod ring;
+mod rooms;
 pub mod shutdown;
 mod stream;
 mod subscriber;
@@ -45,7 +48,7 @@ use tokio_util::task::TaskTracker;
 use crate::broker::Broker;
 pub use crate::broker::BrokerError;
 use crate::config::Config;
-use crate::fanout::Fanout;
+use crate::rooms::Rooms;
 pub use crate::ws::CLOSE_TOO_SLOW;
 
 /// After the WebSockets are told to close, how long `run` waits for them and for in-flight
@@ -72,7 +75,6 @@ pub struct AppState(Arc<Shared>);
 
 struct Shared {
     config: Config,
-    fanout: Arc<Fanout>,
     broker: Broker,
     /// Set on shutdown: `/healthz` 503, new WebSockets refused.
     draining: AtomicBool,
@@ -85,14 +87,12 @@ struct Shared {
 }
 
 impl AppState {
-    /// State for `config`: the fan-out and the broker (Redis connects lazily, in the
+    /// State for `config`: the broker and its rooms (Redis connects lazily, in the
     /// background, once [`run`] starts). Must be called inside a Tokio runtime.
     pub fn new(config: Config) -> Result<AppState, Error> {
-        let fanout = Fanout::new(config.client_queue);
-        let broker = Broker::new(config.redis.as_ref(), config.history, Arc::clone(&fanout))?;
+        let broker = Broker::new(&config)?;
         Ok(AppState(Arc::new(Shared {
             config,
-            fanout,
             broker,
             draining: AtomicBool::new(false),
             connections: AtomicUsize::new(0),
@@ -105,8 +105,8 @@ impl AppState {
         &self.0.config
     }
 
-    fn fanout(&self) -> &Arc<Fanout> {
-        &self.0.fanout
+    fn rooms(&self) -> &Arc<Rooms> {
+        self.0.broker.rooms()
     }
 
     fn broker(&self) -> &Broker {
@@ -159,7 +159,7 @@ pub async fn run(
     state.broker().start(state.tracker(), background.clone());
     match &state.config().redis {
         Some(redis) => {
-            tracing::info!(%local, redis = %redis.display, channel = %redis.channel, "chat server up, broker: Redis")
+            tracing::info!(%local, redis = %redis.display, channel = %redis.channel, max_rooms = state.config().rooms.max_rooms, "chat server up, broker: Redis")
         }
         None => tracing::info!(%local, "chat server up, broker: in-process (single instance)"),
     }

@@ -35,12 +35,14 @@ pub(crate) async fn drain(state: &AppState, grace: Duration) {
     state.start_draining();
     tracing::info!(
         grace = ?grace,
-        clients = state.fanout().len(),
+        clients = state.connections().load(std::sync::atomic::Ordering::Acquire),
         "draining: /healthz is 503 and new WebSockets are refused"
     );
     tokio::time::sleep(grace).await;
     tracing::info!(
-        clients = state.fanout().len(),
+        clients = state
+            .connections()
+            .load(std::sync::atomic::Ordering::Acquire),
         "closing open WebSockets with 1001"
     );
     state.close_all().cancel();

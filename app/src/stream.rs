@@ -151,6 +151,11 @@ impl Stream {
         }
     }
 
+    /// The channel this history belongs to.
+    pub fn channel(&self) -> &str {
+        &self.channel
+    }
+
     fn fresh(&self) -> String {
         self.fresh
             .lock()

@@ -1,24 +1,31 @@
 //! The WebSocket endpoint `/ws`: admission, then one task per connection.
 //!
 //! [`upgrade`] admits a handshake or refuses it with an HTTP status: 503 while draining, at
-//! `max_connections`, or before the instance first subscribed to Redis, 403 for a foreign `Origin`, 400 for a query string that is not one. An
-//! admitted connection runs [`serve`], one task that first, for a client that asked to resume
-//! (`?resume`, or `?epoch=E&last=ID`; see [`ResumeQuery`]), sends the [`protocol::ResumeNotice`]
-//! and the messages it missed, then does three things until the client leaves or is told to go:
+//! `max_connections`, before the instance first subscribed to Redis, or for a room beyond
+//! `max_rooms`; 403 for a foreign `Origin`; 400 for a query string that is not one or a room
+//! name that is not one. An admitted connection is a member of its room (`?room=NAME`, see
+//! `rooms`; none is the default room) and in the room's fan-out before the handshake is
+//! answered, so that whatever is published after the client got its `101` reaches it. It runs
+//! [`serve`], one task that first waits until the room is ready (its channel subscribed: at
+//! most [`ROOM_READY_TIMEOUT`], then 1013), then, for a client that asked to resume
+//! (`?resume`, or `?epoch=E&last=ID`; see [`WsQuery`]), sends the [`protocol::ResumeNotice`]
+//! and the messages of its room it missed, then does three things until the client leaves or
+//! is told to go:
 //! - frames from the client: rate limit, [`protocol::parse_incoming`], stamp, then
-//!   [`Broker::publish`] (answered with `{"ack": cid, …}` when the frame had a `cid`); a problem
-//!   is answered with `{"error": …}` to this client alone and the connection stays open; a frame
-//!   over the size limit closes with 1009, invalid UTF-8 with 1007;
-//! - messages from the fan-out queue: written to the client, in order, minus those the resume
-//!   already sent;
+//!   [`Room::publish`] in its room (answered with `{"ack": cid, …}` when the frame had a
+//!   `cid`); a problem is answered with `{"error": …}` to this client alone and the connection
+//!   stays open; a frame over the size limit closes with 1009, invalid UTF-8 with 1007;
+//! - messages from the fan-out queue: written to the client, in order, minus those up to the
+//!   position the resume notice gave (sent with it, or older than the client's start);
 //! - `stop`: cancelled by the fan-out when the queue is full or this instance lost track of the
-//!   channel (close 1013, the page reconnects and resumes) or by shutdown (close 1001).
+//!   room's channel (close 1013, the page reconnects and resumes) or by shutdown (close 1001).
 //!
 //! Buffers are small (a 4 KiB read buffer; a 1 KiB write buffer, allocated at the first
 //! message, in which the frames of one batch collect until the flush) so that many idle
 //! connections stay cheap.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -35,13 +42,13 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::AppState;
-use crate::broker::Broker;
-use crate::fanout::{Delivery, Eviction};
+use crate::fanout::{Delivery, Eviction, Member};
 use crate::history::Resume;
 use crate::origin;
 use crate::position::{MAX_EPOCH_CHARS, MessageId, Position};
 use crate::protocol::{self, ChatMessage, InputError, ResumeNotice};
 use crate::rate_limit::TokenBucket;
+use crate::rooms::{Membership, Room, parse_room};
 
 /// Read buffer per connection; axum's default is 128 KiB, which idle connections would hold.
 pub const READ_BUFFER_BYTES: usize = 4 * 1024;
@@ -55,14 +62,19 @@ pub const WRITE_BUFFER_BYTES: usize = 1024;
 const WRITE_BATCH: usize = 64;
 /// How long a close frame (and the client's answer) may take before the socket is dropped.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long a client of a room this instance has not subscribed to yet waits for the
+/// subscription before it is closed with 1013 (and tries again).
+pub const ROOM_READY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Close code for a client that cannot keep up: "try again later"; the page reconnects.
 pub const CLOSE_TOO_SLOW: u16 = close_code::AGAIN;
 
-/// The query string of `/ws`: `?resume` for a fresh client that wants a position to resume
-/// from later, `?epoch=E&last=ID` to resume after `ID`; none of them for the original protocol.
+/// The query string of `/ws`: `?room=NAME` for a room (none, or empty, for the default room);
+/// `?resume` for a fresh client that wants a position to resume from later, `?epoch=E&last=ID`
+/// to resume after `ID` (a position in that room); none of these for the original protocol.
 #[derive(Debug, Default, serde::Deserialize)]
-pub struct ResumeQuery {
+pub struct WsQuery {
+    room: Option<String>,
     resume: Option<String>,
     epoch: Option<String>,
     last: Option<String>,
@@ -81,7 +93,7 @@ enum Resuming {
     Malformed(&'static str),
 }
 
-impl ResumeQuery {
+impl WsQuery {
     fn resuming(self) -> Resuming {
         match (self.epoch, self.last) {
             (None, None) if self.resume.is_some() => Resuming::Fresh,
@@ -105,7 +117,7 @@ impl ResumeQuery {
 pub async fn upgrade(
     State(state): State<AppState>,
     peer: Option<Extension<ConnectInfo<SocketAddr>>>,
-    query: Result<Query<ResumeQuery>, QueryRejection>,
+    query: Result<Query<WsQuery>, QueryRejection>,
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
@@ -126,8 +138,17 @@ pub async fn upgrade(
         )
             .into_response();
     }
-    let resuming = match query {
-        Ok(Query(query)) => query.resuming(),
+    let (room, resuming) = match query {
+        Ok(Query(mut query)) => {
+            let room = query.room.take();
+            match parse_room(room.as_deref()) {
+                Ok(room) => (room.map(str::to_owned), query.resuming()),
+                Err(e) => {
+                    tracing::info!(%peer, %forwarded_for, room = ?room, "WebSocket refused: invalid room name");
+                    return (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response();
+                }
+            }
+        }
         Err(e) => {
             tracing::info!(%peer, %forwarded_for, error = %e, "WebSocket refused: bad query string");
             return (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response();
@@ -147,9 +168,23 @@ pub async fn upgrade(
         tracing::warn!(%peer, %forwarded_for, limit = state.config().limits.max_connections, "WebSocket refused: connection limit reached");
         return (StatusCode::SERVICE_UNAVAILABLE, "too many connections\n").into_response();
     };
+    let membership = match state.rooms().join(room.as_deref()).await {
+        Ok(membership) => membership,
+        Err(e) => {
+            tracing::warn!(%peer, %forwarded_for, room = ?room, error = %e, "WebSocket refused: cannot join the room");
+            return (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")).into_response();
+        }
+    };
+    // In the room's fan-out before the client hears 101: whatever is published after its
+    // handshake is queued for it.
+    let member = membership
+        .room()
+        .fanout()
+        .join(state.close_all().child_token());
     let tracked = state.tracker().token();
     let max_frame = state.config().limits.max_frame_bytes;
-    let span = tracing::info_span!("ws", %peer, %forwarded_for);
+    let span =
+        tracing::info_span!("ws", %peer, %forwarded_for, channel = %membership.room().channel());
     ws.read_buffer_size(READ_BUFFER_BYTES)
         .write_buffer_size(WRITE_BUFFER_BYTES)
         .max_frame_size(max_frame)
@@ -159,7 +194,7 @@ pub async fn upgrade(
             async move {
                 let _slot = slot;
                 let _tracked = tracked;
-                serve(socket, state, resuming).await;
+                serve(socket, state, membership, member, resuming).await;
             }
             .instrument(span)
         })
@@ -197,19 +232,46 @@ enum End {
     Refused(CloseFrame),
     /// A resume could not read the history: close with 1013, the client tries again.
     HistoryUnavailable,
+    /// The room did not become ready in time: close with 1013, the client tries again.
+    RoomUnavailable,
 }
 
-/// Runs one connection until the client leaves or is told to go.
-async fn serve<S>(mut socket: S, state: AppState, resuming: Resuming)
-where
+/// Runs one connection of a member of a room (`member`: its place in the room's fan-out, taken
+/// before the handshake was answered) until the client leaves or is told to go.
+async fn serve<S>(
+    mut socket: S,
+    state: AppState,
+    membership: Membership,
+    mut member: Member,
+    resuming: Resuming,
+) where
     S: Stream<Item = Result<Message, axum::Error>> + Sink<Message, Error = axum::Error> + Unpin,
 {
     let limits = &state.config().limits;
-    // Joined before the history is read: whatever is published from now on is queued, and what
-    // the resume sends as well is skipped when it comes out of the queue.
-    let mut member = state.fanout().join(state.close_all().child_token());
+    let room = Arc::clone(membership.room());
+    // The member joined before the history is read: whatever is published from then on is
+    // queued, and what the resume sends as well is skipped when it comes out of the queue.
     let stop = member.stop.clone();
-    let skip_through = match resume(&mut socket, &state, resuming, &stop).await {
+    // A room new to this instance: the subscriber subscribes to its channel and catches up
+    // into the queue from the room's start, read before its first member joined, so nothing
+    // published after this member joined is missed. The client is not served (no frame read,
+    // no resume) until then.
+    if !room.is_ready() {
+        let ready = tokio::select! {
+            ready = room.ready_within(ROOM_READY_TIMEOUT) => ready,
+            () = stop.cancelled() => false,
+        };
+        if !ready {
+            let end = if stop.is_cancelled() {
+                End::Stopped
+            } else {
+                End::RoomUnavailable
+            };
+            finish(&mut socket, &state, end, member.evicted.get().copied()).await;
+            return;
+        }
+    }
+    let skip_through = match resume(&mut socket, &room, resuming, &stop).await {
         Ok(skip_through) => skip_through,
         Err(end) => {
             finish(&mut socket, &state, end, member.evicted.get().copied()).await;
@@ -217,7 +279,7 @@ where
         }
     };
     let bucket = TokenBucket::new(limits.messages_per_second, limits.messages_burst);
-    tracing::debug!(clients = state.fanout().len(), "WebSocket open");
+    tracing::debug!(clients = room.fanout().len(), "WebSocket open");
 
     let end = loop {
         // In this order: stop, then the client's queue, then its next frame. Writing before
@@ -242,7 +304,7 @@ where
                     Some(Ok(Message::Binary(_))) if !bucket.allow() => {
                         Some(rate_limited(&state, ""))
                     }
-                    Some(Ok(Message::Text(text))) => accept(&text, &state, &stop).await,
+                    Some(Ok(Message::Text(text))) => accept(&text, &state, &room, &stop).await,
                     Some(Ok(Message::Binary(_))) => {
                         Some(protocol::error_json(&InputError::Binary.to_string(), None, false))
                     }
@@ -290,6 +352,13 @@ where
             code: CLOSE_TOO_SLOW,
             reason: Utf8Bytes::from_static("message history unreachable; reconnect shortly"),
         }),
+        End::RoomUnavailable => {
+            tracing::info!(timeout = ?ROOM_READY_TIMEOUT, "the room was not subscribed in time");
+            Some(CloseFrame {
+                code: CLOSE_TOO_SLOW,
+                reason: Utf8Bytes::from_static("room not available yet; reconnect shortly"),
+            })
+        }
     };
     if let Some(frame) = frame {
         tracing::debug!(code = frame.code, reason = %frame.reason, "closing WebSocket");
@@ -298,11 +367,11 @@ where
     tracing::debug!("WebSocket closed");
 }
 
-/// For a client that asked to resume: the notice and the missed messages. Returns the id up to
-/// which queued messages were sent already.
+/// For a client that asked to resume: the notice and the missed messages of its room. Returns
+/// the id up to which queued messages were sent already.
 async fn resume<S>(
     socket: &mut S,
-    state: &AppState,
+    room: &Room,
     resuming: Resuming,
     stop: &CancellationToken,
 ) -> Result<Option<MessageId>, End>
@@ -316,7 +385,7 @@ where
         Resuming::Malformed(reason) => (None, Some(reason)),
     };
     let read = tokio::select! {
-        read = state.broker().resume(from.as_ref()) => read,
+        read = room.resume(from.as_ref()) => read,
         () = stop.cancelled() => return Err(End::Stopped),
     };
     let Resume {
@@ -350,14 +419,20 @@ where
         written = write => written.map_err(|_| End::Gone)?,
         () = stop.cancelled() => return Err(End::Stopped),
     }
-    // Only a filled gap overlaps the queue; after a fresh or failed resume everything queued is
-    // new to the client.
-    Ok(from.filter(|_| notice.recovered).map(|_| last))
+    // The client now stands at `last`: what the queue holds up to it was either sent above or
+    // (for a fresh or failed resume, queued between the join and the read) precedes the
+    // position the client was given, and would reach it out of order.
+    Ok(Some(last))
 }
 
-/// Validates, stamps and publishes a client's text frame; the answer for the sender, if any
-/// (an error, or the ack of a message with a `cid`).
-async fn accept(text: &str, state: &AppState, stop: &CancellationToken) -> Option<String> {
+/// Validates, stamps and publishes a client's text frame in its room; the answer for the
+/// sender, if any (an error, or the ack of a message with a `cid`).
+async fn accept(
+    text: &str,
+    state: &AppState,
+    room: &Room,
+    stop: &CancellationToken,
+) -> Option<String> {
     let limits = &state.config().limits;
     let mut incoming =
         match protocol::parse_incoming(text, limits.max_name_chars, limits.max_content_chars) {
@@ -369,10 +444,9 @@ async fn accept(text: &str, state: &AppState, stop: &CancellationToken) -> Optio
         };
     let cid = incoming.cid.take();
     let message = ChatMessage::stamp(incoming, &chrono::Local::now());
-    let broker: &Broker = state.broker();
     let body = message.to_json();
     let published = tokio::select! {
-        published = broker.publish(&body, cid.as_deref()) => published,
+        published = room.publish(&body, cid.as_deref()) => published,
         () = stop.cancelled() => return None,
     };
     match (published, cid) {
@@ -571,7 +645,13 @@ mod tests {
         }
     }
 
-    fn connect(state: &AppState) -> Client {
+    async fn connect(state: &AppState) -> Client {
+        connect_to(state, None).await
+    }
+
+    /// A client of `room` (`None`: the default room), in the room's fan-out when this returns
+    /// (as a real client is once it has its `101`).
+    async fn connect_to(state: &AppState, room: Option<&str>) -> Client {
         let (to_server, incoming) = mpsc::unbounded_channel();
         let (outgoing, from_server) = mpsc::unbounded_channel();
         let socket = FakeSocket {
@@ -579,17 +659,21 @@ mod tests {
             unflushed: Vec::new(),
             outgoing,
         };
-        tokio::spawn(serve(socket, state.clone(), Resuming::No));
+        let membership = state.rooms().join(room).await.unwrap();
+        let member = membership
+            .room()
+            .fanout()
+            .join(state.close_all().child_token());
+        tokio::spawn(serve(
+            socket,
+            state.clone(),
+            membership,
+            member,
+            Resuming::No,
+        ));
         Client {
             to_server,
             from_server,
-        }
-    }
-
-    /// Waits until `clients` connection tasks have joined the fan-out.
-    async fn joined(state: &AppState, clients: usize) {
-        while state.fanout().len() < clients {
-            tokio::task::yield_now().await;
         }
     }
 
@@ -600,9 +684,8 @@ mod tests {
     #[tokio::test]
     async fn a_message_reaches_every_client_and_bad_input_only_its_sender() {
         let state = state("");
-        let mut alice = connect(&state);
-        let mut bob = connect(&state);
-        joined(&state, 2).await;
+        let mut alice = connect(&state).await;
+        let mut bob = connect(&state).await;
         alice.send("not json");
         assert_eq!(
             alice.text().await,
@@ -622,7 +705,7 @@ mod tests {
     #[tokio::test]
     async fn binary_frames_and_floods_get_an_error_and_the_connection_stays() {
         let state = state("messages_per_second = 1\nmessages_burst = 2");
-        let mut client = connect(&state);
+        let mut client = connect(&state).await;
         client
             .to_server
             .send(Ok(Message::Binary(vec![1, 2, 3].into())))
@@ -632,20 +715,23 @@ mod tests {
         assert!(client.text().await.contains("is missing"));
         client.send("{}");
         assert!(client.text().await.contains("too many messages"));
-        assert_eq!(state.fanout().len(), 1, "still connected");
+        assert_eq!(
+            state.rooms().default_room().fanout().len(),
+            1,
+            "still connected"
+        );
     }
 
     #[tokio::test]
     async fn queued_messages_are_written_in_order_and_flushed() {
         let state = state("");
-        let mut client = connect(&state);
-        joined(&state, 1).await;
+        let mut client = connect(&state).await;
         // Queued before the connection task runs again, so they are written as one batch.
         let messages: Vec<String> = (0..WRITE_BATCH + 3)
             .map(|i| format!("{{\"n\":{i}}}"))
             .collect();
         for message in &messages {
-            state.fanout().deliver(&Delivery {
+            state.rooms().default_room().fanout().deliver(&Delivery {
                 id: None,
                 text: Utf8Bytes::from(message.as_str()),
             });
@@ -656,10 +742,36 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_message_reaches_only_the_members_of_its_room() {
+        let state = state("");
+        let mut lobby = connect_to(&state, Some("lobby")).await;
+        let mut also_lobby = connect_to(&state, Some("lobby")).await;
+        let mut main = connect(&state).await;
+        let mut other = connect_to(&state, Some("other")).await;
+
+        lobby.send(r#"{"name": "ann", "content": "in the lobby"}"#);
+        for client in [&mut lobby, &mut also_lobby] {
+            let message: ChatMessage = serde_json::from_str(&client.text().await).unwrap();
+            assert_eq!(message.content, "in the lobby");
+        }
+        // The next thing the others see is a message of their own room.
+        main.send(r#"{"name": "bob", "content": "in the main room"}"#);
+        other.send(r#"{"name": "cy", "content": "elsewhere"}"#);
+        let message: ChatMessage = serde_json::from_str(&main.text().await).unwrap();
+        assert_eq!(message.content, "in the main room");
+        let message: ChatMessage = serde_json::from_str(&other.text().await).unwrap();
+        assert_eq!(message.content, "elsewhere");
+        // Each room has a history of its own: the lobby's first message is not the main room's.
+        let lobby_room = state.rooms().join(Some("lobby")).await.unwrap();
+        let resumed = lobby_room.room().resume(None).await.unwrap();
+        let main_room = state.rooms().default_room().resume(None).await.unwrap();
+        assert_ne!(resumed.epoch, main_room.epoch);
+    }
+
+    #[tokio::test]
     async fn shutdown_closes_with_1001() {
         let state = state("");
-        let mut client = connect(&state);
-        joined(&state, 1).await;
+        let mut client = connect(&state).await;
         state.close_all().cancel();
         match client.from_server.recv().await.unwrap() {
             Message::Close(Some(frame)) => assert_eq!(frame.code, close_code::AWAY),

@@ -8,10 +8,7 @@ const CHANNEL: &str = "simple-chat";
 #[tokio::test]
 async fn a_message_reaches_every_client_of_both_instances_exactly_once() {
     let redis = Redis::start().await;
-    let one = App::with_redis(&redis, "").await;
-    let two = App::with_redis(&redis, "").await;
-    one.wait_health(200).await;
-    two.wait_health(200).await;
+    let (one, two) = App::healthy_pair(&redis, "").await;
     let mut clients = Vec::new();
     for app in [&one, &one, &two, &two] {
         clients.push(app.connect().await);
@@ -157,10 +154,7 @@ async fn connections_over_the_limit_are_refused_with_503() {
 async fn rediss_with_a_password_and_a_private_ca_carries_messages() {
     let redis = Redis::start_tls().await;
     assert!(redis.url().starts_with("rediss://:"));
-    let one = App::with_redis(&redis, "").await;
-    let two = App::with_redis(&redis, "").await;
-    one.wait_health(200).await;
-    two.wait_health(200).await;
+    let (one, two) = App::healthy_pair(&redis, "").await;
     let mut raw = redis.subscribe(CHANNEL).await;
     let mut sender = one.connect().await;
     let mut receiver = two.connect().await;

@@ -10,6 +10,7 @@ mod binary;
 mod delivery;
 mod redis_faults;
 mod resume;
+mod rooms;
 mod shutdown;
 mod slow_client;
 mod support;

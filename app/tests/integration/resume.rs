@@ -86,10 +86,7 @@ async fn without_redis_a_resuming_client_gets_exactly_what_it_missed() {
 #[tokio::test]
 async fn across_two_instances_a_resuming_client_gets_exactly_what_it_missed() {
     let redis = Redis::start().await;
-    let one = App::with_redis(&redis, "").await;
-    let two = App::with_redis(&redis, "").await;
-    one.wait_health(200).await;
-    two.wait_health(200).await;
+    let (one, two) = App::healthy_pair(&redis, "").await;
     a_resuming_client_gets_exactly_what_it_missed(&one, &two).await;
 }
 

@@ -356,6 +356,15 @@ impl App {
         App::start(&format!("{}{extra}", redis.app_config())).await
     }
 
+    /// Two apps on `redis` with extra TOML lines, both subscribed (`/healthz` 200).
+    pub async fn healthy_pair(redis: &Redis, extra: &str) -> (App, App) {
+        let one = App::with_redis(redis, extra).await;
+        let two = App::with_redis(redis, extra).await;
+        one.wait_health(200).await;
+        two.wait_health(200).await;
+        (one, two)
+    }
+
     /// `GET path`: the status code and body.
     pub async fn get(&self, path: &str) -> (u16, Vec<u8>) {
         http_get(self.addr, path).await
@@ -458,12 +467,27 @@ impl Client {
 
     /// Connects to `ws://addr/ws` and waits until the server's connection task runs.
     pub async fn connect(addr: SocketAddr) -> Client {
-        let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws"))
-            .await
-            .unwrap();
-        let mut client = Client { ws };
+        Client::connect_with(addr, "").await
+    }
+
+    /// Connects to `ws://addr/ws?<query>` (e.g. `room=lobby`) as a client of the original
+    /// protocol and waits until the server's connection task serves it.
+    pub async fn connect_with(addr: SocketAddr, query: &str) -> Client {
+        let mut client = Client::upgraded(addr, query).await;
         client.sync().await;
         client
+    }
+
+    /// Connects to `ws://addr/ws?<query>` and returns as soon as the handshake is answered,
+    /// without waiting for anything else.
+    pub async fn upgraded(addr: SocketAddr, query: &str) -> Client {
+        let url = if query.is_empty() {
+            format!("ws://{addr}/ws")
+        } else {
+            format!("ws://{addr}/ws?{query}")
+        };
+        let (ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+        Client { ws }
     }
 
     /// Sends a `Ping` and waits for its `Pong`, skipping nothing else: no message may be
@@ -578,6 +602,19 @@ pub async fn handshake_status(addr: SocketAddr, origin: Option<&str>) -> u16 {
     match tokio_tungstenite::connect_async(request).await {
         Ok((_, response)) => response.status().as_u16(),
         Err(tokio_tungstenite::tungstenite::Error::Http(response)) => response.status().as_u16(),
+        Err(e) => panic!("handshake failed: {e}"),
+    }
+}
+
+/// A WebSocket handshake on `/ws?<query>`: 101 and nothing if accepted, else the HTTP status
+/// and the body of the refusal.
+pub async fn handshake_answer(addr: SocketAddr, query: &str) -> (u16, String) {
+    match tokio_tungstenite::connect_async(format!("ws://{addr}/ws?{query}")).await {
+        Ok((_, response)) => (response.status().as_u16(), String::new()),
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            let body = response.body().clone().unwrap_or_default();
+            (response.status().as_u16(), String::from_utf8(body).unwrap())
+        }
         Err(e) => panic!("handshake failed: {e}"),
     }
 }
