@@ -9,8 +9,11 @@
 //! - [`Stream::publish`]: unless the `cid` was seen, `XADD` with `MAXLEN ~`, `XTRIM MINID ~` by
 //!   age, remember the `cid`, and `PUBLISH` the body with `"id"` and `"epoch"` appended on the
 //!   channel, all in one script: the order of the channel is the order of the Stream.
-//! - [`Stream::read`]: the epoch, the greatest id added and the greatest trimmed (`XINFO
-//!   STREAM`, Redis 7), and the entries after a position (`XRANGE (id +`).
+//! - [`Stream::read`]: the epoch, the greatest id added (the newest entry: trimming never
+//!   removes it), the greatest id that may have been trimmed (the `prev` field of the oldest
+//!   entry kept: every entry records the id of the one added before it), and the entries after
+//!   a position (`XRANGE (id +`). Redis' own `max-deleted-entry-id` is not used: trimming does
+//!   not update it.
 //!
 //! Both scripts first make sure a life exists: an epoch key AND a Stream. If either is missing
 //! (a Redis restarted without persistence, a key evicted), a fresh epoch starts with an empty
@@ -54,7 +57,12 @@ if KEYS[3] then
     return {epoch, seen, 1, -1}
   end
 end
-local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'p', ARGV[1])
+local newest = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+local prev = '0-0'
+if newest[1] then
+  prev = newest[1][1]
+end
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'p', ARGV[1], 'prev', prev)
 local now = redis.call('TIME')
 local oldest = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) - tonumber(ARGV[3])
 if oldest > 0 then
@@ -77,17 +85,19 @@ return {epoch, id, 0, receivers}
 /// entries only when the reader's epoch is the current one.
 const READ: &str = r#"
 local epoch = life(KEYS[1], KEYS[2], ARGV[1])
-local info = redis.call('XINFO', 'STREAM', KEYS[1])
-local last_added, max_trimmed = '0-0', nil
-for i = 1, #info, 2 do
-  if info[i] == 'last-generated-id' then
-    last_added = info[i + 1]
-  elseif info[i] == 'max-deleted-entry-id' then
-    max_trimmed = info[i + 1]
-  end
+local newest = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+local oldest = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)
+local last_added, max_trimmed = '0-0', '0-0'
+if newest[1] then
+  last_added = newest[1][1]
 end
-if not max_trimmed then
-  return redis.error_reply('the chat history needs Redis 7.0 or later (XINFO STREAM max-deleted-entry-id)')
+if oldest[1] then
+  local fields = oldest[1][2]
+  for i = 1, #fields, 2 do
+    if fields[i] == 'prev' then
+      max_trimmed = fields[i + 1]
+    end
+  end
 end
 local out = {epoch, last_added, max_trimmed}
 if ARGV[3] ~= '' and ARGV[2] == epoch then

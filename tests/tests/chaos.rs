@@ -163,8 +163,6 @@ fn position(message: &Value) -> Result<String> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "app bug: Redis never updates max-deleted-entry-id when it trims (XADD MAXLEN, XTRIM), \
-            so a resume from a trimmed position is answered recovered:true with a partial gap"]
 async fn resuming_from_before_the_kept_history_is_not_recovered() -> Result<()> {
     let stack = Stack::start_with(&Options {
         app_config: "history_messages = 5".to_owned(),

@@ -114,13 +114,13 @@ variable "redis_node_type" {
 }
 
 variable "redis_engine_version" {
-  description = "ElastiCache Redis engine version: 7.0 or later (the chat history reads XINFO STREAM's max-deleted-entry-id; AUTH tokens with in-transit encryption)."
+  description = "ElastiCache Redis engine version: 7.0 or later (what the product is tested with; the chat history needs 6.2 at least; AUTH tokens with in-transit encryption)."
   type        = string
   default     = "7.1"
 
   validation {
     condition     = can(regex("^[0-9]+\\.[0-9]+", var.redis_engine_version)) && try(tonumber(split(".", var.redis_engine_version)[0]) >= 7, false)
-    error_message = "redis_engine_version must be 7.0 or later (the chat history needs Redis 7 streams)."
+    error_message = "redis_engine_version must be 7.0 or later (the release the product is tested with)."
   }
 }
 
