@@ -35,7 +35,7 @@ type PollFrame = Poll<Option<Result<Frame<Bytes>, io::Error>>>;
 
 /// Where the decoder is in the body.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Decode {
+pub enum Decode {
     /// This many bytes of a `Content-Length` body are still to come.
     Length(u64),
     /// A chunk-size line is next.
@@ -73,12 +73,7 @@ impl UpstreamBody {
         lease: Lease,
         pool: Option<Arc<Upstreams>>,
     ) -> Self {
-        let state = match framing {
-            Framing::Empty | Framing::Length(0) => Decode::Done,
-            Framing::Length(n) => Decode::Length(n),
-            Framing::Chunked => Decode::ChunkSize,
-            Framing::UntilClose => Decode::UntilClose,
-        };
+        let state = Decode::new(framing);
         let mut body = UpstreamBody {
             conn: Some(conn),
             state,
@@ -138,7 +133,7 @@ impl UpstreamBody {
 
 /// One step of decoding a body from the bytes buffered so far.
 #[derive(Debug, PartialEq)]
-enum Step {
+pub enum Step {
     /// The next piece of the body (a view of the buffer, not a copy).
     Data(Bytes),
     /// The body has ended; what follows it stays in the buffer.
@@ -150,8 +145,18 @@ enum Step {
 }
 
 impl Decode {
+    /// The state at the start of a body framed as `framing`.
+    pub fn new(framing: Framing) -> Decode {
+        match framing {
+            Framing::Empty | Framing::Length(0) => Decode::Done,
+            Framing::Length(n) => Decode::Length(n),
+            Framing::Chunked => Decode::ChunkSize,
+            Framing::UntilClose => Decode::UntilClose,
+        }
+    }
+
     /// Takes what it can from the front of `buf`.
-    fn step(&mut self, buf: &mut BytesMut) -> Step {
+    pub fn step(&mut self, buf: &mut BytesMut) -> Step {
         loop {
             match *self {
                 Decode::Done => return Step::End,
