@@ -29,7 +29,7 @@ pub fn lb_config() -> &'static lb::Config {
 
 /// The client address a request comes from: an IPv4 or an IPv6 one, chosen by `input`.
 pub fn client_for(input: &[u8]) -> IpAddr {
-    if input.len() % 2 == 0 {
+    if input.len().is_multiple_of(2) {
         IpAddr::V4(Ipv4Addr::new(192, 0, 2, 7))
     } else {
         IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 7))
