@@ -89,7 +89,7 @@ pub struct ResponseHead {
 
 /// How the request body is announced to the backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum RequestFraming {
+pub enum RequestFraming {
     /// No body and no length header.
     None,
     /// `Content-Length: n`.
@@ -222,7 +222,7 @@ async fn write_within(stream: &mut TcpStream, data: &[u8], step: Duration) -> io
 
 /// Appends the request head for the backend to `out`: request line, every header field except
 /// the framing ones, then the framing this hop chose.
-fn encode_head(head: &request::Parts, framing: RequestFraming, out: &mut Vec<u8>) {
+pub fn encode_head(head: &request::Parts, framing: RequestFraming, out: &mut Vec<u8>) {
     out.extend_from_slice(head.method.as_str().as_bytes());
     out.push(b' ');
     let target = head.uri.path_and_query().map_or("/", |p| p.as_str());
@@ -303,7 +303,7 @@ pub(crate) async fn read_response_head(
 }
 
 /// The length of the complete response head at the start of `buf`, `None` while incomplete.
-fn head_len(buf: &[u8]) -> Result<Option<usize>, ExchangeError> {
+pub fn head_len(buf: &[u8]) -> Result<Option<usize>, ExchangeError> {
     let mut fields = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
     match httparse::Response::new(&mut fields).parse(buf) {
         Ok(httparse::Status::Complete(len)) => Ok(Some(len)),
@@ -317,7 +317,7 @@ fn head_len(buf: &[u8]) -> Result<Option<usize>, ExchangeError> {
 
 /// Parses the complete response head `raw` (as measured by [`head_len`]): the head, or `None`
 /// for an interim answer to skip. Header values are views of `raw`, not copies.
-fn parse_response_head(
+pub fn parse_response_head(
     raw: &Bytes,
     method: &Method,
 ) -> Result<Option<ResponseHead>, ExchangeError> {

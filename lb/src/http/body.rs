@@ -35,7 +35,7 @@ type PollFrame = Poll<Option<Result<Frame<Bytes>, io::Error>>>;
 
 /// Where the decoder is in the body.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Decode {
+pub enum Decode {
     /// This many bytes of a `Content-Length` body are still to come.
     Length(u64),
     /// A chunk-size line is next.
@@ -73,12 +73,7 @@ impl UpstreamBody {
         lease: Lease,
         pool: Option<Arc<Upstreams>>,
     ) -> Self {
-        let state = match framing {
-            Framing::Empty | Framing::Length(0) => Decode::Done,
-            Framing::Length(n) => Decode::Length(n),
-            Framing::Chunked => Decode::ChunkSize,
-            Framing::UntilClose => Decode::UntilClose,
-        };
+        let state = Decode::new(framing);
         let mut body = UpstreamBody {
             conn: Some(conn),
             state,
@@ -138,7 +133,7 @@ impl UpstreamBody {
 
 /// One step of decoding a body from the bytes buffered so far.
 #[derive(Debug, PartialEq)]
-enum Step {
+pub enum Step {
     /// The next piece of the body (a view of the buffer, not a copy).
     Data(Bytes),
     /// The body has ended; what follows it stays in the buffer.
@@ -150,8 +145,18 @@ enum Step {
 }
 
 impl Decode {
+    /// The state at the start of a body framed as `framing`.
+    pub fn new(framing: Framing) -> Decode {
+        match framing {
+            Framing::Empty | Framing::Length(0) => Decode::Done,
+            Framing::Length(n) => Decode::Length(n),
+            Framing::Chunked => Decode::ChunkSize,
+            Framing::UntilClose => Decode::UntilClose,
+        }
+    }
+
     /// Takes what it can from the front of `buf`.
-    fn step(&mut self, buf: &mut BytesMut) -> Step {
+    pub fn step(&mut self, buf: &mut BytesMut) -> Step {
         loop {
             match *self {
                 Decode::Done => return Step::End,
@@ -165,7 +170,8 @@ impl Decode {
                     return self.counted(buf, left, Decode::ChunkEnd, Decode::ChunkData);
                 }
                 Decode::ChunkSize => match httparse::parse_chunk_size(buf) {
-                    Ok(httparse::Status::Complete((used, size))) => {
+                    // The limit holds however the line arrived, in one read or in pieces.
+                    Ok(httparse::Status::Complete((used, size))) if used <= MAX_CHUNK_LINE => {
                         let _ = buf.split_to(used);
                         *self = if size == 0 {
                             Decode::Trailers
@@ -195,13 +201,13 @@ impl Decode {
                         buf.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4)
                     };
                     match end {
-                        Some(end) => {
+                        Some(end) if end <= MAX_TRAILERS => {
                             let _ = buf.split_to(end);
                             *self = Decode::Done;
                             return Step::End;
                         }
                         None if buf.len() < MAX_TRAILERS => return Step::More,
-                        None => return Step::Invalid("trailer section too large"),
+                        _ => return Step::Invalid("trailer section too large"),
                     }
                 }
             }
@@ -442,6 +448,22 @@ mod tests {
             feed(Decode::ChunkSize, &[b'1'; MAX_CHUNK_LINE + 1], &[]).1,
             Err("invalid chunk size line from the backend")
         );
+        // Found by the response_body fuzz target: a line or trailer section over its limit
+        // was accepted when it came in one read and refused when it came in pieces.
+        let mut long_line = b"3;x=".to_vec();
+        long_line.extend(std::iter::repeat_n(b'a', MAX_CHUNK_LINE));
+        long_line.extend_from_slice(b"\r\nabc\r\n0\r\n\r\n");
+        let mut long_trailers = b"0\r\nx: ".to_vec();
+        long_trailers.extend(std::iter::repeat_n(b'a', MAX_TRAILERS));
+        long_trailers.extend_from_slice(b"\r\n\r\n");
+        for (wire, why) in [
+            (&long_line, "invalid chunk size line from the backend"),
+            (&long_trailers, "trailer section too large"),
+        ] {
+            for cuts in [vec![], vec![64], cuts(7, wire.len(), 5)] {
+                assert_eq!(feed(Decode::ChunkSize, wire, &cuts).1, Err(why), "{cuts:?}");
+            }
+        }
         let mut endless = b"0\r\n".to_vec();
         endless.extend(std::iter::repeat_n(b'x', MAX_TRAILERS + 1));
         assert_eq!(

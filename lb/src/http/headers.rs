@@ -86,12 +86,14 @@ pub fn prepare_request(
         head.headers.insert(header::HOST, host);
     }
     if head.uri.authority().is_some() || head.uri.scheme().is_some() {
-        let path = head
-            .uri
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| PathAndQuery::from_static("/"));
-        head.uri = Uri::from(path);
+        let path = match head.uri.path_and_query() {
+            // An empty path is `/` in origin form (RFC 9112 §3.2.1): `http://h?q` is `/?q`.
+            Some(p) if !p.as_str().starts_with('/') => {
+                PathAndQuery::try_from(format!("/{}", p.as_str())).ok()
+            }
+            p => p.cloned(),
+        };
+        head.uri = Uri::from(path.unwrap_or_else(|| PathAndQuery::from_static("/")));
     }
     let mut hosts = head.headers.get_all(header::HOST).iter();
     let host = hosts.next().cloned();
@@ -289,6 +291,18 @@ mod tests {
             prepare_request(&mut h, CLIENT, false),
             Err(RequestHeadError::UserinfoInTarget)
         );
+    }
+
+    #[test]
+    fn absolute_form_without_a_path_gets_slash_before_its_query() {
+        // Found by the request_head fuzz target: the backend got `GET ?q HTTP/1.1`.
+        let mut h = head(|b| b.uri("ht1ps://chat.example.test?=w/as").header("host", "h"));
+        prepare_request(&mut h, CLIENT, false).unwrap();
+        assert_eq!(h.uri, "/?=w/as");
+        assert_eq!(h.headers["host"], "chat.example.test");
+        let mut h = head(|b| b.uri("http://chat.example.test").header("host", "h"));
+        prepare_request(&mut h, CLIENT, false).unwrap();
+        assert_eq!(h.uri, "/");
     }
 
     #[test]

@@ -13,7 +13,9 @@
 //! When one side ends its stream (EOF), the other side's write half is shut down after
 //! everything read has been delivered (for the TLS client that sends `close_notify`), so each
 //! side's close reaches the other; the tunnel is over once both directions have ended, or
-//! [`HALF_CLOSE_GRACE`] after the first did if the other side never closes.
+//! [`HALF_CLOSE_GRACE`] after the first did if the other side never closes. A side that fails
+//! (reset, TLS error) ends its directions the same way: what it sent before failing is still
+//! delivered and flushed, so a backend's close frame survives the reset that may follow it.
 
 use std::future::poll_fn;
 use std::mem::MaybeUninit;
@@ -101,32 +103,53 @@ where
     let mut last_activity = Instant::now();
     let mut half_closed: Option<Instant> = None;
     let mut timer: Pin<&mut Sleep> = pin!(tokio::time::sleep(idle));
+    // The first failure; the tunnel ends with it once the other direction is over too.
+    let mut failed: Option<(SpliceEnd, String)> = None;
 
     let copy = poll_fn(|cx| {
         let (before_up, before_down) = (up.bytes, down.bytes);
-        let up_state = up.poll_copy(cx, &mut client, &mut backend);
-        let down_state = down.poll_copy(cx, &mut backend, &mut client);
+        let mut up_state = up.poll_copy(cx, &mut client, &mut backend);
+        let mut down_state = down.poll_copy(cx, &mut backend, &mut client);
         let (moved_up, moved_down) = (up.bytes - before_up, down.bytes - before_down);
         if moved_up + moved_down > 0 {
             on_bytes(moved_up, moved_down);
             last_activity = Instant::now();
         }
-        for (state, read_side_is_client) in [(&up_state, true), (&down_state, false)] {
+        for (state, direction, read_side_is_client) in [
+            (&mut up_state, &mut up, true),
+            (&mut down_state, &mut down, false),
+        ] {
             if let Poll::Ready(Err(failure)) = state {
-                let (client_failed, error) = match failure {
-                    Failure::Read(e) => (read_side_is_client, e),
-                    Failure::Write(e) => (!read_side_is_client, e),
+                // A side that failed may have sent something first (a backend's WebSocket
+                // close frame, then a reset because the client's message was left unread):
+                // what was read is still delivered, and the other direction runs to its end.
+                let (client_failed, error, source_failed) = match failure {
+                    Failure::Read(e) => (read_side_is_client, e, true),
+                    Failure::Write(e) => (!read_side_is_client, e, false),
                 };
                 let end = if client_failed {
                     SpliceEnd::ClientError
                 } else {
                     SpliceEnd::BackendError
                 };
-                return Poll::Ready((end, Some(error.to_string())));
+                failed.get_or_insert_with(|| (end, error.to_string()));
+                if source_failed {
+                    // Pass the end on like an EOF: flush, then shut the destination down.
+                    direction.eof = true;
+                    cx.waker().wake_by_ref();
+                    *state = Poll::Pending;
+                } else {
+                    direction.done = true;
+                    *state = Poll::Ready(Ok(()));
+                }
             }
         }
+        let mut ended = || match failed.take() {
+            Some((end, error)) => (end, Some(error)),
+            None => (SpliceEnd::Closed, None),
+        };
         if up_state.is_ready() && down_state.is_ready() {
-            return Poll::Ready((SpliceEnd::Closed, None));
+            return Poll::Ready(ended());
         }
         if (up_state.is_ready() || down_state.is_ready()) && half_closed.is_none() {
             let now = Instant::now();
@@ -139,7 +162,7 @@ where
             let now = Instant::now();
             let lingering = half_closed.map(|at| at + HALF_CLOSE_GRACE);
             if lingering.is_some_and(|deadline| deadline <= now) {
-                return Poll::Ready((SpliceEnd::Closed, None));
+                return Poll::Ready(ended());
             }
             let idle_deadline = last_activity + idle;
             if idle_deadline <= now {
@@ -380,6 +403,72 @@ mod tests {
         stop.cancel();
         let report = task.await.unwrap();
         assert_eq!((report.end, report.error), (SpliceEnd::Shutdown, None));
+    }
+
+    /// A backend that sent `sent` and then reset the connection: a read gives those bytes,
+    /// the next one `ConnectionReset`; every write fails.
+    struct ResetBackend(Option<&'static [u8]>);
+
+    impl AsyncRead for ResetBackend {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            match self.0.take() {
+                Some(sent) => {
+                    buf.put_slice(sent);
+                    Poll::Ready(Ok(()))
+                }
+                None => Poll::Ready(Err(std::io::ErrorKind::ConnectionReset.into())),
+            }
+        }
+    }
+
+    impl AsyncWrite for ResetBackend {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            _: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            Poll::Ready(Err(std::io::ErrorKind::ConnectionReset.into()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn what_a_backend_sent_before_its_reset_reaches_the_client() {
+        // Found by the Autobahn test (tests/tests/autobahn.rs, case 1.1.6 through lb): app
+        // answers a too-large message with a 1009 close frame and closes with the message
+        // unread, which resets the connection; the client got neither frame nor code.
+        const CLOSE_1009: &[u8] = b"\x88\x02\x03\xf1";
+        let (mut client_far, client_near) = duplex(64);
+        client_far
+            .write_all(b"part of a large message")
+            .await
+            .unwrap();
+        // Like the TLS stream, written bytes leave at the flush.
+        let client_near = tokio::io::BufWriter::new(client_near);
+        let report = splice(
+            client_near,
+            Bytes::new(),
+            ResetBackend(Some(CLOSE_1009)),
+            Bytes::new(),
+            Duration::from_secs(60),
+            &CancellationToken::new(),
+            |_, _| {},
+        )
+        .await;
+        let mut got = Vec::new();
+        client_far.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, CLOSE_1009);
+        assert_eq!(report.end, SpliceEnd::BackendError);
+        assert_eq!(report.to_client, CLOSE_1009.len() as u64);
     }
 
     #[tokio::test]
