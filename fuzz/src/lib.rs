@@ -1,6 +1,6 @@
 //! What the fuzz targets share: lb's own HTTP/1.1 server (`lb::front::conn::http1_server`, the same
 //! hyper configuration and limits a client connection gets) run over an in-memory connection, so
-//! the request targets see exactly the requests hyper would hand to `lb::proxy::handle`; and the
+//! the request targets see exactly the requests hyper would hand to `lb::http::proxy::handle`; and the
 //! network sandbox of the configuration target.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -48,7 +48,7 @@ fn runtime() -> &'static tokio::runtime::Runtime {
 }
 
 /// Feeds `input` as the bytes a client sent (then end of stream) to lb's HTTP/1.1 server and
-/// calls `handle` on every request hyper parses from them, as `lb::proxy::handle` would be.
+/// calls `handle` on every request hyper parses from them, as `lb::http::proxy::handle` would be.
 /// Returns the bytes the server answered.
 pub fn serve_http1<F>(input: &[u8], handle: F) -> Vec<u8>
 where
