@@ -1,7 +1,8 @@
 //! TLS termination with certificates from the `certs` crate: the handshake succeeds for clients
 //! trusting the generated CA (TLS 1.3 and 1.2, ALPN http/1.1), a TLS 1.1 ClientHello is refused,
 //! SNI selects among several certificates (combined PEM and separate files), and a client that
-//! sends no SNI gets the first one.
+//! sends no SNI gets the first one. A returning client resumes its session (tickets, TLS 1.3 and
+//! 1.2).
 
 mod support;
 
@@ -176,5 +177,52 @@ async fn an_untrusted_client_fails_the_handshake_and_others_are_unaffected() {
     let refused = tls_connect_with(stranger.client_config(), addr, "localhost").await;
     assert!(refused.is_err());
     assert_eq!(https_get(&pki, addr, "/").await.status, 200);
+    lb.shutdown().await;
+}
+
+/// A connection with `config`: its handshake kind, after one request read to the end (a TLS
+/// 1.3 server sends its session tickets after the handshake, with the first data).
+async fn handshake_kind_of_one_request(
+    config: Arc<rustls::ClientConfig>,
+    addr: std::net::SocketAddr,
+) -> Option<rustls::HandshakeKind> {
+    let mut tls = within("TLS connect", tls_connect_with(config, addr, "localhost"))
+        .await
+        .expect("TLS handshake with lb");
+    let kind = tls.get_ref().1.handshake_kind();
+    tls.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("send a request");
+    let mut answer = Vec::new();
+    within("the answer", tls.read_to_end(&mut answer))
+        .await
+        .expect("read the answer");
+    assert!(answer.starts_with(b"HTTP/1.1 200"), "{answer:?}");
+    kind
+}
+
+#[tokio::test]
+async fn a_returning_client_resumes_its_session_with_tls13_and_tls12() {
+    let pki = Pki::local();
+    let backend = TestBackend::start("app1").await;
+    let lb = start_lb(&TestConfig::new(&pki, &[&backend])).await;
+    for version in [&rustls::version::TLS13, &rustls::version::TLS12] {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(pki.bundle.ca_der().unwrap()[0].clone()).unwrap();
+        // The client's default session store keeps what the server gave it.
+        let config = Arc::new(
+            rustls::ClientConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_protocol_versions(&[version])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+        );
+        let first = handshake_kind_of_one_request(Arc::clone(&config), lb.addrs().https).await;
+        assert_eq!(first, Some(rustls::HandshakeKind::Full), "{version:?}");
+        let again = handshake_kind_of_one_request(config, lb.addrs().https).await;
+        assert_eq!(again, Some(rustls::HandshakeKind::Resumed), "{version:?}");
+    }
     lb.shutdown().await;
 }
