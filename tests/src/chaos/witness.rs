@@ -78,6 +78,8 @@ impl Seen {
 
 /// The running witness.
 pub struct Witness {
+    client: ::redis::Client,
+    run: u32,
     seen: Arc<Mutex<Seen>>,
     count: Arc<AtomicUsize>,
     stop: CancellationToken,
@@ -93,7 +95,7 @@ impl Witness {
         let stop = CancellationToken::new();
         let (subscribed, first) = oneshot::channel();
         let task = tokio::spawn(watch(
-            client,
+            client.clone(),
             run,
             Arc::clone(&seen),
             Arc::clone(&count),
@@ -107,6 +109,8 @@ impl Witness {
             })?
             .context("the witness stopped")?;
         Ok(Witness {
+            client,
+            run,
             seen,
             count,
             stop,
@@ -129,10 +133,16 @@ impl Witness {
         lock(&self.seen).messages.last().map(|m| m.at)
     }
 
-    /// Stops watching and hands over what was seen.
+    /// Stops watching and hands over what was seen, after one last read of the whole history:
+    /// a catch-up after a Redis restart can fail (Redis still loading its append-only file)
+    /// while later messages arrive live, and a message published in between would otherwise
+    /// go uncounted.
     pub async fn finish(self) -> Seen {
         self.stop.cancel();
         let _ = self.task.await;
+        if let Err(e) = catch_up(&self.client, self.run, &self.seen, &self.count, true).await {
+            eprintln!("chaos: the witness's final read of the history failed: {e:#}");
+        }
         std::mem::take(&mut *lock(&self.seen))
     }
 }
@@ -183,7 +193,7 @@ async fn watch(
             // Subscribed again: what was published while the witness was away is in the
             // history. A failure here only means Redis went away again.
             None => {
-                let _ = catch_up(&client, run, &seen, &count).await;
+                let _ = catch_up(&client, run, &seen, &count, false).await;
             }
         }
         let mut messages = pubsub.into_on_message();
@@ -203,14 +213,19 @@ async fn watch(
     }
 }
 
-/// Records the history's entries after the newest id the witness holds.
+/// Records the history's entries after the newest id the witness holds (or all of them).
 async fn catch_up(
     client: &::redis::Client,
     run: u32,
     seen: &Mutex<Seen>,
     count: &AtomicUsize,
+    whole: bool,
 ) -> Result<()> {
-    let after = lock(seen).last_id.clone();
+    let after = if whole {
+        None
+    } else {
+        lock(seen).last_id.clone()
+    };
     let start = after.map_or_else(|| "-".to_owned(), |id| format!("({id}"));
     let mut conn = client.get_multiplexed_async_connection().await?;
     let entries: Vec<(String, Vec<String>)> = ::redis::cmd("XRANGE")
