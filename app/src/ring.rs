@@ -31,8 +31,11 @@ struct State {
     entries: VecDeque<Entry>,
     last_added: MessageId,
     max_trimmed: MessageId,
-    /// `cid` → the id it got and when it stops counting.
-    cids: HashMap<String, (MessageId, Instant)>,
+    /// `cid` → the id it got, within the dedupe window.
+    cids: HashMap<String, MessageId>,
+    /// The same `cid`s in the order they were added (so in expiry order: one window for all),
+    /// so forgetting the expired ones costs only them, not a scan of the map per message.
+    expiry: VecDeque<(Instant, String)>,
 }
 
 #[derive(Debug)]
@@ -65,8 +68,15 @@ impl Ring {
         now_ms: u64,
     ) -> (Published, Option<Delivery>) {
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        state.cids.retain(|_, (_, until)| *until > now);
-        if let Some((id, _)) = cid.and_then(|cid| state.cids.get(cid)) {
+        while let Some((until, _)) = state.expiry.front() {
+            if *until > now {
+                break;
+            }
+            if let Some((_, cid)) = state.expiry.pop_front() {
+                state.cids.remove(&cid);
+            }
+        }
+        if let Some(id) = cid.and_then(|cid| state.cids.get(cid)) {
             let published = Published {
                 id: *id,
                 epoch: self.epoch.clone(),
@@ -93,9 +103,9 @@ impl Ring {
         });
         state.last_added = id;
         if let Some(cid) = cid {
-            state
-                .cids
-                .insert(cid.to_owned(), (id, now + self.config.dedupe_window));
+            let until = now + self.config.dedupe_window;
+            state.cids.insert(cid.to_owned(), id);
+            state.expiry.push_back((until, cid.to_owned()));
         }
         self.trim(&mut state, now);
         let published = Published {
