@@ -17,11 +17,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::ClusterConfig;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{Config, HistoryConfig, RedisConfig};
+use crate::config::{Config, HistoryConfig, RedisConfig, RedisServer};
+use crate::connection::Publisher;
 use crate::fanout::Fanout;
 use crate::history::{self, Published, Resume, Snapshot};
 use crate::position::Position;
@@ -67,8 +69,9 @@ pub struct Broker {
 /// What every room's history in Redis shares: an auto-reconnecting connection for publishing
 /// and reading history, and the subscription's state.
 pub struct RedisLink {
-    /// Publishes and reads every room's history (one multiplexed connection).
-    pub publisher: ConnectionManager,
+    /// Publishes and reads every room's history (one multiplexed connection, or a cluster
+    /// connection routing each room to its shard).
+    pub publisher: Publisher,
     /// Where Redis is and how to back off.
     pub config: RedisConfig,
     /// Raised while subscribed and caught up (`/healthz` 200).
@@ -105,18 +108,31 @@ impl Broker {
         // crypto provider; make it ring, the one this workspace builds. An error only means a
         // provider is installed already.
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let manager_config = ConnectionManagerConfig::new()
-            .set_number_of_retries(1)
-            .set_max_delay(redis.reconnect_max)
-            .set_connection_timeout(Some(PUBLISH_CONNECT_TIMEOUT))
-            .set_response_timeout(Some(PUBLISH_RESPONSE_TIMEOUT));
-        let publisher =
-            ConnectionManager::new_lazy_with_config(redis.client.clone(), manager_config).map_err(
-                |source| BrokerError {
-                    server: redis.display.clone(),
-                    source,
-                },
-            )?;
+        let publisher = match &redis.server {
+            RedisServer::Single(client) => {
+                let manager_config = ConnectionManagerConfig::new()
+                    .set_number_of_retries(1)
+                    .set_max_delay(redis.reconnect_max)
+                    .set_connection_timeout(Some(PUBLISH_CONNECT_TIMEOUT))
+                    .set_response_timeout(Some(PUBLISH_RESPONSE_TIMEOUT));
+                ConnectionManager::new_lazy_with_config(client.clone(), manager_config)
+                    .map(Publisher::Single)
+            }
+            // Connects in the background, and again after losing nodes.
+            RedisServer::Cluster(seeds) => seeds.client(None).map(|client| {
+                Publisher::Cluster(
+                    client.get_pending_async_connection_with_config(
+                        ClusterConfig::new()
+                            .set_connection_timeout(PUBLISH_CONNECT_TIMEOUT)
+                            .set_response_timeout(PUBLISH_RESPONSE_TIMEOUT),
+                    ),
+                )
+            }),
+        }
+        .map_err(|source| BrokerError {
+            server: redis.display.clone(),
+            source,
+        })?;
         let link = Arc::new(RedisLink {
             publisher,
             config: redis.clone(),
@@ -170,7 +186,7 @@ impl Store {
         match redis {
             None => Store::Ring(Ring::new(history)),
             Some(link) => Store::Redis {
-                stream: Stream::new(channel, history),
+                stream: Stream::new(channel, history, link.config.server.is_cluster()),
                 link: Arc::clone(link),
             },
         }

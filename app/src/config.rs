@@ -13,6 +13,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::cluster::Seeds;
+
 /// Address the HTTP/WebSocket listener binds when neither the file nor `--listen` says.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 /// Redis channel the original simple-chat uses; keep it to share a Redis with it.
@@ -176,8 +178,9 @@ impl Default for HistoryConfig {
 /// How to reach Redis and what to do when it goes away.
 #[derive(Clone)]
 pub struct RedisConfig {
-    /// A client built from the URL (and CA file), ready to connect; it holds the password.
-    pub client: redis::Client,
+    /// The server or cluster, from the URL (and CA file), ready to connect; it holds the
+    /// password.
+    pub server: RedisServer,
     /// Host and port only, for logs (never the password).
     pub display: String,
     /// Pub/sub channel.
@@ -186,6 +189,22 @@ pub struct RedisConfig {
     pub reconnect_min: Duration,
     /// Resubscription delay cap.
     pub reconnect_max: Duration,
+}
+
+/// One Redis server, or the seed nodes of a cluster.
+#[derive(Clone)]
+pub enum RedisServer {
+    /// `redis://` or `rediss://`.
+    Single(redis::Client),
+    /// `redis+cluster://` or `rediss+cluster://`.
+    Cluster(Seeds),
+}
+
+impl RedisServer {
+    /// Whether this is a cluster.
+    pub fn is_cluster(&self) -> bool {
+        matches!(self, RedisServer::Cluster(_))
+    }
 }
 
 impl std::fmt::Debug for RedisConfig {
@@ -477,60 +496,23 @@ impl RawConfig {
             }
             return Ok(None);
         };
-        let info = redis::IntoConnectionInfo::into_connection_info(url).map_err(|e| {
-            origin.invalid(
-                "redis_url",
-                format!(
-                    "not a usable Redis URL ({}); expected redis://[:password@]host[:port][/db] \
-                     or rediss://…",
-                    e.detail().unwrap_or("invalid URL")
-                ),
-            )
-        })?;
-        let (display, tls) = match info.addr() {
-            redis::ConnectionAddr::Tcp(host, port) => (format!("redis://{host}:{port}"), false),
-            redis::ConnectionAddr::TcpTls { host, port, .. } => {
-                (format!("rediss://{host}:{port}"), true)
-            }
-            _ => {
-                return Err(origin.invalid(
-                    "redis_url",
-                    "only redis:// and rediss:// URLs are supported",
-                ));
-            }
-        };
-        let client = match &self.redis_ca_file {
-            Some(path) => {
-                if !tls {
-                    return Err(origin.invalid(
-                        "redis_ca_file",
-                        "is set but redis_url is not a rediss:// (TLS) URL",
-                    ));
-                }
-                let pem = std::fs::read(path).map_err(|e| {
+        let ca = match &self.redis_ca_file {
+            Some(path) => Some((
+                path.as_path(),
+                std::fs::read(path).map_err(|e| {
                     origin.invalid(
                         "redis_ca_file",
                         format!("could not read {}: {e}", path.display()),
                     )
-                })?;
-                redis::Client::build_with_tls(
-                    info,
-                    redis::TlsCertificates {
-                        client_tls: None,
-                        root_cert: Some(pem),
-                    },
-                )
-                .map_err(|e| {
-                    origin.invalid(
-                        "redis_ca_file",
-                        format!("{} is not a usable PEM CA certificate: {e}", path.display()),
-                    )
-                })?
-            }
-            None => redis::Client::open(info)
-                .map_err(|e| origin.invalid("redis_url", format!("not a usable Redis URL: {e}")))?,
+                })?,
+            )),
+            None => None,
         };
-
+        let (server, display) = if Seeds::is_cluster_url(url) {
+            Self::redis_cluster(url, ca, origin)?
+        } else {
+            Self::redis_single(url, ca, origin)?
+        };
         let channel = self
             .redis_channel
             .clone()
@@ -557,13 +539,107 @@ impl RawConfig {
                 ),
             ));
         }
+        if server.is_cluster() && channel.contains(['{', '}']) {
+            return Err(origin.invalid(
+                "redis_channel",
+                "must not contain { or } with a cluster: the channel is the hash tag that keeps \
+                 each room's channel and history on one shard",
+            ));
+        }
         Ok(Some(RedisConfig {
-            client,
+            server,
             display,
             channel,
             reconnect_min,
             reconnect_max,
         }))
+    }
+
+    /// One server: `redis://` or `rediss://`, with the CA for TLS.
+    fn redis_single(
+        url: &str,
+        ca: Option<(&Path, Vec<u8>)>,
+        origin: &Origin<'_>,
+    ) -> Result<(RedisServer, String), ConfigError> {
+        let info = redis::IntoConnectionInfo::into_connection_info(url).map_err(|e| {
+            origin.invalid(
+                "redis_url",
+                format!(
+                    "not a usable Redis URL ({}); expected redis://[:password@]host[:port][/db], \
+                     rediss://…, or redis+cluster://host:port[,host:port…] for a cluster",
+                    e.detail().unwrap_or("invalid URL")
+                ),
+            )
+        })?;
+        let (display, tls) = match info.addr() {
+            redis::ConnectionAddr::Tcp(host, port) => (format!("redis://{host}:{port}"), false),
+            redis::ConnectionAddr::TcpTls { host, port, .. } => {
+                (format!("rediss://{host}:{port}"), true)
+            }
+            _ => {
+                return Err(origin.invalid(
+                    "redis_url",
+                    "only redis://, rediss://, redis+cluster:// and rediss+cluster:// URLs are supported",
+                ));
+            }
+        };
+        let client = match ca {
+            Some((path, pem)) => {
+                if !tls {
+                    return Err(origin.invalid(
+                        "redis_ca_file",
+                        "is set but redis_url is not a rediss:// (TLS) URL",
+                    ));
+                }
+                redis::Client::build_with_tls(
+                    info,
+                    redis::TlsCertificates {
+                        client_tls: None,
+                        root_cert: Some(pem),
+                    },
+                )
+                .map_err(|e| {
+                    origin.invalid(
+                        "redis_ca_file",
+                        format!("{} is not a usable PEM CA certificate: {e}", path.display()),
+                    )
+                })?
+            }
+            None => redis::Client::open(info)
+                .map_err(|e| origin.invalid("redis_url", format!("not a usable Redis URL: {e}")))?,
+        };
+        Ok((RedisServer::Single(client), display))
+    }
+
+    /// A cluster: `redis+cluster://` or `rediss+cluster://` seed nodes, with the CA for TLS.
+    fn redis_cluster(
+        url: &str,
+        ca: Option<(&Path, Vec<u8>)>,
+        origin: &Origin<'_>,
+    ) -> Result<(RedisServer, String), ConfigError> {
+        let mut seeds = Seeds::parse(url).map_err(|e| {
+            origin.invalid(
+                "redis_url",
+                format!(
+                    "not a usable Redis Cluster URL: {e}; expected \
+                     redis+cluster://[:password@]host:port[,host:port…] or rediss+cluster://…"
+                ),
+            )
+        })?;
+        if let Some((_, pem)) = ca {
+            if !seeds.is_tls() {
+                return Err(origin.invalid(
+                    "redis_ca_file",
+                    "is set but redis_url is not a rediss+cluster:// (TLS) URL",
+                ));
+            }
+            seeds = seeds.with_ca(pem);
+        }
+        seeds.client(None).map_err(|e| {
+            origin.invalid("redis_url", format!("not a usable Redis Cluster URL: {e}"))
+        })?;
+        let display = seeds.display();
+        Ok((RedisServer::Cluster(seeds), display))
     }
 }
 

@@ -17,7 +17,9 @@
 
 mod backoff;
 mod broker;
+mod cluster;
 pub mod config;
+mod connection;
 mod fanout;
 mod health;
 mod history;

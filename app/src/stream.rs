@@ -8,7 +8,8 @@
 //!
 //! - [`Stream::publish`]: unless the `cid` was seen, `XADD` with `MAXLEN ~`, `XTRIM MINID ~` by
 //!   age, remember the `cid`, and `PUBLISH` the body with `"id"` and `"epoch"` appended on the
-//!   channel, all in one script: the order of the channel is the order of the Stream.
+//!   channel (`SPUBLISH` on a cluster: the room's channel is a shard channel in the keys' slot),
+//!   all in one script: the order of the channel is the order of the Stream.
 //! - [`Stream::read`]: the epoch, the greatest id added (the newest entry: trimming never
 //!   removes it), the greatest id that may have been trimmed (the `prev` field of the oldest
 //!   entry kept: every entry records the id of the one added before it), and the entries after
@@ -48,7 +49,9 @@ end
 "#;
 
 /// KEYS: Stream, epoch key, [cid key]. ARGV: body, max messages, max age ms, fresh epoch,
-/// dedupe seconds, channel. Returns {epoch, id, duplicate (0/1), receivers of the PUBLISH}.
+/// dedupe seconds, channel, publish command (`PUBLISH`, or `SPUBLISH` for a cluster's shard
+/// channel, whose slot is the keys' one). Returns {epoch, id, duplicate (0/1), receivers of
+/// the publish}.
 const PUBLISH: &str = r#"
 local epoch = life(KEYS[1], KEYS[2], ARGV[4])
 if KEYS[3] then
@@ -76,7 +79,7 @@ local separator = ','
 if string.sub(open, -1) == '{' then
   separator = ''
 end
-local receivers = redis.call('PUBLISH', ARGV[6], open .. separator .. '"id":"' .. id .. '","epoch":"' .. epoch .. '"}')
+local receivers = redis.call(ARGV[7], ARGV[6], open .. separator .. '"id":"' .. id .. '","epoch":"' .. epoch .. '"}')
 return {epoch, id, 0, receivers}
 "#;
 
@@ -132,6 +135,8 @@ pub struct Stream {
     stream_key: String,
     epoch_key: String,
     config: HistoryConfig,
+    /// `PUBLISH`, or `SPUBLISH` on a cluster.
+    publish_command: &'static str,
     publish: Script,
     read: Script,
     /// The epoch this instance starts if it finds no life; replaced once used, so one value
@@ -148,9 +153,10 @@ impl std::fmt::Debug for Stream {
 }
 
 impl Stream {
-    /// The history of `channel`.
-    pub fn new(channel: &str, config: HistoryConfig) -> Stream {
+    /// The history of `channel`; `sharded` on a cluster (the channel is a shard channel).
+    pub fn new(channel: &str, config: HistoryConfig, sharded: bool) -> Stream {
         Stream {
+            publish_command: if sharded { "SPUBLISH" } else { "PUBLISH" },
             channel: channel.to_owned(),
             stream_key: format!("{{{channel}}}:history"),
             epoch_key: format!("{{{channel}}}:epoch"),
@@ -200,7 +206,8 @@ impl Stream {
             .arg(u64::try_from(self.config.max_age.as_millis()).unwrap_or(u64::MAX))
             .arg(self.fresh())
             .arg(self.config.dedupe_window.as_secs().max(1))
-            .arg(&self.channel);
+            .arg(&self.channel)
+            .arg(self.publish_command);
         let (epoch, id, duplicate, receivers): (String, String, i64, i64) =
             invocation.invoke_async(connection).await?;
         self.used(&epoch);

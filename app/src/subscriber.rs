@@ -30,13 +30,12 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use axum::extract::ws::Utf8Bytes;
-use futures_util::StreamExt;
 use futures_util::future::try_join_all;
-use redis::aio::{PubSubSink, PubSubStream};
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
 use crate::broker::RedisLink;
+use crate::connection::{self, Event, Sink, Source};
 use crate::fanout::{Delivery, Eviction, Fanout};
 use crate::history::{self, Snapshot};
 use crate::position::Position;
@@ -113,8 +112,8 @@ pub async fn run(sub: Subscriber, stop: CancellationToken) {
 async fn connect(
     sub: &Subscriber,
     attached: &mut Attachments,
-) -> redis::RedisResult<(PubSubSink, PubSubStream, usize)> {
-    let pubsub = sub.link.config.client.get_async_pubsub().await?;
+) -> redis::RedisResult<(Sink, Source, usize)> {
+    let (mut sink, stream) = connection::open(&sub.link.config.server).await?;
     let mut publisher = sub.link.publisher.clone();
     let ping = redis::cmd("PING");
     if let Err(e) = ping.query_async::<String>(&mut publisher).await {
@@ -124,7 +123,6 @@ async fn connect(
         // That was the connection from before; the manager has reconnected for this one.
         ping.query_async::<String>(&mut publisher).await?;
     }
-    let (mut sink, stream) = pubsub.split();
     // Every room there is now is attached below, so the changes so far are taken care of.
     sub.rooms.take_changes();
     let rooms = sub.rooms.all();
@@ -143,7 +141,7 @@ async fn connect(
 /// delivered to the room's clients before the room is marked ready. Returns how many messages
 /// were delivered.
 async fn attach(
-    sink: &mut PubSubSink,
+    sink: &mut Sink,
     attached: &mut Attachments,
     rooms: Vec<Arc<Room>>,
 ) -> redis::RedisResult<usize> {
@@ -189,7 +187,7 @@ async fn attach(
 /// Applies the registry's changes: unsubscribes from the channels of removed rooms, attaches
 /// created (or replaced) ones.
 async fn follow(
-    sink: &mut PubSubSink,
+    sink: &mut Sink,
     attached: &mut Attachments,
     rooms: &Rooms,
 ) -> redis::RedisResult<()> {
@@ -228,8 +226,8 @@ async fn follow(
 /// Forwards messages and follows the registry until the connection is lost (the reason is
 /// returned) or `stop`.
 async fn pump(
-    mut sink: PubSubSink,
-    mut stream: PubSubStream,
+    mut sink: Sink,
+    mut stream: Source,
     sub: &Subscriber,
     attached: &mut Attachments,
     stop: &CancellationToken,
@@ -249,18 +247,31 @@ async fn pump(
                     Err(_) => return "following the rooms timed out".to_owned(),
                 }
             }
-            message = stream.next() => {
-                let Some(message) = message else {
-                    return "connection closed".to_owned();
-                };
-                let channel = message.get_channel_name();
-                match attached.get_mut(channel) {
-                    Some(a) => a.seen.forward(message.get_payload_bytes(), channel, a.room.fanout()),
-                    None => tracing::trace!(%channel, "skipped a message of a room no longer subscribed"),
+            event = stream.next() => match event {
+                None => return "connection closed".to_owned(),
+                Some(Event::Lost) => return "a cluster node's connection was lost".to_owned(),
+                Some(Event::Message(message)) => {
+                    let channel = message.get_channel_name();
+                    match attached.get_mut(channel) {
+                        Some(a) => a.seen.forward(message.get_payload_bytes(), channel, a.room.fanout()),
+                        None => tracing::trace!(%channel, "skipped a message of a room no longer subscribed"),
+                    }
                 }
-            }
+                Some(Event::Dropped(channel)) => {
+                    let Some(room) = attached.get(&channel).map(|a| Arc::clone(&a.room)) else {
+                        continue;
+                    };
+                    // Its slot moved: subscribe where it lives now, and catch up on what was
+                    // published in between.
+                    match tokio::time::timeout(REDIS_TIMEOUT, attach(&mut sink, attached, vec![room])).await {
+                        Ok(Ok(caught_up)) => tracing::info!(%channel, caught_up, "resubscribed to a room whose slot moved"),
+                        Ok(Err(e)) => return format!("resubscribing to {channel} failed: {e}"),
+                        Err(_) => return format!("resubscribing to {channel} timed out"),
+                    }
+                }
+            },
             _ = ping.tick() => {
-                match tokio::time::timeout(REDIS_TIMEOUT, sink.ping::<redis::Value>()).await {
+                match tokio::time::timeout(REDIS_TIMEOUT, sink.ping()).await {
                     Ok(Ok(_)) => {}
                     Ok(Err(e)) => return format!("PING failed: {e}"),
                     Err(_) => return "PING timed out".to_owned(),

@@ -10,6 +10,7 @@
 pub mod browser;
 pub mod chaos;
 pub mod client;
+pub mod cluster;
 pub mod latency;
 pub mod netns;
 pub mod process;
