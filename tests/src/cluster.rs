@@ -266,17 +266,28 @@ impl RedisCluster {
         bail!("no cluster node is up")
     }
 
-    /// True when every live node reports the cluster up with every slot served.
+    /// True when every live node reports the cluster up with every slot served, and every
+    /// live replica is in sync with its primary (a replica that never synced would not take
+    /// over: its data counts as too old).
     async fn settled(&self) -> Result<bool> {
         for i in 0..self.nodes.len() {
             if self.nodes[i].proc.is_none() {
                 continue;
             }
+            let mut conn = self.node(i).await?;
             let info: String = redis::cmd("CLUSTER")
                 .arg("INFO")
-                .query_async(&mut self.node(i).await?)
+                .query_async(&mut conn)
                 .await?;
             if !(info.contains("cluster_state:ok") && info.contains("cluster_slots_ok:16384")) {
+                return Ok(false);
+            }
+            let replication: String = redis::cmd("INFO")
+                .arg("replication")
+                .query_async(&mut conn)
+                .await?;
+            if replication.contains("role:slave") && !replication.contains("master_link_status:up")
+            {
                 return Ok(false);
             }
         }

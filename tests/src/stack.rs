@@ -20,6 +20,7 @@ use tokio::time::{Instant, timeout};
 use tokio_rustls::TlsConnector;
 
 use crate::client::{ChatClient, tls_connector};
+use crate::cluster::RedisCluster;
 use crate::process::{Proc, Ready, workspace_bin};
 use crate::redis::{Persistence, Redis};
 
@@ -199,8 +200,11 @@ pub struct Options {
     /// Lines appended to the apps' test configuration ([`app_config`]), e.g.
     /// `history_messages = 5`.
     pub app_config: String,
-    /// How Redis keeps its data.
+    /// How Redis keeps its data (a single server).
     pub redis: Persistence,
+    /// A Redis Cluster instead of a single server: this many primaries, each with this many
+    /// replicas.
+    pub cluster: Option<(usize, usize)>,
 }
 
 impl Default for Options {
@@ -209,6 +213,41 @@ impl Default for Options {
             apps: 2,
             app_config: String::new(),
             redis: Persistence::default(),
+            cluster: None,
+        }
+    }
+}
+
+/// The Redis behind the apps.
+pub enum Backing {
+    /// One server.
+    One(Box<Redis>),
+    /// A cluster.
+    Cluster(RedisCluster),
+}
+
+impl Backing {
+    /// The URL the apps are given.
+    pub fn url(&self) -> String {
+        match self {
+            Backing::One(redis) => redis.url(),
+            Backing::Cluster(cluster) => cluster.url(),
+        }
+    }
+
+    /// The single server; an error for a cluster.
+    pub fn one(&mut self) -> Result<&mut Redis> {
+        match self {
+            Backing::One(redis) => Ok(redis),
+            Backing::Cluster(_) => bail!("this stack runs a Redis Cluster, not one server"),
+        }
+    }
+
+    /// The cluster; an error for a single server.
+    pub fn cluster(&mut self) -> Result<&mut RedisCluster> {
+        match self {
+            Backing::Cluster(cluster) => Ok(cluster),
+            Backing::One(_) => bail!("this stack runs one Redis server, not a cluster"),
         }
     }
 }
@@ -218,7 +257,7 @@ pub struct Stack {
     /// Holds certificates and configs; removed at the end.
     pub dir: TempDir,
     /// The shared Redis.
-    pub redis: Redis,
+    pub redis: Backing,
     /// The app processes, `app1`, `app2`, ...
     pub apps: Vec<Proc>,
     /// The load balancer.
@@ -243,7 +282,12 @@ impl Stack {
     pub async fn start_with(options: &Options) -> Result<Stack> {
         let dir = tempfile::tempdir()?;
         generate_certs(&dir.path().join("certs"), &["localhost", "127.0.0.1"]).await?;
-        let redis = Redis::start_persisting(options.redis).await?;
+        let redis = match options.cluster {
+            None => Backing::One(Box::new(Redis::start_persisting(options.redis).await?)),
+            Some((masters, replicas)) => {
+                Backing::Cluster(RedisCluster::start(masters, replicas).await?)
+            }
+        };
         let app_toml = dir.path().join("app.toml");
         std::fs::write(
             &app_toml,

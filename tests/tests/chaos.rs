@@ -1,6 +1,8 @@
 //! Zero loss under faults, with real processes: each fault of the chaos driver injected at a
 //! small scale (20 clients, 2 senders, 20 msg/s for 6 s) with resuming clients and retrying
-//! senders; every message published exactly once, every client gets every message published
+//! senders, on one Redis server or, for the cluster faults (a primary killed, a slot moved), on
+//! a real Redis Cluster; in each case
+//! every message published exactly once, every client gets every message published
 //! after it connected, once and in order, and no resume is refused. Then what cannot be
 //! recovered is announced: a client resuming from before the kept history, and one resuming
 //! after Redis lost its data (a new epoch), are told `recovered: false`; one resuming from the
@@ -134,6 +136,20 @@ async fn lb_restarted() -> Result<()> {
     Ok(())
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_primary_killed_and_replaced_by_its_replica() -> Result<()> {
+    let report = zero_loss(Scenario::ShardFailover).await?;
+    assert!(report.fault.contains("took over"), "{report}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_slot_moved_under_load() -> Result<()> {
+    let report = zero_loss(Scenario::SlotMigration).await?;
+    assert!(report.fault.contains("moved"), "{report}");
+    Ok(())
+}
+
 /// Connects through `lb` with `query` (`resume`, or `epoch=..&last=..`) and returns the client
 /// with its resume notice.
 async fn resume(stack: &Stack, query: &str) -> Result<(ChatClient, Value)> {
@@ -201,7 +217,7 @@ async fn resuming_after_redis_lost_its_data_gets_a_new_epoch() -> Result<()> {
     sender.send("bob", "before").await?;
     let before = message(&mut sender, "before").await?;
     let old_epoch = before["epoch"].as_str().context("no epoch")?.to_owned();
-    stack.redis.restart().await?;
+    stack.redis.one()?.restart().await?;
 
     // The apps take clients again once they are back on Redis; until then a resume is refused
     // (503, or close 1013) and tried again.

@@ -191,7 +191,7 @@ async fn delivery_through_lb_resumes_after_redis_restarts() -> Result<()> {
         assert_eq!(client.recv().await?["content"], "before");
     }
 
-    stack.redis.stop().await;
+    stack.redis.one()?.stop().await;
     // While Redis is down the apps say 503 on /healthz, so lb takes them out of rotation...
     stack.wait_backend("app1", false).await?;
     stack.wait_backend("app2", false).await?;
@@ -203,7 +203,7 @@ async fn delivery_through_lb_resumes_after_redis_restarts() -> Result<()> {
         "expected an error, got {answer}"
     );
 
-    stack.redis.restart().await?;
+    stack.redis.one()?.restart().await?;
     stack.wait_backend("app1", true).await?;
     stack.wait_backend("app2", true).await?;
     // The tunnels opened before the outage still work, and delivery crosses both apps again:

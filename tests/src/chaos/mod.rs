@@ -29,7 +29,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
 use crate::redis::Persistence;
-use crate::stack::{Options, Stack};
+use crate::stack::{CHANNEL, Options, Stack};
 use client::{ClientLog, Outbox, Plan};
 pub use report::{Report, Runs};
 use witness::{Witness, lock};
@@ -64,11 +64,17 @@ pub enum Scenario {
     RollingRestart,
     /// `lb` drained (SIGTERM), exited, and started again on its ports.
     LbRestart,
+    /// On a Redis Cluster (three primaries, one replica each): the primary owning the chat
+    /// channel's slot killed (SIGKILL); its replica takes over.
+    ShardFailover,
+    /// On a Redis Cluster: the chat channel's slot, with its history, moved to another primary
+    /// under load.
+    SlotMigration,
 }
 
 impl Scenario {
     /// Every scenario, in report order.
-    pub const ALL: [Scenario; 7] = [
+    pub const ALL: [Scenario; 9] = [
         Scenario::None,
         Scenario::KillApp,
         Scenario::DrainApp,
@@ -76,6 +82,8 @@ impl Scenario {
         Scenario::LbReload,
         Scenario::RollingRestart,
         Scenario::LbRestart,
+        Scenario::ShardFailover,
+        Scenario::SlotMigration,
     ];
 
     /// Its name on the command line and in reports.
@@ -88,6 +96,17 @@ impl Scenario {
             Scenario::LbReload => "lb-reload",
             Scenario::RollingRestart => "rolling-restart",
             Scenario::LbRestart => "lb-restart",
+            Scenario::ShardFailover => "shard-failover",
+            Scenario::SlotMigration => "slot-migration",
+        }
+    }
+
+    /// The cluster shape (primaries, replicas each) the scenario runs on; `None`: one server.
+    pub fn cluster(self) -> Option<(usize, usize)> {
+        match self {
+            Scenario::ShardFailover => Some((3, 1)),
+            Scenario::SlotMigration => Some((3, 0)),
+            _ => None,
         }
     }
 
@@ -107,9 +126,9 @@ impl Scenario {
                 "app1 SIGTERM (drained, exited), restarted on its port".to_owned()
             }
             Scenario::RedisRestart => {
-                stack.redis.shutdown().await?;
+                stack.redis.one()?.shutdown().await?;
                 tokio::time::sleep(REDIS_DOWN).await;
-                stack.redis.restart().await?;
+                stack.redis.one()?.restart().await?;
                 format!("Redis shut down, restarted {REDIS_DOWN:?} later (AOF everysec)")
             }
             Scenario::LbReload => {
@@ -126,6 +145,29 @@ impl Scenario {
             Scenario::LbRestart => {
                 stack.restart_lb().await?;
                 "lb SIGTERM (drained, exited), restarted on its ports".to_owned()
+            }
+            Scenario::ShardFailover => {
+                let cluster = stack.redis.cluster()?;
+                let slot = cluster.slot(CHANNEL).await?;
+                let owner = cluster.owner(slot).await?;
+                cluster.kill(owner).await;
+                let replica = cluster.wait_failover(slot, owner).await?;
+                format!(
+                    "primary of slot {slot} (node {owner}) SIGKILL; replica node {replica} took over"
+                )
+            }
+            Scenario::SlotMigration => {
+                let cluster = stack.redis.cluster()?;
+                let slot = cluster.slot(CHANNEL).await?;
+                let owner = cluster.owner(slot).await?;
+                let to = cluster
+                    .masters()
+                    .await?
+                    .into_iter()
+                    .find(|&m| m != owner)
+                    .context("no other primary")?;
+                cluster.migrate(slot, to).await?;
+                format!("slot {slot} with its keys moved from node {owner} to node {to}")
             }
         })
     }
@@ -263,6 +305,7 @@ pub async fn run(config: &Config) -> Result<Report> {
     config.check()?;
     let mut stack = Stack::start_with(&Options {
         redis: Persistence::EverySec,
+        cluster: config.scenario.cluster(),
         ..Options::default()
     })
     .await?;

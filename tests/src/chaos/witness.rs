@@ -1,6 +1,8 @@
 //! The witness: what was really published. A connection straight to Redis, subscribed to the
 //! chat channel (no app, no `lb` in between), records every message of the run in the order
-//! Redis published it, with the time it saw it.
+//! Redis published it, with the time it saw it. On a Redis Cluster (a `redis+cluster://` URL)
+//! it subscribes to the channel as a shard channel (`SSUBSCRIBE`) and starts over when a
+//! node's connection is lost or the server drops the subscription (its slot moved).
 //!
 //! When Redis goes away the witness reconnects every [`RETRY`] and, once subscribed again, reads
 //! the channel's history Stream after the last id it holds (`XRANGE`), so a message published
@@ -16,7 +18,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, anyhow};
 use futures_util::StreamExt;
 use serde::Deserialize;
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, timeout};
 use tokio_util::sync::CancellationToken;
@@ -76,9 +78,121 @@ impl Seen {
     }
 }
 
+/// Where the witness looks: one server, or a cluster's seed nodes.
+#[derive(Clone)]
+enum Target {
+    One(Box<::redis::Client>),
+    Cluster(Vec<String>),
+}
+
+impl Target {
+    fn new(url: &str) -> Result<Target> {
+        Ok(match url.strip_prefix("redis+cluster://") {
+            Some(seeds) => Target::Cluster(
+                seeds
+                    .split(',')
+                    .map(|seed| format!("redis://{seed}/?protocol=resp3"))
+                    .collect(),
+            ),
+            None => Target::One(Box::new(
+                ::redis::Client::open(url).with_context(|| format!("bad Redis URL {url}"))?,
+            )),
+        })
+    }
+
+    fn cluster(
+        seeds: &[String],
+        push: Option<mpsc::UnboundedSender<::redis::PushInfo>>,
+    ) -> ::redis::RedisResult<::redis::cluster::ClusterClient> {
+        let mut builder = ::redis::cluster::ClusterClientBuilder::new(seeds.to_vec())
+            .use_protocol(::redis::ProtocolVersion::RESP3);
+        if let Some(push) = push {
+            builder = builder.push_sender(push);
+        }
+        builder.build()
+    }
+
+    /// Subscribes to the chat channel; the payloads arrive on the returned stream until the
+    /// subscription is lost.
+    async fn subscribe(&self) -> ::redis::RedisResult<Payloads> {
+        match self {
+            Target::One(client) => {
+                let mut pubsub = client.get_async_pubsub().await?;
+                pubsub.subscribe(CHANNEL).await?;
+                Ok(Payloads::One(Box::pin(pubsub.into_on_message())))
+            }
+            Target::Cluster(seeds) => {
+                let (tx, rx) = mpsc::unbounded_channel();
+                let mut conn = Self::cluster(seeds, Some(tx))?
+                    .get_async_connection()
+                    .await?;
+                conn.ssubscribe(CHANNEL).await?;
+                Ok(Payloads::Cluster { _conn: conn, rx })
+            }
+        }
+    }
+
+    /// `XRANGE` of the chat channel's history from `start`.
+    async fn history(&self, start: &str) -> Result<Vec<(String, Vec<String>)>> {
+        let mut xrange = ::redis::cmd("XRANGE");
+        xrange
+            .arg(format!("{{{CHANNEL}}}:history"))
+            .arg(start)
+            .arg("+");
+        Ok(match self {
+            Target::One(client) => {
+                xrange
+                    .query_async(&mut client.get_multiplexed_async_connection().await?)
+                    .await?
+            }
+            Target::Cluster(seeds) => {
+                xrange
+                    .query_async(&mut Self::cluster(seeds, None)?.get_async_connection().await?)
+                    .await?
+            }
+        })
+    }
+}
+
+/// The chat channel's payloads while subscribed.
+enum Payloads {
+    One(std::pin::Pin<Box<dyn futures_util::Stream<Item = ::redis::Msg> + Send>>),
+    /// The connection's push messages; the connection is kept open while they are read.
+    Cluster {
+        _conn: ::redis::cluster_async::ClusterConnection,
+        rx: mpsc::UnboundedReceiver<::redis::PushInfo>,
+    },
+}
+
+impl Payloads {
+    /// The next payload; `None` once the subscription is lost.
+    async fn next(&mut self) -> Option<Vec<u8>> {
+        match self {
+            Payloads::One(messages) => messages
+                .next()
+                .await
+                .map(|m| m.get_payload_bytes().to_vec()),
+            Payloads::Cluster { rx, .. } => loop {
+                let push = rx.recv().await?;
+                match push.kind {
+                    ::redis::PushKind::SMessage => {
+                        if let Some(m) = ::redis::Msg::from_push_info(push) {
+                            return Some(m.get_payload_bytes().to_vec());
+                        }
+                    }
+                    ::redis::PushKind::SUnsubscribe | ::redis::PushKind::Disconnection => {
+                        return None;
+                    }
+                    _ => {}
+                }
+            },
+        }
+    }
+}
+
 /// The running witness.
 pub struct Witness {
-    client: ::redis::Client,
+    client: Target,
     run: u32,
     seen: Arc<Mutex<Seen>>,
     count: Arc<AtomicUsize>,
@@ -89,7 +203,7 @@ pub struct Witness {
 impl Witness {
     /// Subscribes to the chat channel of the Redis at `url` and returns once subscribed.
     pub async fn start(url: &str, run: u32) -> Result<Witness> {
-        let client = ::redis::Client::open(url).with_context(|| format!("bad Redis URL {url}"))?;
+        let client = Target::new(url)?;
         let seen = Arc::new(Mutex::new(Seen::default()));
         let count = Arc::new(AtomicUsize::new(0));
         let stop = CancellationToken::new();
@@ -162,7 +276,7 @@ struct Body {
 }
 
 async fn watch(
-    client: ::redis::Client,
+    client: Target,
     run: u32,
     seen: Arc<Mutex<Seen>>,
     count: Arc<AtomicUsize>,
@@ -171,16 +285,11 @@ async fn watch(
 ) {
     let mut subscribed = Some(subscribed);
     while !stop.is_cancelled() {
-        let attempt = async {
-            let mut pubsub = client.get_async_pubsub().await?;
-            pubsub.subscribe(CHANNEL).await?;
-            Ok::<_, ::redis::RedisError>(pubsub)
-        };
-        let pubsub = tokio::select! {
-            attempt = attempt => attempt,
+        let payloads = tokio::select! {
+            attempt = client.subscribe() => attempt,
             () = stop.cancelled() => return,
         };
-        let Ok(pubsub) = pubsub else {
+        let Ok(mut payloads) = payloads else {
             tokio::select! {
                 () = tokio::time::sleep(RETRY) => continue,
                 () = stop.cancelled() => return,
@@ -196,13 +305,11 @@ async fn watch(
                 let _ = catch_up(&client, run, &seen, &count, false).await;
             }
         }
-        let mut messages = pubsub.into_on_message();
         loop {
             tokio::select! {
-                message = messages.next() => {
-                    let Some(message) = message else { break };
-                    let Ok(payload) = message.get_payload::<String>() else { continue };
-                    let Ok(body) = serde_json::from_str::<Body>(&payload) else { continue };
+                payload = payloads.next() => {
+                    let Some(payload) = payload else { break };
+                    let Ok(body) = serde_json::from_slice::<Body>(&payload) else { continue };
                     if let Some(key) = body.content.as_deref().and_then(|c| parse_content(c, run)) {
                         lock(&seen).record(key.key, body.id, &count);
                     }
@@ -215,7 +322,7 @@ async fn watch(
 
 /// Records the history's entries after the newest id the witness holds (or all of them).
 async fn catch_up(
-    client: &::redis::Client,
+    client: &Target,
     run: u32,
     seen: &Mutex<Seen>,
     count: &AtomicUsize,
@@ -227,13 +334,7 @@ async fn catch_up(
         lock(seen).last_id.clone()
     };
     let start = after.map_or_else(|| "-".to_owned(), |id| format!("({id}"));
-    let mut conn = client.get_multiplexed_async_connection().await?;
-    let entries: Vec<(String, Vec<String>)> = ::redis::cmd("XRANGE")
-        .arg(format!("{{{CHANNEL}}}:history"))
-        .arg(start)
-        .arg("+")
-        .query_async(&mut conn)
-        .await?;
+    let entries = client.history(&start).await?;
     let mut seen = lock(seen);
     for (id, fields) in entries {
         // Fields come as name, value, ...; the body is in `p`.
