@@ -1,6 +1,8 @@
 //! `bench fanout`: chat fan-out load, N clients of which S send at a total rate R for D seconds.
 //!
-//! Every client connects first (spread round-robin over the URLs). Then each sender sends the chat
+//! Every client connects first (spread round-robin over the URLs). A URL's `room` query parameter
+//! names the room its clients join (none: the main room); a message is expected by every
+//! connected client of its sender's room. Then each sender sends the chat
 //! JSON `{"name": ..., "content": "RUN:SENDER:SEQ:UNIX_NANOS"}` on its own staggered ticker while
 //! every client reads: each delivery is parsed, checked against a per-client bitset of
 //! (sender, seq) to count duplicates, and its latency (receive time minus the send timestamp) kept.
@@ -82,7 +84,7 @@ pub struct Report {
     pub duration_s: f64,
     /// Messages sent.
     pub sent: u64,
-    /// Deliveries expected: sent × connected clients.
+    /// Deliveries expected: each message × the connected clients of its room.
     pub expected: u64,
     /// Distinct deliveries received.
     pub delivered: u64,
@@ -117,6 +119,8 @@ struct Shared {
     /// Highest sequence number (exclusive) a sender may use: sizes the duplicate bitsets.
     per_sender: usize,
     sent: AtomicU64,
+    /// Deliveries the messages sent so far call for.
+    expected: AtomicU64,
     delivered: AtomicU64,
     /// Senders still within their sending time.
     sending: AtomicUsize,
@@ -147,6 +151,26 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
         targets.push(Target::resolve(url, args.ca.as_deref()).await?);
     }
     let conns = connect_all(&targets, args.clients, args.concurrency).await;
+    // Each client's room, and the connected members of each room.
+    let rooms: Vec<usize> = {
+        let mut names: Vec<Option<String>> = Vec::new();
+        targets
+            .iter()
+            .map(|t| {
+                let name = room_of(t.url());
+                names.iter().position(|n| *n == name).unwrap_or_else(|| {
+                    names.push(name);
+                    names.len() - 1
+                })
+            })
+            .collect()
+    };
+    let mut members = vec![0u64; targets.len()];
+    for (i, conn) in conns.iter().enumerate() {
+        if conn.is_some() {
+            members[rooms[i % targets.len()]] += 1;
+        }
+    }
     let failed_connects = conns.iter().filter(|c| c.is_none()).count();
     if failed_connects > 0 {
         eprintln!(
@@ -167,6 +191,7 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
         per_sender: (args.duration.as_secs_f64() * args.rate / args.senders as f64).ceil() as usize
             + 2,
         sent: AtomicU64::new(0),
+        expected: AtomicU64::new(0),
         delivered: AtomicU64::new(0),
         sending: AtomicUsize::new(0),
         end: start + args.duration,
@@ -186,6 +211,7 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
         tasks.push(tokio::spawn(client(
             ws,
             ticker,
+            members[rooms[i % targets.len()]],
             Arc::clone(&shared),
             stop.clone(),
         )));
@@ -198,7 +224,7 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
     let drain_deadline = Instant::now() + args.drain;
     loop {
         let done_sending = shared.sending.load(Ordering::Acquire) == 0;
-        let expected = shared.sent.load(Ordering::Acquire) * connected as u64;
+        let expected = shared.expected.load(Ordering::Acquire);
         if (done_sending && shared.delivered.load(Ordering::Acquire) >= expected)
             || Instant::now() >= drain_deadline
         {
@@ -219,7 +245,7 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
         disconnects += usize::from(tally.disconnected);
     }
     let sent = shared.sent.load(Ordering::Acquire);
-    let expected = sent * connected as u64;
+    let expected = shared.expected.load(Ordering::Acquire);
     let delivered = latencies.len() as u64;
     let cpu_us_per_delivery = measured.cpu_us_per(delivered);
     Ok(Report {
@@ -270,10 +296,12 @@ async fn connect_all(targets: &[Target], n: usize, concurrency: usize) -> Vec<Op
     conns
 }
 
-/// One client: sends on its ticker (if a sender) and records every delivery until `stop`.
+/// One client: sends on its ticker (if a sender; each message is expected by `room_members`
+/// clients) and records every delivery until `stop`.
 async fn client(
     mut ws: Ws,
     mut ticker: Option<(usize, Interval)>,
+    room_members: u64,
     shared: Arc<Shared>,
     stop: CancellationToken,
 ) -> Tally {
@@ -305,6 +333,7 @@ async fn client(
                     break;
                 }
                 seq += 1;
+                shared.expected.fetch_add(room_members, Ordering::Release);
                 shared.sent.fetch_add(1, Ordering::Release);
             }
             msg = ws.next() => match msg {
@@ -338,6 +367,16 @@ async fn client(
         let _ = tokio::time::timeout(CLOSE_TIMEOUT, ws.close(None)).await;
     }
     tally
+}
+
+/// The `room` query parameter of a chat URL (`None`: the main room).
+fn room_of(url: &str) -> Option<String> {
+    let query = url.split_once('?')?.1;
+    query
+        .split('&')
+        .find_map(|pair| pair.strip_prefix("room="))
+        .filter(|room| !room.is_empty())
+        .map(str::to_owned)
 }
 
 /// Waits for the next tick of a sender's ticker; never completes for a pure receiver.
@@ -441,10 +480,19 @@ mod tests {
             senders: 3,
             per_sender: 10,
             sent: AtomicU64::new(0),
+            expected: AtomicU64::new(0),
             delivered: AtomicU64::new(0),
             sending: AtomicUsize::new(0),
             end: now,
         }
+    }
+
+    #[test]
+    fn a_url_names_its_room() {
+        assert_eq!(room_of("ws://h/ws?room=r7"), Some("r7".to_owned()));
+        assert_eq!(room_of("ws://h/ws?resume&room=a.b"), Some("a.b".to_owned()));
+        assert_eq!(room_of("ws://h/ws?room="), None);
+        assert_eq!(room_of("ws://h/ws"), None);
     }
 
     #[test]
