@@ -4,10 +4,19 @@
 //!
 //! Layout: a switch namespace holds bridge `br0`; each host namespace gets `eth0`, one end of a
 //! veth pair whose other end is a port of `br0`. Nothing is created in the root namespace.
+//!
+//! Programs run on a host through `ip netns exec` ([`Lab::command`]); the test's own sockets
+//! (clients, health polls) open on a host when the test body runs through [`run_in`], on a
+//! runtime whose threads all joined that host's namespace. [`ipv4_addrs`] reads what a host's
+//! `eth0` holds, e.g. whether a virtual IP moved to it.
 
+use std::fs::File;
+use std::future::Future;
+use std::os::fd::AsFd;
 use std::process::Command;
 
 use anyhow::{Context, Result, bail};
+use rustix::thread::{LinkNameSpaceType, move_into_link_name_space};
 
 /// A set of namespace hosts on one subnet.
 pub struct Lab {
@@ -91,6 +100,59 @@ impl Lab {
         cmd.args(["netns", "exec", ns]).arg(program);
         cmd
     }
+}
+
+/// Runs `body` to completion on a fresh runtime whose threads are all in namespace `ns`: every
+/// socket it opens is one of that host's. Programs it starts through [`Lab::command`] still run
+/// in their own namespaces. A panic in `body` (a failed assertion) is the caller's panic.
+pub fn run_in<F, Fut, T>(ns: &str, body: F) -> Result<T>
+where
+    F: FnOnce() -> Fut + Send,
+    Fut: Future<Output = Result<T>>,
+    T: Send,
+{
+    std::thread::scope(|scope| {
+        let thread = scope.spawn(|| {
+            let path = format!("/run/netns/{ns}");
+            let netns = File::open(&path).with_context(|| format!("cannot open {path}"))?;
+            // setns(2) moves this thread only; the runtime's threads, spawned from it, follow.
+            move_into_link_name_space(netns.as_fd(), Some(LinkNameSpaceType::Network))
+                .with_context(|| format!("cannot enter network namespace {ns}"))?;
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .context("cannot build a runtime")?;
+            runtime.block_on(body())
+        });
+        thread
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })
+}
+
+/// The IPv4 addresses on `dev` of host `ns`, as `ADDR/PREFIX`.
+pub async fn ipv4_addrs(ns: &str, dev: &str) -> Result<Vec<String>> {
+    let out = tokio::process::Command::new("ip")
+        .args(["-n", ns, "-o", "-4", "addr", "show", "dev", dev])
+        .output()
+        .await
+        .context("cannot run `ip` (apt-get install -y iproute2)")?;
+    if !out.status.success() {
+        bail!(
+            "ip -n {ns} addr show dev {dev} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    // `2: eth0    inet 10.0.0.10/24 brd 10.0.0.255 scope global eth0 ...`
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|line| {
+            let mut words = line.split_whitespace();
+            words.find(|w| *w == "inet")?;
+            words.next().map(str::to_owned)
+        })
+        .collect())
 }
 
 impl Drop for Lab {

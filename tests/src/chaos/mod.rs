@@ -11,6 +11,10 @@
 //! [`report`]). Each message's content is `RUN:SENDER:SEQ:CREATED_NS`, which identifies it
 //! everywhere: in the witness, in each client, in the senders' retries.
 //!
+//! [`drive`] is the same load and account against any [`Target`] (a chat URL, the CA to trust,
+//! the Redis to watch) with any fault: the HA pair test runs it through a virtual IP in network
+//! namespaces and fails an lb host over.
+//!
 //! With resume (the default) clients follow the zero-loss protocol (`/ws?resume`, then
 //! `/ws?epoch=E&last=ID` on every reconnect) and senders retry every unacknowledged send with its
 //! `cid`; without it they speak the original protocol (plain `/ws`, no `cid`, no retries).
@@ -19,6 +23,7 @@ mod client;
 pub mod report;
 pub mod witness;
 
+use std::future::Future;
 use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -26,6 +31,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result, bail};
 use tokio::sync::mpsc;
 use tokio::time::{Instant, MissedTickBehavior};
+use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
 
 use crate::redis::Persistence;
@@ -300,7 +306,18 @@ fn unix_nanos() -> u64 {
         .unwrap_or_default()
 }
 
-/// Runs one scenario and reports.
+/// Where a run's load goes.
+#[derive(Clone)]
+pub struct Target {
+    /// The chat's `wss://.../ws` URL.
+    pub url: String,
+    /// Trusts the certificate behind `url`.
+    pub tls: TlsConnector,
+    /// The Redis the apps share, for the witness.
+    pub redis_url: String,
+}
+
+/// Runs one scenario on a [`Stack`] of its own and reports.
 pub async fn run(config: &Config) -> Result<Report> {
     config.check()?;
     let mut stack = Stack::start_with(&Options {
@@ -309,11 +326,36 @@ pub async fn run(config: &Config) -> Result<Report> {
         ..Options::default()
     })
     .await?;
-    let run = (unix_nanos() % u64::from(u32::MAX)) as u32;
-    let witness = Witness::start(&stack.redis.url(), run).await?;
-    let plan = Arc::new(Plan {
+    let target = Target {
         url: stack.url(),
         tls: stack.tls.clone(),
+        redis_url: stack.redis.url(),
+    };
+    let scenario = config.scenario;
+    drive(
+        config,
+        scenario.name(),
+        &target,
+        scenario.inject(&mut stack),
+    )
+    .await
+}
+
+/// Runs the load of `config` against `target` (`config.scenario` is not used), starts `fault`
+/// at `config.fault_at`, and reports under the name `scenario`. `fault` does its harm, waits
+/// until the system is whole again and says what it did.
+pub async fn drive(
+    config: &Config,
+    scenario: &str,
+    target: &Target,
+    fault: impl Future<Output = Result<String>>,
+) -> Result<Report> {
+    config.check()?;
+    let run = (unix_nanos() % u64::from(u32::MAX)) as u32;
+    let witness = Witness::start(&target.redis_url, run).await?;
+    let plan = Arc::new(Plan {
+        url: target.url.clone(),
+        tls: target.tls.clone(),
         resume: config.resume,
         run,
         senders: config.senders,
@@ -370,16 +412,13 @@ pub async fn run(config: &Config) -> Result<Report> {
             tx,
         ));
     }
-    let scenario = config.scenario;
     let fault_at = start + config.fault_at;
-    let fault = tokio::spawn(async move {
+    let fault = async {
         tokio::time::sleep_until(fault_at).await;
         let began = Instant::now();
-        let done = scenario.inject(&mut stack).await;
-        (stack, done.map(|what| (what, began.elapsed())))
-    });
-    tokio::time::sleep_until(end).await;
-    let (stack, fault) = fault.await.context("the fault task panicked")?;
+        fault.await.map(|what| (what, began.elapsed()))
+    };
+    let (fault, ()) = tokio::join!(fault, tokio::time::sleep_until(end));
     let (fault, fault_took) = fault.with_context(|| format!("injecting {scenario}"))?;
 
     // The drain: until everything arrived, or `drain` after the last publication.
@@ -396,9 +435,10 @@ pub async fn run(config: &Config) -> Result<Report> {
         task.await.context("a client task panicked")?;
     }
     let seen = witness.finish().await;
-    drop(stack);
     let logs: Vec<ClientLog> = logs.iter().map(|l| std::mem::take(&mut *lock(l))).collect();
-    Ok(report::tally(config, fault, fault_took, &seen, &logs))
+    Ok(report::tally(
+        config, scenario, fault, fault_took, &seen, &logs,
+    ))
 }
 
 /// True when every send was acknowledged (with resume) and every client holds every message

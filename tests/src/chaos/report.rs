@@ -74,6 +74,7 @@ pub struct Report {
 /// Counts one run.
 pub(super) fn tally(
     config: &Config,
+    scenario: &str,
     fault: String,
     fault_took: Duration,
     seen: &Seen,
@@ -103,7 +104,7 @@ pub(super) fn tally(
         .flat_map(|l| l.latencies.iter().copied())
         .collect();
     Report {
-        scenario: config.scenario.name().to_owned(),
+        scenario: scenario.to_owned(),
         resume: config.resume,
         fault,
         fault_s: fault_took.as_secs_f64(),

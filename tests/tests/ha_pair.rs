@@ -1,0 +1,317 @@
+//! The HA pair of lb hosts (README, "Five hosts"), built from network namespaces on one machine
+//! (root only): two lb hosts each running `lb` and keepalived with the shipped
+//! `deploy/keepalived/keepalived.conf` (only `site.conf`, the site's addresses, is this lab's),
+//! a backend host with Redis and two apps, and a client host that reaches the chat only through
+//! the virtual IP.
+//!
+//! The virtual IP sits on lb1 (the higher priority). Then, under chat load from resuming clients
+//! and retrying senders (the chaos driver), lb on lb1 is killed (SIGKILL by PID): its health
+//! check fails, keepalived releases the address and lb2 takes it (observed in the hosts'
+//! `ip addr`); lb on lb1 is started again. Every client loses its connection once, reconnects
+//! through the virtual IP to lb2 with resume, and in the end every message sent was published
+//! once and received exactly once by every client. With `nopreempt` the address stays on lb2
+//! although lb1 is healthy again; stopped, both keepalived processes leave it on neither host.
+//!
+//! The namespaces share one private /24 that only this test creates (not the four-host test's),
+//! have no default route, and are removed at the end, also when the test fails.
+
+use std::fs::Permissions;
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use tests::chaos::{self, Config, Scenario, Target};
+use tests::client::tls_connector;
+use tests::netns::{Lab, can_create, ipv4_addrs, run_in};
+use tests::process::{Proc, Ready, system_bin, workspace_bin};
+use tests::stack::{app_config, eventually, generate_certs, lb_config_weighted, wait_healthy};
+use tokio::time::Instant;
+
+const SUBNET: &str = "10.213.48.0/24";
+const LB1: &str = "10.213.48.10";
+const LB2: &str = "10.213.48.11";
+const VIP: &str = "10.213.48.100";
+const BACKEND: &str = "10.213.48.20";
+const CLIENT: &str = "10.213.48.30";
+/// lb's admin listener on each lb host, where keepalived's health check asks.
+const ADMIN: &str = "127.0.0.1:9100";
+/// Longest wait for the virtual IP to settle on a host: an election at start (three adverts and
+/// the skew) after the health check's `rise`, with room to spare.
+const VIP_WITHIN: Duration = Duration::from_secs(15);
+/// How long keepalived or lb may take to stop after SIGTERM.
+const STOP_WITHIN: Duration = Duration::from_secs(15);
+
+/// The lab's hosts (namespace names).
+struct Hosts {
+    lb1: String,
+    lb2: String,
+    backend: String,
+    client: String,
+}
+
+#[test]
+fn ha_pair_moves_the_virtual_ip_and_clients_lose_nothing() -> Result<()> {
+    if !can_create() {
+        println!("skipped: creating network namespaces needs root (run the suite as root)");
+        return Ok(());
+    }
+    let mut lab = match Lab::new("soha", SUBNET) {
+        Ok(lab) => lab,
+        // Root in a container without CAP_SYS_ADMIN: the layout cannot be built here.
+        Err(e) if format!("{e:#}").contains("Operation not permitted") => {
+            println!("skipped: this machine does not let root create network namespaces: {e:#}");
+            return Ok(());
+        }
+        Err(e) => return Err(e),
+    };
+    let hosts = Hosts {
+        lb1: lab.add_host("lb1", LB1)?,
+        lb2: lab.add_host("lb2", LB2)?,
+        backend: lab.add_host("backend", BACKEND)?,
+        client: lab.add_host("client", CLIENT)?,
+    };
+    let keepalived = system_bin("keepalived", "keepalived")?;
+    // The test's own sockets (clients, witness, health polls) are the client host's.
+    run_in(&hosts.client, || pair(&hosts, &keepalived))
+}
+
+async fn pair(hosts: &Hosts, keepalived: &Path) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    // keepalived runs the health check as `nobody`, who must reach the script inside.
+    std::fs::set_permissions(dir.path(), Permissions::from_mode(0o755))?;
+    let certs = dir.path().join("certs");
+    generate_certs(&certs, &["chat.example.internal", VIP]).await?;
+
+    // The backend host: Redis and two apps.
+    let redis_bin = system_bin("redis-server", "redis-server")?;
+    let mut cmd = Lab::command(&hosts.backend, &redis_bin);
+    cmd.args([
+        "--bind",
+        BACKEND,
+        "--port",
+        "6379",
+        "--protected-mode",
+        "no",
+    ])
+    .args(["--save", "", "--appendonly", "no", "--dir"])
+    .arg(dir.path());
+    let _redis = Proc::spawn("redis", cmd, Ready::Line("Ready to accept connections")).await?;
+    let redis_url = format!("redis://{BACKEND}:6379");
+    let app_toml = dir.path().join("app.toml");
+    std::fs::write(&app_toml, app_config())?;
+    let mut apps = Vec::new();
+    let mut backends = Vec::new();
+    for (name, port) in [("app1", 8001), ("app2", 8002)] {
+        let addr: SocketAddr = format!("{BACKEND}:{port}").parse()?;
+        let mut cmd = Lab::command(&hosts.backend, &workspace_bin("app")?);
+        cmd.arg("--config").arg(&app_toml).args([
+            "--listen",
+            &addr.to_string(),
+            "--redis",
+            &redis_url,
+        ]);
+        apps.push(Proc::spawn(name, cmd, Ready::Listening(&["http"])).await?);
+        wait_healthy(addr).await?;
+        backends.push((name.to_owned(), addr, 1));
+    }
+
+    // lb on both lb hosts, on every address (the virtual IP included, whenever it arrives).
+    let lb_toml = dir.path().join("lb.toml");
+    std::fs::write(
+        &lb_toml,
+        lb_config_weighted("0.0.0.0:443", ADMIN, &certs.join("server.pem"), &backends),
+    )?;
+    let mut lb1 = start_lb(&hosts.lb1, &lb_toml).await?;
+    let _lb2 = start_lb(&hosts.lb2, &lb_toml).await?;
+
+    // keepalived on both, lb1 first: it has the higher priority and wins the first election.
+    let conf = keepalived_conf(dir.path())?;
+    let ka1 = Keepalived::start(&hosts.lb1, "lb1", keepalived, &conf, dir.path()).await?;
+    let ka2 = Keepalived::start(&hosts.lb2, "lb2", keepalived, &conf, dir.path()).await?;
+    vip_moves(&hosts.lb1, &hosts.lb2).await?;
+    println!("{}: holds {VIP}", hosts.lb1);
+
+    // Chat load through the virtual IP; the fault moves it to lb2.
+    let target = Target {
+        url: format!("wss://{VIP}/ws"),
+        tls: tls_connector(&certs.join("ca.crt"))?,
+        redis_url,
+    };
+    let config = Config {
+        clients: 20,
+        senders: 2,
+        rate: 20.0,
+        duration: Duration::from_secs(12),
+        fault_at: Duration::from_secs(2),
+        drain: Duration::from_secs(5),
+        ..Config::new(Scenario::None)
+    };
+    let fault = async {
+        let began = Instant::now();
+        lb1.signal("KILL")?;
+        vip_moves(&hosts.lb2, &hosts.lb1).await?;
+        let to_lb2 = began.elapsed();
+        lb1.wait_exit(STOP_WITHIN).await?;
+        lb1 = start_lb(&hosts.lb1, &lb_toml).await?;
+        // Every client back, through lb2.
+        let clients = config.clients as u64;
+        eventually(
+            &format!("{clients} tunnels through lb2"),
+            VIP_WITHIN,
+            || async { Ok(tunnels(&hosts.lb2).await? == clients) },
+        )
+        .await?;
+        Ok(format!(
+            "lb on lb1 SIGKILL: VIP on lb2 after {to_lb2:.1?}; lb on lb1 started again; \
+             every client back through lb2"
+        ))
+    };
+    let report = chaos::drive(&config, "lb-failover", &target, fault).await?;
+    println!("{report}");
+    assert_eq!(
+        (
+            report.connected,
+            report.lost,
+            report.duplicates,
+            report.out_of_order,
+            report.unacked,
+            report.unrecovered,
+            report.published_duplicates,
+        ),
+        (config.clients, 0, 0, 0, 0, 0, 0),
+        "{report}"
+    );
+    assert!(report.sent > 0, "{report}");
+    assert_eq!(report.published, report.sent, "{report}");
+    // The move broke every client's WebSocket once: they all went through lb1, then lb2.
+    // `nopreempt`: lb1, healthy again for seconds now, did not take the address back (which
+    // would have broken every connection a second time).
+    let clients = config.clients as u64;
+    assert!(
+        (clients..2 * clients).contains(&report.disconnects),
+        "expected each client to lose its connection once: {report}"
+    );
+    assert!(lb1.is_running(), "lb on lb1, started again, has exited");
+    vip_moves(&hosts.lb2, &hosts.lb1).await?;
+    // Stopped, keepalived releases the address.
+    ka2.stop().await?;
+    ka1.stop().await?;
+    for host in [&hosts.lb1, &hosts.lb2] {
+        let left = ipv4_addrs(host, "eth0").await?;
+        assert!(
+            !left.iter().any(|a| a.starts_with(&format!("{VIP}/"))),
+            "keepalived stopped and left {VIP} on {host}: {left:?}"
+        );
+    }
+    Ok(())
+}
+
+/// Starts `lb run --config lb_toml` on host `ns`.
+async fn start_lb(ns: &str, lb_toml: &Path) -> Result<Proc> {
+    let mut cmd = Lab::command(ns, &workspace_bin("lb")?);
+    cmd.arg("run").arg("--config").arg(lb_toml);
+    Proc::spawn(
+        &format!("{ns}: lb"),
+        cmd,
+        Ready::Listening(&["https", "admin"]),
+    )
+    .await
+}
+
+/// The shipped keepalived.conf and lb-health in `dir/keepalived/`, with this lab's `site.conf`;
+/// returns the path of keepalived.conf.
+fn keepalived_conf(dir: &Path) -> Result<PathBuf> {
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/keepalived");
+    let here = dir.join("keepalived");
+    std::fs::create_dir(&here)?;
+    std::fs::set_permissions(&here, Permissions::from_mode(0o755))?;
+    for file in ["keepalived.conf", "lb-health"] {
+        std::fs::copy(shipped.join(file), here.join(file))
+            .with_context(|| format!("cannot copy {}", shipped.join(file).display()))?;
+    }
+    std::fs::set_permissions(here.join("lb-health"), Permissions::from_mode(0o755))?;
+    std::fs::write(
+        here.join("site.conf"),
+        format!(
+            "$INTERFACE=eth0\n$VIP={VIP}/24\n$ROUTER_ID=51\n$LB1={LB1}\n$LB2={LB2}\n\
+             $LB_HEALTH={}\n$LB_ADMIN={ADMIN}\n$SCRIPT_USER=nobody\n",
+            here.join("lb-health").display()
+        ),
+    )?;
+    Ok(here.join("keepalived.conf"))
+}
+
+/// How many WebSocket tunnels lb on host `ns` holds, from its loopback-only admin `/stats`
+/// (read from inside the host).
+async fn tunnels(ns: &str) -> Result<u64> {
+    let request = r"GET /stats HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n\r\n";
+    let get = format!(
+        "exec 3<>/dev/tcp/{}; printf '{request}' >&3; cat <&3",
+        ADMIN.replace(':', "/")
+    );
+    let out = tokio::process::Command::new("ip")
+        .args(["netns", "exec", ns, "bash", "-c", &get])
+        .output()
+        .await?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let Some((_, body)) = text.split_once("\r\n\r\n") else {
+        bail!("no answer from lb's admin listener on {ns}: {text}");
+    };
+    let stats: serde_json::Value = serde_json::from_str(body).context("bad /stats JSON")?;
+    let backends = stats["backends"].as_array().cloned().unwrap_or_default();
+    Ok(backends
+        .iter()
+        .filter_map(|b| b["tunnels_active"].as_u64())
+        .sum())
+}
+
+/// Waits until the virtual IP is on host `to` and not on host `from`.
+async fn vip_moves(to: &str, from: &str) -> Result<()> {
+    let held = |addrs: Vec<String>| addrs.iter().any(|a| a.starts_with(&format!("{VIP}/")));
+    eventually(&format!("{VIP} on {to} only"), VIP_WITHIN, || async {
+        Ok(held(ipv4_addrs(to, "eth0").await?) && !held(ipv4_addrs(from, "eth0").await?))
+    })
+    .await
+}
+
+/// keepalived (VRRP only) in the foreground on one lb host, with its own pid files.
+struct Keepalived {
+    proc: Proc,
+}
+
+impl Keepalived {
+    /// Starts keepalived as `-i id` (the `@id` lines of the configuration) on host `ns` and
+    /// waits until its VRRP process has started.
+    async fn start(ns: &str, id: &str, bin: &Path, conf: &Path, dir: &Path) -> Result<Keepalived> {
+        // keepalived logs to stderr; the harness reads readiness lines on stdout.
+        let mut cmd = Lab::command(ns, Path::new("/bin/sh"));
+        cmd.args(["-c", "exec \"$0\" \"$@\" 2>&1"])
+            .arg(bin)
+            .args(["--dont-fork", "--log-console", "--log-detail", "--vrrp"])
+            .args(["--config-id", id, "--use-file"])
+            .arg(conf)
+            .arg("--pid")
+            .arg(dir.join(format!("keepalived-{id}.pid")))
+            .arg("--vrrp_pid")
+            .arg(dir.join(format!("keepalived-vrrp-{id}.pid")));
+        let proc = Proc::spawn(
+            &format!("{ns}: keepalived"),
+            cmd,
+            Ready::Line("Startup complete"),
+        )
+        .await?;
+        Ok(Keepalived { proc })
+    }
+
+    /// SIGTERM, as `systemctl stop keepalived`: the VRRP process releases the address (and
+    /// tells the peer), then both processes exit.
+    async fn stop(mut self) -> Result<()> {
+        let status = self.proc.terminate(STOP_WITHIN).await?;
+        if !status.success() {
+            bail!("keepalived exited with {status}");
+        }
+        Ok(())
+    }
+}
