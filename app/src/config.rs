@@ -36,6 +36,8 @@ pub const DEFAULT_CLIENT_QUEUE: usize = 256;
 /// Time between SIGTERM (503 on `/healthz`, new WebSockets refused) and closing every open
 /// WebSocket with 1001; long enough for a load balancer's health check to notice.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+/// Default interval of the WebSocket pings that find unreachable clients.
+pub const DEFAULT_PING_INTERVAL: Duration = Duration::from_secs(20);
 /// Messages kept in each channel's history for clients that resume after a reconnect.
 pub const DEFAULT_HISTORY_MESSAGES: usize = 10_000;
 /// Age beyond which messages leave the history.
@@ -90,6 +92,9 @@ pub struct RawConfig {
     /// Drain time before open WebSockets are closed on shutdown.
     #[serde(default, with = "humantime_serde")]
     pub shutdown_grace: Option<Duration>,
+    /// Interval of the WebSocket pings each client must answer.
+    #[serde(default, with = "humantime_serde")]
+    pub ping_interval: Option<Duration>,
     /// Messages kept per channel for resuming clients.
     pub history_messages: Option<usize>,
     /// Age beyond which messages leave the history.
@@ -129,6 +134,9 @@ pub struct Config {
     pub client_queue: usize,
     /// Drain time on shutdown before WebSockets are closed with 1001.
     pub shutdown_grace: Duration,
+    /// Every client is pinged this often; one that has not answered by the next ping is
+    /// disconnected.
+    pub ping_interval: Duration,
     /// What each room's history keeps.
     pub history: HistoryConfig,
     /// How many rooms, and how long an empty one lingers.
@@ -436,9 +444,20 @@ impl RawConfig {
             allowed_origins,
             client_queue,
             shutdown_grace: self.shutdown_grace.unwrap_or(DEFAULT_SHUTDOWN_GRACE),
+            ping_interval: self.ping_interval(&origin)?,
             history,
             rooms,
         })
+    }
+
+    fn ping_interval(&self, origin: &Origin<'_>) -> Result<Duration, ConfigError> {
+        match self.ping_interval {
+            Some(interval) if interval < Duration::from_millis(100) => Err(origin.invalid(
+                "ping_interval",
+                "must be at least 100ms (a client gets one interval to answer)",
+            )),
+            interval => Ok(interval.unwrap_or(DEFAULT_PING_INTERVAL)),
+        }
     }
 
     fn history(&self, origin: &Origin<'_>) -> Result<HistoryConfig, ConfigError> {
@@ -714,7 +733,19 @@ mod tests {
         assert_eq!(config.limits.max_frame_bytes, DEFAULT_MAX_FRAME_BYTES);
         assert_eq!(config.client_queue, DEFAULT_CLIENT_QUEUE);
         assert_eq!(config.shutdown_grace, DEFAULT_SHUTDOWN_GRACE);
+        assert_eq!(config.ping_interval, DEFAULT_PING_INTERVAL);
         assert!(config.allowed_origins.is_empty());
+    }
+
+    #[test]
+    fn a_ping_interval_too_short_to_answer_is_refused() {
+        let err = Config::from_toml("ping_interval = \"50ms\"\n", "a.toml").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "a.toml: key `ping_interval`: must be at least 100ms (a client gets one interval to answer)"
+        );
+        let config = Config::from_toml("ping_interval = \"2s\"\n", "a.toml").unwrap();
+        assert_eq!(config.ping_interval, Duration::from_secs(2));
     }
 
     #[test]
@@ -738,6 +769,7 @@ mod tests {
             "max_connections",
             "client_queue",
             "shutdown_grace",
+            "ping_interval",
             "history_messages",
             "history_age",
             "dedupe_window",

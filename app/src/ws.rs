@@ -18,7 +18,9 @@
 //! - messages from the fan-out queue: written to the client, in order, minus those up to the
 //!   position the resume notice gave (sent with it, or older than the client's start);
 //! - `stop`: cancelled by the fan-out when the queue is full or this instance lost track of the
-//!   room's channel (close 1013, the page reconnects and resumes) or by shutdown (close 1001).
+//!   room's channel (close 1013, the page reconnects and resumes) or by shutdown (close 1001);
+//! - a ping every `ping_interval`: a client that sent nothing since the previous one, not even
+//!   its pong, is unreachable and let go.
 //!
 //! Buffers are small (a 4 KiB read buffer; a 1 KiB write buffer, allocated at the first
 //! message, in which the frames of one batch collect until the flush) so that many idle
@@ -280,6 +282,12 @@ async fn serve<S>(
     };
     let bucket = TokenBucket::new(limits.messages_per_second, limits.messages_burst);
     tracing::debug!(clients = room.fanout().len(), "WebSocket open");
+    // A ping every interval; a client that sent nothing since the last one (not even its pong)
+    // is unreachable and let go.
+    let interval = state.config().ping_interval;
+    let mut pings = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+    pings.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut heard = true;
 
     let end = loop {
         // In this order: stop, then the client's queue, then its next frame. Writing before
@@ -295,6 +303,7 @@ async fn serve<S>(
                 }
             }
             frame = socket.next() => {
+                heard = true;
                 let reply = match frame {
                     None => break End::Gone,
                     Some(Err(e)) => break refusal(e, limits.max_frame_bytes),
@@ -316,6 +325,16 @@ async fn serve<S>(
                     if let Err(end) = send(&mut socket, Message::Text(reply.into()), &stop).await {
                         break end;
                     }
+                }
+            }
+            _ = pings.tick() => {
+                if !heard {
+                    tracing::info!(?interval, "letting go of a client that did not answer a ping");
+                    break End::Gone;
+                }
+                heard = false;
+                if let Err(end) = send(&mut socket, Message::Ping(Default::default()), &stop).await {
+                    break end;
                 }
             }
         }

@@ -2,7 +2,7 @@
 //! lengths, invalid UTF-8, and RFC 6455 violations (reserved bits, unknown opcodes, unmasked or
 //! fragmented control frames, continuations out of place, malformed closes). Each ends its
 //! connection with the close code the RFC names (1009, 1007, 1002), none reaches anyone, and the
-//! server keeps serving normal clients.
+//! server keeps serving normal clients. A client that answers no ping is let go.
 
 use std::net::SocketAddr;
 
@@ -290,4 +290,30 @@ async fn each_bad_frame_closes_with_its_code_and_the_server_keeps_serving() {
     assert_eq!(assert_chat_shape(&seen).content, "still here");
     assert_eq!(normal.text().await, seen);
     assert_eq!(app.get("/healthz").await.0, 200);
+}
+
+#[tokio::test]
+async fn a_client_that_answers_no_ping_is_let_go_and_one_that_answers_stays() {
+    let app = App::start("ping_interval = \"200ms\"").await;
+    let mut listener = app.connect().await;
+    let mut silent = RawClient::connect(app.addr).await;
+    // The listener reads all along (its WebSocket layer answers each ping); the silent client
+    // reads raw bytes and answers nothing, until the server ends its connection. Then a message
+    // sent by a newcomer still reaches the listener.
+    let (pings, text) = tokio::join!(
+        async {
+            while silent.more().await {}
+            let pings = silent.buf.chunks(2).filter(|f| *f == [0x89, 0x00]).count();
+            assert_eq!(silent.buf.len(), pings * 2, "only pings: {:?}", silent.buf);
+            let mut sender = app.connect().await;
+            sender.say("late", "after the silent one left").await;
+            pings
+        },
+        listener.text()
+    );
+    assert!(pings >= 1, "the server never pinged");
+    assert_eq!(
+        assert_chat_shape(&text).content,
+        "after the silent one left"
+    );
 }

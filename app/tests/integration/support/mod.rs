@@ -530,12 +530,18 @@ impl Client {
         self.ws.send(message).await.unwrap();
     }
 
+    /// The next frame other than the server's pings (answered by the WebSocket layer).
     async fn next(&mut self) -> Message {
-        tokio::time::timeout(DEADLINE, self.ws.next())
-            .await
-            .expect("timed out waiting for a WebSocket message")
-            .expect("WebSocket ended")
-            .expect("WebSocket error")
+        loop {
+            let message = tokio::time::timeout(DEADLINE, self.ws.next())
+                .await
+                .expect("timed out waiting for a WebSocket message")
+                .expect("WebSocket ended")
+                .expect("WebSocket error");
+            if !matches!(message, Message::Ping(_)) {
+                return message;
+            }
+        }
     }
 
     /// The next text frame.
