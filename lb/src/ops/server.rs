@@ -20,7 +20,7 @@ use std::fmt;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -266,6 +266,7 @@ impl Lb {
             root: root.clone(),
             limit: ConnLimit::new(metrics, limit_n),
             https_port: addrs.https.port(),
+            handed_over: AtomicBool::new(false),
         });
 
         let accepting = root.child_token();
@@ -336,6 +337,7 @@ impl Lb {
     /// (the successor's stay open: no connection is refused). Established connections and
     /// tunnels carry on until [`Lb::drain`].
     pub async fn stop_accepting(&self) {
+        self.state.handed_over.store(true, Relaxed);
         self.accepting.cancel();
         self.acceptors.wait().await;
         self.sockets
