@@ -338,6 +338,11 @@ impl Lb {
     /// tunnels carry on until [`Lb::drain`].
     pub async fn stop_accepting(&self) {
         self.state.handed_over.store(true, Relaxed);
+        self.close_listeners().await;
+    }
+
+    /// Ends the accept loops and closes this process's copies of the listening sockets.
+    async fn close_listeners(&self) {
         self.accepting.cancel();
         self.acceptors.wait().await;
         self.sockets
@@ -492,6 +497,7 @@ impl Lb {
             "shutting down: no new connections; draining"
         );
         state.root.cancel();
+        self.close_listeners().await;
         engine.upstreams.close();
         engine.tracker.close();
         if tokio::time::timeout(grace, engine.tracker.wait())
