@@ -41,8 +41,8 @@ const TAG_LEN: usize = 16;
 /// Why ticket keys could not be made or taken over.
 #[derive(Debug, thiserror::Error)]
 pub enum TicketError {
-    /// The system's random source failed.
-    #[error("could not generate a TLS session ticket key: the system random source failed")]
+    /// The system's random source failed (or ring refused a key).
+    #[error("could not generate a TLS session ticket key (the system random source failed)")]
     Random,
     /// Keys handed over by the previous process are not in the expected form.
     #[error("the handed-over session ticket keys are malformed ({0} bytes)")]
@@ -59,17 +59,15 @@ struct Key {
 }
 
 impl Key {
-    fn new(name: [u8; NAME_LEN], created_ms: u64, secret: [u8; SECRET_LEN]) -> Key {
-        // AES-256-GCM takes any 32-byte key: the only error ring has here is a wrong length.
-        let aead = LessSafeKey::new(
-            UnboundKey::new(&AES_256_GCM, &secret).unwrap_or_else(|_| unreachable!()),
-        );
-        Key {
+    /// `None` only if ring refuses the key (it checks the length, which the type fixes).
+    fn new(name: [u8; NAME_LEN], created_ms: u64, secret: [u8; SECRET_LEN]) -> Option<Key> {
+        let aead = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &secret).ok()?);
+        Some(Key {
             name,
             created_ms,
             secret,
             aead,
-        }
+        })
     }
 
     fn random(rng: &SystemRandom, created_ms: u64) -> Result<Key, TicketError> {
@@ -77,7 +75,7 @@ impl Key {
         let mut secret = [0u8; SECRET_LEN];
         rng.fill(&mut name).map_err(|_| TicketError::Random)?;
         rng.fill(&mut secret).map_err(|_| TicketError::Random)?;
-        Ok(Key::new(name, created_ms, secret))
+        Key::new(name, created_ms, secret).ok_or(TicketError::Random)
     }
 
     fn age_ms(&self, now_ms: u64) -> u64 {
@@ -159,11 +157,11 @@ impl Tickets {
         let mut keys = bytes.chunks_exact(EXPORTED_KEY_LEN).map(|k| {
             let (name, rest) = k.split_at(NAME_LEN);
             let (created, secret) = rest.split_at(8);
-            Some(Key::new(
+            Key::new(
                 name.try_into().ok()?,
                 u64::from_be_bytes(created.try_into().ok()?),
                 secret.try_into().ok()?,
-            ))
+            )
         });
         let current = keys.next().flatten().ok_or_else(malformed)?;
         let previous = match keys.next() {
@@ -207,10 +205,12 @@ impl Tickets {
             return set;
         };
         // The current key becomes the previous one, unless it is already two periods old.
-        let previous = (set.current.age_ms(now_ms) < 2 * rotation).then(|| {
-            let c = &set.current;
+        let c = &set.current;
+        let previous = if c.age_ms(now_ms) < 2 * rotation {
             Key::new(c.name, c.created_ms, c.secret)
-        });
+        } else {
+            None
+        };
         let next = Arc::new(KeySet {
             current: fresh,
             previous,
