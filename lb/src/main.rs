@@ -4,7 +4,11 @@
 //! `lb run` (the default; with a file, or quick mode from flags alone), `lb check` or
 //! `lb certs generate`. Everything else lives in the library. Exit codes: 0 on success, 64 when
 //! the configuration (or a certificate it names, or a `certs` argument) is unusable, 1 on any
-//! other failure.
+//! other failure (a listener that cannot be bound, a binary upgrade that cannot take over).
+//!
+//! `lb run` started by a running lb on SIGUSR2 finds the handover socket in `LB_TAKEOVER_FROM`:
+//! it validates its configuration first, then takes the listening sockets and ticket keys over
+//! (`ops::handover`) instead of binding, and tells the old process when it serves.
 
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -12,6 +16,9 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
+use lb::ops::handover::{self, Handback, Successor};
+use lb::ops::notify;
+use lb::ops::signals::{Exit, Signals};
 use lb::{Config, ConfigError, Lb, Overrides, StartError};
 
 /// Exit code for an unusable configuration (EX_USAGE / EX_CONFIG-style, like `haproxy -c`).
@@ -126,9 +133,21 @@ fn main() -> ExitCode {
 
 /// `lb check`: parse, validate, load the certificates.
 fn check(path: &Path) -> ExitCode {
-    let result = Config::load(path, &Overrides::default())
-        .and_then(|config| lb::front::tls::server_config(&config).map(|_| config));
-    match result {
+    let config = match Config::load(path, &Overrides::default()) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("lb: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let tickets = match lb::front::tickets::Tickets::new(config.tls.ticket_rotation) {
+        Ok(tickets) => tickets,
+        Err(e) => {
+            eprintln!("lb: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match lb::front::tls::server_config(&config, &tickets).map(|_| config) {
         Ok(config) => {
             println!(
                 "{}: configuration is valid ({} backend{}, {} certificate{}, https on {})",
@@ -152,7 +171,7 @@ fn check(path: &Path) -> ExitCode {
     }
 }
 
-/// `lb run`: start, announce the listeners, serve signals, drain.
+/// `lb run`: take over or bind, announce the listeners, serve signals, drain.
 fn run(args: RunArgs) -> ExitCode {
     if args.is_empty() {
         eprintln!(
@@ -161,12 +180,28 @@ fn run(args: RunArgs) -> ExitCode {
         );
         return ExitCode::from(EXIT_CONFIG);
     }
+    // Where the next version comes from, taken now: once the file is replaced, this process's
+    // own image is no longer at that path.
+    let successor = std::env::current_exe().ok().map(|program| Successor {
+        program,
+        args: std::env::args_os().skip(1).collect(),
+    });
     let config = match args.load() {
         Ok(config) => config,
         Err(e) => {
             eprintln!("lb: {e}");
             return ExitCode::from(EXIT_CONFIG);
         }
+    };
+    let (inherited, handback) = match std::env::var_os(handover::TAKEOVER_ENV) {
+        None => (lb::ops::server::Inherited::default(), None),
+        Some(path) => match handover::receive(Path::new(&path)) {
+            Ok((inherited, handback)) => (inherited, Some(handback)),
+            Err(e) => {
+                eprintln!("lb: upgrade: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
     };
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
@@ -176,7 +211,14 @@ fn run(args: RunArgs) -> ExitCode {
         }
     };
     runtime.block_on(async move {
-        let lb = match Lb::start(config).await {
+        let mut signals = match Signals::install() {
+            Ok(signals) => signals,
+            Err(e) => {
+                eprintln!("lb: could not install signal handlers: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let lb = match Lb::start_with(config, inherited).await {
             Ok(lb) => lb,
             Err(StartError::Config(e)) => {
                 eprintln!("lb: {e}");
@@ -192,16 +234,28 @@ fn run(args: RunArgs) -> ExitCode {
             lb.shutdown().await;
             return ExitCode::FAILURE;
         }
-        let served = lb::ops::signals::run(&lb, || args.load()).await;
-        lb.shutdown().await;
-        match served {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("lb: could not install signal handlers: {e}");
-                ExitCode::FAILURE
-            }
+        notify::ready();
+        if let Some(handback) = handback {
+            hand_back(handback);
         }
+        match signals.run(&lb, || args.load(), successor.as_ref()).await {
+            Exit::Terminate => {
+                notify::stopping();
+                lb.shutdown().await;
+            }
+            Exit::Upgraded(pid) => signals.drain_after_upgrade(&lb, pid).await,
+        }
+        ExitCode::SUCCESS
     })
+}
+
+/// Tells the old process this one serves. If it is gone, this one serves on regardless.
+fn hand_back(handback: Handback) {
+    match handback.ready() {
+        Ok(()) => tracing::info!("took over from the previous process; serving"),
+        Err(e) => tracing::warn!(error = %e,
+            "could not tell the previous process that this one serves; serving anyway"),
+    }
 }
 
 /// Prints the readiness lines, one per bound listener.

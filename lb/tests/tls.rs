@@ -2,7 +2,8 @@
 //! trusting the generated CA (TLS 1.3 and 1.2, ALPN http/1.1), a TLS 1.1 ClientHello is refused,
 //! SNI selects among several certificates (combined PEM and separate files), and a client that
 //! sends no SNI gets the first one. A returning client resumes its session (tickets, TLS 1.3 and
-//! 1.2).
+//! 1.2), also after a reload (the ticket keys outlive it), but not with a ticket older than two
+//! key rotations. (Resumption across a binary upgrade is in `upgrade.rs`.)
 
 mod support;
 
@@ -180,49 +181,64 @@ async fn an_untrusted_client_fails_the_handshake_and_others_are_unaffected() {
     lb.shutdown().await;
 }
 
-/// A connection with `config`: its handshake kind, after one request read to the end (a TLS
-/// 1.3 server sends its session tickets after the handshake, with the first data).
-async fn handshake_kind_of_one_request(
-    config: Arc<rustls::ClientConfig>,
-    addr: std::net::SocketAddr,
-) -> Option<rustls::HandshakeKind> {
-    let mut tls = within("TLS connect", tls_connect_with(config, addr, "localhost"))
-        .await
-        .expect("TLS handshake with lb");
-    let kind = tls.get_ref().1.handshake_kind();
-    tls.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        .await
-        .expect("send a request");
-    let mut answer = Vec::new();
-    within("the answer", tls.read_to_end(&mut answer))
-        .await
-        .expect("read the answer");
-    assert!(answer.starts_with(b"HTTP/1.1 200"), "{answer:?}");
-    kind
-}
-
 #[tokio::test]
 async fn a_returning_client_resumes_its_session_with_tls13_and_tls12() {
     let pki = Pki::local();
     let backend = TestBackend::start("app1").await;
     let lb = start_lb(&TestConfig::new(&pki, &[&backend])).await;
     for version in [&rustls::version::TLS13, &rustls::version::TLS12] {
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(pki.bundle.ca_der().unwrap()[0].clone()).unwrap();
-        // The client's default session store keeps what the server gave it.
-        let config = Arc::new(
-            rustls::ClientConfig::builder_with_provider(Arc::new(
-                rustls::crypto::ring::default_provider(),
-            ))
-            .with_protocol_versions(&[version])
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth(),
-        );
+        let config = resuming_client(&pki, version);
         let first = handshake_kind_of_one_request(Arc::clone(&config), lb.addrs().https).await;
         assert_eq!(first, Some(rustls::HandshakeKind::Full), "{version:?}");
         let again = handshake_kind_of_one_request(config, lb.addrs().https).await;
         assert_eq!(again, Some(rustls::HandshakeKind::Resumed), "{version:?}");
     }
+    lb.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_ticket_issued_before_a_reload_resumes_after_it() {
+    let pki = Pki::local();
+    let backend = TestBackend::start("app1").await;
+    let other = TestBackend::start("app2").await;
+    let lb = start_lb(&TestConfig::new(&pki, &[&backend])).await;
+    let addr = lb.addrs().https;
+    let clients =
+        [&rustls::version::TLS13, &rustls::version::TLS12].map(|v| resuming_client(&pki, v));
+    for config in &clients {
+        let first = handshake_kind_of_one_request(Arc::clone(config), addr).await;
+        assert_eq!(first, Some(rustls::HandshakeKind::Full));
+    }
+    // A new TLS configuration (new session cache too: only a ticket can resume).
+    lb.reload(TestConfig::new(&pki, &[&backend, &other]).config())
+        .expect("reload");
+    for config in clients {
+        let again = handshake_kind_of_one_request(config, addr).await;
+        assert_eq!(again, Some(rustls::HandshakeKind::Resumed));
+    }
+    lb.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_ticket_older_than_two_rotations_gets_a_full_handshake() {
+    const ROTATION: std::time::Duration = std::time::Duration::from_secs(1);
+    let pki = Pki::local();
+    let backend = TestBackend::start("app1").await;
+    let mut config = TestConfig::new(&pki, &[&backend]);
+    config.tls = format!("ticket_rotation = \"{}s\"\n", ROTATION.as_secs());
+    let lb = start_lb(&config).await;
+    let addr = lb.addrs().https;
+    let client = resuming_client(&pki, &rustls::version::TLS13);
+    let first = handshake_kind_of_one_request(Arc::clone(&client), addr).await;
+    assert_eq!(first, Some(rustls::HandshakeKind::Full));
+    // Well within two rotations of lb's start (its first key), the ticket resumes.
+    let again = handshake_kind_of_one_request(Arc::clone(&client), addr).await;
+    assert_eq!(again, Some(rustls::HandshakeKind::Resumed));
+    // The client now holds tickets from that resumption; two rotations after the newest was
+    // issued, its key opens nothing.
+    let newest = std::time::Instant::now();
+    tokio::time::sleep_until((newest + 2 * ROTATION).into()).await;
+    let late = handshake_kind_of_one_request(client, addr).await;
+    assert_eq!(late, Some(rustls::HandshakeKind::Full));
     lb.shutdown().await;
 }

@@ -43,6 +43,13 @@ pub const DEFAULT_BACKEND_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_TUNNEL_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 /// How long a shutdown waits for requests and tunnels to finish.
 pub const DEFAULT_DRAIN_GRACE: Duration = Duration::from_secs(10);
+/// How long the old process keeps its connections and tunnels after a binary upgrade.
+pub const DEFAULT_UPGRADE_GRACE: Duration = Duration::from_secs(300);
+/// How often the TLS session ticket key rotates (a ticket resumes for one to two periods).
+pub const DEFAULT_TICKET_ROTATION: Duration = Duration::from_secs(12 * 3600);
+/// The longest ticket rotation period: a ticket lives one period, and TLS 1.3 allows no more
+/// than 7 days (RFC 8446, 4.6.1).
+pub const MAX_TICKET_ROTATION: Duration = Duration::from_secs(7 * 24 * 3600);
 /// Largest request head (request line plus headers) accepted, in bytes.
 pub const DEFAULT_MAX_HEADER_BYTES: usize = 16 * 1024;
 /// Smallest `max_header_bytes` accepted (hyper's minimum read buffer).
@@ -71,6 +78,16 @@ pub struct Config {
     pub timeouts: Timeouts,
     /// Size and count limits.
     pub limits: Limits,
+    /// TLS settings beyond the certificates.
+    pub tls: TlsSettings,
+}
+
+/// TLS settings beyond the certificates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TlsSettings {
+    /// How often the session ticket key rotates; a ticket resumes for at least one period and
+    /// never after two.
+    pub ticket_rotation: Duration,
 }
 
 /// Listener addresses.
@@ -131,6 +148,9 @@ pub struct Timeouts {
     pub tunnel_idle: Duration,
     /// How long a shutdown waits for requests and tunnels before closing them.
     pub drain_grace: Duration,
+    /// How long the old process keeps its connections and tunnels after handing its
+    /// listeners to a new one (binary upgrade) before closing them.
+    pub upgrade_grace: Duration,
 }
 
 /// Size and count limits.
@@ -302,6 +322,8 @@ mod tests {
         assert_eq!(c.timeouts.tunnel_idle, Duration::from_secs(3600));
         assert_eq!(c.limits.max_header_bytes, DEFAULT_MAX_HEADER_BYTES);
         assert_eq!(c.limits.max_client_connections, None);
+        assert_eq!(c.timeouts.upgrade_grace, DEFAULT_UPGRADE_GRACE);
+        assert_eq!(c.tls.ticket_rotation, DEFAULT_TICKET_ROTATION);
     }
 
     #[test]
@@ -347,12 +369,16 @@ mod tests {
             backend_idle = "20s"
             tunnel_idle = "2h"
             drain_grace = "7s"
+            upgrade_grace = "30m"
 
             [limits]
             max_header_bytes = 32768
             max_uri_bytes = 4096
             max_client_connections = 500
             backend_idle_connections = 4
+
+            [tls]
+            ticket_rotation = "6h"
             "#,
         )
         .unwrap();
@@ -377,6 +403,8 @@ mod tests {
         assert_eq!(c.timeouts.drain_grace, Duration::from_secs(7));
         assert_eq!(c.limits.max_client_connections, Some(500));
         assert_eq!(c.limits.backend_idle_connections, 4);
+        assert_eq!(c.timeouts.upgrade_grace, Duration::from_secs(1800));
+        assert_eq!(c.tls.ticket_rotation, Duration::from_secs(6 * 3600));
     }
 
     #[test]
@@ -399,6 +427,19 @@ mod tests {
                 "[timeouts]\ndrain_grace = \"0s\"\n",
                 "timeouts.drain_grace: must be greater",
             ),
+            (
+                "[timeouts]\nupgrade_grace = \"soon\"\n",
+                "lb.toml: timeouts.upgrade_grace: \"soon\" is not a duration",
+            ),
+            (
+                "[tls]\nticket_rotation = \"0s\"\n",
+                "lb.toml: tls.ticket_rotation: must be greater than zero",
+            ),
+            (
+                "[tls]\nticket_rotation = \"30d\"\n",
+                "lb.toml: tls.ticket_rotation: 30days is longer than 7 days",
+            ),
+            ("[tls]\nrotation = \"1h\"\n", "unknown field `rotation`"),
             (
                 "[health]\nrise = 0\n",
                 "lb.toml: health.rise: 0 is out of range",

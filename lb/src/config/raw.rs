@@ -88,6 +88,7 @@ pub(super) struct RawConfig {
     pub(super) health: Option<RawHealth>,
     pub(super) timeouts: Option<RawTimeouts>,
     pub(super) limits: Option<RawLimits>,
+    pub(super) tls: Option<RawTls>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -142,6 +143,7 @@ pub(super) struct RawTimeouts {
     pub(super) backend_idle: Option<String>,
     pub(super) tunnel_idle: Option<String>,
     pub(super) drain_grace: Option<String>,
+    pub(super) upgrade_grace: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -151,6 +153,12 @@ pub(super) struct RawLimits {
     pub(super) max_uri_bytes: Option<i64>,
     pub(super) max_client_connections: Option<i64>,
     pub(super) backend_idle_connections: Option<i64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawTls {
+    pub(super) ticket_rotation: Option<String>,
 }
 
 impl RawConfig {

@@ -12,14 +12,17 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::Path;
 use std::time::Duration;
 
-use super::raw::{RawBackend, RawCertificate, RawConfig, RawHealth, RawLimits, RawTimeouts};
+use super::raw::{
+    RawBackend, RawCertificate, RawConfig, RawHealth, RawLimits, RawTimeouts, RawTls,
+};
 use super::{
     BackendConfig, CertificateSource, Config, ConfigError, DEFAULT_ADMIN_LISTEN,
     DEFAULT_BACKEND_CONNECT_TIMEOUT, DEFAULT_BACKEND_IDLE_CONNECTIONS,
     DEFAULT_BACKEND_IDLE_TIMEOUT, DEFAULT_BACKEND_RESPONSE_TIMEOUT, DEFAULT_CLIENT_HEADER_TIMEOUT,
     DEFAULT_DRAIN_GRACE, DEFAULT_HTTPS_LISTEN, DEFAULT_MAX_HEADER_BYTES, DEFAULT_MAX_URI_BYTES,
-    DEFAULT_TLS_HANDSHAKE_TIMEOUT, DEFAULT_TUNNEL_IDLE_TIMEOUT, Limits, Listen,
-    MIN_MAX_HEADER_BYTES, Timeouts,
+    DEFAULT_TICKET_ROTATION, DEFAULT_TLS_HANDSHAKE_TIMEOUT, DEFAULT_TUNNEL_IDLE_TIMEOUT,
+    DEFAULT_UPGRADE_GRACE, Limits, Listen, MAX_TICKET_ROTATION, MIN_MAX_HEADER_BYTES, Timeouts,
+    TlsSettings,
 };
 use crate::backends::balance::{MAX_WEIGHT, Policy, UnknownPolicy};
 use crate::backends::health::HealthConfig;
@@ -106,6 +109,7 @@ impl RawConfig {
         let health = v.health(self.health.unwrap_or_default())?;
         let timeouts = v.timeouts(self.timeouts.unwrap_or_default())?;
         let limits = v.limits(self.limits.unwrap_or_default())?;
+        let tls = v.tls(self.tls.unwrap_or_default())?;
 
         Ok(Config {
             source: file.to_owned(),
@@ -120,6 +124,7 @@ impl RawConfig {
             health,
             timeouts,
             limits,
+            tls,
         })
     }
 }
@@ -289,7 +294,27 @@ impl Validator<'_> {
                 t.drain_grace,
                 DEFAULT_DRAIN_GRACE,
             )?,
+            upgrade_grace: self.duration(
+                "timeouts.upgrade_grace",
+                t.upgrade_grace,
+                DEFAULT_UPGRADE_GRACE,
+            )?,
         })
+    }
+
+    fn tls(&self, t: RawTls) -> Result<TlsSettings, ConfigError> {
+        let key = "tls.ticket_rotation";
+        let ticket_rotation = self.duration(key, t.ticket_rotation, DEFAULT_TICKET_ROTATION)?;
+        if ticket_rotation > MAX_TICKET_ROTATION {
+            return Err(self.err(
+                key,
+                format!(
+                    "{} is longer than 7 days, the longest a TLS 1.3 ticket may live",
+                    humantime::format_duration(ticket_rotation)
+                ),
+            ));
+        }
+        Ok(TlsSettings { ticket_rotation })
     }
 
     fn limits(&self, l: RawLimits) -> Result<Limits, ConfigError> {

@@ -8,7 +8,8 @@
 //! head size (431), header read timeout. When the header timeout strikes with part of a request
 //! already received, the client gets a `408 Request Timeout` before the close (hyper itself
 //! would only close); an idle keep-alive connection is closed silently. On shutdown the
-//! connection finishes its current request and closes; after the drain grace it is dropped.
+//! connection finishes its current request and closes (after a binary upgrade, also its
+//! handshake and first request); after the drain grace it is dropped.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -19,6 +20,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
+use tokio::sync::Notify;
 use tracing::debug;
 
 use crate::config::{Config, MIN_MAX_HEADER_BYTES};
@@ -69,7 +71,7 @@ pub async fn serve(state: Arc<State>, stream: TcpStream, peer: SocketAddr, slot:
                 return;
             }
         },
-        () = state.root.cancelled() => return,
+        () = state.handshake_cut() => return,
     };
 
     let server = http1_server(&config);
@@ -79,13 +81,20 @@ pub async fn serve(state: Arc<State>, stream: TcpStream, peer: SocketAddr, slot:
         engine,
         slot,
     });
-    let service = service_fn(move |req| proxy::handle(Arc::clone(&client), req));
+    let requested = Arc::new(Notify::new());
+    let seen = Arc::clone(&requested);
+    let service = service_fn(move |req| {
+        seen.notify_one();
+        proxy::handle(Arc::clone(&client), req)
+    });
     let mut connection = server
         .serve_connection(TokioIo::new(tls), service)
         .with_upgrades();
 
     let Some(result) = state
-        .serve_until_drained(&mut connection, |c| c.graceful_shutdown())
+        .serve_until_drained(&mut connection, requested.notified(), |c| {
+            c.graceful_shutdown()
+        })
         .await
     else {
         return;

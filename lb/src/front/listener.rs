@@ -39,6 +39,16 @@ pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     socket.listen(LISTEN_BACKLOG)
 }
 
+/// Takes over a listening socket handed over by a previous process (a binary upgrade): the
+/// same socket, so connections waiting in its queue are not lost.
+pub fn adopt(fd: std::os::fd::OwnedFd) -> io::Result<TcpListener> {
+    let listener = std::net::TcpListener::from(fd);
+    // Fails unless it is a bound socket.
+    listener.local_addr()?;
+    listener.set_nonblocking(true)?;
+    TcpListener::from_std(listener)
+}
+
 /// The limit on concurrent client connections, counted in `Metrics::connections_active`.
 #[derive(Debug)]
 pub struct ConnLimit {

@@ -4,7 +4,8 @@
 //! `ops::server` binds the listeners (`listener::bind`) and runs one `listener::accept_loop`
 //! per listener; each accepted socket takes a slot of the connection limit (`listener`) and
 //! goes, with the shared [`state::State`], to `conn` (https: TLS handshake through `tls_stream`
-//! with the configuration `tls` built, then hyper's HTTP/1.1 server calling `http::proxy`) or to
+//! with the configuration `tls` built and the session ticket keys of `tickets`, then hyper's
+//! HTTP/1.1 server calling `http::proxy`) or to
 //! `redirect` (plain HTTP, answered with a 301 to https). Dependencies point down only: this
 //! group calls into `http`, and `http` never calls back; it only names two of its types, the
 //! connection's [`listener::ConnSlot`] (carried so a tunnel keeps its place in the limit) and
@@ -14,5 +15,6 @@ pub mod conn;
 pub mod listener;
 pub mod redirect;
 pub mod state;
+pub mod tickets;
 pub mod tls;
 pub mod tls_stream;

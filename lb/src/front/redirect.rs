@@ -15,6 +15,7 @@ use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
+use tokio::sync::Notify;
 use tracing::{debug, info};
 
 use crate::front::conn;
@@ -68,16 +69,23 @@ fn respond<B>(req: &Request<B>, https_port: u16) -> Response<ResponseBody> {
 pub async fn serve(state: Arc<State>, stream: TcpStream, peer: SocketAddr, slot: ConnSlot) {
     let config = state.config.load_full();
     let https_port = state.https_port;
-    let service = service_fn(move |req: Request<hyper::body::Incoming>| async move {
-        let response = respond(&req, https_port);
-        info!(peer = %peer, method = %req.method(), uri = %req.uri(),
+    let requested = Arc::new(Notify::new());
+    let seen = Arc::clone(&requested);
+    let service = service_fn(move |req: Request<hyper::body::Incoming>| {
+        seen.notify_one();
+        async move {
+            let response = respond(&req, https_port);
+            info!(peer = %peer, method = %req.method(), uri = %req.uri(),
               status = response.status().as_u16(), "redirect");
-        Ok::<_, Infallible>(response)
+            Ok::<_, Infallible>(response)
+        }
     });
     let mut connection =
         conn::http1_server(&config).serve_connection(TokioIo::new(stream), service);
     let result = state
-        .serve_until_drained(&mut connection, |c| c.graceful_shutdown())
+        .serve_until_drained(&mut connection, requested.notified(), |c| {
+            c.graceful_shutdown()
+        })
         .await;
     if let Some(Err(e)) = result {
         debug!(peer = %peer, error = %e, "redirect connection ended with an error");

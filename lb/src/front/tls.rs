@@ -6,9 +6,10 @@
 //! and offers ALPN `http/1.1`. [`SniResolver`] picks the certificate for each handshake: an
 //! exact DNS-name match on the client's SNI first, then a wildcard match, and otherwise (no SNI,
 //! as with an `https://10.0.0.5/` URL, or an unknown name) the first configured certificate, as
-//! HAProxy does. Session tickets let returning clients resume without a full handshake. A
-//! reload builds a whole new `ServerConfig`; handshakes already under way keep the one they
-//! started with.
+//! HAProxy does. Session tickets let returning clients resume without a full handshake; they
+//! are sealed by the process's [`Tickets`] (see `tickets`), which every generation shares, so a
+//! ticket survives a reload and a binary upgrade. A reload builds a whole new `ServerConfig`;
+//! handshakes already under way keep the one they started with.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -20,6 +21,7 @@ use rustls::sign::CertifiedKey;
 use rustls::{ServerConfig, SupportedCipherSuite};
 
 use crate::config::{Config, ConfigError};
+use crate::front::tickets::Tickets;
 
 /// The only application protocol offered: HTTP/1.1 (WebSocket upgrades ride on it).
 pub const ALPN_HTTP11: &[u8] = b"http/1.1";
@@ -45,8 +47,12 @@ fn provider() -> CryptoProvider {
     }
 }
 
-/// Loads the certificates of `config` and builds the server configuration.
-pub fn server_config(config: &Config) -> Result<Arc<ServerConfig>, ConfigError> {
+/// Loads the certificates of `config` and builds the server configuration, sealing session
+/// tickets with `tickets`.
+pub fn server_config(
+    config: &Config,
+    tickets: &Arc<Tickets>,
+) -> Result<Arc<ServerConfig>, ConfigError> {
     let chains = config.load_certificates()?;
     let provider = Arc::new(provider());
     let mut resolver = SniResolver::default();
@@ -63,9 +69,8 @@ pub fn server_config(config: &Config) -> Result<Arc<ServerConfig>, ConfigError> 
         .with_cert_resolver(Arc::new(resolver));
     server.alpn_protocols = vec![ALPN_HTTP11.to_vec()];
     // Resumption without server-side state: returning clients (a reconnecting chat page) skip
-    // the full handshake. Keys rotate inside the ticketer; a reload starts a new one.
-    server.ticketer =
-        rustls::crypto::ring::Ticketer::new().map_err(|e| config.error("certificates", e))?;
+    // the full handshake, across reloads and upgrades too (the keys outlive this config).
+    server.ticketer = Arc::clone(tickets) as Arc<dyn rustls::server::ProducesTickets>;
     Ok(Arc::new(server))
 }
 

@@ -132,11 +132,17 @@ fn reply(status: StatusCode, content_type: &'static str, body: String) -> Respon
     response
 }
 
-/// `/stats`: `{"policy": .., <global counters>, "backends": [{"name", "addr", "up", <numbers>}]}`.
+/// `/stats`: `{"policy": .., "pid": .., <global counters>, "backends": [{"name", "addr", "up",
+/// <numbers>}]}`. The process id tells which process answered during a binary upgrade.
 fn stats_json(metrics: &Metrics, pool: &Pool) -> String {
     let mut out = String::with_capacity(2048);
     // Writing into a String cannot fail.
-    let _ = write!(out, "{{\"policy\":\"{}\"", pool.policy());
+    let _ = write!(
+        out,
+        "{{\"policy\":\"{}\",\"pid\":{}",
+        pool.policy(),
+        std::process::id()
+    );
     for metric in GLOBAL {
         let _ = write!(out, ",\"{}\":{}", metric.key, (metric.read)(metrics));
     }
@@ -272,7 +278,10 @@ mod tests {
         let metrics = Metrics::default();
         metrics.tunnels_total.fetch_add(2, Relaxed);
         let json = stats_json(&metrics, &pool());
-        assert!(json.starts_with("{\"policy\":\"least-connections\",\"connections_active\":0,"));
+        let pid = std::process::id();
+        assert!(json.starts_with(&format!(
+            "{{\"policy\":\"least-connections\",\"pid\":{pid},\"connections_active\":0,"
+        )));
         assert!(json.contains(",\"tunnels_total\":2,"));
         assert!(json.contains(
             "{\"name\":\"app1\",\"addr\":\"127.0.0.1:8081\",\"up\":true,\"weight\":1,\"active\":0,\"requests\":5,"

@@ -4,15 +4,23 @@
 //! limit, binds the listeners (https, and optionally redirect and admin) and spawns their
 //! accept loops, the health checkers and the keep-alive pool sweeper, all on one
 //! `TaskTracker` and under one root `CancellationToken` with a child token per job.
+//! [`Lb::start_with`] does the same with what a previous process handed over on a binary
+//! upgrade ([`Inherited`], see `handover`): a listening socket of the same kind and configured
+//! address is taken over instead of bound, so no connection is refused, and the session ticket
+//! keys continue. The process keeps a duplicate of each listening socket for its own successor;
+//! after a handover, [`Lb::stop_accepting`] ends the accept loops and [`Lb::drain`] lets
+//! established connections and tunnels finish within `timeouts.upgrade_grace`.
 //! [`Lb::reload`] swaps in a new generation (TLS configuration, backend pool, limits) atomically:
 //! connections already established keep what they started with, backends that remain keep their
 //! state and counters, and a configuration that fails to load changes nothing.
 //! [`Lb::shutdown`] stops accepting, lets in-flight requests finish and tunnels run for up to
 //! `timeouts.drain_grace`, then closes whatever is left.
 
+use std::fmt;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering::Relaxed;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -28,6 +36,7 @@ use crate::backends::upstream::Upstreams;
 use crate::config::{Config, ConfigError};
 use crate::front::listener::{self, ConnLimit, ConnSlot};
 use crate::front::state::State;
+use crate::front::tickets::{TicketError, Tickets};
 use crate::front::{conn, redirect, tls};
 use crate::http::context::Engine;
 use crate::metrics::Metrics;
@@ -50,6 +59,73 @@ pub struct Addrs {
     pub admin: Option<SocketAddr>,
 }
 
+/// What a listener is for; its name in the handover and its configuration key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListenerKind {
+    /// `listen.https`.
+    Https,
+    /// `listen.redirect`.
+    Redirect,
+    /// `listen.admin`.
+    Admin,
+}
+
+impl ListenerKind {
+    /// Every kind.
+    pub const ALL: [ListenerKind; 3] = [Self::Https, Self::Redirect, Self::Admin];
+
+    /// Its name: `https`, `redirect` or `admin` (readiness lines, the handover).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Https => "https",
+            Self::Redirect => "redirect",
+            Self::Admin => "admin",
+        }
+    }
+
+    /// Its configuration key.
+    pub fn key(self) -> &'static str {
+        match self {
+            Self::Https => "listen.https",
+            Self::Redirect => "listen.redirect",
+            Self::Admin => "listen.admin",
+        }
+    }
+}
+
+/// One listening socket, with its kind and the address the configuration gave it (which may
+/// have port 0; the socket knows where it is bound).
+#[derive(Debug)]
+pub struct ListeningSocket {
+    /// What it is for.
+    pub kind: ListenerKind,
+    /// The configured address.
+    pub configured: SocketAddr,
+    /// The socket.
+    pub fd: OwnedFd,
+}
+
+/// What a previous process handed over on a binary upgrade.
+#[derive(Default)]
+pub struct Inherited {
+    /// Its listening sockets.
+    pub sockets: Vec<ListeningSocket>,
+    /// Its session ticket keys (`Tickets::export`); secret.
+    pub ticket_keys: Option<Vec<u8>>,
+}
+
+impl fmt::Debug for Inherited {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Inherited")
+            .field("sockets", &self.sockets)
+            .field(
+                "ticket_keys",
+                &self.ticket_keys.as_ref().map(|_| "<secret>"),
+            )
+            .finish()
+    }
+}
+
 /// Why the load balancer could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -66,6 +142,9 @@ pub enum StartError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// Session ticket keys could not be made or taken over.
+    #[error(transparent)]
+    Tickets(#[from] TicketError),
 }
 
 /// A running load balancer. Dropping it stops everything at once; [`Lb::shutdown`] drains.
@@ -79,29 +158,66 @@ pub struct Lb {
     health: Mutex<CancellationToken>,
     /// Serialises reloads.
     reloading: Mutex<()>,
+    /// Session ticket keys, shared by every TLS generation and handed to a successor.
+    tickets: Arc<Tickets>,
+    /// Duplicates of the listening sockets, for a successor; emptied once handed over.
+    sockets: Mutex<Vec<ListeningSocket>>,
+    /// Cancelled when the listeners stop accepting (a handover, or shutdown).
+    accepting: CancellationToken,
+    /// The accept loops, to know when they have ended.
+    acceptors: TaskTracker,
 }
 
 impl Lb {
     /// Starts serving `config` (see the module docs). Must be called within a Tokio runtime.
     pub async fn start(config: Config) -> Result<Lb, StartError> {
-        let tls = tls::server_config(&config)?;
+        Self::start_with(config, Inherited::default()).await
+    }
+
+    /// Starts serving `config`, taking over what a previous process handed over: its
+    /// listening sockets where kind and configured address match, and its ticket keys.
+    /// Sockets not taken over are closed here (the previous process closes its own).
+    pub async fn start_with(config: Config, inherited: Inherited) -> Result<Lb, StartError> {
+        let rotation = config.tls.ticket_rotation;
+        let tickets = match &inherited.ticket_keys {
+            Some(keys) => Tickets::import(keys, rotation)?,
+            None => Tickets::new(rotation)?,
+        };
+        let tls = tls::server_config(&config, &tickets)?;
         let nofile = fdlimit::raise();
         let limit_n = connection_limit(&config, nofile);
         fdlimit::log(nofile, limit_n);
 
-        let bind = |key: &'static str, addr: SocketAddr| {
-            listener::bind(addr).map_err(|source| StartError::Bind { key, addr, source })
+        let mut handed = inherited.sockets;
+        let mut sockets = Vec::new();
+        let mut listen = |kind: ListenerKind, addr: SocketAddr| {
+            let key = kind.key();
+            let err = |source| StartError::Bind { key, addr, source };
+            let listener = match handed
+                .iter()
+                .position(|s| s.kind == kind && s.configured == addr)
+            {
+                Some(i) => listener::adopt(handed.swap_remove(i).fd).map_err(err)?,
+                None => listener::bind(addr).map_err(err)?,
+            };
+            let fd = listener.as_fd().try_clone_to_owned().map_err(err)?;
+            sockets.push(ListeningSocket {
+                kind,
+                configured: addr,
+                fd,
+            });
+            Ok::<_, StartError>(listener)
         };
-        let https = bind("listen.https", config.listen.https)?;
+        let https = listen(ListenerKind::Https, config.listen.https)?;
         let redirect = config
             .listen
             .redirect
-            .map(|a| bind("listen.redirect", a))
+            .map(|a| listen(ListenerKind::Redirect, a))
             .transpose()?;
         let admin = config
             .listen
             .admin
-            .map(|a| bind("listen.admin", a))
+            .map(|a| listen(ListenerKind::Admin, a))
             .transpose()?;
         let local = |l: &tokio::net::TcpListener, key, fallback| {
             l.local_addr().map_err(|source| StartError::Bind {
@@ -150,20 +266,36 @@ impl Lb {
             root: root.clone(),
             limit: ConnLimit::new(metrics, limit_n),
             https_port: addrs.https.port(),
+            handed_over: AtomicBool::new(false),
         });
 
-        spawn_listener(&state, &tracker, https, "https", &root, conn::serve);
+        let accepting = root.child_token();
+        let acceptors = TaskTracker::new();
+        tracker.spawn(acceptors.track_future(listener_loop(
+            &state,
+            https,
+            "https",
+            &accepting,
+            conn::serve,
+        )));
         if let Some(l) = redirect {
-            spawn_listener(&state, &tracker, l, "redirect", &root, redirect::serve);
+            tracker.spawn(acceptors.track_future(listener_loop(
+                &state,
+                l,
+                "redirect",
+                &accepting,
+                redirect::serve,
+            )));
         }
         if let Some(l) = admin {
-            tracker.spawn(admin::serve(
+            tracker.spawn(acceptors.track_future(admin::serve(
                 l,
                 Arc::clone(&state.engine.metrics),
                 Arc::clone(&state.engine.pool),
-                root.child_token(),
-            ));
+                accepting.child_token(),
+            )));
         }
+        acceptors.close();
         tracker.spawn(sweep_idle(Arc::clone(&state), root.child_token()));
 
         info!(
@@ -179,7 +311,44 @@ impl Lb {
             nofile,
             health: Mutex::new(health_token),
             reloading: Mutex::new(()),
+            tickets,
+            sockets: Mutex::new(sockets),
+            accepting,
+            acceptors,
         })
+    }
+
+    /// The session ticket keys.
+    pub fn tickets(&self) -> &Arc<Tickets> {
+        &self.tickets
+    }
+
+    /// Runs `f` over the listening sockets a successor would take over (none once they have
+    /// been handed over).
+    pub fn with_sockets<R>(&self, f: impl FnOnce(&[ListeningSocket]) -> R) -> R {
+        f(&self
+            .sockets
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()))
+    }
+
+    /// After a successful handover: stops accepting on every listener and returns once the
+    /// accept loops have ended; this process's copies of the listening sockets are closed
+    /// (the successor's stay open: no connection is refused). Established connections and
+    /// tunnels carry on until [`Lb::drain`].
+    pub async fn stop_accepting(&self) {
+        self.state.handed_over.store(true, Relaxed);
+        self.close_listeners().await;
+    }
+
+    /// Ends the accept loops and closes this process's copies of the listening sockets.
+    async fn close_listeners(&self) {
+        self.accepting.cancel();
+        self.acceptors.wait().await;
+        self.sockets
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clear();
     }
 
     /// The bound listener addresses.
@@ -237,7 +406,7 @@ impl Lb {
 
     fn apply(&self, mut config: Config) -> Result<(), ConfigError> {
         let state = &self.state;
-        let tls = tls::server_config(&config)?;
+        let tls = tls::server_config(&config, &self.tickets)?;
         let old = state.config.load_full();
         if config.listen != old.listen {
             warn!(file = %config.source,
@@ -270,6 +439,7 @@ impl Lb {
         let pool = Arc::new(Pool::new(backends, config.policy));
 
         state.tls.store(tls);
+        self.tickets.set_rotation(config.tls.ticket_rotation);
         state.engine.pool.store(Arc::clone(&pool));
         state
             .limit
@@ -311,17 +481,25 @@ impl Lb {
     /// Stops accepting, waits up to the drain grace for requests and tunnels to finish, then
     /// closes the rest and returns once every task has ended.
     pub async fn shutdown(&self) {
+        self.drain(self.state.config.load().timeouts.drain_grace)
+            .await;
+    }
+
+    /// Stops accepting (if not already stopped), lets requests under way finish and tunnels
+    /// run for up to `grace`, then closes the rest and returns once every task has ended.
+    pub async fn drain(&self, grace: Duration) {
         let state = &self.state;
         let engine = &state.engine;
         info!(
             connections = engine.metrics.connections_active.load(Relaxed),
             tunnels = engine.metrics.tunnels_active.load(Relaxed),
+            grace = %humantime::format_duration(grace),
             "shutting down: no new connections; draining"
         );
         state.root.cancel();
+        self.close_listeners().await;
         engine.upstreams.close();
         engine.tracker.close();
-        let grace = state.config.load().timeouts.drain_grace;
         if tokio::time::timeout(grace, engine.tracker.wait())
             .await
             .is_err()
@@ -350,31 +528,31 @@ impl Drop for Lb {
     }
 }
 
-/// Runs the accept loop of a client-facing listener: each connection takes a slot of the
+/// The accept loop of a client-facing listener: each connection takes a slot of the
 /// connection limit and is served by `serve` as a task the drain waits for.
-fn spawn_listener<F>(
+fn listener_loop<F>(
     state: &Arc<State>,
-    tracker: &TaskTracker,
     listener: TcpListener,
     kind: &'static str,
-    root: &CancellationToken,
+    accepting: &CancellationToken,
     serve: fn(Arc<State>, TcpStream, SocketAddr, ConnSlot) -> F,
-) where
+) -> impl Future<Output = ()> + Send + 'static
+where
     F: Future<Output = ()> + Send + 'static,
 {
     let s = Arc::clone(state);
     let limit = Arc::clone(&state.limit);
-    tracker.spawn(listener::accept_loop(
+    listener::accept_loop(
         listener,
         kind,
-        root.child_token(),
+        accepting.child_token(),
         move || limit.try_acquire(),
         move |stream, peer, slot| {
             s.engine
                 .tracker
                 .spawn(serve(Arc::clone(&s), stream, peer, slot));
         },
-    ));
+    )
 }
 
 /// The connection limit for `config` within `nofile` descriptors.

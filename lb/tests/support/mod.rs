@@ -487,6 +487,8 @@ pub struct TestConfig {
     pub timeouts: String,
     /// Body of the `[limits]` table.
     pub limits: String,
+    /// Body of the `[tls]` table.
+    pub tls: String,
     /// Start the redirect listener.
     pub redirect: bool,
     /// Start the admin listener.
@@ -508,6 +510,7 @@ impl TestConfig {
             health: "enabled = false\n".into(),
             timeouts: String::new(),
             limits: String::new(),
+            tls: String::new(),
             redirect: false,
             admin: false,
             base: pki.dir.path().to_path_buf(),
@@ -535,6 +538,7 @@ impl TestConfig {
         t.push_str(&format!("[health]\n{}\n", self.health));
         t.push_str(&format!("[timeouts]\n{}\n", self.timeouts));
         t.push_str(&format!("[limits]\n{}\n", self.limits));
+        t.push_str(&format!("[tls]\n{}\n", self.tls));
         t
     }
 
@@ -571,9 +575,15 @@ pub struct LbProcess {
 impl LbProcess {
     /// Starts `lb ARGS` and waits for `expect` readiness lines (`listening KIND ADDR`).
     pub async fn start(args: &[&str], expect: usize) -> LbProcess {
+        Self::start_with_env(args, expect, &[]).await
+    }
+
+    /// Like [`LbProcess::start`], with extra environment variables.
+    pub async fn start_with_env(args: &[&str], expect: usize, env: &[(&str, &Path)]) -> LbProcess {
         let mut child = Command::new(env!("CARGO_BIN_EXE_lb"))
             .args(args)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -768,6 +778,47 @@ pub async fn ws_echo(ws: &mut WsClient, msg: Message) {
         .expect("send");
     let back = ws_next(ws).await;
     assert_eq!(back, msg, "echo differs");
+}
+
+/// A rustls client configuration trusting `pki` that speaks only `version`; its default
+/// session store keeps the tickets servers give it, so a second connection can resume.
+pub fn resuming_client(
+    pki: &Pki,
+    version: &'static rustls::SupportedProtocolVersion,
+) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(pki.bundle.ca_der().unwrap()[0].clone()).unwrap();
+    Arc::new(
+        rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_protocol_versions(&[version])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth(),
+    )
+}
+
+/// A connection with `config`: its handshake kind, after one request read to the end (a TLS
+/// 1.3 server sends its session tickets after the handshake, with the first data).
+pub async fn handshake_kind_of_one_request(
+    config: Arc<rustls::ClientConfig>,
+    addr: SocketAddr,
+) -> Option<rustls::HandshakeKind> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tls = within("TLS connect", tls_connect_with(config, addr, "localhost"))
+        .await
+        .expect("TLS handshake with lb");
+    let kind = tls.get_ref().1.handshake_kind();
+    tls.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("send a request");
+    let mut answer = Vec::new();
+    within("the answer", tls.read_to_end(&mut answer))
+        .await
+        .expect("read the answer");
+    assert!(answer.starts_with(b"HTTP/1.1 200"), "{answer:?}");
+    kind
 }
 
 /// A header value from a static string.
