@@ -24,7 +24,7 @@ variable "availability_zones" {
   default     = null
 
   validation {
-    condition     = var.availability_zones == null || length(var.availability_zones) == 2
+    condition     = var.availability_zones == null ? true : length(var.availability_zones) == 2
     error_message = "availability_zones: exactly two zone names."
   }
 }
@@ -80,7 +80,7 @@ variable "vpc_cidr" {
   default     = "10.40.0.0/16"
 
   validation {
-    condition     = can(cidrnetmask(var.vpc_cidr)) && tonumber(split("/", var.vpc_cidr)[1]) <= 22
+    condition     = can(cidrnetmask(var.vpc_cidr)) && try(tonumber(split("/", var.vpc_cidr)[1]) <= 22, false)
     error_message = "vpc_cidr: an IPv4 CIDR block of /22 or larger."
   }
 }
