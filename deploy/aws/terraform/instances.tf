@@ -33,10 +33,13 @@ resource "aws_iam_instance_profile" "instance" {
 }
 
 locals {
+  # One Redis: its primary endpoint. A cluster: its configuration endpoint, the seed from which
+  # app learns every shard's nodes.
   redis_url = format(
-    "rediss://:%s@%s:%d",
+    "%s://:%s@%s:%d",
+    var.redis_cluster_mode ? "rediss+cluster" : "rediss",
     urlencode(local.redis_auth_token),
-    aws_elasticache_replication_group.redis.primary_endpoint_address,
+    local.redis_endpoint,
     aws_elasticache_replication_group.redis.port,
   )
 }

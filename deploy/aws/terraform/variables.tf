@@ -24,7 +24,7 @@ variable "availability_zones" {
   default     = null
 
   validation {
-    condition     = var.availability_zones == null || length(var.availability_zones) == 2
+    condition     = var.availability_zones == null ? true : length(var.availability_zones) == 2
     error_message = "availability_zones: exactly two zone names."
   }
 }
@@ -80,7 +80,7 @@ variable "vpc_cidr" {
   default     = "10.40.0.0/16"
 
   validation {
-    condition     = can(cidrnetmask(var.vpc_cidr)) && tonumber(split("/", var.vpc_cidr)[1]) <= 22
+    condition     = can(cidrnetmask(var.vpc_cidr)) && try(tonumber(split("/", var.vpc_cidr)[1]) <= 22, false)
     error_message = "vpc_cidr: an IPv4 CIDR block of /22 or larger."
   }
 }
@@ -108,9 +108,37 @@ variable "lb_instance_type" {
 }
 
 variable "redis_node_type" {
-  description = "ElastiCache node type of the two Redis nodes (primary and replica, one per zone)."
+  description = "ElastiCache node type of every Redis node: the primary and its replica, or with redis_cluster_mode each shard's primary and replicas."
   type        = string
   default     = "cache.t4g.micro"
+}
+
+variable "redis_cluster_mode" {
+  description = "false: one primary and one replica, the apps on the primary endpoint (rediss://). true: a Redis Cluster (ElastiCache cluster mode enabled) of redis_shards shards, each a primary and redis_replicas_per_shard replicas, the apps on the configuration endpoint (rediss+cluster://) with each chat room on one shard. Switching replaces the replication group (a new id) and the app instances: the chat history starts over."
+  type        = bool
+  default     = false
+}
+
+variable "redis_shards" {
+  description = "Shards (node groups) of the Redis Cluster (redis_cluster_mode only). Changing it later reshards online: rooms move with their slots and the apps follow."
+  type        = number
+  default     = 3
+
+  validation {
+    condition     = var.redis_shards >= 1 && var.redis_shards <= 500 && floor(var.redis_shards) == var.redis_shards
+    error_message = "redis_shards: a whole number from 1 to 500 (ElastiCache's default quota is 90 nodes per cluster)."
+  }
+}
+
+variable "redis_replicas_per_shard" {
+  description = "Replicas of each shard's primary (redis_cluster_mode only), spread over the two zones; a replica takes over when its primary fails."
+  type        = number
+  default     = 1
+
+  validation {
+    condition     = var.redis_replicas_per_shard >= 1 && var.redis_replicas_per_shard <= 5 && floor(var.redis_replicas_per_shard) == var.redis_replicas_per_shard
+    error_message = "redis_replicas_per_shard: a whole number from 1 to 5 (automatic failover and Multi-AZ need at least one replica per shard)."
+  }
 }
 
 variable "redis_engine_version" {
@@ -125,9 +153,14 @@ variable "redis_engine_version" {
 }
 
 variable "redis_channel" {
-  description = "Redis pub/sub channel the app instances share (the original's default is simple-chat)."
+  description = "Redis pub/sub channel the app instances share (the original's default is simple-chat). With redis_cluster_mode it is also the hash tag of each room's keys, so it must not contain { or }."
   type        = string
   default     = "simple-chat"
+
+  validation {
+    condition     = length(var.redis_channel) > 0 && !(var.redis_cluster_mode && can(regex("[{}]", var.redis_channel)))
+    error_message = "redis_channel: not empty, and without { or } when redis_cluster_mode is on (app refuses such a channel with a cluster)."
+  }
 }
 
 variable "redis_auth_token" {
