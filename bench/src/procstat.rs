@@ -507,20 +507,28 @@ mod tests {
 
     #[test]
     fn open_files_counts_descriptors() {
+        use std::io::{BufRead, BufReader, Write};
         use std::process::{Command, Stdio};
         // A child holds at least stdin, stdout and stderr (more when the test runner passes on
-        // descriptors of its own, as cargo's jobserver pipes).
-        let mut child = Command::new("sleep")
-            .arg("30")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
+        // descriptors of its own, as cargo's jobserver pipes). Once it has echoed a line it is
+        // past its start-up (where it opens and closes locale files) and waits on stdin.
+        let mut child = Command::new("cat")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(b"ready\n").unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line, "ready\n");
         let once: Watch = format!("child={}", child.id()).parse().unwrap();
         let twice: Watch = format!("child={0},{0}", child.id()).parse().unwrap();
         let counted = (once.open_files(), twice.open_files());
-        child.kill().unwrap();
+        drop(stdin);
         child.wait().unwrap();
         let (once, twice) = (counted.0.unwrap(), counted.1.unwrap());
         assert!(once >= 3, "{once}");

@@ -149,6 +149,7 @@ const STORM: &[Metric] = &[
         Better::Lower,
         1,
     ),
+    m("proxy cores busy", "/full/watched/0/cores", Better::None, 2),
     m(
         "generator CPU per connect (µs)",
         "/full/generator_cpu_us_per_connect",
@@ -214,6 +215,12 @@ const STORM: &[Metric] = &[
         "/resumed/peak_rss_mib/0",
         Better::Lower,
         1,
+    ),
+    m(
+        "resumed: proxy cores busy",
+        "/resumed/watched/0/cores",
+        Better::None,
+        2,
     ),
     m(
         "resumed: generator CPU per connect (µs)",
