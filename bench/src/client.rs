@@ -3,8 +3,10 @@
 //! A [`Target`] is resolved once from a `ws://` or `wss://` URL (address, and for `wss` a rustls
 //! connector that trusts only the given CA file); [`Target::connect`] then opens TCP (TCP_NODELAY,
 //! optionally bound to a chosen source address), runs TLS when asked, and performs the WebSocket
-//! handshake with `client_async_with_config`. TLS session resumption is disabled so that every
-//! connection costs each proxy one full handshake, the same for all of them.
+//! handshake with `client_async_with_config`. With a CA file ([`Target::resolve`]) TLS session
+//! resumption is disabled so that every connection costs each proxy one full handshake, the same
+//! for all of them; [`Target::resolve_with`] takes any client configuration (`bench storm`
+//! brings its own, which resumes).
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
@@ -41,6 +43,18 @@ pub struct Target {
 impl Target {
     /// Resolves `url` (`ws://` or `wss://`); `ca` is the PEM file of the CA to trust for `wss`.
     pub async fn resolve(url: &str, ca: Option<&Path>) -> anyhow::Result<Self> {
+        let tls = match ca {
+            Some(ca) => Some(Arc::new(client_config(ca)?)),
+            None => None,
+        };
+        Self::resolve_with(url, tls).await
+    }
+
+    /// Resolves `url` (`ws://` or `wss://`); `tls` is the client configuration for `wss`.
+    pub async fn resolve_with(
+        url: &str,
+        tls: Option<Arc<rustls::ClientConfig>>,
+    ) -> anyhow::Result<Self> {
         let uri: Uri = url.parse().with_context(|| format!("invalid URL {url}"))?;
         let secure = match uri.scheme_str() {
             Some("wss") => true,
@@ -60,10 +74,10 @@ impl Target {
             .next()
             .with_context(|| format!("{host} resolves to no address"))?;
         let tls = if secure {
-            let ca = ca.with_context(|| format!("{url} is wss: pass --ca FILE"))?;
+            let config = tls.with_context(|| format!("{url} is wss: pass --ca FILE"))?;
             let name = ServerName::try_from(host.clone())
                 .with_context(|| format!("{host} is not a valid TLS server name"))?;
-            Some((TlsConnector::from(Arc::new(client_config(ca)?)), name))
+            Some((TlsConnector::from(config), name))
         } else {
             None
         };

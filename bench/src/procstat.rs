@@ -74,6 +74,17 @@ impl Watch {
         Ok(total)
     }
 
+    /// Descriptors the group holds open (entries of `/proc/PID/fd`).
+    pub fn open_files(&self) -> anyhow::Result<usize> {
+        let mut total = 0;
+        for pid in &self.pids {
+            total += fs::read_dir(format!("/proc/{pid}/fd"))
+                .with_context(|| format!("listing /proc/{pid}/fd ({})", self.name))?
+                .count();
+        }
+        Ok(total)
+    }
+
     /// Current CPU time and resident memory of the group.
     pub fn sample(&self) -> anyhow::Result<Sample> {
         let mut total = Sample::default();
@@ -95,6 +106,13 @@ impl Watch {
 pub struct Sample {
     cpu_ticks: u64,
     rss_bytes: u64,
+}
+
+impl Sample {
+    /// Resident memory, MiB.
+    pub fn rss_mib(&self) -> f64 {
+        self.rss_bytes as f64 / (1024.0 * 1024.0)
+    }
 }
 
 /// What a group used over a window.
@@ -121,7 +139,7 @@ impl Usage {
             name: name.to_string(),
             cpu_seconds,
             cores: cpu_seconds / wall.as_secs_f64().max(1e-9),
-            rss_mib: after.rss_bytes as f64 / (1024.0 * 1024.0),
+            rss_mib: after.rss_mib(),
             rss_growth_kib: (after.rss_bytes as f64 - before.rss_bytes as f64) / 1024.0,
         }
     }
@@ -241,6 +259,65 @@ impl Measured {
             "  {name:<13}  {cores:.2} cores; machine {:.2} cores busy",
             self.machine_cores
         )
+    }
+}
+
+/// The machine's TCP counters that show a connection storm overrunning a listener, from the
+/// `TcpExt` lines of `/proc/net/netstat` (counted since boot, for every socket on the machine).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct TcpCounters {
+    /// Completed connections dropped because a listener's accept queue was full.
+    pub listen_overflows: u64,
+    /// Connection requests dropped by listeners, for any reason (overflows included).
+    pub listen_drops: u64,
+    /// SYN cookies sent because a listener's SYN queue was full.
+    pub syncookies_sent: u64,
+    /// SYNs sent again by clients whose first SYN got no answer (a dropped SYN costs 1 s).
+    pub syn_retransmits: u64,
+}
+
+impl TcpCounters {
+    /// The counters now.
+    pub fn read() -> anyhow::Result<Self> {
+        let text = fs::read_to_string("/proc/net/netstat").context("reading /proc/net/netstat")?;
+        Self::parse(&text).context("/proc/net/netstat")
+    }
+
+    fn parse(text: &str) -> anyhow::Result<Self> {
+        let mut lines = text.lines().filter(|l| l.starts_with("TcpExt:"));
+        let (Some(names), Some(values)) = (lines.next(), lines.next()) else {
+            bail!("no TcpExt lines");
+        };
+        let mut counters = Self::default();
+        for (name, value) in names
+            .split_whitespace()
+            .zip(values.split_whitespace())
+            .skip(1)
+        {
+            let slot = match name {
+                "ListenOverflows" => &mut counters.listen_overflows,
+                "ListenDrops" => &mut counters.listen_drops,
+                "SyncookiesSent" => &mut counters.syncookies_sent,
+                "TCPSynRetrans" => &mut counters.syn_retransmits,
+                _ => continue,
+            };
+            *slot = value
+                .parse()
+                .with_context(|| format!("{name}: not a number"))?;
+        }
+        Ok(counters)
+    }
+
+    /// What the counters grew by since `before`.
+    pub fn since(self, before: Self) -> Self {
+        Self {
+            listen_overflows: self
+                .listen_overflows
+                .saturating_sub(before.listen_overflows),
+            listen_drops: self.listen_drops.saturating_sub(before.listen_drops),
+            syncookies_sent: self.syncookies_sent.saturating_sub(before.syncookies_sent),
+            syn_retransmits: self.syn_retransmits.saturating_sub(before.syn_retransmits),
+        }
     }
 }
 
@@ -400,5 +477,67 @@ mod tests {
     fn this_process_can_be_sampled() {
         let s = Watch::this_process().sample().unwrap();
         assert!(s.rss_bytes > 0);
+        assert!(s.rss_mib() > 0.0);
+    }
+
+    #[test]
+    fn tcp_counters_are_read_by_name_and_subtracted() {
+        let text = "TcpExt: SyncookiesSent Other ListenOverflows ListenDrops TCPSynRetrans\n\
+                    TcpExt: 5 99 7 9 11\n\
+                    IpExt: InNoRoutes\nIpExt: 0\n";
+        let before = TcpCounters::parse(text).unwrap();
+        assert_eq!(
+            before,
+            TcpCounters {
+                listen_overflows: 7,
+                listen_drops: 9,
+                syncookies_sent: 5,
+                syn_retransmits: 11,
+            }
+        );
+        let after = TcpCounters {
+            listen_overflows: 10,
+            ..before
+        };
+        assert_eq!(after.since(before).listen_overflows, 3);
+        assert_eq!(after.since(before).syn_retransmits, 0);
+        assert!(TcpCounters::parse("IpExt: A\nIpExt: 1\n").is_err());
+        assert!(TcpCounters::read().is_ok());
+    }
+
+    #[test]
+    fn open_files_counts_descriptors() {
+        use std::io::{BufRead, BufReader, Write};
+        use std::process::{Command, Stdio};
+        // A child holds at least stdin, stdout and stderr (more when the test runner passes on
+        // descriptors of its own, as cargo's jobserver pipes). Once it has echoed a line it is
+        // past its start-up (where it opens and closes locale files) and waits on stdin.
+        let mut child = Command::new("cat")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(b"ready\n").unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line, "ready\n");
+        let once: Watch = format!("child={}", child.id()).parse().unwrap();
+        let twice: Watch = format!("child={0},{0}", child.id()).parse().unwrap();
+        let counted = (once.open_files(), twice.open_files());
+        drop(stdin);
+        child.wait().unwrap();
+        let (once, twice) = (counted.0.unwrap(), counted.1.unwrap());
+        assert!(once >= 3, "{once}");
+        assert_eq!(twice, 2 * once);
+        assert!(
+            Watch::from_str("gone=4194305")
+                .unwrap()
+                .open_files()
+                .is_err()
+        );
     }
 }

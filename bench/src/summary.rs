@@ -3,7 +3,8 @@
 //! `bench/run` appends one JSON line per measurement, `{"figure", "system", "rep", "report"}`,
 //! where `report` is what a subcommand printed with `--json`. For every known figure this module
 //! takes each metric (a JSON pointer into the report) per system, prints the median over the
-//! repetitions, and the ratio lb ÷ the better of HAProxy and nginx. The fan-out ramp gets its own
+//! repetitions, and the ratio lb ÷ the better of HAProxy and nginx (for the reconnect storm, one
+//! ratio per peer: lb ÷ HAProxy and lb ÷ nginx). The fan-out ramp gets its own
 //! table and the highest rate that lost nothing with p99 under the latency limit. Titles with
 //! `{clients}` get the client count the fan-out reports themselves give.
 
@@ -48,12 +49,25 @@ struct Metric {
     digits: usize,
 }
 
+/// The ratio columns of a figure.
+#[derive(Clone, Copy, PartialEq)]
+enum Ratios {
+    /// One column: lb ÷ the better of HAProxy and nginx.
+    BetterPeer,
+    /// One column per peer: lb ÷ HAProxy, lb ÷ nginx.
+    EachPeer,
+}
+
 struct Figure {
     id: &'static str,
     /// `{clients}` is replaced by the `clients` of the figure's reports.
     title: &'static str,
     metrics: &'static [Metric],
+    ratios: Ratios,
 }
+
+/// The peers lb is compared with, in column order.
+const PEERS: &[&str] = &["haproxy", "nginx"];
 
 const fn m(label: &'static str, pointer: &'static str, better: Better, digits: usize) -> Metric {
     Metric {
@@ -113,6 +127,121 @@ const STACK: &[Metric] = &[
     ),
 ];
 
+const STORM: &[Metric] = &[
+    m(
+        "all connected after (s)",
+        "/full/all_connected_s",
+        Better::Lower,
+        2,
+    ),
+    m("connect p50 (ms)", "/full/connect/p50_ms", Better::Lower, 0),
+    m("connect p99 (ms)", "/full/connect/p99_ms", Better::Lower, 0),
+    m("failed connects", "/full/failed", Better::Lower, 0),
+    m(
+        "**proxy CPU per full handshake (µs)**",
+        "/full/cpu_us_per_connect/0",
+        Better::Lower,
+        0,
+    ),
+    m(
+        "peak proxy RSS (MiB)",
+        "/full/peak_rss_mib/0",
+        Better::Lower,
+        1,
+    ),
+    m("proxy cores busy", "/full/watched/0/cores", Better::None, 2),
+    m(
+        "generator CPU per connect (µs)",
+        "/full/generator_cpu_us_per_connect",
+        Better::None,
+        0,
+    ),
+    m(
+        "machine cores busy (all processes)",
+        "/full/machine_cores",
+        Better::None,
+        2,
+    ),
+    m(
+        "accept-queue overflows",
+        "/full/tcp/listen_overflows",
+        Better::None,
+        0,
+    ),
+    m(
+        "SYN retransmits",
+        "/full/tcp/syn_retransmits",
+        Better::None,
+        0,
+    ),
+    m(
+        "resumed: all connected after (s)",
+        "/resumed/all_connected_s",
+        Better::Lower,
+        2,
+    ),
+    m(
+        "resumed: connect p50 (ms)",
+        "/resumed/connect/p50_ms",
+        Better::Lower,
+        0,
+    ),
+    m(
+        "resumed: connect p99 (ms)",
+        "/resumed/connect/p99_ms",
+        Better::Lower,
+        0,
+    ),
+    m(
+        "resumed: failed connects",
+        "/resumed/failed",
+        Better::Lower,
+        0,
+    ),
+    m(
+        "resumed: handshakes that resumed",
+        "/resumed/resumed_handshakes",
+        Better::None,
+        0,
+    ),
+    m(
+        "**proxy CPU per resumed handshake (µs)**",
+        "/resumed/cpu_us_per_connect/0",
+        Better::Lower,
+        0,
+    ),
+    m(
+        "resumed: peak proxy RSS (MiB)",
+        "/resumed/peak_rss_mib/0",
+        Better::Lower,
+        1,
+    ),
+    m(
+        "resumed: proxy cores busy",
+        "/resumed/watched/0/cores",
+        Better::None,
+        2,
+    ),
+    m(
+        "resumed: generator CPU per connect (µs)",
+        "/resumed/generator_cpu_us_per_connect",
+        Better::None,
+        0,
+    ),
+    m(
+        "resumed: machine cores busy",
+        "/resumed/machine_cores",
+        Better::None,
+        2,
+    ),
+    m(
+        "resumed: accept-queue overflows",
+        "/resumed/tcp/listen_overflows",
+        Better::None,
+        0,
+    ),
+];
+
 const FIGURES: &[Figure] = &[
     Figure {
         id: "https",
@@ -136,16 +265,19 @@ const FIGURES: &[Figure] = &[
                 2,
             ),
         ],
+        ratios: Ratios::BetterPeer,
     },
     Figure {
         id: "echo-64",
         title: "WebSocket echo, 64 B, 50 connections",
         metrics: ECHO,
+        ratios: Ratios::BetterPeer,
     },
     Figure {
         id: "echo-16k",
         title: "WebSocket echo, 16 KiB, 50 connections",
         metrics: ECHO,
+        ratios: Ratios::BetterPeer,
     },
     Figure {
         id: "idle",
@@ -160,6 +292,7 @@ const FIGURES: &[Figure] = &[
                 1,
             ),
         ],
+        ratios: Ratios::BetterPeer,
     },
     Figure {
         id: "floor",
@@ -178,16 +311,31 @@ const FIGURES: &[Figure] = &[
                 2,
             ),
         ],
+        ratios: Ratios::BetterPeer,
     },
     Figure {
         id: "stack-25",
         title: "Whole stack, {clients} clients, 25 msg/s",
         metrics: STACK,
+        ratios: Ratios::BetterPeer,
     },
     Figure {
         id: "stack-100",
         title: "Whole stack, {clients} clients, 100 msg/s",
         metrics: STACK,
+        ratios: Ratios::BetterPeer,
+    },
+    Figure {
+        id: "storm-rsa",
+        title: "Reconnect storm, {clients} TLS WebSocket clients at once, RSA-2048 certificate",
+        metrics: STORM,
+        ratios: Ratios::EachPeer,
+    },
+    Figure {
+        id: "storm-ecdsa",
+        title: "Reconnect storm, {clients} TLS WebSocket clients at once, ECDSA P-256 certificate",
+        metrics: STORM,
+        ratios: Ratios::EachPeer,
     },
 ];
 
@@ -237,8 +385,22 @@ fn figure_table(out: &mut String, figure: &Figure, records: &[&Record]) {
         .map(|s| records.iter().filter(|r| r.system == *s).count())
         .max()
         .unwrap_or(0);
-    let with_ratio =
-        systems.contains(&"lb") && (systems.contains(&"haproxy") || systems.contains(&"nginx"));
+    // The ratio columns: each a label and the peers it compares lb with.
+    let peers: Vec<&str> = PEERS
+        .iter()
+        .copied()
+        .filter(|p| systems.contains(p))
+        .collect();
+    let columns: Vec<(String, Vec<&str>)> = if !systems.contains(&"lb") || peers.is_empty() {
+        Vec::new()
+    } else if figure.ratios == Ratios::EachPeer {
+        peers
+            .iter()
+            .map(|p| (format!("lb ÷ {}", display_name(p)), vec![*p]))
+            .collect()
+    } else {
+        vec![("lb ÷ better of HAProxy, nginx".to_string(), peers)]
+    };
     let title = figure.title.replace("{clients}", &clients(records));
     let _ = writeln!(out, "### {title} (median of {reps})\n");
     let mut header = String::from("| figure |");
@@ -247,8 +409,8 @@ fn figure_table(out: &mut String, figure: &Figure, records: &[&Record]) {
         let _ = write!(header, " {} |", display_name(s));
         rule.push_str("---:|");
     }
-    if with_ratio {
-        header.push_str(" lb ÷ better of HAProxy, nginx |");
+    for (label, _) in &columns {
+        let _ = write!(header, " {label} |");
         rule.push_str("---:|");
     }
     let _ = writeln!(out, "{header}\n{rule}");
@@ -273,8 +435,8 @@ fn figure_table(out: &mut String, figure: &Figure, records: &[&Record]) {
                 None => row.push_str(" – |"),
             }
         }
-        if with_ratio {
-            match ratio(&medians, metric.better) {
+        for (_, against) in &columns {
+            match ratio(&medians, against, metric.better) {
                 Some(r) => {
                     let _ = write!(row, " {r:.2} |");
                 }
@@ -286,12 +448,10 @@ fn figure_table(out: &mut String, figure: &Figure, records: &[&Record]) {
     out.push('\n');
 }
 
-/// lb's median divided by the better of HAProxy's and nginx's.
-fn ratio(medians: &BTreeMap<&str, f64>, better: Better) -> Option<f64> {
+/// lb's median divided by the better of the `peers`' medians.
+fn ratio(medians: &BTreeMap<&str, f64>, peers: &[&str], better: Better) -> Option<f64> {
     let lb = *medians.get("lb")?;
-    let others = ["haproxy", "nginx"]
-        .iter()
-        .filter_map(|s| medians.get(s).copied());
+    let others = peers.iter().filter_map(|s| medians.get(s).copied());
     let best = match better {
         Better::Higher => others.fold(None, |a: Option<f64>, v| Some(a.map_or(v, |a| a.max(v)))),
         Better::Lower => others.fold(None, |a: Option<f64>, v| Some(a.map_or(v, |a| a.min(v)))),
@@ -451,6 +611,53 @@ mod tests {
             "{text}"
         );
         assert!(!text.contains("HTTPS"));
+    }
+
+    #[test]
+    fn storm_rows_compare_lb_with_each_peer() {
+        let storm = |cpu: f64, resumed_cpu: f64| {
+            serde_json::json!({
+                "clients": 9000,
+                "full": {"cpu_us_per_connect": [cpu], "failed": 0},
+                "resumed": {"cpu_us_per_connect": [resumed_cpu], "resumed_handshakes": 9000},
+            })
+        };
+        let records = vec![
+            record("storm-ecdsa", "lb", storm(400.0, 150.0)),
+            record("storm-ecdsa", "haproxy", storm(500.0, 100.0)),
+            record("storm-ecdsa", "nginx", storm(800.0, 300.0)),
+        ];
+        let text = render(&records, 50.0);
+        assert!(
+            text.contains("Reconnect storm, 9,000 TLS WebSocket clients at once, ECDSA P-256"),
+            "{text}"
+        );
+        assert!(
+            text.contains("| figure | lb | HAProxy | nginx | lb ÷ HAProxy | lb ÷ nginx |"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "| **proxy CPU per full handshake (µs)** | 400 | 500 | 800 | 0.80 | 0.50 |"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "| **proxy CPU per resumed handshake (µs)** | 150 | 100 | 300 | 1.50 | 0.50 |"
+            ),
+            "{text}"
+        );
+        // Zero failures everywhere: no ratio; counts without a better side: no ratio.
+        assert!(
+            text.contains("| failed connects | 0 | 0 | 0 | | |"),
+            "{text}"
+        );
+        assert!(
+            text.contains("| resumed: handshakes that resumed | 9000 | 9000 | 9000 | | |"),
+            "{text}"
+        );
+        assert!(!text.contains("RSA-2048"), "{text}");
     }
 
     #[test]
