@@ -1,4 +1,5 @@
-//! `bench`: load generator (fan-out, echo, idle), fault injection (chaos) and neutral backend.
+//! `bench`: load generator (fan-out, echo, idle), fault injection (chaos), Redis layouts
+//! (shards) and neutral backend.
 //!
 //! Each subcommand runs one measurement and prints its report: human-readable by default, one
 //! JSON object with `--json` (what `bench/run` parses). Progress and errors go to stderr.
@@ -12,6 +13,7 @@ mod floor;
 mod http;
 mod idle;
 mod procstat;
+mod shards;
 mod summary;
 
 use std::net::SocketAddr;
@@ -45,6 +47,8 @@ enum Command {
     Http(http::Args),
     /// Hold N idle WebSocket connections and report memory per connection of watched processes.
     Idle(idle::Args),
+    /// The chat over many rooms on one Redis and on Redis Clusters, and per-room subscriptions.
+    Shards(shards::Args),
     /// Markdown tables (medians, ratios) from the results file of bench/run.
     Summary(summary::Args),
     /// The neutral backend: WebSocket echo on any upgrade, 200 "Hello, world!" otherwise.
@@ -75,6 +79,7 @@ fn main() -> ExitCode {
             Command::Floor(args) => emit(cli.json, &floor::run(args).await?),
             Command::Idle(args) => emit(cli.json, &idle::run(args).await?),
             Command::Http(args) => emit(cli.json, &http::run(args).await?),
+            Command::Shards(args) => emit(cli.json, &shards::run(args).await?),
             Command::Summary(args) => {
                 print!("{}", summary::run(&args)?);
                 Ok(())
