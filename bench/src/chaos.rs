@@ -1,7 +1,7 @@
 //! `bench chaos`: the fault-injection runs of [`tests::chaos`] from the command line.
 //!
 //! Each scenario (all of them unless `--scenario` names some) runs on a fresh stack (Redis with
-//! its append-only file, two apps, `lb`, all started from the binaries next to this one), with
+//! its append-only file, or a Redis Cluster for the cluster faults, two apps, `lb`, all started from the binaries next to this one), with
 //! resume unless `--no-resume`, or both ways with `--compare`; one table row per run.
 
 use std::time::Duration;
@@ -12,7 +12,8 @@ use ::tests::chaos::{self, Config, Runs, Scenario};
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Scenario to run (none, kill-app, drain-app, redis-restart, lb-reload, rolling-restart,
-    /// lb-restart); repeat for several; every one when not given.
+    /// lb-restart, shard-failover and slot-migration on a Redis Cluster); repeat for several;
+    /// every one when not given.
     #[arg(long = "scenario")]
     scenarios: Vec<Scenario>,
     /// Clients and senders speak the original protocol: plain /ws, no cid, no retries.

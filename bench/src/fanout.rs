@@ -39,34 +39,34 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 pub struct Args {
     /// ws:// or wss:// URL of the chat WebSocket; repeat to spread clients over several.
     #[arg(long, required = true)]
-    url: Vec<String>,
+    pub(crate) url: Vec<String>,
     /// CA certificate (PEM) to trust for wss://.
     #[arg(long)]
-    ca: Option<PathBuf>,
+    pub(crate) ca: Option<PathBuf>,
     /// Connected clients, all receiving.
     #[arg(long, default_value_t = 1000)]
-    clients: usize,
+    pub(crate) clients: usize,
     /// How many of the clients also send.
     #[arg(long, default_value_t = 50)]
-    senders: usize,
+    pub(crate) senders: usize,
     /// Total messages per second over all senders.
     #[arg(long, default_value_t = 25.0)]
-    rate: f64,
+    pub(crate) rate: f64,
     /// Sending time.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
-    duration: Duration,
+    pub(crate) duration: Duration,
     /// Longest wait after sending for the last deliveries.
     #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
-    drain: Duration,
+    pub(crate) drain: Duration,
     /// Pause between the last connection and the first message (the server registers clients).
     #[arg(long, default_value = "500ms", value_parser = humantime::parse_duration)]
-    settle: Duration,
+    pub(crate) settle: Duration,
     /// Handshakes in flight at once while connecting.
     #[arg(long, default_value_t = 100)]
-    concurrency: usize,
+    pub(crate) concurrency: usize,
     /// Processes whose CPU to report over the window: NAME=PID[,PID...], repeatable.
     #[arg(long)]
-    watch: Vec<Watch>,
+    pub(crate) watch: Vec<Watch>,
 }
 
 /// What `bench fanout` measured.

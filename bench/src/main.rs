@@ -1,4 +1,5 @@
-//! `bench`: load generator (fan-out, echo, idle, storm), fault injection (chaos) and neutral backend.
+//! `bench`: load generator (fan-out, echo, idle, storm), fault injection (chaos), Redis layouts
+//! (shards) and neutral backend.
 //!
 //! Each subcommand runs one measurement and prints its report: human-readable by default, one
 //! JSON object with `--json` (what `bench/run` parses). Progress and errors go to stderr.
@@ -12,6 +13,7 @@ mod floor;
 mod http;
 mod idle;
 mod procstat;
+mod shards;
 mod storm;
 mod summary;
 
@@ -46,6 +48,8 @@ enum Command {
     Http(http::Args),
     /// Hold N idle WebSocket connections and report memory per connection of watched processes.
     Idle(idle::Args),
+    /// The chat over many rooms on one Redis and on Redis Clusters, and per-room subscriptions.
+    Shards(shards::Args),
     /// Reconnect storm: N TLS WebSocket clients at once, then all again resuming their sessions.
     Storm(storm::Args),
     /// Markdown tables (medians, ratios) from the results file of bench/run.
@@ -78,6 +82,7 @@ fn main() -> ExitCode {
             Command::Floor(args) => emit(cli.json, &floor::run(args).await?),
             Command::Idle(args) => emit(cli.json, &idle::run(args).await?),
             Command::Http(args) => emit(cli.json, &http::run(args).await?),
+            Command::Shards(args) => emit(cli.json, &shards::run(args).await?),
             Command::Storm(args) => emit(cli.json, &storm::run(args).await?),
             Command::Summary(args) => {
                 print!("{}", summary::run(&args)?);

@@ -98,6 +98,14 @@ impl RedisCluster {
         self.nodes.is_empty()
     }
 
+    /// The process ids of the running nodes, in node order.
+    pub fn pids(&self) -> Vec<u32> {
+        self.nodes
+            .iter()
+            .filter_map(|n| n.proc.as_ref().and_then(Proc::pid))
+            .collect()
+    }
+
     /// A plain connection to node `i`.
     pub async fn node(&self, i: usize) -> Result<MultiplexedConnection> {
         let port = self

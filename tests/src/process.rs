@@ -158,6 +158,11 @@ impl Proc {
         }
     }
 
+    /// The process id, while the process has not been reaped.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
     /// Sends a signal (`TERM`, `HUP`, `KILL`, ...) to this process by PID.
     pub fn signal(&self, signal: &str) -> Result<()> {
         let pid = self

@@ -133,6 +133,11 @@ impl Redis {
         }
     }
 
+    /// The server's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.proc.as_ref().and_then(Proc::pid)
+    }
+
     /// Kills the server (as a crash would).
     pub async fn stop(&mut self) {
         if let Some(mut proc) = self.proc.take() {
