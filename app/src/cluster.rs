@@ -22,6 +22,14 @@ const SCHEMES: [(&str, &str); 2] = [
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long one command may wait for its answer.
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often a command is retried (after a `MOVED`, a lost node, a slot without a primary during
+/// a failover), and the bounds of the jittered wait before each retry, in milliseconds: short,
+/// so a command finds the new primary within a fraction of a second of its promotion (the
+/// crate's defaults wait at least 1.28 s per retry), and all retries together within the
+/// subscriber's few seconds per attempt.
+const RETRIES: u32 = 12;
+const MIN_RETRY_WAIT_MS: u64 = 50;
+const MAX_RETRY_WAIT_MS: u64 = 400;
 
 /// The seed nodes of a cluster, and the CA for TLS.
 #[derive(Clone)]
@@ -119,7 +127,10 @@ impl Seeds {
         let mut builder = ClusterClientBuilder::new(self.nodes.clone())
             .use_protocol(redis::ProtocolVersion::RESP3)
             .connection_timeout(CONNECT_TIMEOUT)
-            .response_timeout(RESPONSE_TIMEOUT);
+            .response_timeout(RESPONSE_TIMEOUT)
+            .retries(RETRIES)
+            .min_retry_wait(MIN_RETRY_WAIT_MS)
+            .max_retry_wait(MAX_RETRY_WAIT_MS);
         if let Some(certs) = &self.certs {
             builder = builder.certs(certs.clone());
         }

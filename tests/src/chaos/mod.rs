@@ -425,7 +425,9 @@ pub async fn drive(
     let cap = Instant::now().max(end) + DRAIN_CAP;
     loop {
         let last = witness.last_at().unwrap_or(end).max(end);
-        if Instant::now() >= (last + config.drain).min(cap) || complete(&witness, &logs) {
+        if Instant::now() >= (last + config.drain).min(cap)
+            || complete(&witness, &logs, config.resume)
+        {
             break;
         }
         tokio::time::sleep(DRAIN_POLL).await;
@@ -442,9 +444,17 @@ pub async fn drive(
 }
 
 /// True when every send was acknowledged (with resume) and every client holds every message
-/// published after its first connection.
-fn complete(witness: &Witness, logs: &[Arc<Mutex<ClientLog>>]) -> bool {
+/// published after its first connection. With resume, every acknowledged message is published,
+/// so the witness must have seen them all first: when a fault took the witness's subscription
+/// too (a cluster failover), what it has seen so far is not yet everything.
+fn complete(witness: &Witness, logs: &[Arc<Mutex<ClientLog>>], resume: bool) -> bool {
     let seen = lock(witness.seen());
+    if resume {
+        let acked: u64 = logs.iter().map(|log| lock(log).sent).sum();
+        if (seen.messages.len() as u64) < acked {
+            return false;
+        }
+    }
     logs.iter().all(|log| {
         let log = lock(log);
         log.pending == 0
