@@ -11,7 +11,8 @@
 //! (`?resume`, or `?epoch=E&last=ID`; see [`WsQuery`]), sends the [`protocol::ResumeNotice`]
 //! and the messages of its room it missed, then does three things until the client leaves or
 //! is told to go:
-//! - frames from the client: rate limit, [`protocol::parse_incoming`], stamp, then
+//! - frames from the client: an empty text frame is a heartbeat and needs no answer; any other
+//!   goes through the rate limit, [`protocol::parse_incoming`], stamp, then
 //!   [`Room::publish`] in its room (answered with `{"ack": cid, …}` when the frame had a
 //!   `cid`); a problem is answered with `{"error": …}` to this client alone and the connection
 //!   stays open; a frame over the size limit closes with 1009, invalid UTF-8 with 1007;
@@ -307,6 +308,10 @@ async fn serve<S>(
                 let reply = match frame {
                     None => break End::Gone,
                     Some(Err(e)) => break refusal(e, limits.max_frame_bytes),
+                    // An empty text frame is a client's heartbeat: it proves its path works
+                    // (sending it is how a client finds out that its path is gone) and needs
+                    // no answer.
+                    Some(Ok(Message::Text(text))) if text.is_empty() => None,
                     Some(Ok(Message::Text(text))) if !bucket.allow() => {
                         Some(rate_limited(&state, &text))
                     }

@@ -10,7 +10,10 @@
 //! `ip addr`); lb on lb1 is started again. Every client loses its connection once, reconnects
 //! through the virtual IP to lb2 with resume, and in the end every message sent was published
 //! once and received exactly once by every client. With `nopreempt` the address stays on lb2
-//! although lb1 is healthy again; stopped, both keepalived processes leave it on neither host.
+//! although lb1 is healthy again. Then keepalived is stopped on lb2 while its lb keeps running:
+//! the address goes back to lb1, and every client, also one that only receives, finds out
+//! through its heartbeat, reconnects through lb1 and loses nothing. Stopped, both keepalived
+//! processes leave the address on neither host.
 //!
 //! The namespaces share one private /24 that only this test creates (not the four-host test's),
 //! have no default route, and are removed at the end, also when the test fails.
@@ -195,8 +198,59 @@ async fn pair(hosts: &Hosts, keepalived: &Path) -> Result<()> {
     );
     assert!(lb1.is_running(), "lb on lb1, started again, has exited");
     vip_moves(&hosts.lb2, &hosts.lb1).await?;
+
+    // keepalived stopped on the holder while its lb keeps running (`systemctl stop keepalived`
+    // there): the address goes back to lb1, and lb2 still holds every client's connection but
+    // can no longer send from the address, so a client that only receives hears nothing. Its
+    // heartbeat (1 s here; the page's is 15 s) reaches lb1, which resets it; it reconnects
+    // through lb1 and resumes.
+    let config = Config {
+        heartbeat: Duration::from_secs(1),
+        ..config
+    };
+    let mut ka2 = Some(ka2);
+    let fault = async {
+        let began = Instant::now();
+        ka2.take()
+            .context("keepalived on lb2 already stopped")?
+            .stop()
+            .await?;
+        vip_moves(&hosts.lb1, &hosts.lb2).await?;
+        let to_lb1 = began.elapsed();
+        let clients = config.clients as u64;
+        eventually(
+            &format!("{clients} tunnels through lb1"),
+            VIP_WITHIN,
+            || async { Ok(tunnels(&hosts.lb1).await? == clients) },
+        )
+        .await?;
+        Ok(format!(
+            "keepalived on lb2 stopped, its lb still running: VIP on lb1 after {to_lb1:.1?}; \
+             every client back through lb1"
+        ))
+    };
+    let report = chaos::drive(&config, "keepalived-stopped", &target, fault).await?;
+    println!("{report}");
+    assert_eq!(
+        (
+            report.connected,
+            report.lost,
+            report.duplicates,
+            report.out_of_order,
+            report.unacked,
+            report.unrecovered,
+            report.published_duplicates,
+        ),
+        (config.clients, 0, 0, 0, 0, 0, 0),
+        "{report}"
+    );
+    assert_eq!(report.published, report.sent, "{report}");
+    assert!(
+        (clients..2 * clients).contains(&report.disconnects),
+        "expected each client to lose its connection once: {report}"
+    );
+
     // Stopped, keepalived releases the address.
-    ka2.stop().await?;
     ka1.stop().await?;
     for host in [&hosts.lb1, &hosts.lb2] {
         let left = ipv4_addrs(host, "eth0").await?;

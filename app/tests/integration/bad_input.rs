@@ -1,5 +1,6 @@
 //! Bad input (SPEC §3): each gets its answer, only the sender hears about it, the connection
-//! stays usable where the spec says so, and nothing reaches the Redis channel.
+//! stays usable where the spec says so, and nothing reaches the Redis channel. An empty frame
+//! is a heartbeat: no answer, nothing published.
 
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::frame::Frame;
@@ -120,4 +121,25 @@ async fn a_flood_is_answered_with_an_error_and_the_connection_stays() {
     assert_eq!(errors.len(), 1);
     assert!(errors[0].contains("too many messages"), "{errors:?}");
     assert_eq!(app.get("/healthz").await.0, 200);
+}
+
+#[tokio::test]
+async fn an_empty_frame_is_a_heartbeat_answered_with_nothing_and_published_nowhere() {
+    let redis = Redis::start().await;
+    let app = App::with_redis(&redis, LIMITS).await;
+    app.wait_health(200).await;
+    let mut raw = redis.subscribe("simple-chat").await;
+    let mut sender = app.connect().await;
+    for _ in 0..3 {
+        sender.send_text("").await;
+    }
+    // The next frame the sender gets is its own message: no answer came for the heartbeats,
+    // and the channel carries only the message.
+    sender.say("ann", "after the heartbeats").await;
+    assert_eq!(
+        assert_chat_shape(&sender.text().await).content,
+        "after the heartbeats"
+    );
+    let published: serde_json::Value = serde_json::from_str(&raw.next().await).unwrap();
+    assert_eq!(published["content"], "after the heartbeats");
 }

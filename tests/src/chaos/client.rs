@@ -58,6 +58,8 @@ pub(super) struct Plan {
     pub senders: usize,
     /// Highest sequence number (exclusive) a sender uses.
     pub per_sender: usize,
+    /// How often to send a heartbeat (an empty frame), as the page does.
+    pub heartbeat: Option<Duration>,
 }
 
 /// What one client saw and did; shared with the driver, which reads it during the drain.
@@ -316,6 +318,10 @@ impl Client {
                 lock(&self.log).send_errors += dropped;
             }
         }
+        let mut beats = self
+            .plan
+            .heartbeat
+            .map(|every| tokio::time::interval_at(Instant::now() + every, every));
         loop {
             let due = match (&self.outbox, ready) {
                 (Some(outbox), true) => outbox.pending.values().map(|p| p.due).min(),
@@ -339,6 +345,11 @@ impl Client {
                 }
                 () = wake, if due.is_some() => {
                     if self.resend_due(ws).await.is_err() {
+                        return Ended::Lost { ready };
+                    }
+                }
+                () = heartbeat(&mut beats) => {
+                    if ws.send(Message::text("")).await.is_err() {
                         return Ended::Lost { ready };
                     }
                 }
@@ -496,6 +507,16 @@ async fn next_new(outbox: &mut Option<Outbox>) -> (Key, String) {
 /// The sequence number in a `cid` (`RUN-SENDER-SEQ`).
 fn seq_of(cid: &str) -> Option<u32> {
     cid.rsplit('-').next()?.parse().ok()
+}
+
+/// Waits for the next heartbeat; never, without heartbeats.
+async fn heartbeat(beats: &mut Option<tokio::time::Interval>) {
+    match beats {
+        Some(beats) => {
+            beats.tick().await;
+        }
+        None => std::future::pending().await,
+    }
 }
 
 #[cfg(test)]

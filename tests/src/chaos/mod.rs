@@ -219,6 +219,9 @@ pub struct Config {
     /// After the sending window, wait at most this long after the last publication for the
     /// last deliveries and acknowledgements.
     pub drain: Duration,
+    /// With resume, each client sends a heartbeat (an empty frame) this often, as the page does
+    /// every 15 s: how a client that only receives finds out that its path is gone.
+    pub heartbeat: Duration,
 }
 
 impl Config {
@@ -234,6 +237,7 @@ impl Config {
             duration: Duration::from_secs(20),
             fault_at: Duration::from_secs(8),
             drain: Duration::from_secs(3),
+            heartbeat: Duration::from_secs(15),
         }
     }
 
@@ -362,6 +366,7 @@ pub async fn drive(
         per_sender: (config.duration.as_secs_f64() * config.rate / config.senders as f64).ceil()
             as usize
             + 2,
+        heartbeat: config.resume.then_some(config.heartbeat),
     });
 
     // Every client connects first.
