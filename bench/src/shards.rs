@@ -25,10 +25,9 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use ::tests::client::ChatClient;
-use ::tests::cluster::RedisCluster;
 use ::tests::process::Proc;
-use ::tests::redis::{Persistence, Redis};
-use ::tests::stack::{app_config, start_app, wait_healthy};
+use ::tests::redis::Persistence;
+use ::tests::stack::{Backing, app_config, start_app, wait_healthy};
 use anyhow::Context;
 use serde::Serialize;
 
@@ -115,36 +114,10 @@ pub struct Report {
     pub subscriptions: Vec<SubscriptionRow>,
 }
 
-/// The Redis of one run.
-enum Backing {
-    One(Box<Redis>),
-    Cluster(RedisCluster),
-}
-
-impl Backing {
-    async fn start(shards: usize) -> anyhow::Result<Backing> {
-        Ok(if shards <= 1 {
-            Backing::One(Box::new(
-                Redis::start_persisting(Persistence::EverySec).await?,
-            ))
-        } else {
-            Backing::Cluster(RedisCluster::start(shards, 0).await?)
-        })
-    }
-
-    fn url(&self) -> String {
-        match self {
-            Backing::One(redis) => redis.url(),
-            Backing::Cluster(cluster) => cluster.url(),
-        }
-    }
-
-    fn pids(&self) -> Vec<u32> {
-        match self {
-            Backing::One(redis) => redis.pid().into_iter().collect(),
-            Backing::Cluster(cluster) => cluster.pids(),
-        }
-    }
+/// One plain server for 1 shard (append-only file fsynced every second, as deployed), a
+/// cluster of `shards` primaries without replicas otherwise.
+async fn start_backing(shards: usize) -> anyhow::Result<Backing> {
+    Backing::start(Persistence::EverySec, (shards > 1).then_some((shards, 0))).await
 }
 
 /// Two instances on `backing`, healthy.
@@ -197,7 +170,7 @@ impl Args {
 /// One run of the shards figure.
 async fn shard_run(args: &Args, shards: usize) -> anyhow::Result<fanout::Report> {
     let dir = tempfile::tempdir()?;
-    let backing = Backing::start(shards).await?;
+    let backing = start_backing(shards).await?;
     let apps = start_apps(dir.path(), &backing).await?;
     // The senders are the first clients: one per room, on the first instance.
     let urls: Vec<String> = apps
@@ -218,7 +191,7 @@ async fn shard_run(args: &Args, shards: usize) -> anyhow::Result<fanout::Report>
 /// other's rooms.
 async fn subscription_run(args: &Args, every_room: bool) -> anyhow::Result<fanout::Report> {
     let dir = tempfile::tempdir()?;
-    let backing = Backing::start(1).await?;
+    let backing = start_backing(1).await?;
     let apps = start_apps(dir.path(), &backing).await?;
     let half = args.rooms / 2;
     let own = |i: usize| if i == 0 { 0..half } else { half..args.rooms };

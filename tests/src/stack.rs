@@ -227,6 +227,28 @@ pub enum Backing {
 }
 
 impl Backing {
+    /// One server keeping its data as `persistence` says, or, with `cluster` (primaries,
+    /// replicas each), a cluster.
+    pub async fn start(
+        persistence: Persistence,
+        cluster: Option<(usize, usize)>,
+    ) -> Result<Backing> {
+        Ok(match cluster {
+            None => Backing::One(Box::new(Redis::start_persisting(persistence).await?)),
+            Some((masters, replicas)) => {
+                Backing::Cluster(RedisCluster::start(masters, replicas).await?)
+            }
+        })
+    }
+
+    /// The process ids of the running server or nodes.
+    pub fn pids(&self) -> Vec<u32> {
+        match self {
+            Backing::One(redis) => redis.pid().into_iter().collect(),
+            Backing::Cluster(cluster) => cluster.pids(),
+        }
+    }
+
     /// The URL the apps are given.
     pub fn url(&self) -> String {
         match self {
@@ -282,12 +304,7 @@ impl Stack {
     pub async fn start_with(options: &Options) -> Result<Stack> {
         let dir = tempfile::tempdir()?;
         generate_certs(&dir.path().join("certs"), &["localhost", "127.0.0.1"]).await?;
-        let redis = match options.cluster {
-            None => Backing::One(Box::new(Redis::start_persisting(options.redis).await?)),
-            Some((masters, replicas)) => {
-                Backing::Cluster(RedisCluster::start(masters, replicas).await?)
-            }
-        };
+        let redis = Backing::start(options.redis, options.cluster).await?;
         let app_toml = dir.path().join("app.toml");
         std::fs::write(
             &app_toml,

@@ -37,24 +37,7 @@ async fn zero_loss(scenario: Scenario) -> Result<Report> {
     let config = small(scenario, true);
     let report = chaos::run(&config).await?;
     println!("{report}");
-    let counts = |r: &Report| {
-        (
-            r.connected,
-            r.lost,
-            r.duplicates,
-            r.out_of_order,
-            r.unacked,
-            r.unrecovered,
-            r.published_duplicates,
-        )
-    };
-    assert_eq!(
-        counts(&report),
-        (config.clients, 0, 0, 0, 0, 0, 0),
-        "{report}"
-    );
-    assert!(report.sent > 0, "{report}");
-    assert_eq!(report.published, report.sent, "{report}");
+    report.assert_zero_loss();
     Ok(report)
 }
 

@@ -158,14 +158,7 @@ async fn pair(hosts: &Hosts, keepalived: &Path) -> Result<()> {
         let to_lb2 = began.elapsed();
         lb1.wait_exit(STOP_WITHIN).await?;
         lb1 = start_lb(&hosts.lb1, &lb_toml).await?;
-        // Every client back, through lb2.
-        let clients = config.clients as u64;
-        eventually(
-            &format!("{clients} tunnels through lb2"),
-            VIP_WITHIN,
-            || async { Ok(tunnels(&hosts.lb2).await? == clients) },
-        )
-        .await?;
+        all_back_through(&hosts.lb2, config.clients).await?;
         Ok(format!(
             "lb on lb1 SIGKILL: VIP on lb2 after {to_lb2:.1?}; lb on lb1 started again; \
              every client back through lb2"
@@ -173,29 +166,10 @@ async fn pair(hosts: &Hosts, keepalived: &Path) -> Result<()> {
     };
     let report = chaos::drive(&config, "lb-failover", &target, fault).await?;
     println!("{report}");
-    assert_eq!(
-        (
-            report.connected,
-            report.lost,
-            report.duplicates,
-            report.out_of_order,
-            report.unacked,
-            report.unrecovered,
-            report.published_duplicates,
-        ),
-        (config.clients, 0, 0, 0, 0, 0, 0),
-        "{report}"
-    );
-    assert!(report.sent > 0, "{report}");
-    assert_eq!(report.published, report.sent, "{report}");
-    // The move broke every client's WebSocket once: they all went through lb1, then lb2.
+    report.assert_zero_loss();
     // `nopreempt`: lb1, healthy again for seconds now, did not take the address back (which
     // would have broken every connection a second time).
-    let clients = config.clients as u64;
-    assert!(
-        (clients..2 * clients).contains(&report.disconnects),
-        "expected each client to lose its connection once: {report}"
-    );
+    assert_each_client_moved_once(&report);
     assert!(lb1.is_running(), "lb on lb1, started again, has exited");
     vip_moves(&hosts.lb2, &hosts.lb1).await?;
 
@@ -208,22 +182,12 @@ async fn pair(hosts: &Hosts, keepalived: &Path) -> Result<()> {
         heartbeat: Duration::from_secs(1),
         ..config
     };
-    let mut ka2 = Some(ka2);
     let fault = async {
         let began = Instant::now();
-        ka2.take()
-            .context("keepalived on lb2 already stopped")?
-            .stop()
-            .await?;
+        ka2.stop().await?;
         vip_moves(&hosts.lb1, &hosts.lb2).await?;
         let to_lb1 = began.elapsed();
-        let clients = config.clients as u64;
-        eventually(
-            &format!("{clients} tunnels through lb1"),
-            VIP_WITHIN,
-            || async { Ok(tunnels(&hosts.lb1).await? == clients) },
-        )
-        .await?;
+        all_back_through(&hosts.lb1, config.clients).await?;
         Ok(format!(
             "keepalived on lb2 stopped, its lb still running: VIP on lb1 after {to_lb1:.1?}; \
              every client back through lb1"
@@ -231,24 +195,8 @@ async fn pair(hosts: &Hosts, keepalived: &Path) -> Result<()> {
     };
     let report = chaos::drive(&config, "keepalived-stopped", &target, fault).await?;
     println!("{report}");
-    assert_eq!(
-        (
-            report.connected,
-            report.lost,
-            report.duplicates,
-            report.out_of_order,
-            report.unacked,
-            report.unrecovered,
-            report.published_duplicates,
-        ),
-        (config.clients, 0, 0, 0, 0, 0, 0),
-        "{report}"
-    );
-    assert_eq!(report.published, report.sent, "{report}");
-    assert!(
-        (clients..2 * clients).contains(&report.disconnects),
-        "expected each client to lose its connection once: {report}"
-    );
+    report.assert_zero_loss();
+    assert_each_client_moved_once(&report);
 
     // Stopped, keepalived releases the address.
     ka1.stop().await?;
@@ -260,6 +208,27 @@ async fn pair(hosts: &Hosts, keepalived: &Path) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The move broke every client's WebSocket once (and only once): each went through one lb host,
+/// then the other.
+fn assert_each_client_moved_once(report: &chaos::Report) {
+    let clients = report.clients as u64;
+    assert!(
+        (clients..2 * clients).contains(&report.disconnects),
+        "expected each client to lose its connection once: {report}"
+    );
+}
+
+/// Waits until lb on host `ns` holds a tunnel for each of `clients`.
+async fn all_back_through(ns: &str, clients: usize) -> Result<()> {
+    let clients = clients as u64;
+    eventually(
+        &format!("{clients} tunnels through {ns}"),
+        VIP_WITHIN,
+        || async { Ok(tunnels(ns).await? == clients) },
+    )
+    .await
 }
 
 /// Starts `lb run --config lb_toml` on host `ns`.

@@ -157,6 +157,27 @@ const COLUMNS: [(&str, usize); 14] = [
 ];
 
 impl Report {
+    /// Panics (with the whole report) unless the run lost nothing: every client connected, no
+    /// loss, duplicate, reordering, unacknowledged send or refused resume, every message sent
+    /// published exactly once, and something was sent at all.
+    pub fn assert_zero_loss(&self) {
+        assert_eq!(
+            (
+                self.connected,
+                self.lost,
+                self.duplicates,
+                self.out_of_order,
+                self.unacked,
+                self.unrecovered,
+                self.published_duplicates,
+            ),
+            (self.clients, 0, 0, 0, 0, 0, 0),
+            "{self}"
+        );
+        assert!(self.sent > 0, "{self}");
+        assert_eq!(self.published, self.sent, "{self}");
+    }
+
     fn cells(&self) -> [String; 14] {
         [
             self.scenario.clone(),
