@@ -180,12 +180,20 @@ fn run(args: RunArgs) -> ExitCode {
         );
         return ExitCode::from(EXIT_CONFIG);
     }
-    // Where the next version comes from, taken now: once the file is replaced, this process's
-    // own image is no longer at that path.
-    let successor = std::env::current_exe().ok().map(|program| Successor {
-        program,
-        args: std::env::args_os().skip(1).collect(),
-    });
+    // Where the next version comes from: the path this process was started by (so a symlink
+    // switched to a new release starts that release; a bare name is looked up on PATH again),
+    // or, without one, the file of this process's own image, taken now (once that file is
+    // replaced, the image is no longer at the path).
+    let mut argv = std::env::args_os();
+    let successor = argv
+        .next()
+        .filter(|program| !program.is_empty())
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::current_exe().ok())
+        .map(|program| Successor {
+            program,
+            args: argv.collect(),
+        });
     let config = match args.load() {
         Ok(config) => config,
         Err(e) => {
@@ -234,10 +242,13 @@ fn run(args: RunArgs) -> ExitCode {
             lb.shutdown().await;
             return ExitCode::FAILURE;
         }
-        notify::ready();
+        // The previous process hears first that this one serves: only then does it stop
+        // accepting and count this one as its successor, and only then is this one the unit's
+        // main process (`MAINPID=`).
         if let Some(handback) = handback {
             hand_back(handback);
         }
+        notify::ready();
         match signals.run(&lb, || args.load(), successor.as_ref()).await {
             Exit::Terminate => {
                 notify::stopping();

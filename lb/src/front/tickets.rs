@@ -141,7 +141,7 @@ impl Tickets {
     ) -> Arc<Tickets> {
         Arc::new(Tickets {
             keys: ArcSwap::from_pointee(keys),
-            rotation_ms: AtomicU64::new(rotation.as_millis() as u64),
+            rotation_ms: AtomicU64::new(rotation_ms(rotation)),
             rng,
             clock,
         })
@@ -191,7 +191,7 @@ impl Tickets {
 
     /// Changes the rotation period (a reload); the keys stay.
     pub fn set_rotation(&self, rotation: Duration) {
-        self.rotation_ms.store(rotation.as_millis() as u64, Relaxed);
+        self.rotation_ms.store(rotation_ms(rotation), Relaxed);
     }
 
     /// The live keys at `now_ms`, rotated first if the current key is a period old.
@@ -232,15 +232,16 @@ impl Tickets {
         let mut ticket = Vec::with_capacity(NAME_LEN + NONCE_LEN + plain.len() + TAG_LEN);
         ticket.extend_from_slice(&key.name);
         ticket.extend_from_slice(&nonce);
-        let mut in_out = plain.to_vec();
-        key.aead
-            .seal_in_place_append_tag(
+        ticket.extend_from_slice(plain);
+        let tag = key
+            .aead
+            .seal_in_place_separate_tag(
                 Nonce::assume_unique_for_key(nonce),
                 Aad::from(key.name),
-                &mut in_out,
+                &mut ticket[NAME_LEN + NONCE_LEN..],
             )
             .ok()?;
-        ticket.extend_from_slice(&in_out);
+        ticket.extend_from_slice(tag.as_ref());
         Some(ticket)
     }
 
@@ -270,14 +271,19 @@ impl Tickets {
     }
 }
 
+/// A rotation period in milliseconds, at most [`MAX_TICKET_ROTATION`] (so twice it, a ticket's
+/// longest life, is far from overflowing, and the lifetime in seconds fits rustls' `u32`).
+fn rotation_ms(rotation: Duration) -> u64 {
+    rotation.min(MAX_TICKET_ROTATION).as_millis() as u64
+}
+
 impl ProducesTickets for Tickets {
     fn enabled(&self) -> bool {
         true
     }
 
     fn lifetime(&self) -> u32 {
-        let rotation = Duration::from_millis(self.rotation_ms.load(Relaxed));
-        rotation.min(MAX_TICKET_ROTATION).as_secs().max(1) as u32
+        (self.rotation_ms.load(Relaxed) / 1000).max(1) as u32
     }
 
     fn encrypt(&self, plain: &[u8]) -> Option<Vec<u8>> {

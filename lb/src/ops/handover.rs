@@ -3,10 +3,10 @@
 //! Envoy's hot restart do, so that not one connection is refused and no tunnel is cut.
 //!
 //! The old process, on SIGUSR2 ([`upgrade`]): binds a Unix socket in a fresh directory only
-//! its user can enter, starts its [`Successor`] (the binary file it was started from, read
-//! anew, so a replaced file is the new version, with the same arguments) with the socket's path
+//! its user can enter, starts its [`Successor`] (the path it was started by, read anew, so a
+//! replaced file or a switched symlink is the new version, with the same arguments) with the socket's path
 //! in [`TAKEOVER_ENV`], and waits for it to connect. It then sends one message: the text
-//! [`Payload`] (`lb-handover 1`, one `KIND ADDR` line per listening socket, the hex ticket
+//! [`Payload`] (`lb-handover 1`, one `KIND ADDR` line per listening socket, the base64 ticket
 //! keys) with the sockets attached in the same order. The new process ([`receive`], before it
 //! starts) takes the sockets whose kind and configured address it also has, binds the others,
 //! starts serving, and answers `ready PID` ([`Handback::ready`]). Only then does the old process
@@ -31,6 +31,8 @@ use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
 use rustix::net::{
     RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SendAncillaryBuffer,
     SendAncillaryMessage, SendFlags,
@@ -110,11 +112,7 @@ impl Payload {
         for (kind, addr) in &self.listeners {
             let _ = writeln!(text, "listener {} {addr}", kind.name());
         }
-        text.push_str("tickets ");
-        for byte in &self.ticket_keys {
-            let _ = write!(text, "{byte:02x}");
-        }
-        text.push('\n');
+        let _ = writeln!(text, "tickets {}", STANDARD.encode(&self.ticket_keys));
         text
     }
 
@@ -123,10 +121,8 @@ impl Payload {
         if lines.next() != Some(MAGIC) {
             return Err(format!("not a handover message (expected {MAGIC:?})"));
         }
-        let mut payload = Payload {
-            listeners: Vec::new(),
-            ticket_keys: Vec::new(),
-        };
+        let mut listeners = Vec::new();
+        let mut ticket_keys = None;
         for line in lines {
             match line.split_once(' ') {
                 Some(("listener", rest)) => {
@@ -140,30 +136,29 @@ impl Payload {
                     let addr = addr
                         .parse()
                         .map_err(|_| format!("bad listener address {addr:?}"))?;
-                    payload.listeners.push((kind, addr));
+                    listeners.push((kind, addr));
                 }
-                Some(("tickets", hex)) => payload.ticket_keys = decode_hex(hex)?,
+                Some(("tickets", _)) if ticket_keys.is_some() => {
+                    return Err("two tickets lines".into());
+                }
+                Some(("tickets", encoded)) => {
+                    ticket_keys = Some(
+                        STANDARD
+                            .decode(encoded)
+                            .map_err(|_| "ticket keys are not base64".to_owned())?,
+                    );
+                }
                 _ => return Err(format!("unexpected line {line:?}")),
             }
         }
-        Ok(payload)
-    }
-}
-
-fn decode_hex(hex: &str) -> Result<Vec<u8>, String> {
-    let digits = hex.as_bytes();
-    if digits.len() % 2 != 0 {
-        return Err("odd-length ticket keys".into());
-    }
-    digits
-        .chunks_exact(2)
-        .map(|pair| {
-            std::str::from_utf8(pair)
-                .ok()
-                .and_then(|p| u8::from_str_radix(p, 16).ok())
-                .ok_or_else(|| "ticket keys are not hex".to_owned())
+        // The tickets line comes last: without it the message was cut short.
+        let ticket_keys =
+            ticket_keys.ok_or("the handover message is incomplete (no tickets line)")?;
+        Ok(Payload {
+            listeners,
+            ticket_keys,
         })
-        .collect()
+    }
 }
 
 /// The handover directory and socket; removed when dropped.
@@ -338,7 +333,19 @@ pub fn receive(path: &Path) -> Result<(Inherited, Handback), HandoverError> {
         &mut control,
         RecvFlags::CMSG_CLOEXEC,
     )
-    .map_err(|e| io_err("receiving the sockets from the running lb")(e.into()))?;
+    .map_err(|e| {
+        let e = io::Error::from(e);
+        if matches!(
+            e.kind(),
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+        ) {
+            io_err(format!(
+                "the running lb sent nothing within {RECEIVE_TIMEOUT:?}"
+            ))(e)
+        } else {
+            io_err("receiving the sockets from the running lb")(e)
+        }
+    })?;
     let mut fds = Vec::new();
     for message in control.drain() {
         if let RecvAncillaryMessage::ScmRights(received_fds) = message {
@@ -397,7 +404,7 @@ mod tests {
         assert_eq!(
             text,
             "lb-handover 1\nlistener https 127.0.0.1:0\nlistener admin [::1]:9100\n\
-             tickets 0001abff\n"
+             tickets AAGr/w==\n"
         );
         assert_eq!(Payload::decode(&text).unwrap(), payload);
         for bad in [
@@ -409,6 +416,9 @@ mod tests {
             "lb-handover 1\ntickets 0g\n",
             "lb-handover 1\ntickets 012\n",
             "lb-handover 1\nsomething else\n",
+            // Cut short before the tickets line, or with two of them.
+            "lb-handover 1\nlistener https 127.0.0.1:1\n",
+            "lb-handover 1\ntickets AAGr/w==\ntickets AAGr/w==\n",
         ] {
             assert!(Payload::decode(bad).is_err(), "{bad:?}");
         }
