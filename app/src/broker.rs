@@ -17,7 +17,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::cluster::ClusterConfig;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -118,16 +117,7 @@ impl Broker {
                 ConnectionManager::new_lazy_with_config(client.clone(), manager_config)
                     .map(Publisher::Single)
             }
-            // Connects in the background, and again after losing nodes.
-            RedisServer::Cluster(seeds) => seeds.client(None).map(|client| {
-                Publisher::Cluster(
-                    client.get_pending_async_connection_with_config(
-                        ClusterConfig::new()
-                            .set_connection_timeout(PUBLISH_CONNECT_TIMEOUT)
-                            .set_response_timeout(PUBLISH_RESPONSE_TIMEOUT),
-                    ),
-                )
-            }),
+            RedisServer::Cluster(seeds) => seeds.publisher().map(Publisher::Cluster),
         }
         .map_err(|source| BrokerError {
             server: redis.display.clone(),

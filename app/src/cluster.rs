@@ -8,7 +8,8 @@
 
 use std::time::Duration;
 
-use redis::cluster::{ClusterClient, ClusterClientBuilder};
+use redis::cluster::{ClusterClient, ClusterClientBuilder, ClusterConfig};
+use redis::cluster_async::ClusterConnection;
 use redis::{ConnectionAddr, ConnectionInfo, IntoConnectionInfo, PushInfo, RedisResult};
 use tokio::sync::mpsc::UnboundedSender;
 
@@ -65,6 +66,9 @@ impl Seeds {
             Some((userinfo, hosts)) => (Some(userinfo), hosts),
             None => (None, authority),
         };
+        if hosts.is_empty() {
+            return Err("names no node; expected host:port[,host:port...]".into());
+        }
         let mut nodes = Vec::new();
         for host in hosts.split(',') {
             if host.is_empty() {
@@ -119,6 +123,16 @@ impl Seeds {
             .map(|node| node.addr().to_string())
             .collect();
         format!("{scheme}{}", hosts.join(","))
+    }
+
+    /// The connection every room publishes and reads history on: connects in the background,
+    /// and again after losing nodes.
+    pub fn publisher(&self) -> RedisResult<ClusterConnection> {
+        Ok(self.client(None)?.get_pending_async_connection_with_config(
+            ClusterConfig::new()
+                .set_connection_timeout(CONNECT_TIMEOUT)
+                .set_response_timeout(RESPONSE_TIMEOUT),
+        ))
     }
 
     /// A client for the cluster; with `push`, every push message of its connections (sharded
@@ -180,6 +194,7 @@ mod tests {
             ("redis+cluster://a:1,,b:2", "empty node"),
             ("redis+cluster://a:1,b:notaport", "node b:notaport"),
             ("redis+cluster://a:1/2", "database"),
+            ("redis+cluster://:pw@", "names no node"),
             ("redis://a:1", "expected redis+cluster://"),
         ] {
             let e = Seeds::parse(url).err().unwrap_or_default();

@@ -38,6 +38,8 @@ pub const DEFAULT_CLIENT_QUEUE: usize = 256;
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 /// Default interval of the WebSocket pings that find unreachable clients.
 pub const DEFAULT_PING_INTERVAL: Duration = Duration::from_secs(20);
+/// The shortest ping interval: a client gets one interval to answer.
+const MIN_PING_INTERVAL: Duration = Duration::from_millis(100);
 /// Messages kept in each channel's history for clients that resume after a reconnect.
 pub const DEFAULT_HISTORY_MESSAGES: usize = 10_000;
 /// Age beyond which messages leave the history.
@@ -444,20 +446,17 @@ impl RawConfig {
             allowed_origins,
             client_queue,
             shutdown_grace: self.shutdown_grace.unwrap_or(DEFAULT_SHUTDOWN_GRACE),
-            ping_interval: self.ping_interval(&origin)?,
+            ping_interval: at_least(
+                &origin,
+                "ping_interval",
+                self.ping_interval.map(Seconds),
+                Seconds(DEFAULT_PING_INTERVAL),
+                Seconds(MIN_PING_INTERVAL),
+            )?
+            .0,
             history,
             rooms,
         })
-    }
-
-    fn ping_interval(&self, origin: &Origin<'_>) -> Result<Duration, ConfigError> {
-        match self.ping_interval {
-            Some(interval) if interval < Duration::from_millis(100) => Err(origin.invalid(
-                "ping_interval",
-                "must be at least 100ms (a client gets one interval to answer)",
-            )),
-            interval => Ok(interval.unwrap_or(DEFAULT_PING_INTERVAL)),
-        }
     }
 
     fn history(&self, origin: &Origin<'_>) -> Result<HistoryConfig, ConfigError> {
@@ -515,18 +514,7 @@ impl RawConfig {
             }
             return Ok(None);
         };
-        let ca = match &self.redis_ca_file {
-            Some(path) => Some((
-                path.as_path(),
-                std::fs::read(path).map_err(|e| {
-                    origin.invalid(
-                        "redis_ca_file",
-                        format!("could not read {}: {e}", path.display()),
-                    )
-                })?,
-            )),
-            None => None,
-        };
+        let ca = self.redis_ca_file.as_deref();
         let (server, display) = if Seeds::is_cluster_url(url) {
             Self::redis_cluster(url, ca, origin)?
         } else {
@@ -577,7 +565,7 @@ impl RawConfig {
     /// One server: `redis://` or `rediss://`, with the CA for TLS.
     fn redis_single(
         url: &str,
-        ca: Option<(&Path, Vec<u8>)>,
+        ca: Option<&Path>,
         origin: &Origin<'_>,
     ) -> Result<(RedisServer, String), ConfigError> {
         let info = redis::IntoConnectionInfo::into_connection_info(url).map_err(|e| {
@@ -603,13 +591,8 @@ impl RawConfig {
             }
         };
         let client = match ca {
-            Some((path, pem)) => {
-                if !tls {
-                    return Err(origin.invalid(
-                        "redis_ca_file",
-                        "is set but redis_url is not a rediss:// (TLS) URL",
-                    ));
-                }
+            Some(path) => {
+                let pem = read_ca(path, tls, "rediss://", origin)?;
                 redis::Client::build_with_tls(
                     info,
                     redis::TlsCertificates {
@@ -633,7 +616,7 @@ impl RawConfig {
     /// A cluster: `redis+cluster://` or `rediss+cluster://` seed nodes, with the CA for TLS.
     fn redis_cluster(
         url: &str,
-        ca: Option<(&Path, Vec<u8>)>,
+        ca: Option<&Path>,
         origin: &Origin<'_>,
     ) -> Result<(RedisServer, String), ConfigError> {
         let mut seeds = Seeds::parse(url).map_err(|e| {
@@ -645,13 +628,8 @@ impl RawConfig {
                 ),
             )
         })?;
-        if let Some((_, pem)) = ca {
-            if !seeds.is_tls() {
-                return Err(origin.invalid(
-                    "redis_ca_file",
-                    "is set but redis_url is not a rediss+cluster:// (TLS) URL",
-                ));
-            }
+        if let Some(path) = ca {
+            let pem = read_ca(path, seeds.is_tls(), "rediss+cluster://", origin)?;
             seeds = seeds.with_ca(pem);
         }
         seeds.client(None).map_err(|e| {
@@ -660,6 +638,28 @@ impl RawConfig {
         let display = seeds.display();
         Ok((RedisServer::Cluster(seeds), display))
     }
+}
+
+/// The CA file at `path` (`redis_ca_file`), which only a TLS URL (`tls`, scheme `tls_scheme`)
+/// can use: that is checked first, so a plain URL is the error, not the file.
+fn read_ca(
+    path: &Path,
+    tls: bool,
+    tls_scheme: &str,
+    origin: &Origin<'_>,
+) -> Result<Vec<u8>, ConfigError> {
+    if !tls {
+        return Err(origin.invalid(
+            "redis_ca_file",
+            format!("is set but redis_url is not a {tls_scheme} (TLS) URL"),
+        ));
+    }
+    std::fs::read(path).map_err(|e| {
+        origin.invalid(
+            "redis_ca_file",
+            format!("could not read {}: {e}", path.display()),
+        )
+    })
 }
 
 /// The parser's explanation of `e`, after `line N `the line`: ` when it points at a place.
@@ -742,7 +742,7 @@ mod tests {
         let err = Config::from_toml("ping_interval = \"50ms\"\n", "a.toml").unwrap_err();
         assert_eq!(
             err.to_string(),
-            "a.toml: key `ping_interval`: must be at least 100ms (a client gets one interval to answer)"
+            "a.toml: key `ping_interval`: 50ms is too small; the minimum is 100ms"
         );
         let config = Config::from_toml("ping_interval = \"2s\"\n", "a.toml").unwrap();
         assert_eq!(config.ping_interval, Duration::from_secs(2));

@@ -310,8 +310,11 @@ async fn serve<S>(
                     Some(Err(e)) => break refusal(e, limits.max_frame_bytes),
                     // An empty text frame is a client's heartbeat: it proves its path works
                     // (sending it is how a client finds out that its path is gone) and needs
-                    // no answer.
-                    Some(Ok(Message::Text(text))) if text.is_empty() => None,
+                    // no answer. It spends from the rate limit like any frame, silently.
+                    Some(Ok(Message::Text(text))) if text.is_empty() => {
+                        bucket.allow();
+                        None
+                    }
                     Some(Ok(Message::Text(text))) if !bucket.allow() => {
                         Some(rate_limited(&state, &text))
                     }
