@@ -7,7 +7,7 @@
 //! every client reads: each delivery is parsed, checked against a per-client bitset of
 //! (sender, seq) to count duplicates, and its latency (receive time minus the send timestamp) kept.
 //! After the sending window the run waits (up to `--drain`) for the expected deliveries
-//! (sent × clients: the sender gets its own message too), samples CPU of the watched processes
+//! (each message × the connected clients of its room, the sender included), samples CPU of the watched processes
 //! and of the generator, and reports loss, duplicates, rate, latency percentiles and CPU per
 //! delivery.
 
@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use ::tests::chaos::parse_content;
+use ::tests::chaos::{self, Key, parse_content, unix_nanos};
 use anyhow::{Context, bail};
 use futures_util::{SinkExt, StreamExt};
 use serde::{Deserialize, Serialize};
@@ -323,11 +323,12 @@ async fn client(
                 if seq >= shared.per_sender {
                     continue;
                 }
-                let msg = format!(
-                    r#"{{"name":"bench-{sender}","content":"{}:{sender}:{seq}:{}"}}"#,
+                let content = chaos::content(
                     shared.run,
-                    unix_nanos()
+                    Key { sender: sender as u32, seq: seq as u32 },
+                    unix_nanos(),
                 );
+                let msg = format!(r#"{{"name":"bench-{sender}","content":"{content}"}}"#);
                 if ws.send(Message::text(msg)).await.is_err() {
                     tally.disconnected = true;
                     break;
@@ -430,13 +431,6 @@ fn parse(text: &str, shared: &Shared) -> Parsed {
         index: sender * shared.per_sender + seq,
         sent_at: content.created_ns,
     }
-}
-
-fn unix_nanos() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or_default()
 }
 
 impl std::fmt::Display for Report {

@@ -364,13 +364,16 @@ impl ServerCertVerifier for Pinned {
         }
     }
 
+    /// The clients speak TLS 1.3 only: a TLS 1.2 handshake is refused, never waved through.
     fn verify_tls12_signature(
         &self,
         _message: &[u8],
         _cert: &CertificateDer<'_>,
         _dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Ok(HandshakeSignatureValid::assertion())
+        Err(rustls::Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls12NotOffered,
+        ))
     }
 
     fn verify_tls13_signature(

@@ -555,7 +555,8 @@ fn display_name(system: &str) -> &str {
     }
 }
 
-fn median(mut values: Vec<f64>) -> Option<f64> {
+/// The median (the mean of the two middle values for an even count); `None` for no values.
+pub(crate) fn median(mut values: Vec<f64>) -> Option<f64> {
     if values.is_empty() {
         return None;
     }

@@ -12,17 +12,15 @@ use anyhow::{Context, Result, anyhow, bail};
 use redis::aio::MultiplexedConnection;
 use tempfile::TempDir;
 use tokio::process::Command;
-use tokio::time::Instant;
 
 use crate::process::{Proc, Ready, system_bin};
 use crate::redis::free_port;
+use crate::stack::eventually;
 
 /// How long a node takes to suspect a silent peer (a failover follows about twice that).
-pub const NODE_TIMEOUT: Duration = Duration::from_millis(2000);
+const NODE_TIMEOUT: Duration = Duration::from_millis(2000);
 /// Longest wait for the cluster to agree on its shape (after creation, failover, migration).
 const SETTLE_WITHIN: Duration = Duration::from_secs(30);
-/// Pause between two looks at the cluster's state.
-const POLL: Duration = Duration::from_millis(50);
 
 /// One node.
 struct Node {
@@ -86,16 +84,6 @@ impl RedisCluster {
             .map(|n| format!("127.0.0.1:{}", n.port))
             .collect();
         format!("redis+cluster://{}", seeds.join(","))
-    }
-
-    /// How many nodes the cluster was started with.
-    pub fn len(&self) -> usize {
-        self.nodes.len()
-    }
-
-    /// Whether the cluster has no nodes (never, once started).
-    pub fn is_empty(&self) -> bool {
-        self.nodes.is_empty()
     }
 
     /// The process ids of the running nodes, in node order.
@@ -190,19 +178,13 @@ impl RedisCluster {
     /// Waits until a live node other than `dead` owns `slot` and every live node reports the
     /// cluster up; returns the new owner.
     pub async fn wait_failover(&self, slot: u16, dead: usize) -> Result<usize> {
-        let deadline = Instant::now() + SETTLE_WITHIN;
-        loop {
-            if let Ok(owner) = self.owner(slot).await
-                && owner != dead
-                && self.settled().await.unwrap_or(false)
-            {
-                return Ok(owner);
-            }
-            if Instant::now() > deadline {
-                bail!("no replica took over slot {slot} within {SETTLE_WITHIN:?}");
-            }
-            tokio::time::sleep(POLL).await;
-        }
+        eventually(
+            &format!("a replica serving slot {slot}"),
+            SETTLE_WITHIN,
+            || async move { Ok(self.owner(slot).await? != dead && self.settled().await?) },
+        )
+        .await?;
+        self.owner(slot).await
     }
 
     /// Moves `slot`, with its keys, from its owner to primary `to`.
@@ -246,14 +228,12 @@ impl RedisCluster {
                 setslot(&mut self.node(i).await?, slot, "NODE", &target_id).await?;
             }
         }
-        let deadline = Instant::now() + SETTLE_WITHIN;
-        while self.owner(slot).await? != to || !self.settled().await? {
-            if Instant::now() > deadline {
-                bail!("the cluster did not agree on slot {slot}'s move within {SETTLE_WITHIN:?}");
-            }
-            tokio::time::sleep(POLL).await;
-        }
-        Ok(())
+        eventually(
+            &format!("the cluster agreeing on slot {slot}'s move"),
+            SETTLE_WITHIN,
+            || async move { Ok(self.owner(slot).await? == to && self.settled().await?) },
+        )
+        .await
     }
 
     async fn id(&self, i: usize) -> Result<String> {
@@ -303,14 +283,7 @@ impl RedisCluster {
     }
 
     async fn wait_settled(&self) -> Result<()> {
-        let deadline = Instant::now() + SETTLE_WITHIN;
-        while !self.settled().await? {
-            if Instant::now() > deadline {
-                bail!("the cluster was not up within {SETTLE_WITHIN:?}");
-            }
-            tokio::time::sleep(POLL).await;
-        }
-        Ok(())
+        eventually("the cluster up", SETTLE_WITHIN, || self.settled()).await
     }
 }
 

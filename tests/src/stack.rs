@@ -173,7 +173,8 @@ pub async fn wait_healthy(addr: SocketAddr) -> Result<()> {
     .await
 }
 
-/// Polls `check` every 20 ms until it returns `Ok(true)`, at most `within`.
+/// Polls `check` every 20 ms until it returns `Ok(true)`, at most `within` (a check that hangs
+/// is cut at the deadline too).
 pub async fn eventually<F, Fut>(what: &str, within: Duration, mut check: F) -> Result<()>
 where
     F: FnMut() -> Fut,
@@ -181,7 +182,10 @@ where
 {
     let deadline = Instant::now() + within;
     loop {
-        let last = check().await;
+        let last = match tokio::time::timeout_at(deadline, check()).await {
+            Ok(last) => last,
+            Err(_) => Err(anyhow!("the check itself did not finish")),
+        };
         if let Ok(true) = last {
             return Ok(());
         }

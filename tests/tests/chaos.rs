@@ -122,14 +122,15 @@ async fn lb_restarted() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cluster_primary_killed_and_replaced_by_its_replica() -> Result<()> {
     let report = zero_loss(Scenario::ShardFailover).await?;
-    assert!(report.fault.contains("took over"), "{report}");
+    // The primary was really gone for a while: sends failed and were retried until the replica
+    // took over (after the cluster's node timeout), and none of them was lost.
+    assert!(report.retries > 0, "{report}");
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cluster_slot_moved_under_load() -> Result<()> {
-    let report = zero_loss(Scenario::SlotMigration).await?;
-    assert!(report.fault.contains("moved"), "{report}");
+    zero_loss(Scenario::SlotMigration).await?;
     Ok(())
 }
 

@@ -273,8 +273,9 @@ pub struct Content {
     pub created_ns: u64,
 }
 
-/// The content of message `key` made at `created_ns` in run `run`.
-fn content(run: u32, key: Key, created_ns: u64) -> String {
+/// The content of message `key` made at `created_ns` in run `run` (read back by
+/// [`parse_content`]).
+pub fn content(run: u32, key: Key, created_ns: u64) -> String {
     format!("{run}:{}:{}:{created_ns}", key.sender, key.seq)
 }
 
@@ -303,7 +304,7 @@ pub fn parse_content(text: &str, run: u32) -> Option<Content> {
 }
 
 /// Nanoseconds since the Unix epoch.
-fn unix_nanos() -> u64 {
+pub fn unix_nanos() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
