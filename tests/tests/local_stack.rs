@@ -141,7 +141,11 @@ async fn app_of_the_page(stack: &LocalStack) -> Result<&'static str> {
         let [one] = busy.as_slice() else {
             return Ok(false);
         };
-        ensure!(one.tunnels_active == 1, "{} tunnels for one page", one.tunnels_active);
+        ensure!(
+            one.tunnels_active == 1,
+            "{} tunnels for one page",
+            one.tunnels_active
+        );
         let app = apps
             .iter()
             .find(|(_, addr)| one.name == addr.to_string())
