@@ -11,10 +11,11 @@
 //! them: start, [`Lb::reload`] and [`Lb::shutdown`], signals, the open-file limit and the admin
 //! listener, which reads the counters in `metrics` that every group bumps.
 //!
-//! Dependencies point one way: `ops` → `front` → `http` → `tunnel`, `backends`; `config` and
-//! `metrics` are read by all of them and depend only on `backends`. No module imports one that
-//! imports it back; `http` calls nothing in `front` and only carries two of its types (the
-//! connection's slot in the connection limit, and the TLS stream a tunnel unwraps).
+//! Calls go one way: `ops` → `front` → `http` → `tunnel`, `backends`; `config` and `metrics`
+//! are read by all of them and depend only on `backends`. The one pair of groups that import
+//! each other is `front` and `http`: `http` calls nothing in `front` but names two of its types
+//! (`front::listener::ConnSlot`, `front::tls_stream::TlsStream`), and neither of those files
+//! imports `http`, so no file imports one that imports it back. See `ARCHITECTURE.md`.
 
 pub mod backends;
 pub mod config;

@@ -1,17 +1,7 @@
 //! Process-wide counters and their Prometheus text exposition.
 //!
-//! The proxy bumps the atomics in [`Metrics`] (and each backend's `BackendStats`) with
-//! `fetch_add(.., Relaxed)` as connections, requests and tunnels come and go. The catalogues
-//! [`GLOBAL`] and [`BACKEND`] describe every exported value once (its stats key, Prometheus
-//! family, help text, type and how to read it); [`encode_prometheus`] walks them to produce the
-//! `/metrics` body, and the admin stats views walk the same catalogues, so the three views
-//! never disagree about what exists.
-//!
-//! The text itself is written by the `prometheus-client` crate: at each scrape a collector
-//! (`Scrape`) reads the atomics and the current pool through the catalogues and hands
-//! constant counters and gauges to its Prometheus text (0.0.4) encoder, which writes the
-//! `# HELP` and `# TYPE` lines, the `_total` suffix of counters and the escaped labels. The hot
-//! path never sees the crate: it only bumps atomics.
+//! How it works: [`Metrics`]. Where it sits among lb's layers: `ARCHITECTURE.md` (code
+//! map, `lb/`).
 
 use std::fmt;
 use std::sync::Arc;
@@ -30,6 +20,19 @@ use crate::backends::balance::{Backend, Pool};
 pub const PROMETHEUS_TEXT: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
 
 /// Counters for the whole process (every backend together).
+///
+/// The proxy bumps the atomics in [`Metrics`] (and each backend's `BackendStats`) with
+/// `fetch_add(.., Relaxed)` as connections, requests and tunnels come and go. The catalogues
+/// [`GLOBAL`] and [`BACKEND`] describe every exported value once (its stats key, Prometheus
+/// family, help text, type and how to read it); [`encode_prometheus`] walks them to produce the
+/// `/metrics` body, and the admin stats views walk the same catalogues, so the three views
+/// never disagree about what exists.
+///
+/// The text itself is written by the `prometheus-client` crate: at each scrape a collector
+/// (`Scrape`) reads the atomics and the current pool through the catalogues and hands
+/// constant counters and gauges to its Prometheus text (0.0.4) encoder, which writes the
+/// `# HELP` and `# TYPE` lines, the `_total` suffix of counters and the escaped labels. The hot
+/// path never sees the crate: it only bumps atomics.
 #[derive(Debug, Default)]
 pub struct Metrics {
     /// Client connections currently open (TLS and redirect listeners).

@@ -2,7 +2,7 @@
 # (and a Route53 A record when domain_name is given). Its user_data writes lb.toml with the
 # two apps' private addresses, generates a certificate for the public name on first boot, and
 # starts lb.service. Replace the generated certificate with one from your CA and run
-# `systemctl reload lb` (see README "Deploy").
+# `systemctl reload lb` (see deploy/README.md, "Deploy").
 
 resource "aws_instance" "lb" {
   count = local.use_lb ? 1 : 0

@@ -1,17 +1,7 @@
 //! Backend selection: which upstream gets the next connection.
 //!
-//! A [`Pool`] holds the configured [`Backend`]s and a [`Policy`]. The proxy calls
-//! [`Pool::pick`] for each new client connection (passing the backends it already failed to
-//! reach, so a retry goes elsewhere), takes a [`Lease`] on the chosen backend for as long as the
-//! connection or tunnel lives, and bumps the backend's [`BackendStats`] as bytes and requests
-//! flow. The health checker (`health`) flips each backend's up/down state; `pick` only ever
-//! returns backends that are up, have a non-zero weight and are not excluded.
-//!
-//! The hot path takes no lock and allocates nothing: backend state and counts are atomics,
-//! round-robin advances one shared `AtomicUsize` cursor through a precomputed smooth weighted
-//! round-robin schedule (nginx's algorithm, computed once in [`Pool::new`]), and
-//! least-connections compares the live lease counts divided by weight, starting its scan at a
-//! rotating offset so ties are spread round-robin.
+//! How it works: [`Pool`]. Where it sits among lb's layers: `ARCHITECTURE.md` (code
+//! map, `lb/`).
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -229,6 +219,19 @@ impl Drop for Lease {
 }
 
 /// The backends of one configuration generation and the policy that chooses among them.
+///
+/// A [`Pool`] holds the configured [`Backend`]s and a [`Policy`]. The proxy calls
+/// [`Pool::pick`] for each new client connection (passing the backends it already failed to
+/// reach, so a retry goes elsewhere), takes a [`Lease`] on the chosen backend for as long as the
+/// connection or tunnel lives, and bumps the backend's [`BackendStats`] as bytes and requests
+/// flow. The health checker (`health`) flips each backend's up/down state; `pick` only ever
+/// returns backends that are up, have a non-zero weight and are not excluded.
+///
+/// The hot path takes no lock and allocates nothing: backend state and counts are atomics,
+/// round-robin advances one shared `AtomicUsize` cursor through a precomputed smooth weighted
+/// round-robin schedule (nginx's algorithm, computed once in [`Pool::new`]), and
+/// least-connections compares the live lease counts divided by weight, starting its scan at a
+/// rotating offset so ties are spread round-robin.
 #[derive(Debug)]
 pub struct Pool {
     backends: Vec<Arc<Backend>>,

@@ -3,15 +3,8 @@
 //! part of the body when it is already there, so a small request is one write), the body
 //! streamed after it, and the response head read and parsed in place with `httparse`.
 //!
-//! [`round_trip`] is the entry point. The proxy frames what it sends itself, whatever the client
-//! used: `Content-Length` when the body's length is known, chunked otherwise, nothing for a
-//! request without a body (and `Content-Length: 0` when the client said so). The response's framing follows RFC 9112 §6.3:
-//! no body after `HEAD`, `204` or `304`; chunked when the last transfer coding is chunked; read
-//! to the close for any other transfer coding or when there is no length; otherwise exactly
-//! `Content-Length` bytes (duplicate lengths must agree). Interim `1xx` answers (`100 Continue`,
-//! `103 Early Hints`) are consumed here, since this hop answers `Expect` itself. A response
-//! that is not valid HTTP/1.1, or whose head exceeds [`MAX_RESPONSE_HEAD`], is an error the
-//! caller turns into `502`.
+//! How it works: [`round_trip()`]. Where it sits among lb's layers: `ARCHITECTURE.md` (code
+//! map, `lb/`).
 
 use std::io::{self, Write as _};
 use std::sync::atomic::AtomicU64;
@@ -104,6 +97,16 @@ pub enum RequestFraming {
 /// upload is fine as long as it moves). A backend that stops reading a request body may already
 /// have answered (`413 Content Too Large`, a redirect, an error page): that answer is passed on,
 /// with the connection marked not reusable, rather than a `502`.
+///
+/// [`round_trip`] is the entry point. The proxy frames what it sends itself, whatever the client
+/// used: `Content-Length` when the body's length is known, chunked otherwise, nothing for a
+/// request without a body (and `Content-Length: 0` when the client said so). The response's framing follows RFC 9112 §6.3:
+/// no body after `HEAD`, `204` or `304`; chunked when the last transfer coding is chunked; read
+/// to the close for any other transfer coding or when there is no length; otherwise exactly
+/// `Content-Length` bytes (duplicate lengths must agree). Interim `1xx` answers (`100 Continue`,
+/// `103 Early Hints`) are consumed here, since this hop answers `Expect` itself. A response
+/// that is not valid HTTP/1.1, or whose head exceeds [`MAX_RESPONSE_HEAD`], is an error the
+/// caller turns into `502`.
 pub async fn round_trip(
     conn: &mut BackendConn,
     head: &request::Parts,

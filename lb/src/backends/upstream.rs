@@ -1,17 +1,8 @@
 //! Connections to backends: connecting (with timeout and TCP_NODELAY) and a keep-alive pool of
 //! idle HTTP/1.1 connections per backend address.
 //!
-//! A request first asks [`Upstreams::take`] for an idle connection to the chosen backend (most
-//! recently used first, so a few stay warm and the rest age out); if there is none it opens a
-//! new one with [`open`]. A connection is a plain socket with the bytes read from it
-//! and not yet consumed ([`BackendConn`]); the request's own task writes to it and reads from
-//! it (`exchange`), so no task runs per connection. When the response body has been read to its
-//! end, `body::UpstreamBody` hands the connection back with [`Upstreams::put`]. An idle
-//! connection that the backend has closed (or that has sent bytes nobody asked for) is dropped
-//! when it is next taken. Connections idle longer than `timeouts.backend_idle`, beyond
-//! `limits.backend_idle_connections` per backend, to a backend no longer configured, or after
-//! shutdown began are dropped, which closes them. WebSocket tunnels use a connection of their
-//! own from [`open`] that is never pooled.
+//! How it works: [`Upstreams`]. Where it sits among lb's layers: `ARCHITECTURE.md` (code
+//! map, `lb/`).
 
 use std::collections::HashMap;
 use std::io;
@@ -71,6 +62,18 @@ struct Idle {
 }
 
 /// The pool of idle keep-alive connections, per backend address.
+///
+/// A request first asks [`Upstreams::take`] for an idle connection to the chosen backend (most
+/// recently used first, so a few stay warm and the rest age out); if there is none it opens a
+/// new one with [`open`]. A connection is a plain socket with the bytes read from it
+/// and not yet consumed ([`BackendConn`]); the request's own task writes to it and reads from
+/// it (`exchange`), so no task runs per connection. When the response body has been read to its
+/// end, `body::UpstreamBody` hands the connection back with [`Upstreams::put`]. An idle
+/// connection that the backend has closed (or that has sent bytes nobody asked for) is dropped
+/// when it is next taken. Connections idle longer than `timeouts.backend_idle`, beyond
+/// `limits.backend_idle_connections` per backend, to a backend no longer configured, or after
+/// shutdown began are dropped, which closes them. WebSocket tunnels use a connection of their
+/// own from [`open`] that is never pooled.
 #[derive(Debug)]
 pub struct Upstreams {
     idle: Mutex<HashMap<SocketAddr, Vec<Idle>>>,

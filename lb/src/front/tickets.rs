@@ -1,21 +1,8 @@
 //! TLS session tickets sealed with keys lb holds, so that a ticket outlives a reload and a
 //! binary upgrade.
 //!
-//! rustls asks [`Tickets`] (its `ProducesTickets`) to seal a session's resumption state into a
-//! ticket and to open the tickets returning clients present. A ticket is `key name (8 bytes) ‖
-//! nonce (12) ‖ AES-256-GCM ciphertext and tag`, the key name also authenticated as associated
-//! data. Two keys are live: the current one seals, and the current or the previous one opens.
-//! Keys rotate lazily, on the first use after `tls.ticket_rotation` has passed since the current
-//! key was made: the current key becomes the previous one and a fresh random key the current
-//! one. A ticket therefore opens for at least one rotation period and never after two (a key
-//! more than two periods old opens nothing), and rustls is told the first as the ticket
-//! lifetime. The keys live in one `Tickets` per process, shared by every TLS configuration
-//! generation (a SIGHUP keeps them) and handed to the next process on a binary upgrade
-//! ([`Tickets::export`] / [`Tickets::import`], over `ops::handover`'s Unix socket). They are never
-//! logged (the `Debug` form leaves them out) nor written to disk.
-//!
-//! The clock is the wall clock (keys carry their creation time to the next process); a clock
-//! that steps back only makes keys look younger.
+//! How it works: [`Tickets`]. Where it sits among lb's layers: `ARCHITECTURE.md` (code
+//! map, `lb/`).
 
 use std::fmt;
 use std::sync::Arc;
@@ -89,7 +76,23 @@ struct KeySet {
     previous: Option<Key>,
 }
 
-/// The process's ticket keys and their rotation (see the module docs).
+/// The process's ticket keys and their rotation.
+///
+/// rustls asks [`Tickets`] (its `ProducesTickets`) to seal a session's resumption state into a
+/// ticket and to open the tickets returning clients present. A ticket is `key name (8 bytes) ‖
+/// nonce (12) ‖ AES-256-GCM ciphertext and tag`, the key name also authenticated as associated
+/// data. Two keys are live: the current one seals, and the current or the previous one opens.
+/// Keys rotate lazily, on the first use after `tls.ticket_rotation` has passed since the current
+/// key was made: the current key becomes the previous one and a fresh random key the current
+/// one. A ticket therefore opens for at least one rotation period and never after two (a key
+/// more than two periods old opens nothing), and rustls is told the first as the ticket
+/// lifetime. The keys live in one `Tickets` per process, shared by every TLS configuration
+/// generation (a SIGHUP keeps them) and handed to the next process on a binary upgrade
+/// ([`Tickets::export`] / [`Tickets::import`], over `ops::handover`'s Unix socket). They are never
+/// logged (the `Debug` form leaves them out) nor written to disk.
+///
+/// The clock is the wall clock (keys carry their creation time to the next process); a clock
+/// that steps back only makes keys look younger.
 pub struct Tickets {
     keys: ArcSwap<KeySet>,
     rotation_ms: AtomicU64,

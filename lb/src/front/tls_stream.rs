@@ -1,24 +1,7 @@
 //! A TLS server connection over a TCP socket whose buffers exist only while bytes are in flight.
 //!
-//! [`accept`] runs the handshake and yields a [`TlsStream`], which hyper and `splice` read and
-//! write like any socket. It drives rustls' unbuffered API, so the buffers are this module's:
-//!
-//! - **incoming**: bytes read from the socket, up to [`READ_SIZE`] per read (a whole 16 KiB
-//!   record, or several small ones, in one `recv`). The records in it are decrypted straight
-//!   into the reader's buffer; whatever does not fit waits in **plaintext**.
-//! - **outgoing**: records encrypted by `poll_write` (and handshake messages, alerts, key
-//!   updates). Several writes accumulate and leave in one `send` at `poll_flush`, so frames that
-//!   arrive together travel in one segment; past [`WRITE_HIGH`] bytes `poll_write` waits for
-//!   the socket.
-//!
-//! Each buffer is freed as soon as it is empty and the socket has nothing more to read, so an
-//! idle connection (a WebSocket tunnel waiting for its next message) holds no buffer at all,
-//! where rustls' buffered connection keeps a 4 KiB read buffer for its whole life.
-//!
-//! A peer's `close_notify`, or EOF after the handshake, ends the read side (a read of 0 bytes);
-//! `poll_shutdown` sends our `close_notify`, then shuts the socket's write half. A TLS error
-//! fails the call with `InvalidData`, after sending the alert rustls prepared when the socket
-//! takes it at once.
+//! How it works: [`TlsStream`]. Where it sits among lb's layers: `ARCHITECTURE.md` (code
+//! map, `lb/`).
 
 use std::io;
 use std::pin::Pin;
@@ -74,7 +57,27 @@ pub async fn accept(config: Arc<ServerConfig>, io: TcpStream) -> io::Result<TlsS
     Ok(tls)
 }
 
-/// An established TLS server connection (see the module docs).
+/// An established TLS server connection.
+///
+/// [`accept`] runs the handshake and yields a [`TlsStream`], which hyper and `splice` read and
+/// write like any socket. It drives rustls' unbuffered API, so the buffers are this module's:
+///
+/// - **incoming**: bytes read from the socket, up to [`READ_SIZE`] per read (a whole 16 KiB
+///   record, or several small ones, in one `recv`). The records in it are decrypted straight
+///   into the reader's buffer; whatever does not fit waits in **plaintext**.
+/// - **outgoing**: records encrypted by `poll_write` (and handshake messages, alerts, key
+///   updates). Several writes accumulate and leave in one `send` at `poll_flush`, so frames that
+///   arrive together travel in one segment; past [`WRITE_HIGH`] bytes `poll_write` waits for
+///   the socket.
+///
+/// Each buffer is freed as soon as it is empty and the socket has nothing more to read, so an
+/// idle connection (a WebSocket tunnel waiting for its next message) holds no buffer at all,
+/// where rustls' buffered connection keeps a 4 KiB read buffer for its whole life.
+///
+/// A peer's `close_notify`, or EOF after the handshake, ends the read side (a read of 0 bytes);
+/// `poll_shutdown` sends our `close_notify`, then shuts the socket's write half. A TLS error
+/// fails the call with `InvalidData`, after sending the alert rustls prepared when the socket
+/// takes it at once.
 pub struct TlsStream {
     conn: UnbufferedServerConnection,
     io: TcpStream,

@@ -1,19 +1,7 @@
 //! The HTTP/1.1 reverse proxy: one call of [`handle`] per client request.
 //!
-//! A request arrives from hyper's server side (`conn`), already framed: hyper has rejected
-//! malformed heads (400), oversized heads (431) and ambiguous framing (differing duplicate
-//! `Content-Length`, a `Transfer-Encoding` whose last coding is not chunked); with both
-//! `Content-Length` and `Transfer-Encoding: chunked` it drops the length and reads chunks.
-//! [`handle`] refuses over-long targets (414), sends WebSocket upgrades to `upgrade`, and
-//! forwards everything else: rewrite the head (`headers`), pick a backend from the live pool,
-//! borrow a pooled keep-alive connection or open one, run the exchange in this task
-//! (`exchange`), and stream the response back (`body`). A backend that cannot be connected to
-//! is reported to its health state and the request moves to another backend; nothing has been
-//! sent to the client at that point, so a dead backend costs the client nothing. A bodiless
-//! request whose pooled connection turns out to have been closed by the backend is sent again
-//! on another connection. Only when no backend is left does the client get a 503; an invalid
-//! answer gets 502, none within `timeouts.backend_response` 504. Each request ends with one log
-//! line.
+//! How it works: [`handle()`]. Where it sits among lb's layers: `ARCHITECTURE.md` (code
+//! map, `lb/`).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -34,6 +22,21 @@ use crate::http::headers;
 use crate::http::upgrade;
 
 /// Serves one client request (hyper service function).
+///
+/// A request arrives from hyper's server side (`conn`), already framed: hyper has rejected
+/// malformed heads (400), oversized heads (431) and ambiguous framing (differing duplicate
+/// `Content-Length`, a `Transfer-Encoding` whose last coding is not chunked); with both
+/// `Content-Length` and `Transfer-Encoding: chunked` it drops the length and reads chunks.
+/// [`handle`] refuses over-long targets (414), sends WebSocket upgrades to `upgrade`, and
+/// forwards everything else: rewrite the head (`headers`), pick a backend from the live pool,
+/// borrow a pooled keep-alive connection or open one, run the exchange in this task
+/// (`exchange`), and stream the response back (`body`). A backend that cannot be connected to
+/// is reported to its health state and the request moves to another backend; nothing has been
+/// sent to the client at that point, so a dead backend costs the client nothing. A bodiless
+/// request whose pooled connection turns out to have been closed by the backend is sent again
+/// on another connection. Only when no backend is left does the client get a 503; an invalid
+/// answer gets 502, none within `timeouts.backend_response` 504. Each request ends with one log
+/// line.
 pub async fn handle(
     conn: Arc<ClientConn>,
     req: Request<Incoming>,

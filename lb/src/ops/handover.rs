@@ -2,22 +2,8 @@
 //! a new process over a Unix socket (SCM_RIGHTS), the way HAProxy's `expose-fd listeners` and
 //! Envoy's hot restart do, so that not one connection is refused and no tunnel is cut.
 //!
-//! The old process, on SIGUSR2 ([`upgrade`]): binds a Unix socket in a fresh directory only
-//! its user can enter, starts its [`Successor`] (the path it was started by, read anew, so a
-//! replaced file or a switched symlink is the new version, with the same arguments) with the socket's path
-//! in [`TAKEOVER_ENV`], and waits for it to connect. It then sends one message: the text
-//! [`Payload`] (`lb-handover 1`, one `KIND ADDR` line per listening socket, the base64 ticket
-//! keys) with the sockets attached in the same order. The new process ([`receive`], before it
-//! starts) takes the sockets whose kind and configured address it also has, binds the others,
-//! starts serving, and answers `ready PID` ([`Handback::ready`]). Only then does the old process
-//! stop accepting; from the moment the new one accepts, both take connections from the same
-//! queues. Until `ready`, any failure (the new process exits, say with 64 on a bad
-//! configuration; it never connects; it answers nonsense; [`READY_TIMEOUT`] passes) leaves the
-//! old process serving as before, and the new process, if still running, is killed.
-//!
-//! rustix does the `sendmsg`/`recvmsg`: received descriptors arrive as `OwnedFd`, with
-//! close-on-exec set, and no `unsafe` is needed here. The ticket keys travel only over this
-//! socket, never to disk or a log.
+//! How it works: [`upgrade`]. Where it sits among lb's layers: `ARCHITECTURE.md` (code
+//! map, `lb/`).
 
 use std::ffi::OsString;
 use std::fmt::Write as _;
@@ -195,6 +181,23 @@ impl Drop for Rendezvous {
 /// The old side: starts `successor`, hands it `lb`'s listening sockets and ticket keys, and
 /// returns the new process's id once it serves. On error nothing has changed here: this
 /// process still accepts on every listener.
+///
+/// The old process, on SIGUSR2 ([`upgrade`]): binds a Unix socket in a fresh directory only
+/// its user can enter, starts its [`Successor`] (the path it was started by, read anew, so a
+/// replaced file or a switched symlink is the new version, with the same arguments) with the socket's path
+/// in [`TAKEOVER_ENV`], and waits for it to connect. It then sends one message: the text
+/// [`Payload`] (`lb-handover 1`, one `KIND ADDR` line per listening socket, the base64 ticket
+/// keys) with the sockets attached in the same order. The new process ([`receive`], before it
+/// starts) takes the sockets whose kind and configured address it also has, binds the others,
+/// starts serving, and answers `ready PID` ([`Handback::ready`]). Only then does the old process
+/// stop accepting; from the moment the new one accepts, both take connections from the same
+/// queues. Until `ready`, any failure (the new process exits, say with 64 on a bad
+/// configuration; it never connects; it answers nonsense; [`READY_TIMEOUT`] passes) leaves the
+/// old process serving as before, and the new process, if still running, is killed.
+///
+/// rustix does the `sendmsg`/`recvmsg`: received descriptors arrive as `OwnedFd`, with
+/// close-on-exec set, and no `unsafe` is needed here. The ticket keys travel only over this
+/// socket, never to disk or a log.
 pub async fn upgrade(lb: &Lb, successor: &Successor) -> Result<u32, HandoverError> {
     let (rendezvous, listener) = Rendezvous::create()?;
     let mut child = Command::new(&successor.program)

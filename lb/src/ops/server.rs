@@ -1,20 +1,7 @@
 //! The running load balancer: start, reload, shut down.
 //!
-//! [`Lb::start`] takes a validated [`Config`], loads its certificates, raises the open-file
-//! limit, binds the listeners (https, and optionally redirect and admin) and spawns their
-//! accept loops, the health checkers and the keep-alive pool sweeper, all on one
-//! `TaskTracker` and under one root `CancellationToken` with a child token per job.
-//! [`Lb::start_with`] does the same with what a previous process handed over on a binary
-//! upgrade ([`Inherited`], see `handover`): a listening socket of the same kind and configured
-//! address is taken over instead of bound, so no connection is refused, and the session ticket
-//! keys continue. The process keeps a duplicate of each listening socket for its own successor;
-//! after a handover, [`Lb::stop_accepting`] ends the accept loops and [`Lb::drain`] lets
-//! established connections and tunnels finish within `timeouts.upgrade_grace`.
-//! [`Lb::reload`] swaps in a new generation (TLS configuration, backend pool, limits) atomically:
-//! connections already established keep what they started with, backends that remain keep their
-//! state and counters, and a configuration that fails to load changes nothing.
-//! [`Lb::shutdown`] stops accepting, lets in-flight requests finish and tunnels run for up to
-//! `timeouts.drain_grace`, then closes whatever is left.
+//! How it works: [`Lb`]. Where it sits among lb's layers: `ARCHITECTURE.md` (code
+//! map, `lb/`).
 
 use std::fmt;
 use std::future::Future;
@@ -148,6 +135,22 @@ pub enum StartError {
 }
 
 /// A running load balancer. Dropping it stops everything at once; [`Lb::shutdown`] drains.
+///
+/// [`Lb::start`] takes a validated [`Config`], loads its certificates, raises the open-file
+/// limit, binds the listeners (https, and optionally redirect and admin) and spawns their
+/// accept loops, the health checkers and the keep-alive pool sweeper, all on one
+/// `TaskTracker` and under one root `CancellationToken` with a child token per job.
+/// [`Lb::start_with`] does the same with what a previous process handed over on a binary
+/// upgrade ([`Inherited`], see `handover`): a listening socket of the same kind and configured
+/// address is taken over instead of bound, so no connection is refused, and the session ticket
+/// keys continue. The process keeps a duplicate of each listening socket for its own successor;
+/// after a handover, [`Lb::stop_accepting`] ends the accept loops and [`Lb::drain`] lets
+/// established connections and tunnels finish within `timeouts.upgrade_grace`.
+/// [`Lb::reload`] swaps in a new generation (TLS configuration, backend pool, limits) atomically:
+/// connections already established keep what they started with, backends that remain keep their
+/// state and counters, and a configuration that fails to load changes nothing.
+/// [`Lb::shutdown`] stops accepting, lets in-flight requests finish and tunnels run for up to
+/// `timeouts.drain_grace`, then closes whatever is left.
 #[derive(Debug)]
 pub struct Lb {
     state: Arc<State>,

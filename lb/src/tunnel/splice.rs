@@ -1,21 +1,8 @@
 //! Splicing a tunnel: copy bytes both ways between the client and the backend until both
 //! directions have ended, one side fails, the tunnel has been idle too long, or shutdown cuts it.
 //!
-//! One task drives both directions with one hand-written copy loop each, instead of
-//! `tokio::io::copy_bidirectional`, for two reasons. The idle timeout needs to see activity,
-//! which `copy_bidirectional` hides. And memory: `copy_bidirectional` keeps an 8 KiB heap buffer
-//! per direction for the whole life of a tunnel, while here each read lands in a buffer on the
-//! stack of the poll call, and is written straight to the other side. Only when that side
-//! cannot take it all (backpressure) do the leftover bytes move to a per-direction spill buffer,
-//! allocated when needed and released once drained. An idle tunnel therefore holds no copy
-//! buffers at all, and no frame ever causes an allocation of its own.
-//!
-//! When one side ends its stream (EOF), the other side's write half is shut down after
-//! everything read has been delivered (for the TLS client that sends `close_notify`), so each
-//! side's close reaches the other; the tunnel is over once both directions have ended, or
-//! [`HALF_CLOSE_GRACE`] after the first did if the other side never closes. A side that fails
-//! (reset, TLS error) ends its directions the same way: what it sent before failing is still
-//! delivered and flushed, so a backend's close frame survives the reset that may follow it.
+//! How it works: [`splice()`]. Where it sits among lb's layers: `ARCHITECTURE.md` (code
+//! map, `lb/`).
 
 use std::future::poll_fn;
 use std::mem::MaybeUninit;
@@ -78,13 +65,29 @@ pub struct SpliceReport {
     pub error: Option<String>,
 }
 
-/// Copies between `client` and `backend` until the tunnel ends (see the module docs).
+/// Copies between `client` and `backend` until the tunnel ends.
 ///
 /// `client_early` are bytes the client already sent that must reach the backend first (read
 /// ahead while parsing the upgrade request); `backend_early` likewise towards the client. Both
 /// are released before copying starts.
 /// `on_bytes` is called with `(to_backend, to_client)` byte counts as they move, for live
 /// statistics.
+///
+/// One task drives both directions with one hand-written copy loop each, instead of
+/// `tokio::io::copy_bidirectional`, for two reasons. The idle timeout needs to see activity,
+/// which `copy_bidirectional` hides. And memory: `copy_bidirectional` keeps an 8 KiB heap buffer
+/// per direction for the whole life of a tunnel, while here each read lands in a buffer on the
+/// stack of the poll call, and is written straight to the other side. Only when that side
+/// cannot take it all (backpressure) do the leftover bytes move to a per-direction spill buffer,
+/// allocated when needed and released once drained. An idle tunnel therefore holds no copy
+/// buffers at all, and no frame ever causes an allocation of its own.
+///
+/// When one side ends its stream (EOF), the other side's write half is shut down after
+/// everything read has been delivered (for the TLS client that sends `close_notify`), so each
+/// side's close reaches the other; the tunnel is over once both directions have ended, or
+/// [`HALF_CLOSE_GRACE`] after the first did if the other side never closes. A side that fails
+/// (reset, TLS error) ends its directions the same way: what it sent before failing is still
+/// delivered and flushed, so a backend's close frame survives the reset that may follow it.
 pub async fn splice<C, B>(
     mut client: C,
     client_early: Bytes,
