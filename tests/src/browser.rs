@@ -20,7 +20,7 @@ use tokio::process::Command;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, timeout};
 
-use crate::process::{READY_WITHIN, system_bin};
+use testkit::process::{READY_WITHIN, system_bin};
 
 /// Chromium's flags beyond headless, no sandbox, the profile and the window size (which the
 /// builder adds): nothing in the background, no QUIC, nothing but what the test asks for.

@@ -12,9 +12,9 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
+use testkit::redis::Persistence;
 use tests::chaos::{self, Config, Report, Scenario};
 use tests::client::ChatClient;
-use tests::redis::Persistence;
 use tests::stack::{Options, Stack};
 use tokio::time::Instant;
 
