@@ -22,7 +22,7 @@
 //!   before it was due (a lower bound, which a loaded machine cannot break).
 //! - Every wait is bounded: a test that hangs fails at its deadline and says what it waited
 //!   for.
-#![allow(clippy::unwrap_used)]
+#![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod http;
 pub mod logs;
