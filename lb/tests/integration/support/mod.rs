@@ -25,7 +25,6 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
@@ -186,9 +185,9 @@ struct BackendShared {
 ///
 /// HTTP answers: `GET /healthz` → the health status (default 200) with body `ok`; any other
 /// request → `x-backend: NAME` and, if it had a body, that body echoed, else
-/// `backend NAME\n`. Query parameters: `status=NNN` sets the status, `delay_ms=N` delays the
-/// answer, `hold=1` holds it until [`TestBackend::release_held`], `hop=1` adds hop-by-hop headers (`Connection: x-backend-hop`, `X-Backend-Hop`,
-/// `Keep-Alive`) to the response. WebSocket: every text and binary message is echoed; the text
+/// `backend NAME\n`. Query parameters: `status=NNN` sets the status, `hold=1` holds the answer
+/// until [`TestBackend::release_held`], `hop=1` adds hop-by-hop headers (`Connection:
+/// x-backend-hop`, `X-Backend-Hop`, `Keep-Alive`) to the response. WebSocket: every text and binary message is echoed; the text
 /// `close:CODE` makes the backend close with CODE; close codes received are recorded.
 pub struct TestBackend {
     shared: Arc<BackendShared>,
@@ -410,9 +409,6 @@ async fn backend_request(
         body: body.clone(),
         upgrade: false,
     });
-    if let Some(ms) = query_param(&parts.uri, "delay_ms").and_then(|v| v.parse().ok()) {
-        tokio::time::sleep(Duration::from_millis(ms)).await;
-    }
     if query_param(&parts.uri, "hold") == Some("1") {
         if let Ok(permit) = shared.held.acquire().await {
             permit.forget();
