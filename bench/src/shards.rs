@@ -25,11 +25,11 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use ::tests::client::ChatClient;
-use ::tests::process::Proc;
-use ::tests::redis::Persistence;
 use ::tests::stack::{Backing, app_config, start_app, wait_healthy};
 use anyhow::Context;
 use serde::Serialize;
+use testkit::process::Proc;
+use testkit::redis::Persistence;
 
 use crate::fanout;
 use crate::procstat::Watch;

@@ -7,7 +7,7 @@
 
 use std::fs;
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::{Bundle, CertError};
@@ -99,8 +99,10 @@ fn write_file(path: &Path, contents: &str, mode: u32) -> Result<(), CertError> {
         .mode(mode)
         .open(&tmp)
         .map_err(err)?;
+    // The creation mode is masked by the umask; the mode is then set as it is meant to be.
     let result = file
-        .write_all(contents.as_bytes())
+        .set_permissions(fs::Permissions::from_mode(mode))
+        .and_then(|()| file.write_all(contents.as_bytes()))
         .and_then(|()| file.sync_all())
         .and_then(|()| fs::rename(&tmp, path));
     if result.is_err() {
@@ -113,7 +115,6 @@ fn write_file(path: &Path, contents: &str, mode: u32) -> Result<(), CertError> {
 mod tests {
     use super::*;
     use crate::{generate, load_ca, load_combined, load_pair};
-    use std::os::unix::fs::PermissionsExt;
 
     fn mode(path: &Path) -> u32 {
         fs::metadata(path).unwrap().permissions().mode() & 0o777

@@ -18,9 +18,10 @@ use serde_json::Value;
 use tempfile::TempDir;
 use tokio::process::Command;
 use tokio::task::JoinHandle;
-use tokio::time::{Instant, timeout};
+use tokio::time::timeout;
 
-use crate::process::{READY_WITHIN, system_bin};
+use testkit::process::{READY_WITHIN, system_bin};
+use testkit::wait::eventually;
 
 /// Chromium's flags beyond headless, no sandbox, the profile and the window size (which the
 /// builder adds): nothing in the background, no QUIC, nothing but what the test asks for.
@@ -107,17 +108,11 @@ impl Page {
 
     /// Polls `expression` until it is `true`, at most `within`.
     pub async fn wait_for(&self, expression: &str, within: Duration) -> Result<()> {
-        let deadline = Instant::now() + within;
-        loop {
-            // A page still loading has no document yet: treat errors as "not yet".
-            if let Ok(Value::Bool(true)) = self.eval(expression).await {
-                return Ok(());
-            }
-            if Instant::now() >= deadline {
-                bail!("`{expression}` not true within {within:?}");
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        // A page still loading has no document yet: an error counts as "not yet".
+        eventually(&format!("`{expression}`"), within, || async {
+            Ok(self.eval(expression).await? == Value::Bool(true))
+        })
+        .await
     }
 
     /// Focuses the element with this id and types `text` into it, key by key.

@@ -13,9 +13,9 @@ use redis::aio::MultiplexedConnection;
 use tempfile::TempDir;
 use tokio::process::Command;
 
-use crate::process::{Proc, Ready, system_bin};
-use crate::redis::free_port;
-use crate::stack::eventually;
+use testkit::process::{Proc, Ready, system_bin};
+use testkit::redis::free_port;
+use testkit::wait::eventually;
 
 /// How long a node takes to suspect a silent peer (a failover follows about twice that).
 const NODE_TIMEOUT: Duration = Duration::from_millis(2000);

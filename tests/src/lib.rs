@@ -3,7 +3,8 @@
 //! (`listening <kind> <addr>`), and connects real WebSocket clients over TLS to them.
 //!
 //! Data flow of a typical test: [`stack::Stack`] generates a CA with `lb certs generate`,
-//! starts a [`redis::Redis`], two `app` processes and one `lb` (each a [`process::Proc`]), then
+//! starts a `testkit::redis::Redis`, two `app` processes and one `lb` (each a
+//! `testkit::process::Proc`), then
 //! the test opens [`client::ChatClient`]s to `wss://` through `lb` and checks what arrives.
 #![allow(clippy::unwrap_used)]
 
@@ -13,6 +14,4 @@ pub mod client;
 pub mod cluster;
 pub mod latency;
 pub mod netns;
-pub mod process;
-pub mod redis;
 pub mod stack;

@@ -25,15 +25,6 @@ pub struct Lab {
     hosts: Vec<String>,
 }
 
-/// True when this process may create namespaces (root).
-pub fn can_create() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-        .unwrap_or(false)
-}
-
 impl Lab {
     /// Creates an empty lab whose namespace names start with `prefix` and this process id.
     pub fn new(prefix: &str, subnet: &str) -> Result<Lab> {

@@ -10,19 +10,18 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, bail};
 use serde::Deserialize;
 use tempfile::TempDir;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::process::Command;
-use tokio::time::{Instant, timeout};
 use tokio_rustls::TlsConnector;
 
 use crate::client::{ChatClient, tls_connector};
 use crate::cluster::RedisCluster;
-use crate::process::{Proc, Ready, workspace_bin};
-use crate::redis::{Persistence, Redis};
+use testkit::http::http_get;
+use testkit::process::{Proc, Ready, workspace_bin};
+use testkit::redis::{self, Persistence, Redis};
+use testkit::wait::eventually;
 
 /// The Redis channel the apps share (the app's default `redis_channel`).
 pub const CHANNEL: &str = "simple-chat";
@@ -134,30 +133,9 @@ struct StatsView {
     backends: Vec<BackendView>,
 }
 
-/// `GET path` over plain HTTP/1.1 on a fresh connection: the status code and the body.
-pub async fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
-    let mut tcp = TcpStream::connect(addr).await?;
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    tcp.write_all(request.as_bytes()).await?;
-    let mut raw = Vec::new();
-    timeout(Duration::from_secs(5), tcp.read_to_end(&mut raw))
-        .await
-        .map_err(|_| anyhow!("GET {path} on {addr} timed out"))??;
-    let text = String::from_utf8(raw)?;
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| anyhow!("bad answer to GET {path}: {text}"))?;
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|code| code.parse().ok())
-        .ok_or_else(|| anyhow!("bad status line: {head}"))?;
-    Ok((status, body.to_string()))
-}
-
 /// Fetches `lb`'s `/stats` from its admin listener.
 pub async fn lb_backends(admin: SocketAddr) -> Result<Vec<BackendView>> {
-    let (_, body) = http_get(admin, "/stats").await?;
+    let body = http_get(admin, "/stats").await?.text();
     let stats: StatsView = serde_json::from_str(&body).context("bad /stats JSON")?;
     Ok(stats.backends)
 }
@@ -168,32 +146,9 @@ pub async fn wait_healthy(addr: SocketAddr) -> Result<()> {
     eventually(
         &format!("{addr}/healthz to answer 200"),
         READY_WITHIN,
-        || async move { Ok(http_get(addr, "/healthz").await?.0 == 200) },
+        || async move { Ok(http_get(addr, "/healthz").await?.status == 200) },
     )
     .await
-}
-
-/// Polls `check` every 20 ms until it returns `Ok(true)`, at most `within` (a check that hangs
-/// is cut at the deadline too).
-pub async fn eventually<F, Fut>(what: &str, within: Duration, mut check: F) -> Result<()>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<bool>>,
-{
-    let deadline = Instant::now() + within;
-    loop {
-        let last = match tokio::time::timeout_at(deadline, check()).await {
-            Ok(last) => last,
-            Err(_) => Err(anyhow!("the check itself did not finish")),
-        };
-        if let Ok(true) = last {
-            return Ok(());
-        }
-        if Instant::now() >= deadline {
-            bail!("{what}: not reached within {within:?} (last check: {last:?})");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 /// What a [`Stack`] is made of.
@@ -238,7 +193,13 @@ impl Backing {
         cluster: Option<(usize, usize)>,
     ) -> Result<Backing> {
         Ok(match cluster {
-            None => Backing::One(Box::new(Redis::start_persisting(persistence).await?)),
+            None => Backing::One(Box::new(
+                Redis::start_with(redis::Options {
+                    persistence,
+                    ..redis::Options::default()
+                })
+                .await?,
+            )),
             Some((masters, replicas)) => {
                 Backing::Cluster(RedisCluster::start(masters, replicas).await?)
             }

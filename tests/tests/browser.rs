@@ -2,7 +2,8 @@
 //! `https://localhost:PORT/` through `lb` (trusting the CA from `lb certs generate`), a name and a
 //! message typed into page 1 and sent with Enter appear in both pages, shown as text. Screenshots
 //! of both pages are saved under `target/browser/` for people to look at. A page whose app is
-//! killed resumes through the other one: every message sent while it was away is shown, once.
+//! killed resumes through the other one: every message sent while it was away (lb held still
+//! until all were sent, so they reach the page only through its resume) is shown, once.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -78,14 +79,23 @@ async fn a_page_whose_app_dies_resumes_and_shows_every_message_once() -> Result<
         |text: &str| format!("document.getElementById('messages').textContent.includes({text:?})");
     page.wait_for(&shows("before"), WITHIN).await?;
 
+    // lb is stopped (SIGSTOP) while the page's app dies and the messages are sent: the page
+    // cannot see the loss, nor reconnect, before all three are in the history, so they can only
+    // reach it through its resume once lb goes on (SIGCONT).
+    stack.lb.signal("STOP")?;
     stack.apps[dies].kill().await;
-    page.wait_for(&format!("!({connected})"), WITHIN).await?;
-    // Sent while the page is away (it waits at least 250 ms before reconnecting).
     for i in 1..=3 {
         sender.send("bob", &format!("away-{i}")).await?;
     }
-    page.wait_for(connected, WITHIN).await?;
+    // The survivor's own copy of the last one: all three are published.
+    loop {
+        if sender.recv().await?["content"] == "away-3" {
+            break;
+        }
+    }
+    stack.lb.signal("CONT")?;
     page.wait_for(&shows("away-3"), WITHIN).await?;
+    page.wait_for(connected, WITHIN).await?;
     sender.send("bob", "after").await?;
     page.wait_for(&shows("after"), WITHIN).await?;
 

@@ -12,11 +12,11 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
+use testkit::redis::Persistence;
+use testkit::wait::eventually;
 use tests::chaos::{self, Config, Report, Scenario};
 use tests::client::ChatClient;
-use tests::redis::Persistence;
 use tests::stack::{Options, Stack};
-use tokio::time::Instant;
 
 /// The small scale of these tests.
 fn small(scenario: Scenario, resume: bool) -> Config {
@@ -205,14 +205,12 @@ async fn resuming_after_redis_lost_its_data_gets_a_new_epoch() -> Result<()> {
 
     // The apps take clients again once they are back on Redis; until then a resume is refused
     // (503, or close 1013) and tried again.
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let notice = loop {
-        match resume(&stack, &position(&before)?).await {
-            Ok((_, notice)) => break notice,
-            Err(e) if Instant::now() >= deadline => return Err(e),
-            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-        }
-    };
+    let (_, notice) = eventually(
+        "a resume once the apps are back on Redis",
+        Duration::from_secs(15),
+        || async { resume(&stack, &position(&before)?).await.map(Some) },
+    )
+    .await?;
     assert_eq!(notice["recovered"], false, "{notice}");
     assert_ne!(notice["epoch"], old_epoch, "{notice}");
     assert!(notice["reason"].is_string(), "{notice}");

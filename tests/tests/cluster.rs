@@ -7,9 +7,9 @@
 use std::collections::BTreeMap;
 
 use anyhow::{Result, ensure};
+use testkit::process::Proc;
 use tests::client::ChatClient;
 use tests::cluster::RedisCluster;
-use tests::process::Proc;
 use tests::stack::{CHANNEL, app_config, start_app, wait_healthy};
 
 fn room_url(app: &Proc, room: &str) -> String {

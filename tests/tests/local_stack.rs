@@ -13,11 +13,12 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use tempfile::TempDir;
+use testkit::process::{Proc, Ready, workspace_bin};
+use testkit::redis::free_port;
+use testkit::wait::eventually;
 use tests::browser::{Browser, Page};
 use tests::client::ChatClient;
-use tests::process::{Proc, Ready, workspace_bin};
-use tests::redis::free_port;
-use tests::stack::{eventually, lb_backends};
+use tests::stack::lb_backends;
 use tokio::process::Command;
 
 const WITHIN: Duration = Duration::from_secs(20);

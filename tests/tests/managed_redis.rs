@@ -7,16 +7,18 @@ use std::net::SocketAddr;
 use std::path::Path;
 
 use anyhow::{Context, Result};
+use testkit::http::http_get;
+use testkit::process::Proc;
+use testkit::redis::{self, Redis, RedisTls};
+use testkit::wait::{DEADLINE, eventually};
 use tests::client::ChatClient;
-use tests::process::Proc;
-use tests::redis::{Redis, RedisTls};
-use tests::stack::{eventually, generate_certs, http_get, start_app};
+use tests::stack::{generate_certs, start_app};
 
 const PASSWORD: &str = "correct-horse-battery-staple";
 
 /// Status code of `GET /healthz` on an app.
 async fn healthz(addr: SocketAddr) -> Result<u16> {
-    Ok(http_get(addr, "/healthz").await?.0)
+    Ok(http_get(addr, "/healthz").await?.status)
 }
 
 async fn app_with_ca(dir: &Path, name: &str, url: &str) -> Result<Proc> {
@@ -39,7 +41,12 @@ async fn apps_share_messages_through_redis_with_tls_and_auth() -> Result<()> {
         key: certs.join("server.key"),
         ca: certs.join("ca.crt"),
     };
-    let redis = Redis::start_with(Some(tls), Some(PASSWORD)).await?;
+    let redis = Redis::start_with(redis::Options {
+        tls: Some(tls),
+        password: Some(PASSWORD.to_owned()),
+        ..redis::Options::default()
+    })
+    .await?;
     let url = redis.url();
     assert!(url.starts_with("rediss://:"), "{url}");
 
@@ -67,6 +74,9 @@ async fn apps_share_messages_through_redis_with_tls_and_auth() -> Result<()> {
     let wrong = url.replace(PASSWORD, "wrong-password");
     let mut bad = app_with_ca(dir.path(), "bad", &wrong).await?;
     let addr = bad.addr("http");
+    // Redis refused the password (not merely: the app is still connecting).
+    let refused = bad.log().wait_for("AuthenticationFailed", DEADLINE).await?;
+    println!("the app logged: {refused}");
     assert_eq!(healthz(addr).await?, 503);
     // It never subscribed, so it takes no client (one could miss messages): 503, clearly.
     let refused = ChatClient::connect(&format!("ws://{addr}/ws"), None).await;

@@ -5,9 +5,11 @@
 //! `/stats` saying a backend is down), never on sleeps.
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use testkit::wait::eventually;
 use tests::client::{ChatClient, Closed};
 use tests::stack::Stack;
 use tokio::task::JoinSet;
@@ -281,20 +283,19 @@ async fn app_graceful_shutdown_moves_its_clients_to_the_other_app() -> Result<()
 
 /// Sends numbered messages until one comes back delivered (not an error); returns its content.
 async fn eventually_delivered(sender: &mut ChatClient) -> Result<String> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    let mut n = 0;
-    loop {
-        n += 1;
-        let content = format!("after-{n}");
-        sender.send("a", &content).await?;
-        let answer = sender.recv().await?;
-        if answer["content"] == content.as_str() {
-            return Ok(content);
-        }
-        anyhow::ensure!(
-            tokio::time::Instant::now() < deadline,
-            "no delivery within 10 s of the restart; last answer {answer}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let sent = AtomicUsize::new(0);
+    let sender = tokio::sync::Mutex::new(sender);
+    let (sent, sender) = (&sent, &sender);
+    eventually(
+        "a delivery after the restart",
+        Duration::from_secs(10),
+        || async move {
+            let content = format!("after-{}", sent.fetch_add(1, Ordering::Relaxed) + 1);
+            let mut sender = sender.lock().await;
+            sender.send("a", &content).await?;
+            let answer = sender.recv().await?;
+            Ok((answer["content"] == content.as_str()).then_some(content))
+        },
+    )
+    .await
 }

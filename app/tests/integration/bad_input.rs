@@ -102,10 +102,16 @@ async fn an_oversized_frame_closes_with_1009_and_invalid_utf8_with_1007() {
 async fn a_flood_is_answered_with_an_error_and_the_connection_stays() {
     let app = App::start("messages_per_second = 1\nmessages_burst = 3").await;
     let mut client = app.connect().await;
-    for i in 0..3 {
-        client.say("ann", &format!("message {i}")).await;
-    }
-    client.say("ann", "one too many").await;
+    // In one write, so that the app takes all four within the same second (the limit
+    // refills one message a second).
+    client
+        .say_at_once(&[
+            ("ann", "message 0"),
+            ("ann", "message 1"),
+            ("ann", "message 2"),
+            ("ann", "one too many"),
+        ])
+        .await;
     // The error reply and the three delivered messages may interleave.
     let mut delivered = Vec::new();
     let mut errors = Vec::new();

@@ -1,10 +1,12 @@
 //! The real `app` binary: readiness line, SIGTERM, exit codes for bad configuration.
 
-use crate::support::{Binary, Client, Ended, TempFile, http_get, run_binary, wait_for};
+use crate::support::{Binary, Client, Ended, TempFile, http_get, run_binary};
+use testkit::wait::{DEADLINE, eventually};
 
 #[tokio::test]
 async fn sigterm_drains_closes_clients_with_1001_and_exits_zero() {
-    let config = TempFile::new("app.toml", "shutdown_grace = \"2s\"\n");
+    // A grace long enough to observe the draining state on a loaded machine.
+    let config = TempFile::new("app.toml", "shutdown_grace = \"4s\"\n");
     let mut app = Binary::start(&["--config", config.as_str(), "--listen", "127.0.0.1:0"]).await;
     assert_eq!(http_get(app.addr, "/healthz").await.0, 200);
     let mut client = Client::connect(app.addr).await;
@@ -12,10 +14,13 @@ async fn sigterm_drains_closes_clients_with_1001_and_exits_zero() {
     assert!(client.text().await.contains("before the end"));
 
     app.terminate();
-    wait_for("/healthz to answer 503 while draining", || async {
-        (http_get(app.addr, "/healthz").await.0 == 503).then_some(())
-    })
-    .await;
+    eventually(
+        "/healthz to answer 503 while draining",
+        DEADLINE,
+        || async { anyhow::Ok(http_get(app.addr, "/healthz").await.0 == 503) },
+    )
+    .await
+    .unwrap();
     assert_eq!(client.ended(0).await, Ended::Closed(1001));
     assert_eq!(app.exit_code().await, Some(0));
 }

@@ -2,6 +2,7 @@
 //! payloads, and a single instance without Redis.
 
 use crate::support::{App, Redis, assert_chat_shape, handshake_status};
+use testkit::wait::{DEADLINE, eventually};
 
 const CHANNEL: &str = "simple-chat";
 
@@ -144,10 +145,11 @@ async fn connections_over_the_limit_are_refused_with_503() {
     assert_eq!(handshake_status(app.addr, None).await, 503);
     // A slot comes back when a client leaves.
     first.close().await;
-    crate::support::wait_for("a free connection slot", || async {
-        (handshake_status(app.addr, None).await == 101).then_some(())
+    eventually("a free connection slot", DEADLINE, || async {
+        anyhow::Ok(handshake_status(app.addr, None).await == 101)
     })
-    .await;
+    .await
+    .unwrap();
 }
 
 #[tokio::test]

@@ -7,9 +7,8 @@
 
 use serde_json::Value;
 
-use crate::support::{
-    App, Client, Redis, SilentRelay, assert_chat_shape, handshake_answer, wait_for,
-};
+use crate::support::{App, Client, Redis, SilentRelay, assert_chat_shape, handshake_answer};
+use testkit::wait::{DEADLINE, eventually};
 
 /// Rooms without members are dropped quickly, so tests can watch it.
 const SHORT_LINGER: &str = "room_linger = \"100ms\"\n";
@@ -89,10 +88,11 @@ async fn an_instance_subscribes_to_a_room_only_while_it_has_members() {
     second.say("ann", "still here").await;
     assert_eq!(content(&mut second).await, "still here");
     second.close().await;
-    wait_for("the lobby to be unsubscribed", || async {
-        (subscribed_channels(&redis).await == ["simple-chat"]).then_some(())
+    eventually("the lobby to be unsubscribed", DEADLINE, || async {
+        anyhow::Ok(subscribed_channels(&redis).await == ["simple-chat"])
     })
-    .await;
+    .await
+    .unwrap();
 
     // Coming back subscribes again, and messages flow.
     let mut back = Client::connect_with(app.addr, "room=lobby").await;
@@ -288,10 +288,11 @@ async fn rooms_beyond_max_rooms_are_refused_with_503_until_one_is_gone() {
     assert_eq!(handshake_answer(app.addr, "room=one").await.0, 101);
     assert_eq!(handshake_answer(app.addr, "").await.0, 101);
     first.close().await;
-    wait_for("room one to be gone", || async {
-        (handshake_answer(app.addr, "room=two").await.0 == 101).then_some(())
+    eventually("room one to be gone", DEADLINE, || async {
+        anyhow::Ok(handshake_answer(app.addr, "room=two").await.0 == 101)
     })
-    .await;
+    .await
+    .unwrap();
 }
 
 #[tokio::test]

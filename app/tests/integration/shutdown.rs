@@ -4,8 +4,9 @@ use crate::support::{App, Ended, Redis, handshake_status};
 
 #[tokio::test]
 async fn shutdown_turns_health_503_refuses_new_sockets_then_closes_with_1001() {
-    // A grace long enough to observe the draining state, short enough for a test.
-    let mut app = App::start("shutdown_grace = \"1s\"").await;
+    // A grace long enough to observe the draining state on a loaded machine, short enough for
+    // a test (the client is closed at its end).
+    let mut app = App::start("shutdown_grace = \"4s\"").await;
     let mut client = app.connect().await;
     assert_eq!(app.get("/healthz").await.0, 200);
 

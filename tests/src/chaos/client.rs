@@ -4,7 +4,7 @@
 //! Connecting: with resume, `/ws?resume` the first time and `/ws?epoch=E&last=ID` afterwards,
 //! where `E` and `ID` are the newest position the client holds (from the notice and every
 //! message); the connection is ready once the notice arrived. Without resume, plain `/ws`, ready
-//! at once. A ready connection that ends (close frame of any code, error, end of stream) is
+//! once the app answered a ping (its connection task serves the client). A ready connection that ends (close frame of any code, error, end of stream) is
 //! retried at once; failed attempts back off from [`BACKOFF_FIRST`] to [`BACKOFF_MAX`], jittered.
 //!
 //! Sending with resume: every message gets a `cid`; it stays pending until its `ack` arrives and
@@ -28,7 +28,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 
 use super::witness::lock;
-use super::{Key, parse_content, unix_nanos};
+use super::{Content, Key, parse_content, unix_nanos};
 use crate::client::{Io, connect};
 
 /// A send without an answer for this long is sent again.
@@ -39,6 +39,8 @@ const RETRY_AFTER: Duration = Duration::from_millis(250);
 const CONNECT_WITHIN: Duration = Duration::from_secs(5);
 /// The longest the closing handshake at the end may take.
 const CLOSE_WITHIN: Duration = Duration::from_secs(1);
+/// The payload of the ping whose pong makes a connection of the original protocol ready.
+const READY_PING: &[u8] = b"ready";
 /// Pause after the first failed attempt; doubled after each further one.
 const BACKOFF_FIRST: Duration = Duration::from_millis(50);
 /// The longest pause between attempts.
@@ -93,6 +95,8 @@ pub struct ClientLog {
     pub retries: u64,
     /// Messages sent but not acknowledged yet (with resume).
     pub pending: usize,
+    /// The position of the message received last, to check that ids only grow.
+    previous: Option<Position>,
 }
 
 impl ClientLog {
@@ -119,6 +123,25 @@ impl ClientLog {
     pub fn has(&self, key: Key) -> bool {
         self.bit(key)
             .is_some_and(|(word, bit)| self.received[word] & bit != 0)
+    }
+
+    /// Notes the receipt of a message of the run, with its place in the history (epoch and
+    /// id) when it has one: a duplicate, an id not above the one before, or else its latency.
+    pub(super) fn message(&mut self, content: Content, at: Option<(String, (u64, u64))>) {
+        if let Some((epoch, id)) = at {
+            if self
+                .previous
+                .as_ref()
+                .is_some_and(|p| p.epoch == epoch && id <= p.last)
+            {
+                self.out_of_order += 1;
+            }
+            self.previous = Some(Position { epoch, last: id });
+        }
+        if self.receive(content.key) {
+            self.latencies
+                .push(unix_nanos().saturating_sub(content.created_ns));
+        }
     }
 
     /// Notes a receipt; false when it is a duplicate.
@@ -176,6 +199,7 @@ fn parse_id(text: &str) -> Option<(u64, u64)> {
 }
 
 /// A place in the channel's history.
+#[derive(Debug)]
 struct Position {
     epoch: String,
     last: (u64, u64),
@@ -220,7 +244,6 @@ pub(super) async fn run(
         published,
         outbox,
         position: None,
-        previous: None,
         down_since: None,
     };
     client.run(stop).await;
@@ -232,8 +255,6 @@ struct Client {
     published: Arc<AtomicUsize>,
     outbox: Option<Outbox>,
     position: Option<Position>,
-    /// The id of the message received last, to check that ids only grow.
-    previous: Option<Position>,
     /// When the last ready connection was lost, until the next one is ready.
     down_since: Option<Instant>,
     /// xorshift state for the backoff jitter.
@@ -307,15 +328,10 @@ impl Client {
     async fn session(&mut self, ws: &mut Ws, stop: &CancellationToken) -> Ended {
         let mut ready = false;
         if !self.plan.resume {
-            ready = true;
-            self.became_ready();
-            // Made while disconnected: the original protocol had no way to send them.
-            if let Some(outbox) = &mut self.outbox {
-                let mut dropped = 0;
-                while outbox.new.try_recv().is_ok() {
-                    dropped += 1;
-                }
-                lock(&self.log).send_errors += dropped;
+            // No notice in the original protocol: the app's answer to a ping says that its
+            // connection task serves this client (and so receives the room's messages).
+            if ws.send(Message::Ping(READY_PING.into())).await.is_err() {
+                return Ended::Lost { ready };
             }
         }
         let mut beats = self
@@ -335,6 +351,10 @@ impl Client {
                 () = stop.cancelled() => return Ended::Stopped,
                 frame = ws.next() => match frame {
                     Some(Ok(Message::Text(text))) => self.on_text(&text, &mut ready),
+                    Some(Ok(Message::Pong(payload))) if !ready && payload == READY_PING => {
+                        ready = true;
+                        self.ready_without_resume();
+                    }
                     Some(Ok(Message::Close(_)) | Err(_)) | None => return Ended::Lost { ready },
                     Some(Ok(_)) => {}
                 },
@@ -354,6 +374,19 @@ impl Client {
                     }
                 }
             }
+        }
+    }
+
+    /// Without resume, the connection is ready: messages made while disconnected are dropped
+    /// (the original protocol had no way to send them).
+    fn ready_without_resume(&mut self) {
+        self.became_ready();
+        if let Some(outbox) = &mut self.outbox {
+            let mut dropped = 0;
+            while outbox.new.try_recv().is_ok() {
+                dropped += 1;
+            }
+            lock(&self.log).send_errors += dropped;
         }
     }
 
@@ -410,30 +443,19 @@ impl Client {
             .as_deref()
             .and_then(|c| parse_content(c, self.plan.run))
         {
-            let mut log = lock(&self.log);
-            if let (Some(epoch), Some(id)) = (frame.epoch, frame.id.as_deref().and_then(parse_id)) {
-                if self
-                    .previous
-                    .as_ref()
-                    .is_some_and(|p| p.epoch == epoch && id <= p.last)
-                {
-                    log.out_of_order += 1;
-                }
+            let at = frame.epoch.zip(frame.id.as_deref().and_then(parse_id));
+            if let Some((epoch, id)) = &at {
                 match &mut self.position {
-                    Some(p) if p.epoch == epoch => p.last = p.last.max(id),
+                    Some(p) if p.epoch == *epoch => p.last = p.last.max(*id),
                     _ => {
                         self.position = Some(Position {
                             epoch: epoch.clone(),
-                            last: id,
+                            last: *id,
                         })
                     }
                 }
-                self.previous = Some(Position { epoch, last: id });
             }
-            if log.receive(content.key) {
-                log.latencies
-                    .push(unix_nanos().saturating_sub(content.created_ns));
-            }
+            lock(&self.log).message(content, at);
         }
     }
 

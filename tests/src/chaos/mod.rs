@@ -34,10 +34,10 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
 
-use crate::redis::Persistence;
 use crate::stack::{CHANNEL, Options, Stack};
 use client::{ClientLog, Outbox, Plan};
 pub use report::{Report, Runs};
+use testkit::redis::Persistence;
 use witness::{Witness, lock};
 
 /// How often the drain checks whether everything arrived.
@@ -48,9 +48,10 @@ const DRAIN_CAP: Duration = Duration::from_secs(30);
 const REDIS_DOWN: Duration = Duration::from_secs(2);
 /// Longest wait for every client's first connection.
 const CONNECT_ALL_WITHIN: Duration = Duration::from_secs(60);
-/// Pause between the last first connection and the first message, so that each app has
-/// registered its clients in the fan-out (a plain `/ws` client has no notice to wait for).
-const SETTLE: Duration = Duration::from_millis(500);
+/// What an app logs when it followed a room's channel to the slot's new owner.
+const RESUBSCRIBED: &str = "resubscribed to a room whose slot moved";
+/// Longest wait for that line after the slot moved.
+const RESUBSCRIBED_WITHIN: Duration = Duration::from_secs(15);
 
 /// One fault.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -173,7 +174,18 @@ impl Scenario {
                     .find(|&m| m != owner)
                     .context("no other primary")?;
                 cluster.migrate(slot, to).await?;
-                format!("slot {slot} with its keys moved from node {owner} to node {to}")
+                // The fault happened to the apps too: each was subscribed on the old owner,
+                // was dropped from the channel there, and subscribed again on the new one.
+                for app in &stack.apps {
+                    app.log()
+                        .wait_for(RESUBSCRIBED, RESUBSCRIBED_WITHIN)
+                        .await
+                        .context("an app did not resubscribe after the slot moved")?;
+                }
+                format!(
+                    "slot {slot} with its keys moved from node {owner} to node {to}; \
+                     every app resubscribed"
+                )
             }
         })
     }
@@ -393,10 +405,11 @@ pub async fn drive(
         logs.push(log);
     }
     let connect_deadline = Instant::now() + CONNECT_ALL_WITHIN;
+    // A client is ready once the app serves it: its resume notice came, or (original protocol)
+    // the app answered its ping.
     while logs.iter().any(|l| lock(l).first.is_none()) && Instant::now() < connect_deadline {
         tokio::time::sleep(DRAIN_POLL).await;
     }
-    tokio::time::sleep(SETTLE).await;
 
     // The sending window, with the fault.
     let start = Instant::now();

@@ -257,3 +257,132 @@ impl fmt::Display for Report {
         .fmt(f)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use super::super::{Content, Key, Scenario};
+    use super::*;
+
+    const SENDERS: usize = 2;
+    const PER_SENDER: usize = 3;
+
+    fn key(sender: u32, seq: u32) -> Key {
+        Key { sender, seq }
+    }
+
+    fn id(n: u64) -> String {
+        format!("1000-{n}")
+    }
+
+    /// What the witness saw: every message of both senders, published in turn, with ids
+    /// growing in publication order.
+    fn everything_published() -> (Seen, Vec<Key>) {
+        let mut seen = Seen::default();
+        let count = AtomicUsize::new(0);
+        let keys: Vec<Key> = (0..PER_SENDER as u32)
+            .flat_map(|seq| (0..SENDERS as u32).map(move |sender| key(sender, seq)))
+            .collect();
+        for (n, k) in keys.iter().enumerate() {
+            assert!(seen.record(*k, Some(id(n as u64)), &count));
+        }
+        (seen, keys)
+    }
+
+    /// A client ready from the first publication on that received `receipts` (index into the
+    /// published order), in that order; it sent its share of the messages.
+    fn client(receipts: &[usize], keys: &[Key]) -> ClientLog {
+        let mut log = ClientLog::new(SENDERS, PER_SENDER);
+        log.first = Some(0);
+        log.sent = (keys.len() / 2) as u64;
+        for &n in receipts {
+            let content = Content {
+                key: keys[n],
+                created_ns: 0,
+            };
+            log.message(content, Some(("epoch".to_owned(), (1000, n as u64))));
+        }
+        log
+    }
+
+    /// The report of two clients: one that received everything, and `other`.
+    fn report(other: &[usize]) -> Report {
+        let (seen, keys) = everything_published();
+        let all: Vec<usize> = (0..keys.len()).collect();
+        let logs = [client(&all, &keys), client(other, &keys)];
+        let config = Config {
+            clients: 2,
+            senders: SENDERS,
+            ..Config::new(Scenario::None)
+        };
+        tally(
+            &config,
+            "synthetic",
+            String::new(),
+            Duration::ZERO,
+            &seen,
+            &logs,
+        )
+    }
+
+    fn zero_loss_holds(report: &Report) -> bool {
+        std::panic::catch_unwind(|| report.assert_zero_loss()).is_ok()
+    }
+
+    #[test]
+    fn everything_received_once_in_order_is_zero_loss() {
+        let report = report(&[0, 1, 2, 3, 4, 5]);
+        assert_eq!((report.published, report.sent), (6, 6));
+        assert_eq!(
+            (report.lost, report.duplicates, report.out_of_order),
+            (0, 0, 0)
+        );
+        assert!(zero_loss_holds(&report), "{report}");
+    }
+
+    #[test]
+    fn a_missing_message_is_one_lost_by_one_client() {
+        let report = report(&[0, 1, 2, 4, 5]);
+        assert_eq!((report.lost, report.clients_with_loss), (1, 1));
+        assert_eq!((report.duplicates, report.out_of_order), (0, 0));
+        assert!(!zero_loss_holds(&report), "{report}");
+    }
+
+    #[test]
+    fn a_message_received_twice_is_one_duplicate() {
+        let report = report(&[0, 1, 2, 3, 3, 4, 5]);
+        assert_eq!(report.duplicates, 1);
+        assert_eq!(report.lost, 0);
+        assert!(!zero_loss_holds(&report), "{report}");
+    }
+
+    #[test]
+    fn two_messages_swapped_are_one_out_of_order() {
+        let report = report(&[0, 1, 3, 2, 4, 5]);
+        assert_eq!(report.out_of_order, 1);
+        assert_eq!((report.lost, report.duplicates), (0, 0));
+        assert!(!zero_loss_holds(&report), "{report}");
+    }
+
+    #[test]
+    fn a_message_missed_before_the_client_was_ready_is_not_lost() {
+        let (seen, keys) = everything_published();
+        let mut late = client(&[2, 3, 4, 5], &keys);
+        late.first = Some(2);
+        let config = Config {
+            clients: 1,
+            senders: SENDERS,
+            ..Config::new(Scenario::None)
+        };
+        let report = tally(
+            &config,
+            "synthetic",
+            String::new(),
+            Duration::ZERO,
+            &seen,
+            &[late],
+        );
+        assert_eq!(report.lost, 0, "{report}");
+    }
+}

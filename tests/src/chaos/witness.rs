@@ -56,7 +56,7 @@ pub struct Seen {
 }
 
 impl Seen {
-    fn record(&mut self, key: Key, id: Option<String>, count: &AtomicUsize) -> bool {
+    pub(super) fn record(&mut self, key: Key, id: Option<String>, count: &AtomicUsize) -> bool {
         match (self.ids.get(&key), &id) {
             (Some(known), Some(id)) if known == id => return false,
             (Some(_), _) => {

@@ -1,7 +1,7 @@
 //! Test support, written once: a real `redis-server` on an ephemeral port, `app` instances
 //! in-process (or the real binary), WebSocket clients and a raw HTTP `GET`.
 //!
-//! Readiness is awaited, never slept on: Redis is ready when it answers `PING`, an in-process
+//! Readiness is awaited, never slept on: Redis is ready when it says so on its output, an in-process
 //! app when its listener is bound (it is bound before `run` starts), a binary when it prints
 //! `listening http <addr>`, a WebSocket client when its `Ping` comes back as a `Pong` (which
 //! proves the server's connection task is running and registered for messages). Waiting for a
@@ -9,10 +9,11 @@
 
 use std::net::SocketAddr;
 use std::process::Stdio;
-use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use testkit::redis::{Persistence, RedisTls};
+use testkit::wait::eventually;
+use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
 use tokio_tungstenite::tungstenite::Message;
@@ -21,44 +22,19 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tokio_util::sync::CancellationToken;
 
 /// Upper bound for anything a test waits for; reaching it fails the test.
-pub const DEADLINE: Duration = Duration::from_secs(20);
-/// Interval between two checks of a polled condition.
-const POLL: Duration = Duration::from_millis(25);
+pub use testkit::wait::DEADLINE;
 
-/// Polls `check` until it returns `Some`, failing with `what` after [`DEADLINE`].
-pub async fn wait_for<T, F, Fut>(what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(POLL).await;
-    }
-}
-
-/// A port that was free a moment ago (bound to 127.0.0.1:0, then released).
+/// A port that was free a moment ago ([`testkit::redis::free_port`]), for a Redis that an app
+/// is pointed at before it runs.
 pub fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap().port()
+    testkit::redis::free_port().unwrap()
 }
 
-/// A `redis-server` child on 127.0.0.1, without persistence unless it has a data directory;
-/// killed on drop.
+/// A `redis-server` child on 127.0.0.1 ([`testkit::redis`]: ready when it says so), in
+/// memory only unless it keeps its data; killed on drop.
 pub struct Redis {
-    port: u16,
+    server: testkit::redis::Redis,
     tls: Option<Tls>,
-    child: Option<Child>,
-    /// With a directory, an append-only file fsynced at every write: what it held survives
-    /// even SIGKILL.
-    data: Option<tempfile::TempDir>,
 }
 
 /// What a TLS `redis-server` needs: a private CA, a certificate for 127.0.0.1, a password.
@@ -93,111 +69,51 @@ impl Tls {
 }
 
 impl Redis {
-    /// Starts a plain server on a free port and waits until it answers `PING`.
+    /// Starts a plain server, in memory only.
     pub async fn start() -> Redis {
-        Redis::start_on(free_port()).await
+        Redis::launch(None, None, Persistence::Off).await
     }
 
-    /// Starts a plain server on `port` and waits until it answers `PING`.
-    async fn start_on(port: u16) -> Redis {
-        let mut redis = Redis {
-            port,
-            tls: None,
-            child: None,
-            data: None,
-        };
-        redis.spawn().await;
-        redis
-    }
-
-    /// Starts a plain server that keeps its data across restarts (append-only file).
+    /// Starts a plain server that keeps its data across restarts (append-only file, fsynced
+    /// at every write: what it held survives even SIGKILL).
     pub async fn start_persistent() -> Redis {
-        Redis::start_persistent_on(free_port()).await
+        Redis::launch(None, None, Persistence::Always).await
     }
 
     /// Starts a plain server on `port` that keeps its data across restarts.
     pub async fn start_persistent_on(port: u16) -> Redis {
-        let mut redis = Redis {
-            port,
-            tls: None,
-            child: None,
-            data: Some(tempfile::tempdir().unwrap()),
-        };
-        redis.spawn().await;
-        redis
+        Redis::launch(Some(port), None, Persistence::Always).await
     }
 
     /// Starts a TLS-only server with a password and a private CA, as a managed Redis with
     /// in-transit encryption and an AUTH token is.
     pub async fn start_tls() -> Redis {
-        let mut redis = Redis {
-            port: free_port(),
-            tls: Some(Tls::generate()),
-            child: None,
-            data: None,
-        };
-        redis.spawn().await;
-        redis
+        Redis::launch(None, Some(Tls::generate()), Persistence::Off).await
     }
 
-    async fn spawn(&mut self) {
-        let port = self.port.to_string();
-        let mut command = Command::new("redis-server");
-        command.args(["--bind", "127.0.0.1", "--save", ""]);
-        match &self.data {
-            None => command.args(["--appendonly", "no"]),
-            Some(dir) => command
-                .args(["--appendonly", "yes", "--appendfsync", "always", "--dir"])
-                .arg(dir.path()),
+    async fn launch(port: Option<u16>, tls: Option<Tls>, persistence: Persistence) -> Redis {
+        let options = testkit::redis::Options {
+            tls: tls.as_ref().map(|tls| RedisTls {
+                cert: tls.cert.path.clone(),
+                key: tls.key.path.clone(),
+                ca: tls.ca.path.clone(),
+            }),
+            password: tls.as_ref().map(|tls| tls.password.clone()),
+            persistence,
         };
-        match &self.tls {
-            None => command.args(["--port", &port]),
-            Some(tls) => command
-                .args([
-                    "--port",
-                    "0",
-                    "--tls-port",
-                    &port,
-                    "--tls-auth-clients",
-                    "no",
-                ])
-                .args(["--tls-cert-file", tls.cert.as_str()])
-                .args(["--tls-key-file", tls.key.as_str()])
-                .args(["--tls-ca-cert-file", tls.ca.as_str()])
-                .args(["--requirepass", &tls.password]),
+        let server = match port {
+            Some(port) => testkit::redis::Redis::start_on(port, options).await,
+            None => testkit::redis::Redis::start_with(options).await,
         };
-        let child = command.stdout(Stdio::null()).kill_on_drop(true).spawn();
-        let child = match child {
-            Ok(child) => child,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                panic!("redis-server not found: run `apt-get install -y redis-server`")
-            }
-            Err(e) => panic!("could not start redis-server: {e}"),
-        };
-        self.child = Some(child);
-        let client = self.client();
-        wait_for("redis-server to answer PING", || {
-            let client = client.clone();
-            async move {
-                let mut connection = client.get_multiplexed_async_connection().await.ok()?;
-                redis::cmd("PING")
-                    .query_async::<String>(&mut connection)
-                    .await
-                    .ok()
-            }
-        })
-        .await;
+        match server {
+            Ok(server) => Redis { server, tls },
+            Err(e) => panic!("{e:#}"),
+        }
     }
 
     /// `redis://127.0.0.1:<port>`, or `rediss://:<password>@127.0.0.1:<port>` with TLS.
     pub fn url(&self) -> String {
-        match &self.tls {
-            None => format!("redis://127.0.0.1:{}", self.port),
-            Some(tls) => {
-                let password = tls.password.replace('@', "%40").replace('/', "%2F");
-                format!("rediss://:{password}@127.0.0.1:{}", self.port)
-            }
-        }
+        self.server.url()
     }
 
     /// The `app.toml` lines that point an app at this server.
@@ -228,15 +144,14 @@ impl Redis {
 
     /// Kills the server and waits for it to be gone.
     pub async fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            child.kill().await.unwrap();
-        }
+        self.server.stop().await;
     }
 
     /// Starts the server again on the same port.
     pub async fn restart(&mut self) {
-        self.stop().await;
-        self.spawn().await;
+        if let Err(e) = self.server.restart().await {
+            panic!("{e:#}");
+        }
     }
 
     /// A raw `SUBSCRIBE` on `channel`, confirmed before this returns.
@@ -279,7 +194,7 @@ impl SilentRelay {
         assert!(redis.tls.is_none(), "the relay is for plain redis://");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("redis://{}", listener.local_addr().unwrap());
-        let upstream = SocketAddr::from(([127, 0, 0, 1], redis.port));
+        let upstream = SocketAddr::from(([127, 0, 0, 1], redis.server.port()));
         let task = tokio::spawn(async move {
             // Aborting this task drops the set, which aborts every connection's task.
             let mut connections = tokio::task::JoinSet::new();
@@ -372,10 +287,13 @@ impl App {
 
     /// Waits until `/healthz` answers `status`.
     pub async fn wait_health(&self, status: u16) {
-        wait_for(&format!("/healthz to answer {status}"), || async {
-            (self.get("/healthz").await.0 == status).then_some(())
-        })
-        .await;
+        eventually(
+            &format!("/healthz to answer {status}"),
+            DEADLINE,
+            || async { anyhow::Ok(self.get("/healthz").await.0 == status) },
+        )
+        .await
+        .unwrap();
     }
 
     /// A connected WebSocket client, registered for messages.
@@ -412,27 +330,12 @@ impl Drop for App {
     }
 }
 
-/// A minimal HTTP/1.1 `GET` over a fresh connection: status code and body.
+/// `GET path` over a fresh connection ([`testkit::http`]): status code and body.
 pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, Vec<u8>) {
-    let mut stream = TcpStream::connect(addr).await.unwrap();
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut response = Vec::new();
-    tokio::time::timeout(DEADLINE, stream.read_to_end(&mut response))
-        .await
-        .expect("HTTP response timed out")
-        .unwrap();
-    let head_end = response
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .expect("no end of headers");
-    let head = String::from_utf8_lossy(&response[..head_end]).to_string();
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .expect("no status code");
-    (status, response[head_end + 4..].to_vec())
+    match testkit::http::http_get(addr, path).await {
+        Ok(response) => (response.status, response.body),
+        Err(e) => panic!("{e:#}"),
+    }
 }
 
 /// A WebSocket client of an app.
@@ -523,6 +426,16 @@ impl Client {
     pub async fn say(&mut self, name: &str, content: &str) {
         let json = serde_json::json!({ "name": name, "content": content }).to_string();
         self.send_text(&json).await;
+    }
+
+    /// Sends chat messages `(name, content)` in one write: the server reads them back to back,
+    /// however slow the machine is.
+    pub async fn say_at_once(&mut self, messages: &[(&str, &str)]) {
+        for (name, content) in messages {
+            let json = serde_json::json!({ "name": name, "content": content }).to_string();
+            self.ws.feed(Message::text(json)).await.unwrap();
+        }
+        self.ws.flush().await.unwrap();
     }
 
     /// Sends any frame.

@@ -1,5 +1,6 @@
 //! Child processes under test: spawn a binary of the workspace (or a system one), wait for its
-//! readiness lines on stdout, signal it by PID, and make sure it dies with the test.
+//! readiness lines on stdout, keep its logs (stderr) to wait on, signal it by PID, and make sure
+//! it dies with the test.
 //!
 //! Readiness is a line, never a sleep: our binaries print `listening <kind> <addr>` once a
 //! listener is bound; `redis-server` prints `Ready to accept connections`.
@@ -14,6 +15,8 @@ use anyhow::{Context, Result, anyhow, bail};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::time::timeout;
+
+use crate::logs::Log;
 
 /// How long a process may take to print its readiness lines.
 pub const READY_WITHIN: Duration = Duration::from_secs(30);
@@ -84,14 +87,15 @@ pub struct Proc {
     name: String,
     child: Child,
     listening: HashMap<String, SocketAddr>,
+    log: Log,
 }
 
 impl Proc {
-    /// Spawns `cmd` (stdout piped, stderr inherited so its log is in the test output) and waits
-    /// until it is ready.
+    /// Spawns `cmd` (stdout piped for the readiness lines, stderr kept as its [`Log`] and shown
+    /// with the test's output) and waits until it is ready.
     pub async fn spawn(name: &str, mut cmd: Command, ready: Ready<'_>) -> Result<Proc> {
         cmd.stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(Stdio::piped())
             .stdin(Stdio::null())
             .kill_on_drop(true);
         let mut child = cmd
@@ -101,6 +105,10 @@ impl Proc {
             .stdout
             .take()
             .ok_or_else(|| anyhow!("{name}: no stdout"))?;
+        let log = match child.stderr.take() {
+            Some(stderr) => Log::capture(name, stderr),
+            None => bail!("{name}: no stderr"),
+        };
         let mut lines = BufReader::new(stdout).lines();
         let mut listening = HashMap::new();
         let mut last = VecDeque::with_capacity(LAST_LINES);
@@ -147,6 +155,7 @@ impl Proc {
             name: name.to_string(),
             child,
             listening,
+            log,
         })
     }
 
@@ -156,6 +165,11 @@ impl Proc {
             Some(addr) => *addr,
             None => panic!("{} printed no `listening {kind}` line", self.name),
         }
+    }
+
+    /// What it logged (its stderr), to wait on.
+    pub fn log(&self) -> &Log {
+        &self.log
     }
 
     /// The process id, while the process has not been reaped.

@@ -17,27 +17,35 @@
 //! answers, closes and counters, never on sleeps.
 
 // Test code: an unwrap that fails is a failing test, with its location.
-#![allow(clippy::unwrap_used)]
-
-mod support;
-
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::support::raw::{After, RawBackend, Received, Reply, ResponseReader, echo_body};
+use crate::support::*;
 use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
-use support::raw::{After, RawBackend, Received, Reply, ResponseReader, echo_body};
-use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
 /// The short timeouts the timeout cases run with.
 const SHORT_TIMEOUTS: &str = "client_header = \"1s\"\ntls_handshake = \"1s\"\n";
+
+/// lb in front of an echoing [`RawBackend`], with `timeouts` as its `[timeouts]` table: what
+/// most attacks are tried against. Returns the CA, the backend, lb and its https address.
+async fn echo_behind_lb(timeouts: &str) -> (Pki, RawBackend, lb::Lb, SocketAddr) {
+    let pki = Pki::local();
+    let backend = RawBackend::echo().await;
+    let mut config = backend.config(&pki);
+    config.timeouts = timeouts.into();
+    let lb = start_lb(&config).await;
+    let addr = lb.addrs().https;
+    (pki, backend, lb, addr)
+}
 
 /// A raw connection to lb over TLS, reading responses.
 type Conn = ResponseReader<TlsStream<TcpStream>>;
@@ -186,9 +194,7 @@ const SMUGGLED: &str = "GET /smuggled HTTP/1.1\r\nhost: localhost\r\n\r\n";
 
 #[tokio::test]
 async fn smuggling_attempts_reach_the_backend_as_exactly_what_the_client_framed() {
-    let pki = Pki::local();
-    let backend = RawBackend::echo().await;
-    let lb = start_lb(&backend.config(&pki)).await;
+    let (pki, backend, lb, _) = echo_behind_lb("").await;
     let post = "POST /p HTTP/1.1\r\nhost: localhost\r\n";
     use Then::*;
     let cases = vec![
@@ -383,10 +389,7 @@ async fn smuggling_attempts_reach_the_backend_as_exactly_what_the_client_framed(
 
 #[tokio::test]
 async fn bad_chunks_get_400_end_the_connection_and_never_complete_a_request() {
-    let pki = Pki::local();
-    let backend = RawBackend::echo().await;
-    let lb = start_lb(&backend.config(&pki)).await;
-    let addr = lb.addrs().https;
+    let (pki, backend, lb, addr) = echo_behind_lb("").await;
     // Each body starts with a good chunk, so the backend may already have the head and part of
     // the body when the bad one arrives; a request hides behind each.
     let bodies = [
@@ -430,10 +433,7 @@ async fn bad_chunks_get_400_end_the_connection_and_never_complete_a_request() {
 
 #[tokio::test]
 async fn oversized_heads_and_request_lines_get_431_and_414() {
-    let pki = Pki::local();
-    let backend = RawBackend::echo().await;
-    let lb = start_lb(&backend.config(&pki)).await;
-    let addr = lb.addrs().https;
+    let (pki, backend, lb, addr) = echo_behind_lb("").await;
     let many = |n: usize, size: usize| -> String {
         (0..n)
             .map(|i| format!("x-h{i}: {}\r\n", "v".repeat(size)))
@@ -518,9 +518,7 @@ async fn oversized_heads_and_request_lines_get_431_and_414() {
 
 #[tokio::test]
 async fn a_hundred_pipelined_requests_in_one_write_are_answered_in_order() {
-    let pki = Pki::local();
-    let backend = RawBackend::echo().await;
-    let lb = start_lb(&backend.config(&pki)).await;
+    let (pki, backend, lb, _) = echo_behind_lb("").await;
     // GETs, length-framed POSTs and chunked POSTs, interleaved.
     let mut wire = Vec::new();
     let mut expected = Vec::new();
@@ -574,10 +572,7 @@ async fn a_hundred_pipelined_requests_in_one_write_are_answered_in_order() {
 
 #[tokio::test]
 async fn absolute_form_targets_reach_the_backend_in_origin_form_with_their_host() {
-    let pki = Pki::local();
-    let backend = RawBackend::echo().await;
-    let lb = start_lb(&backend.config(&pki)).await;
-    let addr = lb.addrs().https;
+    let (pki, backend, lb, addr) = echo_behind_lb("").await;
     // (request target, Host field, target and Host the backend must see)
     let cases = [
         (
@@ -733,12 +728,7 @@ async fn upgrade_requests_with_bodies_never_leak_the_body_to_the_backend() {
 
 #[tokio::test]
 async fn slowloris_clients_get_408_while_others_are_served() {
-    let pki = Pki::local();
-    let backend = RawBackend::echo().await;
-    let mut config = backend.config(&pki);
-    config.timeouts = SHORT_TIMEOUTS.into();
-    let lb = start_lb(&config).await;
-    let addr = lb.addrs().https;
+    let (pki, backend, lb, addr) = echo_behind_lb(SHORT_TIMEOUTS).await;
 
     // Each sends a head one byte at a time, 10 bytes a second, never finishing it.
     let mut slow = Vec::new();
@@ -805,12 +795,9 @@ const PARTIAL_HELLO: &[u8] = &[0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0
 #[tokio::test]
 async fn a_half_open_tls_flood_is_timed_out_while_others_are_served() {
     const FLOOD: usize = 400;
-    let pki = Pki::local();
-    let backend = RawBackend::echo().await;
-    let mut config = backend.config(&pki);
-    config.timeouts = SHORT_TIMEOUTS.into();
-    let lb = start_lb(&config).await;
-    let addr = lb.addrs().https;
+    // Long enough that the whole flood is connected, and the normal requests served, before
+    // the first flooding connection times out, even on a loaded machine.
+    let (pki, backend, lb, addr) = echo_behind_lb("tls_handshake = \"5s\"\n").await;
     let metrics = lb.metrics();
 
     // Half connect and stay silent, half send the start of a ClientHello and stop there.
@@ -868,12 +855,7 @@ async fn a_half_open_tls_flood_is_timed_out_while_others_are_served() {
 
 #[tokio::test]
 async fn garbage_and_plain_http_instead_of_a_client_hello_are_dropped() {
-    let pki = Pki::local();
-    let backend = RawBackend::echo().await;
-    let mut config = backend.config(&pki);
-    config.timeouts = SHORT_TIMEOUTS.into();
-    let lb = start_lb(&config).await;
-    let addr = lb.addrs().https;
+    let (pki, backend, lb, addr) = echo_behind_lb(SHORT_TIMEOUTS).await;
     let mut sslv2_hello = vec![
         0x80, 0x2e, 0x01, 0x00, 0x02, 0x00, 0x15, 0x00, 0x00, 0x00, 0x10,
     ];
@@ -990,10 +972,7 @@ async fn first_record(addr: SocketAddr, hello: &[u8]) -> (u8, Vec<u8>) {
 
 #[tokio::test]
 async fn tls12_clients_offering_only_cbc_suites_are_refused() {
-    let pki = Pki::local();
-    let backend = RawBackend::echo().await;
-    let lb = start_lb(&backend.config(&pki)).await;
-    let addr = lb.addrs().https;
+    let (pki, backend, lb, addr) = echo_behind_lb("").await;
     // ECDHE and RSA key exchange, AES-CBC with SHA-1 and SHA-2 MACs: what TLS 1.2-era clients
     // fall back to.
     let cbc = [

@@ -2,13 +2,12 @@
 //! class arrive intact both ways, close codes travel in both directions, and an idle tunnel is
 //! closed at its timeout.
 
-mod support;
-
 use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
 
+use crate::support::*;
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
-use support::*;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -137,49 +136,50 @@ async fn backend_close_code_reaches_the_client_and_the_tunnel_ends() {
 
 #[tokio::test]
 async fn an_idle_tunnel_is_closed_at_the_timeout_on_both_sides() {
+    const IDLE: Duration = Duration::from_secs(1);
     let pki = Pki::local();
     let backend = TestBackend::start("app1").await;
     let mut config = TestConfig::new(&pki, &[&backend]);
-    config.timeouts = "tunnel_idle = \"1s\"\n".into();
+    config.timeouts = format!("tunnel_idle = \"{}ms\"\n", IDLE.as_millis());
     let lb = start_lb(&config).await;
     let mut ws = ws_connect(&pki, lb.addrs().https, "/ws").await;
     ws_echo(&mut ws, Message::text("before idling")).await;
-    // Nothing is sent; the tunnel must end by itself.
-    let ended = within("idle tunnel closed", async {
-        loop {
-            match ws.next().await {
-                None | Some(Err(_)) => return true,
-                Some(Ok(Message::Close(_))) => return true,
-                Some(Ok(_)) => continue,
-            }
-        }
-    })
-    .await;
-    assert!(ended);
+    let idle_since = std::time::Instant::now();
+    // Nothing is sent; lb must cut the tunnel by itself, and not before the timeout.
+    assert_eq!(ws_end(&mut ws).await, WsEnd::Cut);
+    let idle = idle_since.elapsed();
+    assert!(
+        idle >= IDLE,
+        "cut after {idle:?}, before the {IDLE:?} idle timeout"
+    );
     wait_until("backend side closed too", || backend.ws_open() == 0).await;
+    assert_eq!(
+        backend.close_codes(),
+        Vec::<u16>::new(),
+        "lb made up a close frame"
+    );
     assert_eq!(lb.metrics().tunnels_active.load(Relaxed), 0);
     lb.shutdown().await;
 }
 
 #[tokio::test]
 async fn shutdown_gives_tunnels_a_bounded_drain() {
+    const GRACE: Duration = Duration::from_millis(200);
     let pki = Pki::local();
     let backend = TestBackend::start("app1").await;
     let mut config = TestConfig::new(&pki, &[&backend]);
-    config.timeouts = "drain_grace = \"200ms\"\n".into();
+    config.timeouts = format!("drain_grace = \"{}ms\"\n", GRACE.as_millis());
     let lb = start_lb(&config).await;
     let mut ws = ws_connect(&pki, lb.addrs().https, "/ws").await;
     ws_echo(&mut ws, Message::text("open")).await;
+    let shutdown_began = std::time::Instant::now();
     within("shutdown with an open tunnel", lb.shutdown()).await;
-    let closed = within("tunnel cut", async {
-        loop {
-            match ws.next().await {
-                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return true,
-                Some(Ok(_)) => continue,
-            }
-        }
-    })
-    .await;
-    assert!(closed);
+    // The tunnel had its grace, then lb cut it (no close frame is made up for either side).
+    assert_eq!(ws_end(&mut ws).await, WsEnd::Cut);
+    let lasted = shutdown_began.elapsed();
+    assert!(
+        lasted >= GRACE,
+        "cut after {lasted:?}, before the {GRACE:?} grace"
+    );
     wait_until("backend side closed", || backend.ws_open() == 0).await;
 }

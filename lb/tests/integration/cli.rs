@@ -1,12 +1,11 @@
-//! The real `lb` binary: `lb check` exit codes and messages, `lb certs generate` files, modes,
-//! overwrite protection and trust instructions, and quick mode serving from flags alone.
-
-mod support;
+//! The real `lb` binary: `lb check` exit codes and messages, `lb certs generate` files, modes
+//! (whatever the umask), overwrite protection and trust instructions, and quick mode serving from
+//! flags alone.
 
 use std::os::unix::fs::PermissionsExt;
 use std::process::{Command, Output};
 
-use support::*;
+use crate::support::*;
 
 fn lb(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_lb"))
@@ -14,6 +13,21 @@ fn lb(args: &[&str]) -> Output {
         .env("RUST_LOG", "warn")
         .output()
         .expect("run lb")
+}
+
+/// `lb` run with a strict umask (077), as a hardened account or service unit has: the modes
+/// of the files it writes must not depend on it.
+fn lb_under_strict_umask(args: &[&str]) -> Output {
+    Command::new("sh")
+        .args([
+            "-c",
+            "umask 077 && exec \"$0\" \"$@\"",
+            env!("CARGO_BIN_EXE_lb"),
+        ])
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run lb through sh")
 }
 
 fn stdout(o: &Output) -> String {
@@ -133,7 +147,7 @@ fn certs_generate_writes_private_keys_refuses_to_overwrite_and_explains_trust() 
     let dir = TempDir::new("generate");
     let out_dir = dir.path().join("certs");
     let out_dir = out_dir.to_str().unwrap();
-    let out = lb(&[
+    let out = lb_under_strict_umask(&[
         "certs",
         "generate",
         "--out",

@@ -25,7 +25,6 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
@@ -45,26 +44,17 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role};
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_util::sync::CancellationToken;
 
-/// Upper bound for any single wait in a test.
-pub const DEADLINE: Duration = Duration::from_secs(20);
+pub use testkit::wait::{DEADLINE, within};
 
-/// Awaits `fut`, failing the test if it takes longer than [`DEADLINE`].
-pub async fn within<F: std::future::Future>(what: &str, fut: F) -> F::Output {
-    match tokio::time::timeout(DEADLINE, fut).await {
-        Ok(out) => out,
-        Err(_) => panic!("timed out after {DEADLINE:?}: {what}"),
-    }
-}
-
-/// Polls `cond` until it holds, failing after [`DEADLINE`]. For state that changes in the
-/// background (health flips, counters), where no event can be awaited directly.
+/// Polls `cond` until it holds ([`testkit::wait::eventually`]), failing after [`DEADLINE`]. For
+/// state that changes in the background (health flips, counters), where no event can be
+/// awaited directly.
 pub async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
-    within(what, async {
-        while !cond() {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await;
+    let polled =
+        testkit::wait::eventually(what, DEADLINE, || std::future::ready(anyhow::Ok(cond())));
+    if let Err(e) = polled.await {
+        panic!("{e:#}");
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -187,15 +177,17 @@ struct BackendShared {
     ws_open: AtomicUsize,
     ws_total: AtomicUsize,
     close_codes: Mutex<Vec<u16>>,
+    /// Permits for the answers held by `hold=1` (see [`TestBackend::release_held`]).
+    held: tokio::sync::Semaphore,
 }
 
 /// An HTTP/1.1 and WebSocket backend on loopback (see the module docs for its behaviour).
 ///
 /// HTTP answers: `GET /healthz` → the health status (default 200) with body `ok`; any other
 /// request → `x-backend: NAME` and, if it had a body, that body echoed, else
-/// `backend NAME\n`. Query parameters: `status=NNN` sets the status, `delay_ms=N` delays the
-/// answer, `hop=1` adds hop-by-hop headers (`Connection: x-backend-hop`, `X-Backend-Hop`,
-/// `Keep-Alive`) to the response. WebSocket: every text and binary message is echoed; the text
+/// `backend NAME\n`. Query parameters: `status=NNN` sets the status, `hold=1` holds the answer
+/// until [`TestBackend::release_held`], `hop=1` adds hop-by-hop headers (`Connection:
+/// x-backend-hop`, `X-Backend-Hop`, `Keep-Alive`) to the response. WebSocket: every text and binary message is echoed; the text
 /// `close:CODE` makes the backend close with CODE; close codes received are recorded.
 pub struct TestBackend {
     shared: Arc<BackendShared>,
@@ -219,6 +211,7 @@ impl TestBackend {
             ws_open: AtomicUsize::new(0),
             ws_total: AtomicUsize::new(0),
             close_codes: Mutex::new(Vec::new()),
+            held: tokio::sync::Semaphore::new(0),
         });
         let token = CancellationToken::new();
         tokio::spawn(accept_loop(listener, Arc::clone(&shared), token.clone()));
@@ -274,6 +267,11 @@ impl TestBackend {
     /// Close codes received from WebSocket clients.
     pub fn close_codes(&self) -> Vec<u16> {
         self.shared.close_codes.lock().unwrap().clone()
+    }
+
+    /// Lets `n` answers held by `hold=1` go out.
+    pub fn release_held(&self, n: usize) {
+        self.shared.held.add_permits(n);
     }
 
     /// Sets the status `/healthz` answers.
@@ -411,8 +409,10 @@ async fn backend_request(
         body: body.clone(),
         upgrade: false,
     });
-    if let Some(ms) = query_param(&parts.uri, "delay_ms").and_then(|v| v.parse().ok()) {
-        tokio::time::sleep(Duration::from_millis(ms)).await;
+    if query_param(&parts.uri, "hold") == Some("1") {
+        if let Ok(permit) = shared.held.acquire().await {
+            permit.forget();
+        }
     }
     let status = query_param(&parts.uri, "status")
         .and_then(|v| v.parse::<u16>().ok())
@@ -569,7 +569,9 @@ pub struct LbProcess {
     pub child: Child,
     /// `(kind, addr)` of every readiness line read.
     pub listening: Vec<(String, SocketAddr)>,
-    pub stderr: Option<tokio::process::ChildStderr>,
+    /// What it logs (stderr); a successor after a binary upgrade inherits the pipe and logs
+    /// here too.
+    pub log: testkit::logs::Log,
 }
 
 impl LbProcess {
@@ -607,11 +609,11 @@ impl LbProcess {
         }
         // Keep draining stdout so the child never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        let stderr = child.stderr.take();
+        let log = testkit::logs::Log::capture("lb", child.stderr.take().expect("stderr"));
         LbProcess {
             child,
             listening,
-            stderr,
+            log,
         }
     }
 
@@ -622,11 +624,6 @@ impl LbProcess {
             .find(|(k, _)| k == kind)
             .map(|(_, a)| *a)
             .unwrap_or_else(|| panic!("no {kind} listener"))
-    }
-
-    /// A line reader over the child's stderr (its logs).
-    pub fn stderr_lines(&mut self) -> tokio::io::Lines<BufReader<tokio::process::ChildStderr>> {
-        BufReader::new(self.stderr.take().expect("stderr taken once")).lines()
     }
 
     /// Sends `signal` (e.g. `"HUP"`, `"TERM"`) to the child.
@@ -739,6 +736,31 @@ pub async fn https_get(pki: &Pki, addr: SocketAddr, path: &str) -> TestResponse 
 
 /// A WebSocket client connected through lb.
 pub type WsClient = WebSocketStream<TlsStream<TcpStream>>;
+
+/// How a WebSocket through lb ended, as its client saw it.
+#[derive(Debug, PartialEq, Eq)]
+pub enum WsEnd {
+    /// A close frame with this code (1005 when the frame carried none).
+    Closed(u16),
+    /// The connection ended without a close frame: lb cut the tunnel (a browser reports 1006).
+    Cut,
+}
+
+/// Reads `ws` until it ends, skipping data frames, within [`DEADLINE`]; how it ended.
+pub async fn ws_end(ws: &mut WsClient) -> WsEnd {
+    within("the WebSocket to end", async {
+        loop {
+            match ws.next().await {
+                None | Some(Err(_)) => return WsEnd::Cut,
+                Some(Ok(Message::Close(frame))) => {
+                    return WsEnd::Closed(frame.map_or(1005, |f| f.code.into()));
+                }
+                Some(Ok(_)) => continue,
+            }
+        }
+    })
+    .await
+}
 
 /// Opens `wss://localhost/path` through lb at `addr`.
 pub async fn ws_connect(pki: &Pki, addr: SocketAddr, path: &str) -> WsClient {

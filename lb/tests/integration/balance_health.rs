@@ -8,24 +8,21 @@
 //! costs no request: it is marked down after `fall` checks, comes back after `rise` once
 //! restarted, and `/metrics` counts exactly what the test did.
 
-mod support;
-
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
+use crate::support::{
+    Pki, TestBackend, TestConfig, https_get, start_lb, wait_until, within, ws_connect, ws_echo,
+};
 use arc_swap::ArcSwap;
 use futures_util::StreamExt;
 use lb::backends::balance::{Backend, Policy, Pool};
 use lb::backends::health::{self, HealthConfig};
 use lb::metrics::Metrics;
-use support::{
-    Pki, TestBackend, TestConfig, https_get, start_lb, wait_until, within, ws_connect, ws_echo,
-};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -72,21 +69,10 @@ impl Checks {
     }
 }
 
-/// `GET path` over a fresh plain-HTTP connection (the admin listener); status and body.
+/// `GET path` on the admin listener at `addr`: status and body.
 async fn admin_get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let mut stream = TcpStream::connect(addr).await.expect("connect to admin");
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    stream
-        .write_all(request.as_bytes())
-        .await
-        .expect("send request");
-    let mut response = String::new();
-    within("admin response", stream.read_to_string(&mut response))
-        .await
-        .expect("read response");
-    let (head, body) = response.split_once("\r\n\r\n").expect("a response head");
-    let status = head.split(' ').nth(1).and_then(|s| s.parse().ok());
-    (status.expect("a status code"), body.to_owned())
+    let response = testkit::http::http_get(addr, path).await.unwrap();
+    (response.status, response.text())
 }
 
 /// `/metrics` from the admin listener at `addr`, checked to be valid exposition text.
@@ -280,7 +266,7 @@ async fn weighted_round_robin_follows_the_weights() {
 }
 
 /// Closes a tunnel and waits for the close handshake to finish.
-async fn close(mut ws: support::WsClient) {
+async fn close(mut ws: crate::support::WsClient) {
     within("close a tunnel", ws.close(None))
         .await
         .expect("send close");
@@ -315,8 +301,9 @@ async fn least_connections_sends_new_tunnels_to_the_less_loaded_backend() {
     for _ in 0..4 {
         tunnels.push(open().await);
     }
-    let on =
-        |tunnels: &[(support::WsClient, usize)], i| tunnels.iter().filter(|t| t.1 == i).count();
+    let on = |tunnels: &[(crate::support::WsClient, usize)], i| {
+        tunnels.iter().filter(|t| t.1 == i).count()
+    };
     assert_eq!(
         (on(&tunnels, 0), on(&tunnels, 1)),
         (2, 2),

@@ -12,11 +12,9 @@
 //! one about half a minute. The scan stays offline: the target is an IP address, `--nodns none`
 //! makes no DNS lookups, and without `--phone-out` nothing fetches CRLs or OCSP.
 
-mod support;
-
 use std::time::Duration;
 
-use support::*;
+use crate::support::*;
 
 /// How long the scan may take before the test fails.
 const SCAN_LIMIT: Duration = Duration::from_secs(240);

@@ -3,14 +3,12 @@
 //! 503 when nothing is left, request-smuggling framing, head limits and timeouts, invalid
 //! WebSocket handshakes, the redirect listener and the connection limit.
 
-mod support;
-
 use std::sync::atomic::Ordering::Relaxed;
 
+use crate::support::*;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Request, StatusCode};
-use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Writes `request` on a fresh TLS connection and reads until the server closes it.
@@ -212,7 +210,7 @@ async fn ambiguous_framing_is_rejected_before_any_backend() {
         b"POST /bad-chunk HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n",
     )
     .await;
-    assert!(!response.starts_with("HTTP/1.1 200"), "{response}");
+    assert!(response.starts_with("HTTP/1.1 400"), "{response}");
     assert!(
         backend
             .requests()
@@ -377,13 +375,20 @@ async fn shutdown_finishes_in_flight_requests_and_stops_accepting() {
     let lb = start_lb(&TestConfig::new(&pki, &[&backend])).await;
     let addr = lb.addrs().https;
     let mut conn = HttpsConn::open(&pki, addr).await;
-    let in_flight = tokio::spawn(async move { conn.get("/slow?delay_ms=300").await });
+    let in_flight = tokio::spawn(async move { conn.get("/slow?hold=1").await });
     wait_until("the request reached the backend", || {
         !backend.requests().is_empty()
     })
     .await;
-    lb.shutdown().await;
-    let res = in_flight.await.unwrap();
+    // The answer is held until lb has stopped accepting: it is in flight during the shutdown.
+    let ((), res) = tokio::join!(lb.shutdown(), async {
+        wait_until("lb stops accepting", || {
+            std::net::TcpStream::connect(addr).is_err()
+        })
+        .await;
+        backend.release_held(1);
+        in_flight.await.unwrap()
+    });
     assert_eq!(res.status, StatusCode::OK);
     assert!(tokio::net::TcpStream::connect(addr).await.is_err());
 }

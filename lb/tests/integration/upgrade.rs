@@ -6,19 +6,15 @@
 //! the old process issued resumes on the new one. A handover that fails (a bad configuration;
 //! a missing handover socket) leaves the old process serving.
 // Test code: an unwrap that fails is a failing test, with its location.
-#![allow(clippy::unwrap_used)]
-
-mod support;
-
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 
-use support::*;
+use crate::support::*;
+use testkit::http::http_get;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpStream, UnixDatagram};
-use tokio::sync::mpsc;
+use tokio::net::UnixDatagram;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 
@@ -50,52 +46,17 @@ fn ready_pid(message: &str) -> u32 {
         .unwrap_or_else(|| panic!("no MAINPID in {message:?}"))
 }
 
-/// The lines lb (and, after an upgrade, its successor, which inherits the pipe) logs.
-fn log_lines(lb: &mut LbProcess) -> mpsc::UnboundedReceiver<String> {
-    let mut lines = lb.stderr_lines();
-    let (tx, rx) = mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        while let Ok(Some(line)) = lines.next_line().await {
-            if tx.send(line).is_err() {
-                // Keep reading so that no writer ever blocks on a full pipe.
-                continue;
-            }
-        }
-    });
-    rx
-}
-
-/// Reads log lines until one contains `text`; returns it.
-async fn wait_for_log(logs: &mut mpsc::UnboundedReceiver<String>, text: &str) -> String {
-    within(text, async {
-        loop {
-            match logs.recv().await {
-                Some(line) if line.contains(text) => return line,
-                Some(_) => continue,
-                None => panic!("lb's log ended before {text:?}"),
-            }
-        }
-    })
-    .await
-}
-
-/// `GET path` on the plain-HTTP listener at `addr`: the whole answer.
-async fn plain_get(addr: SocketAddr, path: &str) -> String {
-    within("plain HTTP GET", async {
-        let mut tcp = TcpStream::connect(addr).await.expect("connect");
-        let request =
-            format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
-        tcp.write_all(request.as_bytes()).await.expect("send");
-        let mut answer = Vec::new();
-        tcp.read_to_end(&mut answer).await.expect("read");
-        String::from_utf8_lossy(&answer).into_owned()
-    })
-    .await
+/// Waits for the first line lb (or its successor) logged that contains `text`; returns it.
+async fn wait_for_log(lb: &LbProcess, text: &str) -> String {
+    match lb.log.wait_for(text, DEADLINE).await {
+        Ok(line) => line,
+        Err(e) => panic!("{e:#}"),
+    }
 }
 
 /// The pid of the process answering on the admin listener.
 async fn admin_pid(admin: SocketAddr) -> u32 {
-    let answer = plain_get(admin, "/stats").await;
+    let answer = http_get(admin, "/stats").await.unwrap().text();
     let at = answer.find("\"pid\":").expect("pid in /stats") + "\"pid\":".len();
     answer[at..]
         .split(|c: char| !c.is_ascii_digit())
@@ -224,17 +185,17 @@ async fn start_notifying(path: &Path, dir: &Path, expect: usize) -> (LbProcess, 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigusr2_hands_the_listeners_over_without_a_failed_connect_and_tunnels_last_the_grace() {
+    const GRACE: std::time::Duration = std::time::Duration::from_secs(5);
     let pki = Pki::local();
     let backend = TestBackend::start("app1").await;
     let mut config = TestConfig::new(&pki, &[&backend]);
     config.admin = true;
     config.redirect = true;
-    config.timeouts = "upgrade_grace = \"5s\"\n".into();
+    config.timeouts = format!("upgrade_grace = \"{}s\"\n", GRACE.as_secs());
     let path = pki.dir.path().join("lb.toml");
     config.write(&path);
     let (mut old, notify, old_pid) = start_notifying(&path, pki.dir.path(), 3).await;
     let (https, redirect, admin) = (old.addr("https"), old.addr("redirect"), old.addr("admin"));
-    let mut logs = log_lines(&mut old);
     assert_eq!(admin_pid(admin).await, old_pid);
 
     // A session from the old process, and tunnels through it.
@@ -251,16 +212,17 @@ async fn sigusr2_hands_the_listeners_over_without_a_failed_connect_and_tunnels_l
     client.wait_for(10).await;
 
     old.signal("USR2");
+    let signalled = std::time::Instant::now();
     let new_pid = ready_pid(&next_notify(&notify).await);
     let successor = Successor(new_pid);
     assert_ne!(new_pid, old_pid);
-    let line = wait_for_log(&mut logs, "upgrade complete").await;
+    let line = wait_for_log(&old, "upgrade complete").await;
     assert!(line.contains(&format!("new_pid={new_pid}")), "{line}");
 
     // The old process accepts nothing now: every new connection is the new process's.
     client.wait_for(20).await;
     assert_eq!(admin_pid(admin).await, new_pid);
-    assert!(plain_get(redirect, "/x").await.starts_with("HTTP/1.1 301"));
+    assert_eq!(http_get(redirect, "/x").await.unwrap().status, 301);
     let resumed = handshake_kind_of_one_request(resuming, https).await;
     assert_eq!(resumed, Some(rustls::HandshakeKind::Resumed));
     for (i, ws) in tunnels.iter_mut().enumerate() {
@@ -281,17 +243,14 @@ async fn sigusr2_hands_the_listeners_over_without_a_failed_connect_and_tunnels_l
         .expect("wait for the old process");
     assert!(status.success(), "{status}");
     for ws in &mut tunnels {
-        let cut = within("the tunnel is cut", async {
-            loop {
-                match futures_util::StreamExt::next(ws).await {
-                    None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return true,
-                    Some(Ok(_)) => continue,
-                }
-            }
-        })
-        .await;
-        assert!(cut);
+        assert_eq!(ws_end(ws).await, WsEnd::Cut);
     }
+    // The grace is counted from the handover, which came after the signal.
+    let lasted = signalled.elapsed();
+    assert!(
+        lasted >= GRACE,
+        "tunnels cut after {lasted:?}, before the {GRACE:?} grace"
+    );
     wait_until("the backend saw the tunnels end", || backend.ws_open() == 0).await;
     let mut fresh = ws_connect(&pki, https, "/ws").await;
     ws_echo(&mut fresh, Message::text("through the new process")).await;
@@ -316,7 +275,6 @@ async fn a_failed_handover_leaves_the_old_process_serving() {
     config.write(&path);
     let (mut old, notify, old_pid) = start_notifying(&path, pki.dir.path(), 2).await;
     let (https, admin) = (old.addr("https"), old.addr("admin"));
-    let mut logs = log_lines(&mut old);
     let mut tunnel = ws_connect(&pki, https, "/ws").await;
 
     // The new binary finds its configuration invalid: it says why and exits 64.
@@ -324,9 +282,9 @@ async fn a_failed_handover_leaves_the_old_process_serving() {
     bad.policy = "random".into();
     bad.write(&path);
     old.signal("USR2");
-    let error = wait_for_log(&mut logs, "balance.policy").await;
+    let error = wait_for_log(&old, "balance.policy").await;
     assert!(error.contains(path.to_str().unwrap()), "{error}");
-    let failed = wait_for_log(&mut logs, "upgrade failed").await;
+    let failed = wait_for_log(&old, "upgrade failed").await;
     assert!(failed.contains("exit status: 64"), "{failed}");
     assert_eq!(admin_pid(admin).await, old_pid);
     assert_eq!(https_get(&pki, https, "/").await.status, 200);
@@ -363,7 +321,7 @@ async fn a_failed_handover_leaves_the_old_process_serving() {
     old.signal("USR2");
     let new_pid = ready_pid(&next_notify(&notify).await);
     let successor = Successor(new_pid);
-    wait_for_log(&mut logs, "upgrade complete").await;
+    wait_for_log(&old, "upgrade complete").await;
     assert_eq!(admin_pid(admin).await, new_pid);
     ws_echo(&mut tunnel, Message::text("still on the old process")).await;
     let status = within("the old process exits", old.child.wait())

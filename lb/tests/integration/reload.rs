@@ -3,12 +3,10 @@
 //! only, and an invalid configuration leaves the running one serving. The last test does it all
 //! with a real SIGHUP to the real binary.
 
-mod support;
-
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 
-use support::*;
+use crate::support::*;
 use tokio_tungstenite::tungstenite::Message;
 
 #[tokio::test]
@@ -130,23 +128,6 @@ async fn certificates_are_swapped_for_new_handshakes_only() {
     lb.shutdown().await;
 }
 
-/// Reads `lb`'s log lines until one contains `text`.
-async fn wait_for_log(
-    lines: &mut tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStderr>>,
-    text: &str,
-) {
-    within(text, async {
-        loop {
-            match lines.next_line().await {
-                Ok(Some(line)) if line.contains(text) => return,
-                Ok(Some(_)) => continue,
-                other => panic!("lb log ended before {text:?}: {other:?}"),
-            }
-        }
-    })
-    .await;
-}
-
 #[tokio::test]
 async fn sighup_reloads_the_real_binary_and_a_bad_file_is_rejected() {
     let pki = Pki::local();
@@ -156,14 +137,16 @@ async fn sighup_reloads_the_real_binary_and_a_bad_file_is_rejected() {
     TestConfig::new(&pki, &[&old]).write(&path);
     let mut lb = LbProcess::start(&["run", "--config", path.to_str().unwrap()], 1).await;
     let addr = lb.addr("https");
-    let mut logs = lb.stderr_lines();
     let mut tunnel = ws_connect(&pki, addr, "/ws").await;
     ws_echo(&mut tunnel, Message::text("before")).await;
     assert_eq!(https_get(&pki, addr, "/").await.backend(), Some("old"));
 
     TestConfig::new(&pki, &[&new]).write(&path);
     lb.signal("HUP");
-    wait_for_log(&mut logs, "configuration reloaded").await;
+    lb.log
+        .wait_for("configuration reloaded", DEADLINE)
+        .await
+        .unwrap();
     assert_eq!(https_get(&pki, addr, "/").await.backend(), Some("new"));
     ws_echo(&mut tunnel, Message::text("still open")).await;
 
@@ -171,7 +154,7 @@ async fn sighup_reloads_the_real_binary_and_a_bad_file_is_rejected() {
     bad.push_str("[balance]\npolicy = \"random\"\n");
     std::fs::write(&path, bad).unwrap();
     lb.signal("HUP");
-    wait_for_log(&mut logs, "reload rejected").await;
+    lb.log.wait_for("reload rejected", DEADLINE).await.unwrap();
     assert_eq!(https_get(&pki, addr, "/").await.backend(), Some("new"));
     ws_echo(&mut tunnel, Message::text("still open after a bad reload")).await;
 
