@@ -11,6 +11,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use confkit::Checker;
+pub use confkit::ConfigError;
 use serde::Deserialize;
 
 use crate::cluster::Seeds;
@@ -245,37 +247,6 @@ pub struct Limits {
     pub max_connections: usize,
 }
 
-/// A configuration that cannot be used, with the place, the key and the reason.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// The file could not be read.
-    #[error("could not read config file {path}: {error}")]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        error: std::io::Error,
-    },
-    /// The file is not valid TOML or has an unknown key or a value of the wrong type.
-    #[error("{origin}: {message}")]
-    Parse {
-        /// The file.
-        origin: String,
-        /// `line N `the line`: ` where the parser points, then its explanation, on one line.
-        message: String,
-    },
-    /// A value parsed but is not acceptable.
-    #[error("{origin}: key `{key}`: {reason}")]
-    Invalid {
-        /// The file, or the flag the value came from.
-        origin: String,
-        /// The key.
-        key: &'static str,
-        /// What is wrong and what is expected.
-        reason: String,
-    },
-}
-
 /// Where each value came from, so an error can point at the file or at the flag.
 struct Origin<'a> {
     file: &'a str,
@@ -283,21 +254,37 @@ struct Origin<'a> {
     listen_from_cli: bool,
 }
 
-impl Origin<'_> {
-    fn of(&self, key: &'static str) -> String {
-        match key {
-            "redis_url" if self.redis_from_cli => "--redis / REDIS_URL".to_owned(),
-            "listen" if self.listen_from_cli => "--listen".to_owned(),
-            _ => self.file.to_owned(),
-        }
+impl<'a> Origin<'a> {
+    /// The checks of `key`, naming the file or the flag it came from.
+    fn of(&self, key: &str) -> Checker<'a> {
+        Checker::new(match key {
+            "redis_url" if self.redis_from_cli => "--redis / REDIS_URL",
+            "listen" if self.listen_from_cli => "--listen",
+            _ => self.file,
+        })
     }
 
-    fn invalid(&self, key: &'static str, reason: impl Into<String>) -> ConfigError {
-        ConfigError::Invalid {
-            origin: self.of(key),
-            key,
-            reason: reason.into(),
-        }
+    fn invalid(&self, key: &str, reason: impl std::fmt::Display) -> ConfigError {
+        self.of(key).err(key, reason)
+    }
+
+    /// The value of a numeric key, or its default; below `min` is an error naming the key.
+    fn at_least<T>(&self, key: &str, value: Option<T>, default: T, min: T) -> Result<T, ConfigError>
+    where
+        T: PartialOrd + std::fmt::Display + Copy,
+    {
+        self.of(key).at_least(key, value, default, min)
+    }
+
+    /// The value of a duration key, or its default; below `min` is an error naming the key.
+    fn duration_at_least(
+        &self,
+        key: &str,
+        value: Option<Duration>,
+        default: Duration,
+        min: Duration,
+    ) -> Result<Duration, ConfigError> {
+        self.of(key).duration_at_least(key, value, default, min)
     }
 }
 
@@ -305,10 +292,7 @@ impl Origin<'_> {
 pub fn load(path: Option<&Path>, overrides: Overrides) -> Result<Config, ConfigError> {
     let (raw, origin) = match path {
         Some(path) => {
-            let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
-                path: path.to_owned(),
-                error,
-            })?;
+            let text = confkit::read(path)?;
             let origin = path.display().to_string();
             (RawConfig::parse(&text, &origin)?, origin)
         }
@@ -327,10 +311,7 @@ impl Config {
 impl RawConfig {
     /// Parses TOML text; errors carry the line the parser points at, quoted.
     pub fn parse(text: &str, origin: &str) -> Result<RawConfig, ConfigError> {
-        toml::from_str(text).map_err(|e| ConfigError::Parse {
-            origin: origin.to_owned(),
-            message: parse_message(text, &e),
-        })
+        confkit::parse(text, origin)
     }
 
     /// Validates the keys as written; `origin` names the file in errors.
@@ -353,66 +334,50 @@ impl RawConfig {
             Some(addr) => addr,
             None => {
                 let text = self.listen.as_deref().unwrap_or(DEFAULT_LISTEN);
-                text.parse().map_err(|e| {
-                    origin.invalid(
-                        "listen",
-                        format!("`{text}` is not an ip:port address ({e}), e.g. \"0.0.0.0:80\""),
-                    )
-                })?
+                origin.of("listen").addr("listen", text)?
             }
         };
 
         let limits = Limits {
-            max_frame_bytes: at_least(
-                &origin,
+            max_frame_bytes: origin.at_least(
                 "max_frame_bytes",
                 self.max_frame_bytes,
                 DEFAULT_MAX_FRAME_BYTES,
                 64,
             )?,
-            max_name_chars: at_least(
-                &origin,
+            max_name_chars: origin.at_least(
                 "max_name_chars",
                 self.max_name_chars,
                 DEFAULT_MAX_NAME_CHARS,
                 1,
             )?,
-            max_content_chars: at_least(
-                &origin,
+            max_content_chars: origin.at_least(
                 "max_content_chars",
                 self.max_content_chars,
                 DEFAULT_MAX_CONTENT_CHARS,
                 1,
             )?,
-            messages_per_second: at_least(
-                &origin,
+            messages_per_second: origin.at_least(
                 "messages_per_second",
                 self.messages_per_second,
                 DEFAULT_MESSAGES_PER_SECOND,
                 1,
             )?,
-            messages_burst: at_least(
-                &origin,
+            messages_burst: origin.at_least(
                 "messages_burst",
                 self.messages_burst,
                 DEFAULT_MESSAGES_BURST,
                 1,
             )?,
-            max_connections: at_least(
-                &origin,
+            max_connections: origin.at_least(
                 "max_connections",
                 self.max_connections,
                 DEFAULT_MAX_CONNECTIONS,
                 1,
             )?,
         };
-        let client_queue = at_least(
-            &origin,
-            "client_queue",
-            self.client_queue,
-            DEFAULT_CLIENT_QUEUE,
-            1,
-        )?;
+        let client_queue =
+            origin.at_least("client_queue", self.client_queue, DEFAULT_CLIENT_QUEUE, 1)?;
 
         let allowed_origins = self
             .allowed_origins
@@ -446,22 +411,19 @@ impl RawConfig {
             allowed_origins,
             client_queue,
             shutdown_grace: self.shutdown_grace.unwrap_or(DEFAULT_SHUTDOWN_GRACE),
-            ping_interval: at_least(
-                &origin,
+            ping_interval: origin.duration_at_least(
                 "ping_interval",
-                self.ping_interval.map(Seconds),
-                Seconds(DEFAULT_PING_INTERVAL),
-                Seconds(MIN_PING_INTERVAL),
-            )?
-            .0,
+                self.ping_interval,
+                DEFAULT_PING_INTERVAL,
+                MIN_PING_INTERVAL,
+            )?,
             history,
             rooms,
         })
     }
 
     fn history(&self, origin: &Origin<'_>) -> Result<HistoryConfig, ConfigError> {
-        let messages = at_least(
-            origin,
+        let messages = origin.at_least(
             "history_messages",
             self.history_messages,
             DEFAULT_HISTORY_MESSAGES,
@@ -474,22 +436,18 @@ impl RawConfig {
             ));
         }
         let second = Duration::from_secs(1);
-        let max_age = at_least(
-            origin,
+        let max_age = origin.duration_at_least(
             "history_age",
-            self.history_age.map(Seconds),
-            Seconds(DEFAULT_HISTORY_AGE),
-            Seconds(second),
-        )?
-        .0;
-        let dedupe_window = at_least(
-            origin,
+            self.history_age,
+            DEFAULT_HISTORY_AGE,
+            second,
+        )?;
+        let dedupe_window = origin.duration_at_least(
             "dedupe_window",
-            self.dedupe_window.map(Seconds),
-            Seconds(DEFAULT_DEDUPE_WINDOW),
-            Seconds(second),
-        )?
-        .0;
+            self.dedupe_window,
+            DEFAULT_DEDUPE_WINDOW,
+            second,
+        )?;
         Ok(HistoryConfig {
             messages,
             max_age,
@@ -541,8 +499,8 @@ impl RawConfig {
                 "redis_reconnect_max",
                 format!(
                     "{} is less than redis_reconnect_min ({})",
-                    humantime_serde::re::humantime::format_duration(reconnect_max),
-                    humantime_serde::re::humantime::format_duration(reconnect_min)
+                    confkit::show(reconnect_max),
+                    confkit::show(reconnect_min)
                 ),
             ));
         }
@@ -662,65 +620,16 @@ fn read_ca(
     })
 }
 
-/// The parser's explanation of `e`, after `line N `the line`: ` when it points at a place.
-/// The line is trimmed and cut to 80 characters; inside a multi-line value (an array) it is
-/// the element at fault, which no key name would describe.
-fn parse_message(text: &str, e: &toml::de::Error) -> String {
-    let message = e.message().trim().replace('\n', " ");
-    let Some(before) = e.span().and_then(|span| text.get(..span.start)) else {
-        return message;
-    };
-    let number = before.matches('\n').count() + 1;
-    let start = before.rfind('\n').map_or(0, |i| i + 1);
-    let line: String = text
-        .get(start..)
-        .and_then(|rest| rest.lines().next())
-        .unwrap_or("")
-        .trim()
-        .chars()
-        .take(80)
-        .collect();
-    format!("line {number} `{line}`: {message}")
-}
-
 /// Most messages a channel's history may keep: a resuming client is sent all it missed at once.
 pub const MAX_HISTORY_MESSAGES: usize = 1_000_000;
-
-/// A duration that prints the way it is written in the file ("1s", "10m"), for errors.
-#[derive(Debug, Clone, Copy, PartialEq, PartialOrd)]
-struct Seconds(Duration);
-
-impl std::fmt::Display for Seconds {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        humantime_serde::re::humantime::format_duration(self.0).fmt(f)
-    }
-}
-
-/// The value of a numeric key, or its default; below `min` is an error naming the key.
-fn at_least<T>(
-    origin: &Origin<'_>,
-    key: &'static str,
-    value: Option<T>,
-    default: T,
-    min: T,
-) -> Result<T, ConfigError>
-where
-    T: PartialOrd + std::fmt::Display + Copy,
-{
-    let value = value.unwrap_or(default);
-    if value < min {
-        return Err(origin.invalid(key, format!("{value} is too small; the minimum is {min}")));
-    }
-    Ok(value)
-}
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn invalid_key(result: Result<Config, ConfigError>) -> (String, &'static str) {
+    fn invalid_key(result: Result<Config, ConfigError>) -> (String, String) {
         match result {
-            Err(ConfigError::Invalid { origin, key, .. }) => (origin, key),
+            Err(ConfigError::Invalid { file, key, .. }) => (file, key),
             other => panic!("expected an Invalid error, got {other:?}"),
         }
     }
@@ -742,7 +651,7 @@ mod tests {
         let err = Config::from_toml("ping_interval = \"50ms\"\n", "a.toml").unwrap_err();
         assert_eq!(
             err.to_string(),
-            "a.toml: key `ping_interval`: 50ms is too small; the minimum is 100ms"
+            "a.toml: ping_interval: 50ms is too small; the minimum is 100ms"
         );
         let config = Config::from_toml("ping_interval = \"2s\"\n", "a.toml").unwrap();
         assert_eq!(config.ping_interval, Duration::from_secs(2));
@@ -908,7 +817,11 @@ mod tests {
         ];
         for (text, expected) in cases {
             let (origin, key) = invalid_key(Config::from_toml(text, "app.toml"));
-            assert_eq!((origin.as_str(), key), ("app.toml", expected), "{text}");
+            assert_eq!(
+                (origin.as_str(), key.as_str()),
+                ("app.toml", expected),
+                "{text}"
+            );
         }
     }
 
@@ -935,7 +848,10 @@ mod tests {
                 redis_url: Some("nonsense".to_owned()),
             },
         ));
-        assert_eq!((origin.as_str(), key), ("--redis / REDIS_URL", "redis_url"));
+        assert_eq!(
+            (origin.as_str(), key.as_str()),
+            ("--redis / REDIS_URL", "redis_url")
+        );
     }
 
     #[test]
@@ -980,12 +896,12 @@ mod tests {
             ("dedupe_window = \"0s\"", "dedupe_window"),
         ] {
             let (origin, bad) = invalid_key(Config::from_toml(text, "app.toml"));
-            assert_eq!((origin.as_str(), bad), ("app.toml", key), "{text}");
+            assert_eq!((origin.as_str(), bad.as_str()), ("app.toml", key), "{text}");
         }
         let err = Config::from_toml("history_age = \"10ms\"", "app.toml").unwrap_err();
         assert_eq!(
             err.to_string(),
-            "app.toml: key `history_age`: 10ms is too small; the minimum is 1s"
+            "app.toml: history_age: 10ms is too small; the minimum is 1s"
         );
     }
 

@@ -12,6 +12,8 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::Path;
 use std::time::Duration;
 
+use confkit::Checker;
+
 use super::raw::{
     RawBackend, RawCertificate, RawConfig, RawHealth, RawLimits, RawTimeouts, RawTls,
 };
@@ -31,7 +33,9 @@ impl RawConfig {
     /// Checks every key and produces the typed configuration; `file` names it in errors and
     /// relative certificate paths are taken from `base`.
     pub(super) fn validate(self, file: &str, base: &Path) -> Result<Config, ConfigError> {
-        let v = Validator { file };
+        let v = Validator {
+            check: Checker::new(file),
+        };
         let listen = self.listen.unwrap_or_default();
         let https = v.addr(
             "listen.https",
@@ -129,26 +133,19 @@ impl RawConfig {
     }
 }
 
-/// Per-key checks, each producing a [`ConfigError::Invalid`] that names `file` and the key.
+/// Per-key checks, each producing a [`ConfigError::Invalid`] that names `file` and the key:
+/// the shared ones of [`Checker`], and lb's own.
 struct Validator<'a> {
-    file: &'a str,
+    check: Checker<'a>,
 }
 
 impl Validator<'_> {
     fn err(&self, key: impl Into<String>, reason: impl fmt::Display) -> ConfigError {
-        ConfigError::invalid(self.file, key, reason)
+        self.check.err(key, reason)
     }
 
     fn addr(&self, key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
-        value.parse().map_err(|_| {
-            self.err(
-                key,
-                format!(
-                    "{value:?} is not an IP:port address (examples: \"0.0.0.0:443\", \
-                     \"127.0.0.1:8443\", \"[::]:443\")"
-                ),
-            )
-        })
+        self.check.addr(key, value)
     }
 
     /// An address, or `off` for none.
@@ -310,7 +307,7 @@ impl Validator<'_> {
                 key,
                 format!(
                     "{} is longer than 7 days, the longest a TLS 1.3 ticket may live",
-                    humantime::format_duration(ticket_rotation)
+                    confkit::show(ticket_rotation)
                 ),
             ));
         }
@@ -361,17 +358,7 @@ impl Validator<'_> {
         value: Option<String>,
         default: Duration,
     ) -> Result<Duration, ConfigError> {
-        let Some(text) = value else {
-            return Ok(default);
-        };
-        match humantime::parse_duration(&text) {
-            Ok(d) if d.is_zero() => Err(self.err(key, "must be greater than zero")),
-            Ok(d) => Ok(d),
-            Err(e) => Err(self.err(
-                key,
-                format!("{text:?} is not a duration ({e}); examples: \"500ms\", \"2s\", \"1h\""),
-            )),
-        }
+        self.check.duration(key, value.as_deref(), default)
     }
 
     /// An integer within `min..=max`.
@@ -383,11 +370,7 @@ impl Validator<'_> {
         min: u32,
         max: u32,
     ) -> Result<u32, ConfigError> {
-        match value {
-            None => Ok(default),
-            Some(n) if (i64::from(min)..=i64::from(max)).contains(&n) => Ok(n as u32),
-            Some(n) => Err(self.err(key, format!("{n} is out of range {min}..={max}"))),
-        }
+        self.check.count(key, value, default, min, max)
     }
 }
 
