@@ -1,29 +1,36 @@
 //! The in-process history, for a single instance without Redis: the same semantics as the
-//! Redis Stream (`stream`) from a ring buffer.
+//! Redis Stream (`redis_stream`) from a ring buffer.
 //!
 //! [`Ring::publish`] gives a message the next id (`<ms>-<seq>` from this process' clock, never
 //! going backwards), appends it, trims by count and age, remembers its `cid` for the dedupe
-//! window, and returns the text to hand to the fan-out. [`Ring::read`] answers a resume. The
-//! epoch is new at every start of the process: its history starts empty.
+//! window, and hands it to the room's [`Outlet`]. [`Ring::read`] answers a resume. The epoch is
+//! new at every start of the process: its history starts empty.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use axum::extract::ws::Utf8Bytes;
 
-use crate::config::HistoryConfig;
-use crate::fanout::Delivery;
-use crate::history::{Published, Snapshot};
+use super::{Delivery, HistoryConfig, Outlet, Published, Snapshot};
 use crate::position::{MessageId, Position, new_epoch};
 use crate::protocol;
 
-/// The history of this process' one channel.
-#[derive(Debug)]
+/// The history of one room of this process.
 pub struct Ring {
     epoch: String,
     config: HistoryConfig,
     state: Mutex<State>,
+    /// Where each new message goes: the room's members.
+    outlet: Arc<dyn Outlet>,
+}
+
+impl std::fmt::Debug for Ring {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ring")
+            .field("epoch", &self.epoch)
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug, Default)]
@@ -45,19 +52,24 @@ struct Entry {
 }
 
 impl Ring {
-    /// An empty history with a new epoch.
-    pub fn new(config: HistoryConfig) -> Ring {
+    /// An empty history with a new epoch, handing its messages to `outlet`.
+    pub fn new(config: HistoryConfig, outlet: Arc<dyn Outlet>) -> Ring {
         Ring {
             epoch: new_epoch(),
             config,
             state: Mutex::new(State::default()),
+            outlet,
         }
     }
 
-    /// Adds `body` (a serialised chat message) unless `cid` was published within the dedupe
-    /// window; returns where it is and, when new, the delivery for the fan-out.
-    pub fn publish(&self, body: &str, cid: Option<&str>) -> (Published, Option<Delivery>) {
-        self.publish_at(body, cid, Instant::now(), unix_ms())
+    /// Adds `body` (a serialised chat message) and hands it to the outlet, unless `cid` was
+    /// published within the dedupe window; returns where it is.
+    pub fn publish(&self, body: &str, cid: Option<&str>) -> Published {
+        let (published, delivery) = self.publish_at(body, cid, Instant::now(), unix_ms());
+        if let Some(delivery) = delivery {
+            self.outlet.deliver(delivery, Some(&self.epoch));
+        }
+        published
     }
 
     fn publish_at(
@@ -161,14 +173,30 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::history::{TRIMMED, resume};
+    use crate::history::resume::{TRIMMED, resume};
 
-    fn ring(messages: usize, age_s: u64) -> Ring {
-        Ring::new(HistoryConfig {
+    /// An outlet that keeps what it is handed.
+    #[derive(Default)]
+    struct Kept(Mutex<Vec<(Delivery, Option<String>)>>);
+
+    impl Outlet for Kept {
+        fn deliver(&self, message: Delivery, epoch: Option<&str>) {
+            let mut kept = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+            kept.push((message, epoch.map(str::to_owned)));
+        }
+    }
+
+    fn ring_into(messages: usize, age_s: u64, outlet: Arc<Kept>) -> Ring {
+        let config = HistoryConfig {
             messages,
             max_age: Duration::from_secs(age_s),
             dedupe_window: Duration::from_secs(60),
-        })
+        };
+        Ring::new(config, outlet)
+    }
+
+    fn ring(messages: usize, age_s: u64) -> Ring {
+        ring_into(messages, age_s, Arc::default())
     }
 
     #[test]
@@ -185,14 +213,22 @@ mod tests {
 
     #[test]
     fn a_repeated_cid_is_published_once_with_the_first_id() {
-        let ring = ring(10, 60);
-        let (first, delivery) = ring.publish(r#"{"content":"x"}"#, Some("c1"));
+        let outlet = Arc::new(Kept::default());
+        let ring = ring_into(10, 60, Arc::clone(&outlet));
+        let first = ring.publish(r#"{"content":"x"}"#, Some("c1"));
         assert!(!first.duplicate);
-        let text = delivery.unwrap().text;
-        assert!(text.as_str().contains(&format!("\"id\":\"{}\"", first.id)));
-        let (again, none) = ring.publish(r#"{"content":"x"}"#, Some("c1"));
-        assert!(again.duplicate && none.is_none());
+        let again = ring.publish(r#"{"content":"x"}"#, Some("c1"));
+        assert!(again.duplicate);
         assert_eq!(again.id, first.id);
+        {
+            let kept = outlet.0.lock().unwrap();
+            assert_eq!(kept.len(), 1, "handed on once");
+            let (delivery, epoch) = &kept[0];
+            assert_eq!(delivery.id, Some(first.id));
+            assert_eq!(epoch.as_deref(), Some(first.epoch.as_str()));
+            let text = delivery.text.as_str();
+            assert!(text.contains(&format!("\"id\":\"{}\"", first.id)), "{text}");
+        }
         assert_eq!(ring.read(None).last_added, first.id);
         // Past the window the cid is forgotten.
         let later = Instant::now() + Duration::from_secs(61);
@@ -203,7 +239,7 @@ mod tests {
     #[test]
     fn a_resume_gets_what_came_after_and_trimming_is_detected() {
         let ring = ring(3, 60);
-        let ids: Vec<MessageId> = (0..5).map(|_| ring.publish("{}", None).0.id).collect();
+        let ids: Vec<MessageId> = (0..5).map(|_| ring.publish("{}", None).id).collect();
         let epoch = ring.read(None).epoch;
         let from = Position {
             epoch: epoch.clone(),
