@@ -65,20 +65,10 @@ impl Ring {
     /// Adds `body` (a serialised chat message) and hands it to the outlet, unless `cid` was
     /// published within the dedupe window; returns where it is.
     pub fn publish(&self, body: &str, cid: Option<&str>) -> Published {
-        let (published, delivery) = self.publish_at(body, cid, Instant::now(), unix_ms());
-        if let Some(delivery) = delivery {
-            self.outlet.deliver(delivery, Some(&self.epoch));
-        }
-        published
+        self.publish_at(body, cid, Instant::now(), unix_ms())
     }
 
-    fn publish_at(
-        &self,
-        body: &str,
-        cid: Option<&str>,
-        now: Instant,
-        now_ms: u64,
-    ) -> (Published, Option<Delivery>) {
+    fn publish_at(&self, body: &str, cid: Option<&str>, now: Instant, now_ms: u64) -> Published {
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         while let Some((until, _)) = state.expiry.front() {
             if *until > now {
@@ -94,7 +84,7 @@ impl Ring {
                 epoch: self.epoch.clone(),
                 duplicate: true,
             };
-            return (published, None);
+            return published;
         }
         let last = state.last_added;
         let id = if now_ms > last.ms {
@@ -120,12 +110,14 @@ impl Ring {
             state.expiry.push_back((until, cid.to_owned()));
         }
         self.trim(&mut state, now);
-        let published = Published {
+        // Handed on under the lock: the outlet sees ids in the order they were given, as the
+        // Redis channel's order is the Stream's (it skips an id older than one it has seen).
+        self.outlet.deliver(delivery, Some(&self.epoch));
+        Published {
             id,
             epoch: self.epoch.clone(),
             duplicate: false,
-        };
-        (published, Some(delivery))
+        }
     }
 
     fn trim(&self, state: &mut State, now: Instant) {
@@ -203,10 +195,10 @@ mod tests {
     fn ids_grow_within_a_millisecond_and_never_go_back() {
         let ring = ring(10, 60);
         let now = Instant::now();
-        let a = ring.publish_at("{}", None, now, 100).0.id;
-        let b = ring.publish_at("{}", None, now, 100).0.id;
-        let c = ring.publish_at("{}", None, now, 99).0.id;
-        let d = ring.publish_at("{}", None, now, 101).0.id;
+        let a = ring.publish_at("{}", None, now, 100).id;
+        let b = ring.publish_at("{}", None, now, 100).id;
+        let c = ring.publish_at("{}", None, now, 99).id;
+        let d = ring.publish_at("{}", None, now, 101).id;
         assert_eq!(a, MessageId { ms: 100, seq: 0 });
         assert!(a < b && b < c && c < d, "{a} {b} {c} {d}");
     }
@@ -232,7 +224,7 @@ mod tests {
         assert_eq!(ring.read(None).last_added, first.id);
         // Past the window the cid is forgotten.
         let later = Instant::now() + Duration::from_secs(61);
-        let (third, _) = ring.publish_at("{}", Some("c1"), later, unix_ms());
+        let third = ring.publish_at("{}", Some("c1"), later, unix_ms());
         assert!(!third.duplicate);
     }
 
@@ -264,7 +256,7 @@ mod tests {
     fn old_messages_leave_by_age() {
         let ring = ring(100, 1);
         let start = Instant::now();
-        let first = ring.publish_at("{}", None, start, 1).0.id;
+        let first = ring.publish_at("{}", None, start, 1).id;
         ring.publish_at("{}", None, start + Duration::from_secs(2), 2);
         let snapshot = ring.read(None);
         assert_eq!(snapshot.max_trimmed, first);

@@ -52,6 +52,27 @@ pub(super) async fn serve<S>(
 ) where
     S: Stream<Item = Result<Message, axum::Error>> + Sink<Message, Error = axum::Error> + Unpin,
 {
+    let end = run(&mut socket, &state, &membership, &mut member, resuming).await;
+    finish(
+        &mut socket,
+        end,
+        state.close_all().is_cancelled(),
+        member.evicted.get().copied(),
+    )
+    .await;
+}
+
+/// Serves the connection until it has to end; says why.
+async fn run<S>(
+    socket: &mut S,
+    state: &AppState,
+    membership: &Membership,
+    member: &mut Member,
+    resuming: Resuming,
+) -> End
+where
+    S: Stream<Item = Result<Message, axum::Error>> + Sink<Message, Error = axum::Error> + Unpin,
+{
     let limits = &state.config().limits;
     let room = Arc::clone(membership.room());
     // The member joined before the history is read: whatever is published from then on is
@@ -67,34 +88,16 @@ pub(super) async fn serve<S>(
             () = stop.cancelled() => false,
         };
         if !ready {
-            let end = if stop.is_cancelled() {
-                End::Stopped
-            } else {
-                tracing::info!(timeout = ?ROOM_READY_TIMEOUT, "the room was not subscribed in time");
-                End::RoomUnavailable
-            };
-            finish(
-                &mut socket,
-                end,
-                state.close_all().is_cancelled(),
-                member.evicted.get().copied(),
-            )
-            .await;
-            return;
+            if stop.is_cancelled() {
+                return End::Stopped;
+            }
+            tracing::info!(timeout = ?ROOM_READY_TIMEOUT, "the room was not subscribed in time");
+            return End::RoomUnavailable;
         }
     }
-    let skip_through = match resume(&mut socket, &room, resuming, &stop).await {
+    let skip_through = match resume(socket, &room, resuming, &stop).await {
         Ok(skip_through) => skip_through,
-        Err(end) => {
-            finish(
-                &mut socket,
-                end,
-                state.close_all().is_cancelled(),
-                member.evicted.get().copied(),
-            )
-            .await;
-            return;
-        }
+        Err(end) => return end,
     };
     let bucket = TokenBucket::new(limits.messages_per_second, limits.messages_burst);
     tracing::debug!(clients = room.fanout().len(), "WebSocket open");
@@ -105,24 +108,24 @@ pub(super) async fn serve<S>(
     pings.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut heard = true;
 
-    let end = loop {
+    loop {
         // In this order: stop, then the client's queue, then its next frame. Writing before
         // reading keeps a client that sends fast from filling (and overflowing) its own queue.
         tokio::select! {
             biased;
-            () = stop.cancelled() => break End::Stopped,
+            () = stop.cancelled() => return End::Stopped,
             queued = member.rx.recv() => {
-                let Some(first) = queued else { break End::Stopped };
+                let Some(first) = queued else { return End::Stopped };
                 let fresh = |d: &Delivery| skip_through.is_none_or(|s| d.id.is_none_or(|id| id > s));
-                if let Err(end) = write_queued(&mut socket, first, &mut member.rx, fresh, &stop).await {
-                    break end;
+                if let Err(end) = write_queued(socket, first, &mut member.rx, fresh, &stop).await {
+                    return end;
                 }
             }
             frame = socket.next() => {
                 heard = true;
                 let reply = match frame {
-                    None => break End::Gone,
-                    Some(Err(e)) => break refusal(e, limits.max_frame_bytes),
+                    None => return End::Gone,
+                    Some(Err(e)) => return refusal(e, limits.max_frame_bytes),
                     // An empty text frame is a client's heartbeat: it proves its path works
                     // (sending it is how a client finds out that its path is gone) and needs
                     // no answer. It spends from the rate limit like any frame, silently.
@@ -131,12 +134,12 @@ pub(super) async fn serve<S>(
                         None
                     }
                     Some(Ok(Message::Text(text))) if !bucket.allow() => {
-                        Some(rate_limited(&state, &text))
+                        Some(rate_limited(state, &text))
                     }
                     Some(Ok(Message::Binary(_))) if !bucket.allow() => {
-                        Some(rate_limited(&state, ""))
+                        Some(rate_limited(state, ""))
                     }
-                    Some(Ok(Message::Text(text))) => accept(&text, &state, &room, &stop).await,
+                    Some(Ok(Message::Text(text))) => accept(&text, state, &room, &stop).await,
                     Some(Ok(Message::Binary(_))) => {
                         Some(protocol::error_json(&InputError::Binary.to_string(), None, false))
                     }
@@ -145,30 +148,23 @@ pub(super) async fn serve<S>(
                     Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Close(_))) => None,
                 };
                 if let Some(reply) = reply {
-                    if let Err(end) = send(&mut socket, Message::Text(reply.into()), &stop).await {
-                        break end;
+                    if let Err(end) = send(socket, Message::Text(reply.into()), &stop).await {
+                        return end;
                     }
                 }
             }
             _ = pings.tick() => {
                 if !heard {
                     tracing::info!(?interval, "letting go of a client that did not answer a ping");
-                    break End::Gone;
+                    return End::Gone;
                 }
                 heard = false;
-                if let Err(end) = send(&mut socket, Message::Ping(Default::default()), &stop).await {
-                    break end;
+                if let Err(end) = send(socket, Message::Ping(Default::default()), &stop).await {
+                    return end;
                 }
             }
         }
-    };
-    finish(
-        &mut socket,
-        end,
-        state.close_all().is_cancelled(),
-        member.evicted.get().copied(),
-    )
-    .await;
+    }
 }
 
 /// For a client that asked to resume: the notice and the missed messages of its room. Returns

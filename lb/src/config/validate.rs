@@ -10,7 +10,6 @@
 use std::fmt;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::Path;
-use std::time::Duration;
 
 use confkit::Checker;
 
@@ -239,10 +238,14 @@ impl Validator<'_> {
                 ));
             }
         };
-        let interval = self.duration("health.interval", h.interval, d.interval)?;
-        let timeout = self.duration("health.timeout", h.timeout, d.timeout)?;
-        let rise = self.count("health.rise", h.rise, d.rise, 1, 1000)?;
-        let fall = self.count("health.fall", h.fall, d.fall, 1, 1000)?;
+        let interval = self
+            .check
+            .duration("health.interval", h.interval.as_deref(), d.interval)?;
+        let timeout = self
+            .check
+            .duration("health.timeout", h.timeout.as_deref(), d.timeout)?;
+        let rise = self.check.count("health.rise", h.rise, d.rise, 1, 1000)?;
+        let fall = self.check.count("health.fall", h.fall, d.fall, 1, 1000)?;
         Ok(HealthConfig {
             enabled: h.enabled.unwrap_or(d.enabled),
             path,
@@ -256,44 +259,44 @@ impl Validator<'_> {
 
     fn timeouts(&self, t: RawTimeouts) -> Result<Timeouts, ConfigError> {
         Ok(Timeouts {
-            client_header: self.duration(
+            client_header: self.check.duration(
                 "timeouts.client_header",
-                t.client_header,
+                t.client_header.as_deref(),
                 DEFAULT_CLIENT_HEADER_TIMEOUT,
             )?,
-            tls_handshake: self.duration(
+            tls_handshake: self.check.duration(
                 "timeouts.tls_handshake",
-                t.tls_handshake,
+                t.tls_handshake.as_deref(),
                 DEFAULT_TLS_HANDSHAKE_TIMEOUT,
             )?,
-            backend_connect: self.duration(
+            backend_connect: self.check.duration(
                 "timeouts.backend_connect",
-                t.backend_connect,
+                t.backend_connect.as_deref(),
                 DEFAULT_BACKEND_CONNECT_TIMEOUT,
             )?,
-            backend_response: self.duration(
+            backend_response: self.check.duration(
                 "timeouts.backend_response",
-                t.backend_response,
+                t.backend_response.as_deref(),
                 DEFAULT_BACKEND_RESPONSE_TIMEOUT,
             )?,
-            backend_idle: self.duration(
+            backend_idle: self.check.duration(
                 "timeouts.backend_idle",
-                t.backend_idle,
+                t.backend_idle.as_deref(),
                 DEFAULT_BACKEND_IDLE_TIMEOUT,
             )?,
-            tunnel_idle: self.duration(
+            tunnel_idle: self.check.duration(
                 "timeouts.tunnel_idle",
-                t.tunnel_idle,
+                t.tunnel_idle.as_deref(),
                 DEFAULT_TUNNEL_IDLE_TIMEOUT,
             )?,
-            drain_grace: self.duration(
+            drain_grace: self.check.duration(
                 "timeouts.drain_grace",
-                t.drain_grace,
+                t.drain_grace.as_deref(),
                 DEFAULT_DRAIN_GRACE,
             )?,
-            upgrade_grace: self.duration(
+            upgrade_grace: self.check.duration(
                 "timeouts.upgrade_grace",
-                t.upgrade_grace,
+                t.upgrade_grace.as_deref(),
                 DEFAULT_UPGRADE_GRACE,
             )?,
         })
@@ -301,7 +304,9 @@ impl Validator<'_> {
 
     fn tls(&self, t: RawTls) -> Result<TlsSettings, ConfigError> {
         let key = "tls.ticket_rotation";
-        let ticket_rotation = self.duration(key, t.ticket_rotation, DEFAULT_TICKET_ROTATION)?;
+        let ticket_rotation =
+            self.check
+                .duration(key, t.ticket_rotation.as_deref(), DEFAULT_TICKET_ROTATION)?;
         if ticket_rotation > MAX_TICKET_ROTATION {
             return Err(self.err(
                 key,
@@ -315,14 +320,14 @@ impl Validator<'_> {
     }
 
     fn limits(&self, l: RawLimits) -> Result<Limits, ConfigError> {
-        let max_header_bytes = self.count(
+        let max_header_bytes = self.check.count(
             "limits.max_header_bytes",
             l.max_header_bytes,
             DEFAULT_MAX_HEADER_BYTES as u32,
             MIN_MAX_HEADER_BYTES as u32,
             1024 * 1024,
         )? as usize;
-        let max_uri_bytes = self.count(
+        let max_uri_bytes = self.check.count(
             "limits.max_uri_bytes",
             l.max_uri_bytes,
             DEFAULT_MAX_URI_BYTES as u32,
@@ -332,11 +337,12 @@ impl Validator<'_> {
         let max_client_connections = l
             .max_client_connections
             .map(|n| {
-                self.count("limits.max_client_connections", Some(n), 0, 1, 10_000_000)
+                self.check
+                    .count("limits.max_client_connections", Some(n), 0, 1, 10_000_000)
                     .map(|n| n as usize)
             })
             .transpose()?;
-        let backend_idle_connections = self.count(
+        let backend_idle_connections = self.check.count(
             "limits.backend_idle_connections",
             l.backend_idle_connections,
             DEFAULT_BACKEND_IDLE_CONNECTIONS as u32,
@@ -349,28 +355,6 @@ impl Validator<'_> {
             max_client_connections,
             backend_idle_connections,
         })
-    }
-
-    /// A humantime duration (`"2s"`, `"1h 30m"`, `"500ms"`), non-zero.
-    fn duration(
-        &self,
-        key: &str,
-        value: Option<String>,
-        default: Duration,
-    ) -> Result<Duration, ConfigError> {
-        self.check.duration(key, value.as_deref(), default)
-    }
-
-    /// An integer within `min..=max`.
-    fn count(
-        &self,
-        key: &str,
-        value: Option<i64>,
-        default: u32,
-        min: u32,
-        max: u32,
-    ) -> Result<u32, ConfigError> {
-        self.check.count(key, value, default, min, max)
     }
 }
 
