@@ -229,6 +229,29 @@ mod tests {
     }
 
     #[test]
+    fn concurrent_senders_reach_the_outlet_in_id_order() {
+        let outlet = Arc::new(Kept::default());
+        let ring = Arc::new(ring_into(1000, 60, Arc::clone(&outlet)));
+        let senders: Vec<_> = (0..4)
+            .map(|_| {
+                let ring = Arc::clone(&ring);
+                std::thread::spawn(move || {
+                    for _ in 0..100 {
+                        ring.publish("{}", None);
+                    }
+                })
+            })
+            .collect();
+        for sender in senders {
+            sender.join().unwrap();
+        }
+        let kept = outlet.0.lock().unwrap();
+        let ids: Vec<MessageId> = kept.iter().filter_map(|(d, _)| d.id).collect();
+        assert_eq!(ids.len(), 400);
+        assert!(ids.windows(2).all(|w| w[0] < w[1]), "out of order");
+    }
+
+    #[test]
     fn a_resume_gets_what_came_after_and_trimming_is_detected() {
         let ring = ring(3, 60);
         let ids: Vec<MessageId> = (0..5).map(|_| ring.publish("{}", None).id).collect();
