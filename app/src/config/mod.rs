@@ -18,7 +18,7 @@ pub use confkit::ConfigError;
 pub use raw::{Overrides, RawConfig};
 
 use crate::history::HistoryConfig;
-use crate::redis::RedisConfig;
+use crate::redis::server::RedisConfig;
 
 /// Address the HTTP/WebSocket listener binds when neither the file nor `--listen` says.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";

@@ -12,7 +12,7 @@ use super::raw::{Overrides, RawConfig};
 use super::*;
 use crate::history::HistoryConfig;
 use crate::redis::cluster::Seeds;
-use crate::redis::{RedisConfig, RedisServer};
+use crate::redis::server::{RedisConfig, RedisServer};
 
 /// Where each value came from, so an error can point at the file or at the flag.
 struct Origin<'a> {

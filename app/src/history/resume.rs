@@ -8,7 +8,7 @@
 //! id. A gap after id `L` of epoch `E` is whole exactly when the epoch is still `E`, `L` is not
 //! newer than anything added, and nothing newer than `L` has been trimmed.
 
-use super::Delivery;
+use super::outlet::Delivery;
 use crate::position::{MessageId, Position};
 
 /// A read of the history, for a client (or this instance's subscriber) at some position.

@@ -19,7 +19,7 @@ use redis::cluster_routing::{MultipleNodeRoutingInfo, ResponsePolicy, RoutingInf
 use redis::{Cmd, Msg, Pipeline, PushInfo, PushKind, RedisFuture, RedisResult, Value};
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 
-use super::RedisServer;
+use super::server::RedisServer;
 
 /// The connection every room publishes and reads its history on; cheap to clone.
 #[derive(Clone)]

@@ -1,11 +1,12 @@
-//! Redis: where it is ([`RedisConfig`], [`RedisServer`]; `cluster` for a cluster's seed list),
-//! the connections to it (`connections`), and the link every room's store shares
+//! Redis: where it is (`server`: [`RedisConfig`], [`RedisServer`]; `cluster` for a cluster's
+//! seed list), the connections to it (`connections`), and the link every room's store shares
 //! ([`RedisLink`]): the publishing connection and the state of the subscription, which
 //! `subscriber` keeps up, with a capped doubling delay (`backoff`) after losing it.
 
 pub mod backoff;
 pub mod cluster;
 pub mod connections;
+pub mod server;
 pub mod subscriber;
 
 use std::sync::atomic::AtomicBool;
@@ -14,56 +15,13 @@ use std::time::Duration;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::sync::Notify;
 
-use self::cluster::Seeds;
 use self::connections::Publisher;
+use self::server::{RedisConfig, RedisServer};
 
 /// Publishing a response to Redis must not stall a sender for long.
 const PUBLISH_RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Each connection attempt of the publishing connection.
 const PUBLISH_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// How to reach Redis and what to do when it goes away.
-#[derive(Clone)]
-pub struct RedisConfig {
-    /// The server or cluster, from the URL (and CA file), ready to connect; it holds the
-    /// password.
-    pub server: RedisServer,
-    /// Host and port only, for logs (never the password).
-    pub display: String,
-    /// Pub/sub channel.
-    pub channel: String,
-    /// First resubscription delay.
-    pub reconnect_min: Duration,
-    /// Resubscription delay cap.
-    pub reconnect_max: Duration,
-}
-
-impl std::fmt::Debug for RedisConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RedisConfig")
-            .field("server", &self.display)
-            .field("channel", &self.channel)
-            .field("reconnect_min", &self.reconnect_min)
-            .field("reconnect_max", &self.reconnect_max)
-            .finish_non_exhaustive()
-    }
-}
-
-/// One Redis server, or the seed nodes of a cluster.
-#[derive(Clone)]
-pub enum RedisServer {
-    /// `redis://` or `rediss://`.
-    Single(redis::Client),
-    /// `redis+cluster://` or `rediss+cluster://`.
-    Cluster(Seeds),
-}
-
-impl RedisServer {
-    /// Whether this is a cluster.
-    pub fn is_cluster(&self) -> bool {
-        matches!(self, RedisServer::Cluster(_))
-    }
-}
 
 /// An error setting up the connection to Redis.
 #[derive(Debug, thiserror::Error)]
