@@ -7,13 +7,13 @@
 use axum::extract::State;
 use axum::http::StatusCode;
 
-use crate::AppState;
+use crate::state::AppState;
 
 /// The health answer.
 pub async fn healthz(State(state): State<AppState>) -> (StatusCode, &'static str) {
     if state.is_draining() {
         (StatusCode::SERVICE_UNAVAILABLE, "draining\n")
-    } else if !state.broker().is_up() {
+    } else if !state.hub().is_up() {
         (StatusCode::SERVICE_UNAVAILABLE, "redis subscription down\n")
     } else {
         (StatusCode::OK, "ok")

@@ -1,43 +1,31 @@
 //! The scaleout chat server: serves the chat page and WebSocket, and shares every message
-//! through Redis pub/sub (or an in-process broker when no Redis is configured).
+//! through Redis pub/sub (or in process when no Redis is configured).
 //!
-//! Data flow: a client joins a room (`rooms`; the default room is the configured channel
-//! itself); its frame arrives in `ws`, is checked and stamped by `protocol`, and is published
-//! by `broker` into the room's history (`stream`: a Redis Stream, or `ring` in-process), which
-//! gives it its id (`position`); the `subscriber` (Redis, one subscription for every room with
-//! local members) or the in-process broker hands every message of the room, serialised once,
-//! to the room's `fanout`, which queues it for each local member; each connection task in `ws`
-//! writes its queue to its socket. A client that reconnects with its last position in its room
-//! gets what it missed from the history first (`history` decides whether the gap can be
-//! filled). `health` reports whether the instance can serve, `page` serves the embedded page,
-//! `shutdown` drains on SIGTERM.
+//! `ws` admits a client into its room in the `hub` and runs its connection; a frame is checked
+//! by `protocol` and published through the room's store into its `history`; the in-process ring,
+//! or with Redis the `redis` subscriber, hands it to the room's inlet, which queues it for every
+//! local member (ARCHITECTURE.md, "The message path"). `config` turns `app.toml` and the flags
+//! into [`config::Config`]; `health`, `page` and `shutdown` serve the rest; `main.rs` calls [`run`].
 //!
-//! The binary (`main.rs`) parses the command line, loads [`config::Config`], binds the
-//! listener and calls [`run`]; tests call [`run`] or [`router`] directly.
+//! Dependencies point one way, each module using only those after it: `lib` → `health`, `page`,
+//! `shutdown` → `ws` → `state` → `hub` → `config` → `redis` → `history` → `protocol` →
+//! `position`, `origin`. The subscriber reaches the hub's rooms only through its own traits
+//! (`redis::subscriber::Channels`, `Channel`) and `history::Outlet`, which the rooms implement.
 
-mod backoff;
-mod broker;
-mod cluster;
 pub mod config;
-mod connection;
-mod fanout;
 mod health;
 mod history;
+mod hub;
 mod origin;
 mod page;
 pub mod position;
 pub mod protocol;
-mod rate_limit;
-mod ring;
-mod rooms;
+mod redis;
 pub mod shutdown;
-mod stream;
-mod subscriber;
+mod state;
 mod ws;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::Router;
@@ -45,13 +33,11 @@ use axum::routing::get;
 use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
-use crate::broker::Broker;
-pub use crate::broker::BrokerError;
 use crate::config::Config;
-use crate::rooms::Rooms;
-pub use crate::ws::CLOSE_TOO_SLOW;
+pub use crate::redis::LinkError;
+pub use crate::state::AppState;
+pub use crate::ws::close::CLOSE_TOO_SLOW;
 
 /// After the WebSockets are told to close, how long `run` waits for them and for in-flight
 /// HTTP requests before returning anyway.
@@ -60,80 +46,15 @@ const FINISH_TIMEOUT: Duration = Duration::from_secs(3);
 /// A failure that stops the server.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// The broker could not be set up.
+    /// The connection to Redis could not be set up.
     #[error(transparent)]
-    Broker(#[from] BrokerError),
+    Redis(#[from] LinkError),
     /// The listener handed in is unusable.
     #[error("the listener has no local address")]
     Listener(#[source] std::io::Error),
     /// The HTTP server stopped on its own.
     #[error("the HTTP server stopped unexpectedly")]
     Serve(#[source] std::io::Error),
-}
-
-/// Everything a request handler needs; cheap to clone.
-#[derive(Clone)]
-pub struct AppState(Arc<Shared>);
-
-struct Shared {
-    config: Config,
-    broker: Broker,
-    /// Set on shutdown: `/healthz` 503, new WebSockets refused.
-    draining: AtomicBool,
-    /// Open WebSockets, against `max_connections`.
-    connections: AtomicUsize,
-    /// Cancelled after the grace: every connection closes with 1001.
-    close_all: CancellationToken,
-    /// Every connection task, so shutdown can wait for their close handshakes.
-    tracker: TaskTracker,
-}
-
-impl AppState {
-    /// State for `config`: the broker and its rooms (Redis connects lazily, in the
-    /// background, once [`run`] starts). Must be called inside a Tokio runtime.
-    pub fn new(config: Config) -> Result<AppState, Error> {
-        let broker = Broker::new(&config)?;
-        Ok(AppState(Arc::new(Shared {
-            config,
-            broker,
-            draining: AtomicBool::new(false),
-            connections: AtomicUsize::new(0),
-            close_all: CancellationToken::new(),
-            tracker: TaskTracker::new(),
-        })))
-    }
-
-    fn config(&self) -> &Config {
-        &self.0.config
-    }
-
-    fn rooms(&self) -> &Arc<Rooms> {
-        self.0.broker.rooms()
-    }
-
-    fn broker(&self) -> &Broker {
-        &self.0.broker
-    }
-
-    fn is_draining(&self) -> bool {
-        self.0.draining.load(Ordering::Acquire)
-    }
-
-    fn start_draining(&self) {
-        self.0.draining.store(true, Ordering::Release);
-    }
-
-    fn connections(&self) -> &AtomicUsize {
-        &self.0.connections
-    }
-
-    fn close_all(&self) -> &CancellationToken {
-        &self.0.close_all
-    }
-
-    fn tracker(&self) -> &TaskTracker {
-        &self.0.tracker
-    }
 }
 
 /// The HTTP routes: `/` (page), `/favicon.ico`, `/ws` (WebSocket), `/healthz`.
@@ -158,7 +79,7 @@ pub async fn run(
     let grace = config.shutdown_grace;
     let state = AppState::new(config)?;
     let background = CancellationToken::new();
-    state.broker().start(state.tracker(), background.clone());
+    state.hub().start(state.tracker(), background.clone());
     match &state.config().redis {
         Some(redis) => {
             tracing::info!(%local, redis = %redis.display, channel = %redis.channel, max_rooms = state.config().rooms.max_rooms, "chat server up, broker: Redis")

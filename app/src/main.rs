@@ -12,10 +12,9 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
+use confkit::EXIT_CONFIG;
 use tokio_util::sync::CancellationToken;
 
-/// Exit status for an unusable configuration (EX_USAGE in sysexits.h).
-const EXIT_CONFIG: u8 = 64;
 /// Exit status for a failure while running.
 const EXIT_RUNTIME: u8 = 1;
 

@@ -9,7 +9,7 @@ use axum::extract::State;
 use axum::http::header;
 use axum::response::{Html, IntoResponse};
 
-use crate::AppState;
+use crate::state::AppState;
 
 const INDEX_HTML: &str = include_str!("page/index.html");
 const FAVICON: &[u8] = include_bytes!("page/favicon.ico");

@@ -1,17 +1,13 @@
 //! The chat wire format, compatible with the original simple-chat.
 //!
-//! A client's text frame `{"name": "...", "content": "..."}` is checked by [`parse_incoming`]
-//! (JSON object, both fields strings within their limits; other fields are ignored), stamped
-//! with the server's local time by [`ChatMessage::stamp`] and serialised once by
-//! [`ChatMessage::to_json`] into exactly `{"time":"YYYY/MM/DD HH:MM:SS","name":…,"content":…}`:
-//! that string is the body stored in the channel's history; [`with_position`] appends the
-//! message's `"id"` and `"epoch"` (the same splice the Redis script does), and that is what every
-//! client receives. What comes back from Redis is checked by [`read_channel_payload`] only (a
-//! JSON object, its optional `id` and `epoch` read) and forwarded byte for byte, so fields another
-//! instance adds pass through and the original Python app's messages (no id) still reach every
-//! client. A client may add `"cid"`, its own id for the message, to make a retried send safe;
-//! the sender then gets [`ack_json`]. Problems become [`InputError`], which the sender alone
-//! receives as [`error_json`]. A client resuming after a reconnect first gets [`ResumeNotice`].
+//! A client's frame `{"name": "...", "content": "..."}` (optionally `"cid"`, its own id for a
+//! safe retry) is checked by [`parse_incoming`], stamped by [`ChatMessage::stamp`] and
+//! serialised once by [`ChatMessage::to_json`] into exactly
+//! `{"time":"YYYY/MM/DD HH:MM:SS","name":…,"content":…}`, the body a history keeps;
+//! [`with_position`] appends `"id"` and `"epoch"` as the Redis script does. What comes back from
+//! Redis is only checked by [`read_channel_payload`] and forwarded byte for byte, so the
+//! original app's messages still reach every client. The sender alone gets [`ack_json`] or
+//! [`error_json`] ([`InputError`]); a resuming client first gets [`ResumeNotice`].
 
 use chrono::{DateTime, TimeZone};
 use serde::{Deserialize, Serialize};

@@ -8,7 +8,7 @@
 
 use std::time::Duration;
 
-use crate::AppState;
+use crate::state::AppState;
 
 /// Which signal asked the process to stop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -16,13 +16,11 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
+use confkit::EXIT_CONFIG;
 use lb::ops::handover::{self, Handback, Successor};
 use lb::ops::notify;
 use lb::ops::signals::{Exit, Signals};
 use lb::{Config, ConfigError, Lb, Overrides, StartError};
-
-/// Exit code for an unusable configuration (EX_USAGE / EX_CONFIG-style, like `haproxy -c`).
-const EXIT_CONFIG: u8 = 64;
 
 /// The scaleout load balancer: TLS termination, HTTP/1.1 proxying and WebSocket tunnels to
 /// health-checked backends.

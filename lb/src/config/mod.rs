@@ -22,6 +22,7 @@ use crate::backends::health::HealthConfig;
 mod raw;
 mod validate;
 
+pub use confkit::ConfigError;
 pub use raw::Overrides;
 use raw::{RawConfig, RawListen};
 
@@ -166,49 +167,6 @@ pub struct Limits {
     pub backend_idle_connections: usize,
 }
 
-/// Why a configuration was rejected. The display form is `FILE: KEY: REASON`.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// The file could not be read.
-    #[error("{file}: could not read the file: {source}")]
-    Read {
-        /// The file.
-        file: String,
-        /// The I/O error.
-        source: std::io::Error,
-    },
-    /// The file is not valid TOML or does not match the expected shape (an unknown key, a
-    /// string where a number belongs); the parser's message names the key and line.
-    #[error("{file}: {message}")]
-    Parse {
-        /// The file.
-        file: String,
-        /// The parser's message.
-        message: String,
-    },
-    /// A key has a value that is not acceptable.
-    #[error("{file}: {key}: {reason}")]
-    Invalid {
-        /// The file.
-        file: String,
-        /// The key, like `backends[1].addr`.
-        key: String,
-        /// What is wrong and, where useful, what would be right.
-        reason: String,
-    },
-}
-
-impl ConfigError {
-    /// `key` of `file` is wrong for `reason`.
-    pub fn invalid(file: &str, key: impl Into<String>, reason: impl fmt::Display) -> Self {
-        ConfigError::Invalid {
-            file: file.to_owned(),
-            key: key.into(),
-            reason: reason.to_string(),
-        }
-    }
-}
-
 /// The file name used in messages when there is no file.
 pub const COMMAND_LINE: &str = "<command line>";
 
@@ -216,10 +174,7 @@ impl Config {
     /// Reads, parses and validates `path`, applying `overrides`.
     pub fn load(path: &Path, overrides: &Overrides) -> Result<Config, ConfigError> {
         let file = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            file: file.clone(),
-            source,
-        })?;
+        let text = confkit::read(path)?;
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
         Self::parse(&text, &file, &base, overrides)
     }

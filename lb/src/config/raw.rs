@@ -164,10 +164,7 @@ pub(super) struct RawTls {
 impl RawConfig {
     /// Deserialises TOML `text`; `file` names it in errors.
     pub(super) fn from_toml(text: &str, file: &str) -> Result<RawConfig, ConfigError> {
-        toml::from_str(text).map_err(|e| ConfigError::Parse {
-            file: file.to_owned(),
-            message: parse_message(text, &e),
-        })
+        confkit::parse(text, file)
     }
 
     /// Replaces the keys `o` gives.
@@ -204,25 +201,4 @@ impl RawConfig {
             self.balance.get_or_insert_with(RawBalance::default).policy = Some(policy.clone());
         }
     }
-}
-
-/// The parser's message on one line, prefixed with the line it points at (number and text, so
-/// the key is named even when the message itself does not name it).
-fn parse_message(text: &str, e: &toml::de::Error) -> String {
-    let message = e.message().trim().replace('\n', " ");
-    let Some(span) = e.span() else {
-        return message;
-    };
-    let before = text.get(..span.start).unwrap_or("");
-    let number = before.matches('\n').count() + 1;
-    let start = before.rfind('\n').map_or(0, |i| i + 1);
-    let line: String = text[start..]
-        .lines()
-        .next()
-        .unwrap_or("")
-        .trim()
-        .chars()
-        .take(80)
-        .collect();
-    format!("line {number} `{line}`: {message}")
 }

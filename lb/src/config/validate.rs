@@ -10,7 +10,8 @@
 use std::fmt;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::Path;
-use std::time::Duration;
+
+use confkit::Checker;
 
 use super::raw::{
     RawBackend, RawCertificate, RawConfig, RawHealth, RawLimits, RawTimeouts, RawTls,
@@ -31,7 +32,9 @@ impl RawConfig {
     /// Checks every key and produces the typed configuration; `file` names it in errors and
     /// relative certificate paths are taken from `base`.
     pub(super) fn validate(self, file: &str, base: &Path) -> Result<Config, ConfigError> {
-        let v = Validator { file };
+        let v = Validator {
+            check: Checker::new(file),
+        };
         let listen = self.listen.unwrap_or_default();
         let https = v.addr(
             "listen.https",
@@ -129,26 +132,19 @@ impl RawConfig {
     }
 }
 
-/// Per-key checks, each producing a [`ConfigError::Invalid`] that names `file` and the key.
+/// Per-key checks, each producing a [`ConfigError::Invalid`] that names `file` and the key:
+/// the shared ones of [`Checker`], and lb's own.
 struct Validator<'a> {
-    file: &'a str,
+    check: Checker<'a>,
 }
 
 impl Validator<'_> {
     fn err(&self, key: impl Into<String>, reason: impl fmt::Display) -> ConfigError {
-        ConfigError::invalid(self.file, key, reason)
+        self.check.err(key, reason)
     }
 
     fn addr(&self, key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
-        value.parse().map_err(|_| {
-            self.err(
-                key,
-                format!(
-                    "{value:?} is not an IP:port address (examples: \"0.0.0.0:443\", \
-                     \"127.0.0.1:8443\", \"[::]:443\")"
-                ),
-            )
-        })
+        self.check.addr(key, value)
     }
 
     /// An address, or `off` for none.
@@ -242,10 +238,14 @@ impl Validator<'_> {
                 ));
             }
         };
-        let interval = self.duration("health.interval", h.interval, d.interval)?;
-        let timeout = self.duration("health.timeout", h.timeout, d.timeout)?;
-        let rise = self.count("health.rise", h.rise, d.rise, 1, 1000)?;
-        let fall = self.count("health.fall", h.fall, d.fall, 1, 1000)?;
+        let interval = self
+            .check
+            .duration("health.interval", h.interval.as_deref(), d.interval)?;
+        let timeout = self
+            .check
+            .duration("health.timeout", h.timeout.as_deref(), d.timeout)?;
+        let rise = self.check.count("health.rise", h.rise, d.rise, 1, 1000)?;
+        let fall = self.check.count("health.fall", h.fall, d.fall, 1, 1000)?;
         Ok(HealthConfig {
             enabled: h.enabled.unwrap_or(d.enabled),
             path,
@@ -259,44 +259,44 @@ impl Validator<'_> {
 
     fn timeouts(&self, t: RawTimeouts) -> Result<Timeouts, ConfigError> {
         Ok(Timeouts {
-            client_header: self.duration(
+            client_header: self.check.duration(
                 "timeouts.client_header",
-                t.client_header,
+                t.client_header.as_deref(),
                 DEFAULT_CLIENT_HEADER_TIMEOUT,
             )?,
-            tls_handshake: self.duration(
+            tls_handshake: self.check.duration(
                 "timeouts.tls_handshake",
-                t.tls_handshake,
+                t.tls_handshake.as_deref(),
                 DEFAULT_TLS_HANDSHAKE_TIMEOUT,
             )?,
-            backend_connect: self.duration(
+            backend_connect: self.check.duration(
                 "timeouts.backend_connect",
-                t.backend_connect,
+                t.backend_connect.as_deref(),
                 DEFAULT_BACKEND_CONNECT_TIMEOUT,
             )?,
-            backend_response: self.duration(
+            backend_response: self.check.duration(
                 "timeouts.backend_response",
-                t.backend_response,
+                t.backend_response.as_deref(),
                 DEFAULT_BACKEND_RESPONSE_TIMEOUT,
             )?,
-            backend_idle: self.duration(
+            backend_idle: self.check.duration(
                 "timeouts.backend_idle",
-                t.backend_idle,
+                t.backend_idle.as_deref(),
                 DEFAULT_BACKEND_IDLE_TIMEOUT,
             )?,
-            tunnel_idle: self.duration(
+            tunnel_idle: self.check.duration(
                 "timeouts.tunnel_idle",
-                t.tunnel_idle,
+                t.tunnel_idle.as_deref(),
                 DEFAULT_TUNNEL_IDLE_TIMEOUT,
             )?,
-            drain_grace: self.duration(
+            drain_grace: self.check.duration(
                 "timeouts.drain_grace",
-                t.drain_grace,
+                t.drain_grace.as_deref(),
                 DEFAULT_DRAIN_GRACE,
             )?,
-            upgrade_grace: self.duration(
+            upgrade_grace: self.check.duration(
                 "timeouts.upgrade_grace",
-                t.upgrade_grace,
+                t.upgrade_grace.as_deref(),
                 DEFAULT_UPGRADE_GRACE,
             )?,
         })
@@ -304,13 +304,15 @@ impl Validator<'_> {
 
     fn tls(&self, t: RawTls) -> Result<TlsSettings, ConfigError> {
         let key = "tls.ticket_rotation";
-        let ticket_rotation = self.duration(key, t.ticket_rotation, DEFAULT_TICKET_ROTATION)?;
+        let ticket_rotation =
+            self.check
+                .duration(key, t.ticket_rotation.as_deref(), DEFAULT_TICKET_ROTATION)?;
         if ticket_rotation > MAX_TICKET_ROTATION {
             return Err(self.err(
                 key,
                 format!(
                     "{} is longer than 7 days, the longest a TLS 1.3 ticket may live",
-                    humantime::format_duration(ticket_rotation)
+                    confkit::show(ticket_rotation)
                 ),
             ));
         }
@@ -318,14 +320,14 @@ impl Validator<'_> {
     }
 
     fn limits(&self, l: RawLimits) -> Result<Limits, ConfigError> {
-        let max_header_bytes = self.count(
+        let max_header_bytes = self.check.count(
             "limits.max_header_bytes",
             l.max_header_bytes,
             DEFAULT_MAX_HEADER_BYTES as u32,
             MIN_MAX_HEADER_BYTES as u32,
             1024 * 1024,
         )? as usize;
-        let max_uri_bytes = self.count(
+        let max_uri_bytes = self.check.count(
             "limits.max_uri_bytes",
             l.max_uri_bytes,
             DEFAULT_MAX_URI_BYTES as u32,
@@ -335,11 +337,12 @@ impl Validator<'_> {
         let max_client_connections = l
             .max_client_connections
             .map(|n| {
-                self.count("limits.max_client_connections", Some(n), 0, 1, 10_000_000)
+                self.check
+                    .count("limits.max_client_connections", Some(n), 0, 1, 10_000_000)
                     .map(|n| n as usize)
             })
             .transpose()?;
-        let backend_idle_connections = self.count(
+        let backend_idle_connections = self.check.count(
             "limits.backend_idle_connections",
             l.backend_idle_connections,
             DEFAULT_BACKEND_IDLE_CONNECTIONS as u32,
@@ -352,42 +355,6 @@ impl Validator<'_> {
             max_client_connections,
             backend_idle_connections,
         })
-    }
-
-    /// A humantime duration (`"2s"`, `"1h 30m"`, `"500ms"`), non-zero.
-    fn duration(
-        &self,
-        key: &str,
-        value: Option<String>,
-        default: Duration,
-    ) -> Result<Duration, ConfigError> {
-        let Some(text) = value else {
-            return Ok(default);
-        };
-        match humantime::parse_duration(&text) {
-            Ok(d) if d.is_zero() => Err(self.err(key, "must be greater than zero")),
-            Ok(d) => Ok(d),
-            Err(e) => Err(self.err(
-                key,
-                format!("{text:?} is not a duration ({e}); examples: \"500ms\", \"2s\", \"1h\""),
-            )),
-        }
-    }
-
-    /// An integer within `min..=max`.
-    fn count(
-        &self,
-        key: &str,
-        value: Option<i64>,
-        default: u32,
-        min: u32,
-        max: u32,
-    ) -> Result<u32, ConfigError> {
-        match value {
-            None => Ok(default),
-            Some(n) if (i64::from(min)..=i64::from(max)).contains(&n) => Ok(n as u32),
-            Some(n) => Err(self.err(key, format!("{n} is out of range {min}..={max}"))),
-        }
     }
 }
 

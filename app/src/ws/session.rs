@@ -1,91 +1,30 @@
-//! The WebSocket endpoint `/ws`: admission, then one task per connection.
-//!
-//! [`upgrade`] admits a handshake or refuses it with an HTTP status: 503 while draining, at
-//! `max_connections`, before the instance first subscribed to Redis, or for a room beyond
-//! `max_rooms`; 403 for a foreign `Origin`; 400 for a query string that is not one or a room
-//! name that is not one. An admitted connection is a member of its room (`?room=NAME`, see
-//! `rooms`; none is the default room) and in the room's fan-out before the handshake is
-//! answered, so that whatever is published after the client got its `101` reaches it. It runs
-//! [`serve`], one task that first waits until the room is ready (its channel subscribed: at
-//! most [`ROOM_READY_TIMEOUT`], then 1013), then, for a client that asked to resume
-//! (`?resume`, or `?epoch=E&last=ID`; see [`WsQuery`]), sends the [`protocol::ResumeNotice`]
-//! and the messages of its room it missed, then does three things until the client leaves or
-//! is told to go:
-//! - frames from the client: an empty text frame is a heartbeat and needs no answer; any other
-//!   goes through the rate limit, [`protocol::parse_incoming`], stamp, then
-//!   [`Room::publish`] in its room (answered with `{"ack": cid, …}` when the frame had a
-//!   `cid`); a problem is answered with `{"error": …}` to this client alone and the connection
-//!   stays open; a frame over the size limit closes with 1009, invalid UTF-8 with 1007;
-//! - messages from the fan-out queue: written to the client, in order, minus those up to the
-//!   position the resume notice gave (sent with it, or older than the client's start);
-//! - `stop`: cancelled by the fan-out when the queue is full or this instance lost track of the
-//!   room's channel (close 1013, the page reconnects and resumes) or by shutdown (close 1001);
-//! - a ping every `ping_interval`: a client that sent nothing since the previous one, not even
-//!   its pong, is unreachable and let go.
-//!
-//! Buffers are small (a 4 KiB read buffer; a 1 KiB write buffer, allocated at the first
-//! message, in which the frames of one batch collect until the flush) so that many idle
-//! connections stay cheap.
+//! One WebSocket connection, from the handshake to its close: [`serve`] first waits until the
+//! client's room is ready (at most [`ROOM_READY_TIMEOUT`]), sends a resuming client the
+//! [`protocol::ResumeNotice`] and what it missed, then until the client leaves or is told to go
+//! reads its frames (heartbeat, rate limit, [`protocol::parse_incoming`], stamp,
+//! [`Room::publish`], the answer for the sender alone), writes its queue (in batches, skipping
+//! what the resume sent), and pings it every `ping_interval`. See ARCHITECTURE.md, "The message
+//! path".
 
-use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use axum::Extension;
-use axum::extract::ConnectInfo;
-use axum::extract::Query;
-use axum::extract::State;
-use axum::extract::rejection::QueryRejection;
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocketUpgrade, close_code};
-use axum::http::{HeaderMap, StatusCode, header};
-use axum::response::{IntoResponse, Response};
+use axum::extract::ws::Message;
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument;
 
-use crate::AppState;
-use crate::fanout::{Delivery, Eviction, Member};
-use crate::history::Resume;
-use crate::origin;
-use crate::position::{MAX_EPOCH_CHARS, MessageId, Position};
+use super::close::{End, finish, refusal};
+use super::rate_limit::TokenBucket;
+use crate::history::{Delivery, Resume};
+use crate::hub::fanout::Member;
+use crate::hub::rooms::{Membership, Room};
+use crate::position::{MessageId, Position};
 use crate::protocol::{self, ChatMessage, InputError, ResumeNotice};
-use crate::rate_limit::TokenBucket;
-use crate::rooms::{Membership, Room, parse_room};
-
-/// Read buffer per connection; axum's default is 128 KiB, which idle connections would hold.
-pub const READ_BUFFER_BYTES: usize = 4 * 1024;
-/// Write buffer per connection: the frames of a batch (see [`write_queued`]) collect here and
-/// leave in one write at the flush, or as soon as more than this is waiting, instead of one
-/// write per frame. Small because it keeps the capacity of the largest batch it has held:
-/// 8 KiB cost ~9 KiB more per connection that once fell behind, 1 KiB (about one TCP segment,
-/// some eight chat messages) ~1 KiB.
-pub const WRITE_BUFFER_BYTES: usize = 1024;
-/// Queued messages written to the socket before one flush.
-const WRITE_BATCH: usize = 64;
-/// How long a close frame (and the client's answer) may take before the socket is dropped.
-const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
-/// How long a client of a room this instance has not subscribed to yet waits for the
-/// subscription before it is closed with 1013 (and tries again).
-pub const ROOM_READY_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Close code for a client that cannot keep up: "try again later"; the page reconnects.
-pub const CLOSE_TOO_SLOW: u16 = close_code::AGAIN;
-
-/// The query string of `/ws`: `?room=NAME` for a room (none, or empty, for the default room);
-/// `?resume` for a fresh client that wants a position to resume from later, `?epoch=E&last=ID`
-/// to resume after `ID` (a position in that room); none of these for the original protocol.
-#[derive(Debug, Default, serde::Deserialize)]
-pub struct WsQuery {
-    room: Option<String>,
-    resume: Option<String>,
-    epoch: Option<String>,
-    last: Option<String>,
-}
+use crate::state::AppState;
 
 /// What a connecting client asked for.
 #[derive(Debug, Clone, PartialEq, Eq)]
-enum Resuming {
+pub(super) enum Resuming {
     /// The original protocol: no notice, live messages only.
     No,
     /// A position to resume from later, nothing to recover.
@@ -96,158 +35,42 @@ enum Resuming {
     Malformed(&'static str),
 }
 
-impl WsQuery {
-    fn resuming(self) -> Resuming {
-        match (self.epoch, self.last) {
-            (None, None) if self.resume.is_some() => Resuming::Fresh,
-            (None, None) => Resuming::No,
-            (Some(epoch), Some(last)) => {
-                let epoch_ok = !epoch.is_empty()
-                    && epoch.len() <= MAX_EPOCH_CHARS
-                    && epoch.bytes().all(|b| b.is_ascii_graphic());
-                match last.parse::<MessageId>() {
-                    Ok(last) if epoch_ok => Resuming::From(Position { epoch, last }),
-                    Ok(_) => Resuming::Malformed("`epoch` is not an epoch this server gave"),
-                    Err(_) => Resuming::Malformed("`last` is not a message id (<ms>-<seq>)"),
-                }
-            }
-            _ => Resuming::Malformed("resuming needs both `epoch` and `last`"),
-        }
-    }
-}
-
-/// `GET /ws`: admission checks, then the upgrade.
-pub async fn upgrade(
-    State(state): State<AppState>,
-    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
-    query: Result<Query<WsQuery>, QueryRejection>,
-    headers: HeaderMap,
-    ws: WebSocketUpgrade,
-) -> Response {
-    let peer = peer.map_or_else(|| "-".to_owned(), |Extension(ConnectInfo(a))| a.to_string());
-    // Behind lb the peer is lb; the client's own address is in X-Forwarded-For.
-    let forwarded_for = headers
-        .get("x-forwarded-for")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("-")
-        .to_owned();
-    if state.is_draining() {
-        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response();
-    }
-    if !state.broker().accepts_clients() {
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "starting: not connected to Redis yet\n",
-        )
-            .into_response();
-    }
-    let (room, resuming) = match query {
-        Ok(Query(mut query)) => {
-            let room = query.room.take();
-            match parse_room(room.as_deref()) {
-                Ok(room) => (room.map(str::to_owned), query.resuming()),
-                Err(e) => {
-                    tracing::info!(%peer, %forwarded_for, room = ?room, "WebSocket refused: invalid room name");
-                    return (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response();
-                }
-            }
-        }
-        Err(e) => {
-            tracing::info!(%peer, %forwarded_for, error = %e, "WebSocket refused: bad query string");
-            return (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response();
-        }
-    };
-    let Ok(request_origin) = headers.get(header::ORIGIN).map(|v| v.to_str()).transpose() else {
-        let origin = headers.get(header::ORIGIN);
-        tracing::warn!(%peer, %forwarded_for, ?origin, "WebSocket refused: Origin header is not ASCII text");
-        return (StatusCode::FORBIDDEN, "origin not allowed\n").into_response();
-    };
-    let host = headers.get(header::HOST).and_then(|v| v.to_str().ok());
-    if !origin::allowed(request_origin, host, &state.config().allowed_origins) {
-        tracing::warn!(%peer, %forwarded_for, origin = ?request_origin, host = ?host, "WebSocket refused: origin not allowed");
-        return (StatusCode::FORBIDDEN, "origin not allowed\n").into_response();
-    }
-    let Some(slot) = Slot::acquire(&state) else {
-        tracing::warn!(%peer, %forwarded_for, limit = state.config().limits.max_connections, "WebSocket refused: connection limit reached");
-        return (StatusCode::SERVICE_UNAVAILABLE, "too many connections\n").into_response();
-    };
-    let membership = match state.rooms().join(room.as_deref()).await {
-        Ok(membership) => membership,
-        Err(e) => {
-            tracing::warn!(%peer, %forwarded_for, room = ?room, error = %e, "WebSocket refused: cannot join the room");
-            return (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")).into_response();
-        }
-    };
-    // In the room's fan-out before the client hears 101: whatever is published after its
-    // handshake is queued for it.
-    let member = membership
-        .room()
-        .fanout()
-        .join(state.close_all().child_token());
-    let tracked = state.tracker().token();
-    let max_frame = state.config().limits.max_frame_bytes;
-    let span =
-        tracing::info_span!("ws", %peer, %forwarded_for, channel = %membership.room().channel());
-    ws.read_buffer_size(READ_BUFFER_BYTES)
-        .write_buffer_size(WRITE_BUFFER_BYTES)
-        .max_frame_size(max_frame)
-        .max_message_size(max_frame)
-        .on_failed_upgrade(|e| tracing::debug!(error = %e, "WebSocket upgrade failed"))
-        .on_upgrade(move |socket| {
-            async move {
-                let _slot = slot;
-                let _tracked = tracked;
-                serve(socket, state, membership, member, resuming).await;
-            }
-            .instrument(span)
-        })
-}
-
-/// One of `max_connections`, given back when dropped.
-struct Slot(AppState);
-
-impl Slot {
-    fn acquire(state: &AppState) -> Option<Slot> {
-        let limit = state.config().limits.max_connections;
-        state
-            .connections()
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < limit).then_some(n + 1)
-            })
-            .ok()
-            .map(|_| Slot(state.clone()))
-    }
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        self.0.connections().fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-/// Why a connection loop ended.
-enum End {
-    /// The client closed or the connection broke: nothing more to send.
-    Gone,
-    /// `stop` was cancelled: shutdown (1001) or a full queue (1013).
-    Stopped,
-    /// The client broke a limit or the protocol: close with this frame.
-    Refused(CloseFrame),
-    /// A resume could not read the history: close with 1013, the client tries again.
-    HistoryUnavailable,
-    /// The room did not become ready in time: close with 1013, the client tries again.
-    RoomUnavailable,
-}
+/// Queued messages written to the socket before one flush.
+const WRITE_BATCH: usize = 64;
+/// How long a client of a room this instance has not subscribed to yet waits for the
+/// subscription before it is closed (and tries again).
+pub const ROOM_READY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Runs one connection of a member of a room (`member`: its place in the room's fan-out, taken
 /// before the handshake was answered) until the client leaves or is told to go.
-async fn serve<S>(
+pub(super) async fn serve<S>(
     mut socket: S,
     state: AppState,
     membership: Membership,
     mut member: Member,
     resuming: Resuming,
 ) where
+    S: Stream<Item = Result<Message, axum::Error>> + Sink<Message, Error = axum::Error> + Unpin,
+{
+    let end = run(&mut socket, &state, &membership, &mut member, resuming).await;
+    finish(
+        &mut socket,
+        end,
+        state.close_all().is_cancelled(),
+        member.evicted.get().copied(),
+    )
+    .await;
+}
+
+/// Serves the connection until it has to end; says why.
+async fn run<S>(
+    socket: &mut S,
+    state: &AppState,
+    membership: &Membership,
+    member: &mut Member,
+    resuming: Resuming,
+) -> End
+where
     S: Stream<Item = Result<Message, axum::Error>> + Sink<Message, Error = axum::Error> + Unpin,
 {
     let limits = &state.config().limits;
@@ -265,21 +88,16 @@ async fn serve<S>(
             () = stop.cancelled() => false,
         };
         if !ready {
-            let end = if stop.is_cancelled() {
-                End::Stopped
-            } else {
-                End::RoomUnavailable
-            };
-            finish(&mut socket, &state, end, member.evicted.get().copied()).await;
-            return;
+            if stop.is_cancelled() {
+                return End::Stopped;
+            }
+            tracing::info!(timeout = ?ROOM_READY_TIMEOUT, "the room was not subscribed in time");
+            return End::RoomUnavailable;
         }
     }
-    let skip_through = match resume(&mut socket, &room, resuming, &stop).await {
+    let skip_through = match resume(socket, &room, resuming, &stop).await {
         Ok(skip_through) => skip_through,
-        Err(end) => {
-            finish(&mut socket, &state, end, member.evicted.get().copied()).await;
-            return;
-        }
+        Err(end) => return end,
     };
     let bucket = TokenBucket::new(limits.messages_per_second, limits.messages_burst);
     tracing::debug!(clients = room.fanout().len(), "WebSocket open");
@@ -290,24 +108,24 @@ async fn serve<S>(
     pings.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut heard = true;
 
-    let end = loop {
+    loop {
         // In this order: stop, then the client's queue, then its next frame. Writing before
         // reading keeps a client that sends fast from filling (and overflowing) its own queue.
         tokio::select! {
             biased;
-            () = stop.cancelled() => break End::Stopped,
+            () = stop.cancelled() => return End::Stopped,
             queued = member.rx.recv() => {
-                let Some(first) = queued else { break End::Stopped };
+                let Some(first) = queued else { return End::Stopped };
                 let fresh = |d: &Delivery| skip_through.is_none_or(|s| d.id.is_none_or(|id| id > s));
-                if let Err(end) = write_queued(&mut socket, first, &mut member.rx, fresh, &stop).await {
-                    break end;
+                if let Err(end) = write_queued(socket, first, &mut member.rx, fresh, &stop).await {
+                    return end;
                 }
             }
             frame = socket.next() => {
                 heard = true;
                 let reply = match frame {
-                    None => break End::Gone,
-                    Some(Err(e)) => break refusal(e, limits.max_frame_bytes),
+                    None => return End::Gone,
+                    Some(Err(e)) => return refusal(e, limits.max_frame_bytes),
                     // An empty text frame is a client's heartbeat: it proves its path works
                     // (sending it is how a client finds out that its path is gone) and needs
                     // no answer. It spends from the rate limit like any frame, silently.
@@ -316,12 +134,12 @@ async fn serve<S>(
                         None
                     }
                     Some(Ok(Message::Text(text))) if !bucket.allow() => {
-                        Some(rate_limited(&state, &text))
+                        Some(rate_limited(state, &text))
                     }
                     Some(Ok(Message::Binary(_))) if !bucket.allow() => {
-                        Some(rate_limited(&state, ""))
+                        Some(rate_limited(state, ""))
                     }
-                    Some(Ok(Message::Text(text))) => accept(&text, &state, &room, &stop).await,
+                    Some(Ok(Message::Text(text))) => accept(&text, state, &room, &stop).await,
                     Some(Ok(Message::Binary(_))) => {
                         Some(protocol::error_json(&InputError::Binary.to_string(), None, false))
                     }
@@ -330,68 +148,23 @@ async fn serve<S>(
                     Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Close(_))) => None,
                 };
                 if let Some(reply) = reply {
-                    if let Err(end) = send(&mut socket, Message::Text(reply.into()), &stop).await {
-                        break end;
+                    if let Err(end) = send(socket, Message::Text(reply.into()), &stop).await {
+                        return end;
                     }
                 }
             }
             _ = pings.tick() => {
                 if !heard {
                     tracing::info!(?interval, "letting go of a client that did not answer a ping");
-                    break End::Gone;
+                    return End::Gone;
                 }
                 heard = false;
-                if let Err(end) = send(&mut socket, Message::Ping(Default::default()), &stop).await {
-                    break end;
+                if let Err(end) = send(socket, Message::Ping(Default::default()), &stop).await {
+                    return end;
                 }
             }
         }
-    };
-    finish(&mut socket, &state, end, member.evicted.get().copied()).await;
-}
-
-/// Closes the connection as `end` requires.
-async fn finish<S>(socket: &mut S, state: &AppState, end: End, evicted: Option<Eviction>)
-where
-    S: Stream<Item = Result<Message, axum::Error>> + Sink<Message, Error = axum::Error> + Unpin,
-{
-    let frame = match end {
-        End::Gone => None,
-        End::Refused(frame) => Some(frame),
-        End::Stopped if state.close_all().is_cancelled() => Some(CloseFrame {
-            code: close_code::AWAY,
-            reason: Utf8Bytes::from_static("server shutting down"),
-        }),
-        End::Stopped => Some(match evicted {
-            Some(Eviction::Gap) => CloseFrame {
-                code: CLOSE_TOO_SLOW,
-                reason: Utf8Bytes::from_static("message stream interrupted; reconnect to resume"),
-            },
-            Some(Eviction::TooSlow) | None => {
-                tracing::info!("closing a client that cannot keep up (queue full)");
-                CloseFrame {
-                    code: CLOSE_TOO_SLOW,
-                    reason: Utf8Bytes::from_static("too slow: message queue full; reconnect"),
-                }
-            }
-        }),
-        End::HistoryUnavailable => Some(CloseFrame {
-            code: CLOSE_TOO_SLOW,
-            reason: Utf8Bytes::from_static("message history unreachable; reconnect shortly"),
-        }),
-        End::RoomUnavailable => {
-            tracing::info!(timeout = ?ROOM_READY_TIMEOUT, "the room was not subscribed in time");
-            Some(CloseFrame {
-                code: CLOSE_TOO_SLOW,
-                reason: Utf8Bytes::from_static("room not available yet; reconnect shortly"),
-            })
-        }
-    };
-    if let Some(frame) = frame {
-        tracing::debug!(code = frame.code, reason = %frame.reason, "closing WebSocket");
-        close(socket, frame).await;
     }
-    tracing::debug!("WebSocket closed");
 }
 
 /// For a client that asked to resume: the notice and the missed messages of its room. Returns
@@ -505,43 +278,6 @@ fn rate_limited(state: &AppState, text: &str) -> String {
     protocol::error_json(&reason.to_string(), cid_of(text).as_deref(), true)
 }
 
-/// The close frame owed to a client whose frame the WebSocket layer rejected, if any.
-fn refusal(error: axum::Error, max_frame_bytes: usize) -> End {
-    use tungstenite_axum::error::{Error as WsError, ProtocolError};
-    let error = error.into_inner();
-    let frame = match error.downcast_ref::<WsError>() {
-        Some(WsError::Capacity(_)) => CloseFrame {
-            code: close_code::SIZE,
-            reason: format!("frame larger than {max_frame_bytes} bytes").into(),
-        },
-        Some(WsError::Utf8(_)) => CloseFrame {
-            code: close_code::INVALID,
-            reason: Utf8Bytes::from_static("text frame is not valid UTF-8"),
-        },
-        Some(WsError::Protocol(
-            ProtocolError::ResetWithoutClosingHandshake | ProtocolError::SendAfterClosing,
-        ))
-        | None => {
-            tracing::debug!(error = %error, "WebSocket ended");
-            return End::Gone;
-        }
-        Some(WsError::Protocol(e)) => CloseFrame {
-            code: close_code::PROTOCOL,
-            reason: format!("protocol error: {e}")
-                .chars()
-                .take(100)
-                .collect::<String>()
-                .into(),
-        },
-        Some(_) => {
-            tracing::debug!(error = %error, "WebSocket failed");
-            return End::Gone;
-        }
-    };
-    tracing::info!(code = frame.code, reason = %frame.reason, "refusing a client frame");
-    End::Refused(frame)
-}
-
 /// Writes `first` and whatever else is already queued (up to a batch), those that pass `wanted`,
 /// then flushes.
 async fn write_queued<S>(
@@ -583,26 +319,6 @@ where
     }
 }
 
-/// Sends a close frame and waits for the client's answer, both bounded by [`CLOSE_TIMEOUT`].
-async fn close<S>(socket: &mut S, frame: CloseFrame)
-where
-    S: Stream<Item = Result<Message, axum::Error>> + Sink<Message, Error = axum::Error> + Unpin,
-{
-    let handshake = async {
-        if socket.send(Message::Close(Some(frame))).await.is_err() {
-            return;
-        }
-        // Read until the client's close arrives and the stream ends.
-        while let Some(Ok(_)) = socket.next().await {}
-    };
-    if tokio::time::timeout(CLOSE_TIMEOUT, handshake)
-        .await
-        .is_err()
-    {
-        tracing::debug!("client did not complete the close handshake in time");
-    }
-}
-
 #[cfg(test)]
 mod tests {
     //! `serve` over channels instead of a socket.
@@ -610,10 +326,12 @@ mod tests {
     use std::pin::Pin;
     use std::task::{Context, Poll};
 
+    use axum::extract::ws::Utf8Bytes;
     use tokio::sync::mpsc;
 
     use super::*;
     use crate::config::Config;
+    use crate::ws::close::CLOSE_SHUTTING_DOWN;
 
     /// A client's end: frames go in through `to_server`, replies come out of `from_server`.
     /// Like a socket with a write buffer, what is sent reaches the client only at a flush.
@@ -801,7 +519,7 @@ mod tests {
         let mut client = connect(&state).await;
         state.close_all().cancel();
         match client.from_server.recv().await.unwrap() {
-            Message::Close(Some(frame)) => assert_eq!(frame.code, close_code::AWAY),
+            Message::Close(Some(frame)) => assert_eq!(frame.code, CLOSE_SHUTTING_DOWN),
             other => panic!("expected a close frame, got {other:?}"),
         }
     }

@@ -1,6 +1,6 @@
 //! Local fan-out of chat messages to this instance's WebSocket clients.
 //!
-//! The broker hands every message from the channel to [`Fanout::deliver`] once, already
+//! The room's inlet hands every message of the channel to [`Fanout::deliver`] once, already
 //! serialised as [`Utf8Bytes`] with its id read once ([`Delivery`]); cloning it only bumps a
 //! reference count, so a thousand clients share one buffer. Each client registered with
 //! [`Fanout::join`] owns a bounded queue ([`Member`]). A client whose queue is full is not
@@ -14,21 +14,10 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
-use axum::extract::ws::Utf8Bytes;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::position::MessageId;
-
-/// One message on its way to clients: the exact text they receive and its id, when it has one
-/// (messages from the original app have none).
-#[derive(Debug, Clone)]
-pub struct Delivery {
-    /// The message's id in the channel's history.
-    pub id: Option<MessageId>,
-    /// The frame's text, shared by every client.
-    pub text: Utf8Bytes,
-}
+use crate::history::Delivery;
 
 /// Why the fan-out let a client go.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -164,6 +153,8 @@ impl Client {
 
 #[cfg(test)]
 mod tests {
+    use axum::extract::ws::Utf8Bytes;
+
     use super::*;
 
     fn text(text: &str) -> Delivery {

@@ -2,13 +2,13 @@
 //! one decision every resume takes from a read ([`resume`]): is the gap after a client's
 //! position still whole, and which messages fill it.
 //!
-//! The stores are `stream` (a Redis Stream shared by every instance) and `ring` (in-process,
-//! without Redis). Both keep the same facts: the current epoch, the greatest id ever added
+//! The stores are `redis_stream` (a Redis Stream shared by every instance) and `ring`
+//! (in-process, without Redis). Both keep the same facts: the current epoch, the greatest id ever added
 //! (`last_added`), the greatest id trimmed away (`max_trimmed`), and the messages after a given
 //! id. A gap after id `L` of epoch `E` is whole exactly when the epoch is still `E`, `L` is not
 //! newer than anything added, and nothing newer than `L` has been trimmed.
 
-use crate::fanout::Delivery;
+use super::outlet::Delivery;
 use crate::position::{MessageId, Position};
 
 /// A read of the history, for a client (or this instance's subscriber) at some position.

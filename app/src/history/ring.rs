@@ -1,29 +1,36 @@
 //! The in-process history, for a single instance without Redis: the same semantics as the
-//! Redis Stream (`stream`) from a ring buffer.
+//! Redis Stream (`redis_stream`) from a ring buffer.
 //!
 //! [`Ring::publish`] gives a message the next id (`<ms>-<seq>` from this process' clock, never
 //! going backwards), appends it, trims by count and age, remembers its `cid` for the dedupe
-//! window, and returns the text to hand to the fan-out. [`Ring::read`] answers a resume. The
-//! epoch is new at every start of the process: its history starts empty.
+//! window, and hands it to the room's [`Outlet`]. [`Ring::read`] answers a resume. The epoch is
+//! new at every start of the process: its history starts empty.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use axum::extract::ws::Utf8Bytes;
 
-use crate::config::HistoryConfig;
-use crate::fanout::Delivery;
-use crate::history::{Published, Snapshot};
+use super::{Delivery, HistoryConfig, Outlet, Published, Snapshot};
 use crate::position::{MessageId, Position, new_epoch};
 use crate::protocol;
 
-/// The history of this process' one channel.
-#[derive(Debug)]
+/// The history of one room of this process.
 pub struct Ring {
     epoch: String,
     config: HistoryConfig,
     state: Mutex<State>,
+    /// Where each new message goes: the room's members.
+    outlet: Arc<dyn Outlet>,
+}
+
+impl std::fmt::Debug for Ring {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ring")
+            .field("epoch", &self.epoch)
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug, Default)]
@@ -45,28 +52,23 @@ struct Entry {
 }
 
 impl Ring {
-    /// An empty history with a new epoch.
-    pub fn new(config: HistoryConfig) -> Ring {
+    /// An empty history with a new epoch, handing its messages to `outlet`.
+    pub fn new(config: HistoryConfig, outlet: Arc<dyn Outlet>) -> Ring {
         Ring {
             epoch: new_epoch(),
             config,
             state: Mutex::new(State::default()),
+            outlet,
         }
     }
 
-    /// Adds `body` (a serialised chat message) unless `cid` was published within the dedupe
-    /// window; returns where it is and, when new, the delivery for the fan-out.
-    pub fn publish(&self, body: &str, cid: Option<&str>) -> (Published, Option<Delivery>) {
+    /// Adds `body` (a serialised chat message) and hands it to the outlet, unless `cid` was
+    /// published within the dedupe window; returns where it is.
+    pub fn publish(&self, body: &str, cid: Option<&str>) -> Published {
         self.publish_at(body, cid, Instant::now(), unix_ms())
     }
 
-    fn publish_at(
-        &self,
-        body: &str,
-        cid: Option<&str>,
-        now: Instant,
-        now_ms: u64,
-    ) -> (Published, Option<Delivery>) {
+    fn publish_at(&self, body: &str, cid: Option<&str>, now: Instant, now_ms: u64) -> Published {
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         while let Some((until, _)) = state.expiry.front() {
             if *until > now {
@@ -82,7 +84,7 @@ impl Ring {
                 epoch: self.epoch.clone(),
                 duplicate: true,
             };
-            return (published, None);
+            return published;
         }
         let last = state.last_added;
         let id = if now_ms > last.ms {
@@ -108,12 +110,14 @@ impl Ring {
             state.expiry.push_back((until, cid.to_owned()));
         }
         self.trim(&mut state, now);
-        let published = Published {
+        // Handed on under the lock: the outlet sees ids in the order they were given, as the
+        // Redis channel's order is the Stream's (it skips an id older than one it has seen).
+        self.outlet.deliver(delivery, Some(&self.epoch));
+        Published {
             id,
             epoch: self.epoch.clone(),
             duplicate: false,
-        };
-        (published, Some(delivery))
+        }
     }
 
     fn trim(&self, state: &mut State, now: Instant) {
@@ -161,49 +165,96 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::history::{TRIMMED, resume};
+    use crate::history::resume::{TRIMMED, resume};
 
-    fn ring(messages: usize, age_s: u64) -> Ring {
-        Ring::new(HistoryConfig {
+    /// An outlet that keeps what it is handed.
+    #[derive(Default)]
+    struct Kept(Mutex<Vec<(Delivery, Option<String>)>>);
+
+    impl Outlet for Kept {
+        fn deliver(&self, message: Delivery, epoch: Option<&str>) {
+            let mut kept = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+            kept.push((message, epoch.map(str::to_owned)));
+        }
+    }
+
+    fn ring_into(messages: usize, age_s: u64, outlet: Arc<Kept>) -> Ring {
+        let config = HistoryConfig {
             messages,
             max_age: Duration::from_secs(age_s),
             dedupe_window: Duration::from_secs(60),
-        })
+        };
+        Ring::new(config, outlet)
+    }
+
+    fn ring(messages: usize, age_s: u64) -> Ring {
+        ring_into(messages, age_s, Arc::default())
     }
 
     #[test]
     fn ids_grow_within_a_millisecond_and_never_go_back() {
         let ring = ring(10, 60);
         let now = Instant::now();
-        let a = ring.publish_at("{}", None, now, 100).0.id;
-        let b = ring.publish_at("{}", None, now, 100).0.id;
-        let c = ring.publish_at("{}", None, now, 99).0.id;
-        let d = ring.publish_at("{}", None, now, 101).0.id;
+        let a = ring.publish_at("{}", None, now, 100).id;
+        let b = ring.publish_at("{}", None, now, 100).id;
+        let c = ring.publish_at("{}", None, now, 99).id;
+        let d = ring.publish_at("{}", None, now, 101).id;
         assert_eq!(a, MessageId { ms: 100, seq: 0 });
         assert!(a < b && b < c && c < d, "{a} {b} {c} {d}");
     }
 
     #[test]
     fn a_repeated_cid_is_published_once_with_the_first_id() {
-        let ring = ring(10, 60);
-        let (first, delivery) = ring.publish(r#"{"content":"x"}"#, Some("c1"));
+        let outlet = Arc::new(Kept::default());
+        let ring = ring_into(10, 60, Arc::clone(&outlet));
+        let first = ring.publish(r#"{"content":"x"}"#, Some("c1"));
         assert!(!first.duplicate);
-        let text = delivery.unwrap().text;
-        assert!(text.as_str().contains(&format!("\"id\":\"{}\"", first.id)));
-        let (again, none) = ring.publish(r#"{"content":"x"}"#, Some("c1"));
-        assert!(again.duplicate && none.is_none());
+        let again = ring.publish(r#"{"content":"x"}"#, Some("c1"));
+        assert!(again.duplicate);
         assert_eq!(again.id, first.id);
+        {
+            let kept = outlet.0.lock().unwrap();
+            assert_eq!(kept.len(), 1, "handed on once");
+            let (delivery, epoch) = &kept[0];
+            assert_eq!(delivery.id, Some(first.id));
+            assert_eq!(epoch.as_deref(), Some(first.epoch.as_str()));
+            let text = delivery.text.as_str();
+            assert!(text.contains(&format!("\"id\":\"{}\"", first.id)), "{text}");
+        }
         assert_eq!(ring.read(None).last_added, first.id);
         // Past the window the cid is forgotten.
         let later = Instant::now() + Duration::from_secs(61);
-        let (third, _) = ring.publish_at("{}", Some("c1"), later, unix_ms());
+        let third = ring.publish_at("{}", Some("c1"), later, unix_ms());
         assert!(!third.duplicate);
+    }
+
+    #[test]
+    fn concurrent_senders_reach_the_outlet_in_id_order() {
+        let outlet = Arc::new(Kept::default());
+        let ring = Arc::new(ring_into(1000, 60, Arc::clone(&outlet)));
+        let senders: Vec<_> = (0..4)
+            .map(|_| {
+                let ring = Arc::clone(&ring);
+                std::thread::spawn(move || {
+                    for _ in 0..100 {
+                        ring.publish("{}", None);
+                    }
+                })
+            })
+            .collect();
+        for sender in senders {
+            sender.join().unwrap();
+        }
+        let kept = outlet.0.lock().unwrap();
+        let ids: Vec<MessageId> = kept.iter().filter_map(|(d, _)| d.id).collect();
+        assert_eq!(ids.len(), 400);
+        assert!(ids.windows(2).all(|w| w[0] < w[1]), "out of order");
     }
 
     #[test]
     fn a_resume_gets_what_came_after_and_trimming_is_detected() {
         let ring = ring(3, 60);
-        let ids: Vec<MessageId> = (0..5).map(|_| ring.publish("{}", None).0.id).collect();
+        let ids: Vec<MessageId> = (0..5).map(|_| ring.publish("{}", None).id).collect();
         let epoch = ring.read(None).epoch;
         let from = Position {
             epoch: epoch.clone(),
@@ -228,7 +279,7 @@ mod tests {
     fn old_messages_leave_by_age() {
         let ring = ring(100, 1);
         let start = Instant::now();
-        let first = ring.publish_at("{}", None, start, 1).0.id;
+        let first = ring.publish_at("{}", None, start, 1).id;
         ring.publish_at("{}", None, start + Duration::from_secs(2), 2);
         let snapshot = ring.read(None);
         assert_eq!(snapshot.max_trimmed, first);

@@ -19,7 +19,7 @@ use redis::cluster_routing::{MultipleNodeRoutingInfo, ResponsePolicy, RoutingInf
 use redis::{Cmd, Msg, Pipeline, PushInfo, PushKind, RedisFuture, RedisResult, Value};
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 
-use crate::config::RedisServer;
+use super::server::RedisServer;
 
 /// The connection every room publishes and reads its history on; cheap to clone.
 #[derive(Clone)]
@@ -68,8 +68,8 @@ pub enum Event {
     Lost,
 }
 
-/// Subscribes and unsubscribes.
-pub enum Sink {
+/// The subscription's outgoing side: subscribes, unsubscribes and pings.
+pub enum Subscriptions {
     /// One server's pub/sub connection.
     Single(PubSubSink),
     /// A cluster connection that routes each shard channel to its node.
@@ -77,7 +77,7 @@ pub enum Sink {
 }
 
 /// The subscription's incoming side.
-pub enum Source {
+pub enum Inbox {
     /// One server's messages.
     Single(PubSubStream),
     /// Every push message of the cluster connection.
@@ -85,26 +85,26 @@ pub enum Source {
 }
 
 /// Opens the subscriber's connection to `server`.
-pub async fn open(server: &RedisServer) -> RedisResult<(Sink, Source)> {
+pub async fn open(server: &RedisServer) -> RedisResult<(Subscriptions, Inbox)> {
     match server {
         RedisServer::Single(client) => {
             let (sink, stream) = client.get_async_pubsub().await?.split();
-            Ok((Sink::Single(sink), Source::Single(stream)))
+            Ok((Subscriptions::Single(sink), Inbox::Single(stream)))
         }
         RedisServer::Cluster(seeds) => {
             let (tx, rx) = unbounded_channel();
             let connection = seeds.client(Some(tx))?.get_async_connection().await?;
-            Ok((Sink::Cluster(connection), Source::Cluster(rx)))
+            Ok((Subscriptions::Cluster(connection), Inbox::Cluster(rx)))
         }
     }
 }
 
-impl Sink {
+impl Subscriptions {
     /// Subscribes to `channels`.
     pub async fn subscribe(&mut self, channels: &[&str]) -> RedisResult<()> {
         match self {
-            Sink::Single(sink) => sink.subscribe(channels).await,
-            Sink::Cluster(connection) => {
+            Subscriptions::Single(sink) => sink.subscribe(channels).await,
+            Subscriptions::Cluster(connection) => {
                 try_join_all(channels.iter().map(|channel| {
                     let mut connection = connection.clone();
                     async move { connection.ssubscribe(*channel).await }
@@ -118,8 +118,8 @@ impl Sink {
     /// Unsubscribes from `channels`.
     pub async fn unsubscribe(&mut self, channels: &[String]) -> RedisResult<()> {
         match self {
-            Sink::Single(sink) => sink.unsubscribe(channels).await,
-            Sink::Cluster(connection) => {
+            Subscriptions::Single(sink) => sink.unsubscribe(channels).await,
+            Subscriptions::Cluster(connection) => {
                 try_join_all(channels.iter().map(|channel| {
                     let mut connection = connection.clone();
                     async move { connection.sunsubscribe(channel).await }
@@ -133,8 +133,8 @@ impl Sink {
     /// Checks that the connection (every primary's, for a cluster) answers.
     pub async fn ping(&mut self) -> RedisResult<()> {
         match self {
-            Sink::Single(sink) => sink.ping::<Value>().await.map(drop),
-            Sink::Cluster(connection) => connection
+            Subscriptions::Single(sink) => sink.ping::<Value>().await.map(drop),
+            Subscriptions::Cluster(connection) => connection
                 .route_command(
                     redis::cmd("PING"),
                     RoutingInfo::MultiNode((
@@ -148,12 +148,12 @@ impl Sink {
     }
 }
 
-impl Source {
+impl Inbox {
     /// The next event; `None` when the connection is gone.
     pub async fn next(&mut self) -> Option<Event> {
         match self {
-            Source::Single(stream) => stream.next().await.map(Event::Message),
-            Source::Cluster(rx) => loop {
+            Inbox::Single(stream) => stream.next().await.map(Event::Message),
+            Inbox::Cluster(rx) => loop {
                 let push = rx.recv().await?;
                 if let Some(event) = cluster_event(push) {
                     return Some(event);

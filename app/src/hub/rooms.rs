@@ -2,20 +2,13 @@
 //! room (or an empty one) is the default room, the configured `redis_channel` itself.
 //!
 //! A name ([`parse_room`]) is 1 to 64 characters of `A-Z a-z 0-9 _ - .`; room `R` is channel
-//! `<redis_channel>:R`, whose history keys (`stream`) carry that channel as hash tag, so a room
-//! lives on one slot. The registry ([`Rooms`]) holds the rooms with local members: a client's
-//! handshake [`Rooms::join`]s its room (created with its first member, refused beyond
-//! `max_rooms`) and the [`Membership`] leaves it when dropped. Creating a room first reads where
-//! its history stands (its start): the subscriber catches the room up from there, so whatever
-//! is published after its first member joined reaches it. When the last member leaves, the
-//! room lingers (`room_linger`) and is then removed, unless someone joined meanwhile; the
-//! default room is never removed.
-//!
-//! A [`Room`] holds its local clients (a [`Fanout`]), its history ([`Store`]: a Redis Stream,
-//! or a ring buffer without Redis) and whether it is ready: with Redis, once the subscriber has
-//! subscribed to its channel and knows where that stands, so that nothing published after a
-//! client joined is missed (a joining client waits for it); without Redis, at once. The
-//! subscriber follows the registry through [`Rooms::changed`] and [`Rooms::take_changes`].
+//! `<redis_channel>:R`. The registry ([`Rooms`]) holds the rooms with local members: a
+//! handshake [`Rooms::join`]s (a new room first reads where its history stands, its start;
+//! beyond `max_rooms` it is refused) and the [`Membership`] leaves when dropped; an empty room
+//! lingers `room_linger`, the default room stays. A [`Room`] holds its [`Fanout`], its
+//! [`Inlet`], its [`Store`] and whether it is ready (with Redis, once subscribed and caught up;
+//! a joining client waits for it). The subscriber follows the registry as [`Channels`] and
+//! serves each room as a [`Channel`]. See ARCHITECTURE.md, "The message path".
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -24,11 +17,14 @@ use std::time::Duration;
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
-use crate::broker::{PublishError, RedisLink, ResumeError, Store};
-use crate::config::{Config, DEFAULT_REDIS_CHANNEL, HistoryConfig};
-use crate::fanout::Fanout;
-use crate::history::{Published, Resume};
+use super::fanout::Fanout;
+use super::inlet::Inlet;
+use super::store::{PublishError, ResumeError, Store};
+use crate::config::{Config, DEFAULT_REDIS_CHANNEL};
+use crate::history::{HistoryConfig, Outlet, Published, Resume};
 use crate::position::Position;
+use crate::redis::RedisLink;
+use crate::redis::subscriber::{Channel, Channels};
 
 /// Longest room name.
 pub const MAX_ROOM_CHARS: usize = 64;
@@ -78,6 +74,8 @@ pub fn channel_of(base: &str, room: Option<&str>) -> String {
 pub struct Room {
     channel: String,
     fanout: Arc<Fanout>,
+    /// Where both delivery paths hand the room's messages.
+    inlet: Arc<Inlet>,
     store: Store,
     /// Where the history stood before the room's first member joined (`None` for the default
     /// room, which takes no client before it is ready).
@@ -96,6 +94,31 @@ impl std::fmt::Debug for Room {
 }
 
 impl Room {
+    /// The room of `channel`, its history where `redis` says, ready at once without Redis.
+    fn new(
+        channel: String,
+        queue: usize,
+        history: HistoryConfig,
+        redis: Option<&Arc<RedisLink>>,
+        start: Option<Position>,
+    ) -> Room {
+        let fanout = Fanout::new(queue);
+        let inlet = Arc::new(Inlet::new(&channel, Arc::clone(&fanout)));
+        Room {
+            store: Store::new(
+                &channel,
+                history,
+                redis,
+                Arc::clone(&inlet) as Arc<dyn Outlet>,
+            ),
+            channel,
+            fanout,
+            inlet,
+            start,
+            ready: watch::Sender::new(redis.is_none()),
+        }
+    }
+
     /// The room's pub/sub channel, the key of everything about it.
     pub fn channel(&self) -> &str {
         &self.channel
@@ -106,24 +129,9 @@ impl Room {
         &self.fanout
     }
 
-    /// The room's history.
-    pub fn store(&self) -> &Store {
-        &self.store
-    }
-
-    /// Where the history stood before the room's first member joined.
-    pub fn start(&self) -> Option<&Position> {
-        self.start.as_ref()
-    }
-
     /// Whether every message published from now on reaches this room's local clients.
     pub fn is_ready(&self) -> bool {
         *self.ready.borrow()
-    }
-
-    /// Marks the room ready (the subscriber has subscribed to it and caught up).
-    pub fn set_ready(&self) {
-        self.ready.send_replace(true);
     }
 
     /// Waits until the room is ready, at most `within`; whether it is.
@@ -138,7 +146,7 @@ impl Room {
     /// Adds a serialised chat message to the room's history and sends it to the room's
     /// members on every instance, unless `cid` was published already; says where it is.
     pub async fn publish(&self, body: &str, cid: Option<&str>) -> Result<Published, PublishError> {
-        self.store.publish(&self.fanout, body, cid).await
+        self.store.publish(body, cid).await
     }
 
     /// What a client of this room at `from` missed (`None`: a fresh client).
@@ -167,7 +175,7 @@ struct State {
     /// Every room by channel, the default room included.
     rooms: HashMap<String, Entry>,
     /// Channels whose room was created, replaced or removed since the last
-    /// [`Rooms::take_changes`].
+    /// [`Channels::take_changes`].
     changes: HashSet<String>,
 }
 
@@ -206,13 +214,13 @@ impl Rooms {
             .as_ref()
             .map_or(DEFAULT_REDIS_CHANNEL, |r| r.channel.as_str())
             .to_owned();
-        let default = Arc::new(Room {
-            channel: base.clone(),
-            fanout: Fanout::new(config.client_queue),
-            store: Store::new(&base, config.history, redis.as_ref()),
-            start: None,
-            ready: watch::Sender::new(redis.is_none()),
-        });
+        let default = Arc::new(Room::new(
+            base.clone(),
+            config.client_queue,
+            config.history,
+            redis.as_ref(),
+            None,
+        ));
         let mut state = State::default();
         state.rooms.insert(
             base.clone(),
@@ -248,12 +256,22 @@ impl Rooms {
         if let Some(membership) = self.join_existing(&channel)? {
             return Ok(membership);
         }
-        let store = Store::new(&channel, self.history, self.redis.as_ref());
-        let now = store.read(None).await.map_err(JoinError::Unavailable)?;
-        let start = Position {
+        let mut room = Room::new(
+            channel.clone(),
+            self.queue,
+            self.history,
+            self.redis.as_ref(),
+            None,
+        );
+        let now = room
+            .store
+            .read(None)
+            .await
+            .map_err(JoinError::Unavailable)?;
+        room.start = Some(Position {
             epoch: now.epoch,
             last: now.last_added,
-        };
+        });
         let mut state = self.lock();
         if let Some(entry) = state.rooms.get_mut(&channel) {
             // Created by another client meanwhile, from a position read before it joined,
@@ -264,13 +282,7 @@ impl Rooms {
         if state.rooms.len() > self.max_rooms {
             return Err(JoinError::Full(self.max_rooms));
         }
-        let room = Arc::new(Room {
-            fanout: Fanout::new(self.queue),
-            store,
-            start: Some(start),
-            ready: watch::Sender::new(self.redis.is_none()),
-            channel: channel.clone(),
-        });
+        let room = Arc::new(room);
         state.rooms.insert(
             channel.clone(),
             Entry {
@@ -366,14 +378,20 @@ impl Rooms {
         due
     }
 
-    /// Resolves when rooms were created or removed since the last [`Rooms::take_changes`].
-    pub async fn changed(&self) {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // Every operation leaves the map consistent in one step, even if a holder panicked.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl Channels for Rooms {
+    type Channel = Room;
+
+    async fn changed(&self) {
         self.changed.notified().await;
     }
 
-    /// The channels whose room was created, replaced or removed since the last call, each with
-    /// its room now (`None`: removed).
-    pub fn take_changes(&self) -> Vec<(String, Option<Arc<Room>>)> {
+    fn take_changes(&self) -> Vec<(String, Option<Arc<Room>>)> {
         let mut state = self.lock();
         let changes = std::mem::take(&mut state.changes);
         changes
@@ -385,18 +403,40 @@ impl Rooms {
             .collect()
     }
 
-    /// Every room now, the default room included.
-    pub fn all(&self) -> Vec<Arc<Room>> {
+    fn all(&self) -> Vec<Arc<Room>> {
         self.lock()
             .rooms
             .values()
             .map(|e| Arc::clone(&e.room))
             .collect()
     }
+}
 
-    fn lock(&self) -> MutexGuard<'_, State> {
-        // Every operation leaves the map consistent in one step, even if a holder panicked.
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+impl Channel for Room {
+    fn name(&self) -> &str {
+        &self.channel
+    }
+
+    async fn position(&self) -> redis::RedisResult<Position> {
+        if let Some(position) = self.inlet.last().or_else(|| self.start.clone()) {
+            return Ok(position);
+        }
+        let now = self.store.read(None).await?;
+        Ok(Position {
+            epoch: now.epoch,
+            last: now.last_added,
+        })
+    }
+
+    async fn catch_up(&self, from: Position) -> redis::RedisResult<usize> {
+        let snapshot = self.store.read(Some(&from)).await?;
+        let count = self.inlet.catch_up(snapshot, &from);
+        self.ready.send_replace(true);
+        Ok(count)
+    }
+
+    fn outlet(&self) -> &dyn Outlet {
+        &*self.inlet
     }
 }
 

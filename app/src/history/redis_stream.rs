@@ -1,24 +1,14 @@
 //! The channel's history in Redis: a Stream beside the pub/sub channel, written and read by two
 //! Lua scripts so that each step is atomic on the server.
 //!
-//! Keys, all with the channel as hash tag so they live on one slot (one shard of a cluster):
-//! `{<channel>}:history` (the Stream; field `p` holds the message body without its position),
-//! `{<channel>}:epoch` (the history's current life) and `{<channel>}:cid:<cid>` (the id a client
-//! message id got, for the dedupe window).
-//!
-//! - [`Stream::publish`]: unless the `cid` was seen, `XADD` with `MAXLEN ~`, `XTRIM MINID ~` by
-//!   age, remember the `cid`, and `PUBLISH` the body with `"id"` and `"epoch"` appended on the
-//!   channel (`SPUBLISH` on a cluster: the room's channel is a shard channel in the keys' slot),
-//!   all in one script: the order of the channel is the order of the Stream.
-//! - [`Stream::read`]: the epoch, the greatest id added (the newest entry: trimming never
-//!   removes it), the greatest id that may have been trimmed (the `prev` field of the oldest
-//!   entry kept: every entry records the id of the one added before it), and the entries after
-//!   a position (`XRANGE (id +`). Redis' own `max-deleted-entry-id` is not used: trimming does
-//!   not update it.
-//!
-//! Both scripts first make sure a life exists: an epoch key AND a Stream. If either is missing
-//! (a Redis restarted without persistence, a key evicted), a fresh epoch starts with an empty
-//! Stream, so a client holding the old epoch is told its gap cannot be filled.
+//! Keys, all hash-tagged on the channel so they live on one slot: `{<channel>}:history` (the
+//! Stream), `{<channel>}:epoch` (the history's current life) and `{<channel>}:cid:<cid>` (the
+//! dedupe window). [`RedisHistory::publish`] adds, trims, remembers the `cid` and `PUBLISH`es
+//! (`SPUBLISH` on a cluster) in one script, so the channel's order is the Stream's;
+//! [`RedisHistory::read`] returns the epoch, the newest id, the greatest id that may have been
+//! trimmed (the oldest kept entry's `prev` field) and the entries after a position. Both start
+//! a fresh epoch with an empty Stream when either key is missing, so a client holding the old
+//! epoch is told its gap cannot be filled. See ARCHITECTURE.md (`history/`).
 
 use std::sync::{Mutex, PoisonError};
 
@@ -26,9 +16,7 @@ use axum::extract::ws::Utf8Bytes;
 use redis::aio::ConnectionLike;
 use redis::{RedisError, Script};
 
-use crate::config::HistoryConfig;
-use crate::fanout::Delivery;
-use crate::history::{Published, Snapshot};
+use super::{Delivery, HistoryConfig, Published, Snapshot};
 use crate::position::{MessageId, Position, new_epoch};
 use crate::protocol;
 
@@ -130,7 +118,7 @@ pub enum Receivers {
 }
 
 /// One channel's history in Redis.
-pub struct Stream {
+pub struct RedisHistory {
     channel: String,
     stream_key: String,
     epoch_key: String,
@@ -144,18 +132,18 @@ pub struct Stream {
     fresh: Mutex<String>,
 }
 
-impl std::fmt::Debug for Stream {
+impl std::fmt::Debug for RedisHistory {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Stream")
+        f.debug_struct("RedisHistory")
             .field("stream_key", &self.stream_key)
             .finish_non_exhaustive()
     }
 }
 
-impl Stream {
+impl RedisHistory {
     /// The history of `channel`; `sharded` on a cluster (the channel is a shard channel).
-    pub fn new(channel: &str, config: HistoryConfig, sharded: bool) -> Stream {
-        Stream {
+    pub fn new(channel: &str, config: HistoryConfig, sharded: bool) -> RedisHistory {
+        RedisHistory {
             publish_command: if sharded { "SPUBLISH" } else { "PUBLISH" },
             channel: channel.to_owned(),
             stream_key: format!("{{{channel}}}:history"),
