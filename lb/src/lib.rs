@@ -9,13 +9,16 @@
 //! `backends` (balancing, health checks, keep-alive connections, the HTTP/1.1 exchange) and
 //! hands upgraded connections to `tunnel` (the byte splice). `ops` runs the process around
 //! them: start, [`Lb::reload`] and [`Lb::shutdown`], signals, the open-file limit and the admin
-//! listener, which reads the counters in `metrics` that every group bumps.
+//! listener, which reads the counters in `metrics` that every group bumps. `acme` orders,
+//! stores and renews certificates from an ACME CA and hands them (and challenge answers) to
+//! `front`'s SNI resolver and redirect listener.
 //!
-//! Dependencies point one way: `ops` → `front` → `http` → `tunnel`, `backends`; `config` and
+//! Dependencies point one way: `ops` → `front` → `acme`, `http` → `tunnel`, `backends`; `config` and
 //! `metrics` are read by all of them and depend only on `backends`. No module imports one that
 //! imports it back; `http` calls nothing in `front` and only carries two of its types (the
 //! connection's slot in the connection limit, and the TLS stream a tunnel unwraps).
 
+pub mod acme;
 pub mod backends;
 pub mod config;
 pub mod front;

@@ -19,8 +19,11 @@ use std::time::Duration;
 use crate::backends::balance::Policy;
 use crate::backends::health::HealthConfig;
 
+mod acme;
 mod raw;
 mod validate;
+
+pub use acme::{AcmeChallenge, AcmeConfig, AcmePeer, check_storage};
 
 pub use raw::Overrides;
 use raw::{RawConfig, RawListen};
@@ -80,6 +83,8 @@ pub struct Config {
     pub limits: Limits,
     /// TLS settings beyond the certificates.
     pub tls: TlsSettings,
+    /// Certificates ordered from an ACME CA (`[acme]`), if any.
+    pub acme: Option<AcmeConfig>,
 }
 
 /// TLS settings beyond the certificates.

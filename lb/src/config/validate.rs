@@ -110,6 +110,10 @@ impl RawConfig {
         let timeouts = v.timeouts(self.timeouts.unwrap_or_default())?;
         let limits = v.limits(self.limits.unwrap_or_default())?;
         let tls = v.tls(self.tls.unwrap_or_default())?;
+        let acme = self
+            .acme
+            .map(|a| v.acme(a, base, redirect))
+            .transpose()?;
 
         Ok(Config {
             source: file.to_owned(),
@@ -125,21 +129,22 @@ impl RawConfig {
             timeouts,
             limits,
             tls,
+            acme,
         })
     }
 }
 
 /// Per-key checks, each producing a [`ConfigError::Invalid`] that names `file` and the key.
-struct Validator<'a> {
+pub(super) struct Validator<'a> {
     file: &'a str,
 }
 
 impl Validator<'_> {
-    fn err(&self, key: impl Into<String>, reason: impl fmt::Display) -> ConfigError {
+    pub(super) fn err(&self, key: impl Into<String>, reason: impl fmt::Display) -> ConfigError {
         ConfigError::invalid(self.file, key, reason)
     }
 
-    fn addr(&self, key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
+    pub(super) fn addr(&self, key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
         value.parse().map_err(|_| {
             self.err(
                 key,
@@ -355,7 +360,7 @@ impl Validator<'_> {
     }
 
     /// A humantime duration (`"2s"`, `"1h 30m"`, `"500ms"`), non-zero.
-    fn duration(
+    pub(super) fn duration(
         &self,
         key: &str,
         value: Option<String>,
