@@ -13,6 +13,7 @@ pub mod client;
 pub mod cluster;
 pub mod latency;
 pub mod netns;
+pub mod pebble;
 pub mod process;
 pub mod redis;
 pub mod stack;

@@ -78,9 +78,13 @@ pub fn alpn_certificate(name: &str, digest: &[u8]) -> Result<Arc<CertifiedKey>, 
     let cert = params.self_signed(&key).map_err(|e| e.to_string())?;
     let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
     let provider = rustls::crypto::ring::default_provider();
-    CertifiedKey::from_der(vec![cert.der().clone()], der, &provider)
-        .map(Arc::new)
-        .map_err(|e| e.to_string())
+    let signer = provider
+        .key_provider
+        .load_private_key(der)
+        .map_err(|e| e.to_string())?;
+    // Not `from_der`: its key check parses the certificate with webpki, which (rightly, for a
+    // served certificate) refuses the critical acmeIdentifier extension.
+    Ok(Arc::new(CertifiedKey::new(vec![cert.der().clone()], signer)))
 }
 
 #[cfg(test)]

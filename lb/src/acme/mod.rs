@@ -7,9 +7,7 @@
 //! stored certificates are installed before any listener accepts (serving never waits for the
 //! CA: a name without a valid stored certificate is served the `[[certificates]]` fallback),
 //! then each certificate is ordered (`order`) when missing or due, stored (`storage`) and
-//! swapped in; connections already open keep the certificate they shook hands with. In a
-//! keepalived pair `peer` shares issued certificates and challenge answers with the other host
-//! so that only the holder of the virtual address orders.
+//! swapped in; connections already open keep the certificate they shook hands with.
 
 pub mod challenge;
 pub mod order;
@@ -33,7 +31,7 @@ pub struct Served {
     pub names: Vec<String>,
     /// Chain and key for rustls.
     pub key: Arc<CertifiedKey>,
-    /// Its combined PEM (chain, then key), as stored and as shared with a peer.
+    /// Its combined PEM (chain, then key), as stored.
     pub pem: String,
     /// Validity, Unix seconds.
     pub not_before: i64,

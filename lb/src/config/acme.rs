@@ -5,14 +5,13 @@
 //! prove a wildcard), `http-01` needs the redirect listener (its port 80 is where the CA asks),
 //! and the storage directory must be usable: [`check_storage`] is the one rule both `lb check`
 //! and the ACME task at start apply (a directory lb can write, readable by its owner only).
-//! `[acme.peer]` names the other host of a keepalived pair (see `acme::peer`).
 
 use std::net::{IpAddr, SocketAddr};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::raw::{RawAcme, RawAcmePeer};
+use super::raw::RawAcme;
 use super::validate::Validator;
 use super::ConfigError;
 
@@ -55,21 +54,6 @@ pub struct AcmeConfig {
     /// How long before expiry a certificate is renewed when the CA offers no renewal window
     /// (ARI); `None`: a third of its lifetime.
     pub renew_before: Option<Duration>,
-    /// The other lb host of a keepalived pair, if any.
-    pub peer: Option<AcmePeer>,
-}
-
-/// `[acme.peer]`: the other host of an active-passive pair.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AcmePeer {
-    /// Where this host answers its peer (plain TCP; every body sealed with the shared secret).
-    pub listen: SocketAddr,
-    /// The peer's own `listen` address.
-    pub address: SocketAddr,
-    /// The shared secret (at least 32 bytes, mode 0600), the same file on both hosts.
-    pub secret_file: PathBuf,
-    /// The virtual address keepalived moves: the host holding it orders, the other never does.
-    pub vip: IpAddr,
 }
 
 /// Checks that `dir` can serve as ACME storage: an existing directory must be a directory
@@ -90,7 +74,12 @@ pub fn check_storage(dir: &Path) -> Result<(), String> {
             }
             writable(dir)
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
+            ) =>
+        {
             let parent = match dir.parent() {
                 Some(p) if !p.as_os_str().is_empty() => p,
                 _ => Path::new("."),
@@ -212,7 +201,6 @@ impl Validator<'_> {
             .renew_before
             .map(|text| self.duration("acme.renew_before", Some(text), Duration::ZERO))
             .transpose()?;
-        let peer = a.peer.map(|p| self.acme_peer(p, base)).transpose()?;
 
         Ok(AcmeConfig {
             directory,
@@ -222,42 +210,6 @@ impl Validator<'_> {
             storage,
             ca_file,
             renew_before,
-            peer,
-        })
-    }
-
-    fn acme_peer(&self, p: RawAcmePeer, base: &Path) -> Result<AcmePeer, ConfigError> {
-        let missing = |key: &str, example: &str| {
-            self.err(format!("acme.peer.{key}"), format!("missing: {example}"))
-        };
-        let listen = p.listen.ok_or_else(|| {
-            missing("listen", "where this host answers its peer, e.g. \"10.0.0.2:9101\"")
-        })?;
-        let listen = self.addr("acme.peer.listen", &listen)?;
-        let address = p.address.ok_or_else(|| {
-            missing("address", "the peer's listen address, e.g. \"10.0.0.3:9101\"")
-        })?;
-        let address = self.addr("acme.peer.address", &address)?;
-        let secret_file = base.join(p.secret_file.ok_or_else(|| {
-            missing(
-                "secret_file",
-                "a file of at least 32 random bytes shared by both hosts (mode 0600)",
-            )
-        })?);
-        let vip = p
-            .vip
-            .ok_or_else(|| missing("vip", "the virtual address keepalived moves"))?;
-        let vip = vip.parse().map_err(|_| {
-            self.err(
-                "acme.peer.vip",
-                format!("{vip:?} is not an IP address (example: \"10.0.0.100\")"),
-            )
-        })?;
-        Ok(AcmePeer {
-            listen,
-            address,
-            secret_file,
-            vip,
         })
     }
 }
@@ -292,5 +244,109 @@ fn dns_name(name: &str, challenge: AcmeChallenge) -> Result<(), String> {
         Ok(_) if name.ends_with('.') => Err(format!("{name:?} ends with a dot")),
         Ok(_) => Ok(()),
         Err(_) => Err(format!("{name:?} is not a DNS name")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use crate::config::{Config, Overrides};
+
+    use super::*;
+
+    fn parse(acme: &str, redirect: bool) -> Result<Config, ConfigError> {
+        let listen = if redirect {
+            "[listen]\nredirect = \"127.0.0.1:0\"\n"
+        } else {
+            ""
+        };
+        let text = format!(
+            "{listen}[[certificates]]\npem = \"site.pem\"\n[[backends]]\naddr = \"127.0.0.1:1\"\n\
+             [acme]\n{acme}"
+        );
+        let dir = std::env::temp_dir();
+        Config::parse(&text, "lb.toml", &dir, &Overrides::default())
+    }
+
+    fn storage() -> (tempfile::TempDir, String) {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("acme");
+        (tmp, format!("storage = \"{}\"\n", dir.display()))
+    }
+
+    #[test]
+    fn a_minimal_section_gets_its_defaults() {
+        let (_tmp, storage) = storage();
+        let c = parse(
+            &format!(
+                "directory = \"https://ca.test/dir\"\ndomains = [[\"a.test\", \"B.test\"]]\n{storage}"
+            ),
+            false,
+        )
+        .unwrap();
+        let a = c.acme.unwrap();
+        assert_eq!(a.challenge, AcmeChallenge::TlsAlpn01);
+        assert_eq!(a.domains, vec![vec!["a.test".to_owned(), "B.test".to_owned()]]);
+        assert_eq!(a.renew_before, None);
+        assert!(a.contact.is_empty());
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let (_tmp, storage) = storage();
+        let base = format!("directory = \"https://ca.test/dir\"\n{storage}");
+        let cases: &[(&str, bool, &str)] = &[
+            ("domains = [[\"a.test\"]]\nchallenge = \"http-01\"\n", false,
+             "acme.challenge: http-01 is answered on the redirect listener"),
+            ("domains = [[\"a.test\"], [\"A.test\"]]\n", false,
+             "acme.domains[1][0]: \"A.test\" is already acme.domains[0][0]"),
+            ("domains = []\n", false, "acme.domains: at least one"),
+            ("domains = [[]]\n", false, "acme.domains[0]: lists no name"),
+            ("domains = [[\"a.test.\"]]\n", false, "ends with a dot"),
+            ("domains = [[\"*.a.test\"]]\n", false,
+             "acme.domains[0][0]: \"*.a.test\" is a wildcard: tls-alpn-01 cannot prove"),
+            ("domains = [[\"a.test\"]]\ncontact = [\"ops@a.test\"]\n", false,
+             "acme.contact[0]: \"ops@a.test\" is not a mailto: URL"),
+            ("domains = [[\"a.test\"]]\nrenew_before = \"soon\"\n", false,
+             "acme.renew_before: \"soon\" is not a duration"),
+            ("domains = [[\"a.test\"]]\nca_file = \"/nonexistent/ca.pem\"\n", false,
+             "acme.ca_file: /nonexistent/ca.pem"),
+            ("domains = [[\"a.test\"]]\nstorage2 = \"x\"\n", false, "unknown field `storage2`"),
+        ];
+        for (extra, redirect, expected) in cases {
+            let e = parse(&format!("{base}{extra}"), *redirect).unwrap_err().to_string();
+            assert!(e.contains(expected), "{extra:?}: got {e:?}");
+            assert!(e.starts_with("lb.toml: "), "{e}");
+        }
+        let e = parse("domains = [[\"a.test\"]]\nstorage = \"/tmp\"\n", false)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("acme.directory: missing"), "{e}");
+        let e = parse(
+            &format!("directory = \"http://ca.test/dir\"\ndomains = [[\"a.test\"]]\n{storage}"),
+            false,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("acme.directory: \"http://ca.test/dir\" is not an https:// URL"), "{e}");
+    }
+
+    #[test]
+    fn storage_must_be_private_and_writable() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("acme");
+        assert!(check_storage(&dir).is_ok(), "a missing directory under a writable parent");
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o750)).unwrap();
+        let e = check_storage(&dir).unwrap_err();
+        assert!(e.contains("has mode 750"), "{e}");
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+        assert!(check_storage(&dir).is_ok());
+        let file = tmp.path().join("file");
+        std::fs::write(&file, "").unwrap();
+        assert!(check_storage(&file).unwrap_err().contains("is not a directory"));
+        let e = check_storage(&file.join("acme")).unwrap_err();
+        assert!(e.contains("is not a directory"), "{e}");
     }
 }

@@ -23,7 +23,7 @@ mod acme;
 mod raw;
 mod validate;
 
-pub use acme::{AcmeChallenge, AcmeConfig, AcmePeer, check_storage};
+pub use acme::{AcmeChallenge, AcmeConfig, check_storage};
 
 pub use raw::Overrides;
 use raw::{RawConfig, RawListen};
