@@ -43,7 +43,11 @@ struct Site {
 impl Site {
     async fn new() -> Result<Site> {
         let dir = tempfile::tempdir()?;
-        generate_certs(&dir.path().join("fallback"), &["fallback.test", "127.0.0.1"]).await?;
+        generate_certs(
+            &dir.path().join("fallback"),
+            &["fallback.test", "127.0.0.1"],
+        )
+        .await?;
         let backend = echo_backend().await?;
         Ok(Site {
             dir,
@@ -148,7 +152,10 @@ async fn echo_backend() -> Result<SocketAddr> {
 async fn metric(admin: SocketAddr, series: &str) -> Result<f64> {
     let (_, body) = http_get(admin, "/metrics").await?;
     for line in body.lines() {
-        if let Some(value) = line.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')) {
+        if let Some(value) = line
+            .strip_prefix(series)
+            .and_then(|rest| rest.strip_prefix(' '))
+        {
             return value.trim().parse().context("bad metric value");
         }
     }
@@ -156,14 +163,20 @@ async fn metric(admin: SocketAddr, series: &str) -> Result<f64> {
 }
 
 async fn orders(admin: SocketAddr, result: &str) -> Result<f64> {
-    metric(admin, &format!("lb_acme_orders_total{{result=\"{result}\"}}")).await
+    metric(
+        admin,
+        &format!("lb_acme_orders_total{{result=\"{result}\"}}"),
+    )
+    .await
 }
 
 /// Waits until lb has `n` successful orders.
 async fn issued(admin: SocketAddr, n: f64) -> Result<()> {
-    eventually(&format!("{n} ACME orders to succeed"), ISSUED_WITHIN, || async move {
-        Ok(orders(admin, "ok").await? >= n)
-    })
+    eventually(
+        &format!("{n} ACME orders to succeed"),
+        ISSUED_WITHIN,
+        || async move { Ok(orders(admin, "ok").await? >= n) },
+    )
     .await
 }
 
@@ -173,7 +186,10 @@ async fn handshake(
     port: u16,
     name: &str,
     config: Arc<rustls::ClientConfig>,
-) -> Result<(Vec<CertificateDer<'static>>, tokio_rustls::client::TlsStream<TcpStream>)> {
+) -> Result<(
+    Vec<CertificateDer<'static>>,
+    tokio_rustls::client::TlsStream<TcpStream>,
+)> {
     let tcp = TcpStream::connect(("127.0.0.1", port)).await?;
     let tls = TlsConnector::from(config)
         .connect(ServerName::try_from(name.to_owned())?, tcp)
@@ -239,7 +255,10 @@ async fn tls_alpn_01_issues_a_chain_pebble_verifies_and_a_restart_reuses_it() ->
     assert_eq!(served[0], served[1], "one certificate for both names");
     let expiry = metric(
         admin,
-        &format!("lb_certificate_not_after_seconds{{name=\"{}\",source=\"acme\"}}", NAMES[0]),
+        &format!(
+            "lb_certificate_not_after_seconds{{name=\"{}\",source=\"acme\"}}",
+            NAMES[0]
+        ),
     )
     .await?;
     assert!(expiry > 0.0, "the issued certificate's expiry is exported");
@@ -255,7 +274,10 @@ async fn tls_alpn_01_issues_a_chain_pebble_verifies_and_a_restart_reuses_it() ->
     let lb = site.start_lb(&config).await?;
     let admin = lb.addr("admin");
     let (chain, _) = handshake(site.https, NAMES[0], Arc::clone(&trusting_pebble)).await?;
-    assert_eq!(chain[0], served[0], "the stored certificate is served at once");
+    assert_eq!(
+        chain[0], served[0],
+        "the stored certificate is served at once"
+    );
     assert_eq!(orders(admin, "ok").await?, 0.0);
     assert_eq!(orders(admin, "failed").await?, 0.0);
     assert_eq!(std::fs::read(site.storage().join("account.json"))?, account);
@@ -284,7 +306,9 @@ async fn http_01_issues_through_the_redirect_listener() -> Result<()> {
     let redirect = SocketAddr::from(([127, 0, 0, 1], site.redirect));
     assert_eq!(http_get(redirect, "/").await?.0, 301);
     assert_eq!(
-        http_get(redirect, "/.well-known/acme-challenge/unknown").await?.0,
+        http_get(redirect, "/.well-known/acme-challenge/unknown")
+            .await?
+            .0,
         404
     );
     Ok(())
@@ -309,7 +333,10 @@ async fn renewal_swaps_the_certificate_under_open_tunnels() -> Result<()> {
     }
     issued(admin, 2.0).await?;
     let (second, _) = handshake(site.https, NAMES[0], Arc::clone(&trusting_pebble)).await?;
-    assert_ne!(first[0], second[0], "a renewed certificate is served to new handshakes");
+    assert_ne!(
+        first[0], second[0],
+        "a renewed certificate is served to new handshakes"
+    );
     for (i, ws) in tunnels.iter_mut().enumerate() {
         echo(ws, &format!("tunnel {i} after the renewal")).await?;
     }
@@ -334,7 +361,10 @@ async fn a_ca_down_at_start_leaves_the_fallback_until_it_is_back() -> Result<()>
     let admin = lb.addr("admin");
 
     let (chain, _) = handshake(site.https, NAMES[0], fallback_config(&site).await?).await?;
-    assert!(!chain.is_empty(), "the fallback serves while the CA is down");
+    assert!(
+        !chain.is_empty(),
+        "the fallback serves while the CA is down"
+    );
     eventually("an order to fail", ISSUED_WITHIN, || async move {
         Ok(orders(admin, "failed").await? >= 1.0)
     })
@@ -438,7 +468,10 @@ async fn lb_check_names_the_key_of_bad_acme_input() -> Result<()> {
             "acme.directory: \"ftp://ca.test/dir\" is not an https:// URL",
         ),
         (
-            good.replace("storage = \"acme\"", &format!("storage = \"{}/acme\"", not_a_file.display())),
+            good.replace(
+                "storage = \"acme\"",
+                &format!("storage = \"{}/acme\"", not_a_file.display()),
+            ),
             "acme.storage:",
         ),
         (
@@ -471,7 +504,10 @@ async fn lb_check_names_the_key_of_bad_acme_input() -> Result<()> {
     std::fs::set_permissions(site.storage(), std::fs::Permissions::from_mode(0o755))?;
     let (status, err) = check(&site, &good).await?;
     assert_eq!(status, 64, "{err}");
-    assert!(err.contains("acme.storage:") && err.contains("mode 755"), "{err}");
+    assert!(
+        err.contains("acme.storage:") && err.contains("mode 755"),
+        "{err}"
+    );
     std::fs::set_permissions(site.storage(), std::fs::Permissions::from_mode(0o700))?;
     std::fs::write(site.storage().join("chat.acme.test.pem"), "x")?;
     std::fs::set_permissions(

@@ -84,7 +84,10 @@ pub fn alpn_certificate(name: &str, digest: &[u8]) -> Result<Arc<CertifiedKey>, 
         .map_err(|e| e.to_string())?;
     // Not `from_der`: its key check parses the certificate with webpki, which (rightly, for a
     // served certificate) refuses the critical acmeIdentifier extension.
-    Ok(Arc::new(CertifiedKey::new(vec![cert.der().clone()], signer)))
+    Ok(Arc::new(CertifiedKey::new(
+        vec![cert.der().clone()],
+        signer,
+    )))
 }
 
 #[cfg(test)]

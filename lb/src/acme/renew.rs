@@ -211,8 +211,13 @@ impl Renewer {
                 a
             }
         };
-        let issued =
-            order::order(&account, &names, self.config.challenge, &self.acme.challenges).await?;
+        let issued = order::order(
+            &account,
+            &names,
+            self.config.challenge,
+            &self.acme.challenges,
+        )
+        .await?;
         let served = served_from_pem(&names, &issued.pem).map_err(OrderError::Local)?;
         let first = names.first().map_or("", String::as_str);
         self.storage.save_certificate(first, &issued.pem)?;

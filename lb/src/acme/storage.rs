@@ -27,7 +27,9 @@ pub enum StorageError {
     #[error("{0}")]
     Directory(String),
     /// A file in it may be read by group or others.
-    #[error("{path} has mode {mode:03o}; it holds a private key and must be 0600 (chmod 600 {path})")]
+    #[error(
+        "{path} has mode {mode:03o}; it holds a private key and must be 0600 (chmod 600 {path})"
+    )]
     LooseFile {
         /// The file.
         path: String,
@@ -80,7 +82,9 @@ impl Storage {
         check_storage(dir).map_err(StorageError::Directory)?;
         for entry in fs::read_dir(dir).map_err(|source| io(dir, source))? {
             let entry = entry.map_err(|source| io(dir, source))?;
-            let meta = entry.metadata().map_err(|source| io(&entry.path(), source))?;
+            let meta = entry
+                .metadata()
+                .map_err(|source| io(&entry.path(), source))?;
             let mode = meta.permissions().mode() & 0o777;
             if meta.is_file() && mode & 0o077 != 0 {
                 return Err(StorageError::LooseFile {
@@ -141,7 +145,10 @@ impl Storage {
 
     /// Stores a certificate (chain then key, PEM) under its first name.
     pub fn save_certificate(&self, name: &str, pem: &str) -> Result<(), StorageError> {
-        self.write(&format!("{}.pem", name.to_ascii_lowercase()), pem.as_bytes())
+        self.write(
+            &format!("{}.pem", name.to_ascii_lowercase()),
+            pem.as_bytes(),
+        )
     }
 
     /// Writes `file` (0600) through a temporary file renamed over it.
@@ -198,12 +205,18 @@ mod tests {
         let dir = tmp.path().join("acme");
         let s = Storage::open(&dir).unwrap();
         s.save_certificate("a.test", "pem").unwrap();
-        fs::set_permissions(s.certificate_path("a.test"), fs::Permissions::from_mode(0o644))
-            .unwrap();
+        fs::set_permissions(
+            s.certificate_path("a.test"),
+            fs::Permissions::from_mode(0o644),
+        )
+        .unwrap();
         let e = Storage::open(&dir).unwrap_err().to_string();
         assert!(e.contains("a.test.pem has mode 644"), "{e}");
-        fs::set_permissions(s.certificate_path("a.test"), fs::Permissions::from_mode(0o600))
-            .unwrap();
+        fs::set_permissions(
+            s.certificate_path("a.test"),
+            fs::Permissions::from_mode(0o600),
+        )
+        .unwrap();
         fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
         let e = Storage::open(&dir).unwrap_err().to_string();
         assert!(e.contains("has mode 755"), "{e}");

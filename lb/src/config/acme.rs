@@ -11,9 +11,9 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use super::ConfigError;
 use super::raw::RawAcme;
 use super::validate::Validator;
-use super::ConfigError;
 
 /// Which ACME challenge proves control of the names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -86,7 +86,10 @@ pub fn check_storage(dir: &Path) -> Result<(), String> {
             };
             match std::fs::metadata(parent) {
                 Ok(meta) if meta.is_dir() => writable(parent).map_err(|e| {
-                    format!("{} does not exist and cannot be created: {e}", dir.display())
+                    format!(
+                        "{} does not exist and cannot be created: {e}",
+                        dir.display()
+                    )
                 }),
                 Ok(_) => Err(format!(
                     "{} cannot be created: {} is not a directory",
@@ -287,7 +290,10 @@ mod tests {
         .unwrap();
         let a = c.acme.unwrap();
         assert_eq!(a.challenge, AcmeChallenge::TlsAlpn01);
-        assert_eq!(a.domains, vec![vec!["a.test".to_owned(), "B.test".to_owned()]]);
+        assert_eq!(
+            a.domains,
+            vec![vec!["a.test".to_owned(), "B.test".to_owned()]]
+        );
         assert_eq!(a.renew_before, None);
         assert!(a.contact.is_empty());
     }
@@ -297,25 +303,49 @@ mod tests {
         let (_tmp, storage) = storage();
         let base = format!("directory = \"https://ca.test/dir\"\n{storage}");
         let cases: &[(&str, bool, &str)] = &[
-            ("domains = [[\"a.test\"]]\nchallenge = \"http-01\"\n", false,
-             "acme.challenge: http-01 is answered on the redirect listener"),
-            ("domains = [[\"a.test\"], [\"A.test\"]]\n", false,
-             "acme.domains[1][0]: \"A.test\" is already acme.domains[0][0]"),
+            (
+                "domains = [[\"a.test\"]]\nchallenge = \"http-01\"\n",
+                false,
+                "acme.challenge: http-01 is answered on the redirect listener",
+            ),
+            (
+                "domains = [[\"a.test\"], [\"A.test\"]]\n",
+                false,
+                "acme.domains[1][0]: \"A.test\" is already acme.domains[0][0]",
+            ),
             ("domains = []\n", false, "acme.domains: at least one"),
             ("domains = [[]]\n", false, "acme.domains[0]: lists no name"),
             ("domains = [[\"a.test.\"]]\n", false, "ends with a dot"),
-            ("domains = [[\"*.a.test\"]]\n", false,
-             "acme.domains[0][0]: \"*.a.test\" is a wildcard: tls-alpn-01 cannot prove"),
-            ("domains = [[\"a.test\"]]\ncontact = [\"ops@a.test\"]\n", false,
-             "acme.contact[0]: \"ops@a.test\" is not a mailto: URL"),
-            ("domains = [[\"a.test\"]]\nrenew_before = \"soon\"\n", false,
-             "acme.renew_before: \"soon\" is not a duration"),
-            ("domains = [[\"a.test\"]]\nca_file = \"/nonexistent/ca.pem\"\n", false,
-             "acme.ca_file: /nonexistent/ca.pem"),
-            ("domains = [[\"a.test\"]]\nstorage2 = \"x\"\n", false, "unknown field `storage2`"),
+            (
+                "domains = [[\"*.a.test\"]]\n",
+                false,
+                "acme.domains[0][0]: \"*.a.test\" is a wildcard: tls-alpn-01 cannot prove",
+            ),
+            (
+                "domains = [[\"a.test\"]]\ncontact = [\"ops@a.test\"]\n",
+                false,
+                "acme.contact[0]: \"ops@a.test\" is not a mailto: URL",
+            ),
+            (
+                "domains = [[\"a.test\"]]\nrenew_before = \"soon\"\n",
+                false,
+                "acme.renew_before: \"soon\" is not a duration",
+            ),
+            (
+                "domains = [[\"a.test\"]]\nca_file = \"/nonexistent/ca.pem\"\n",
+                false,
+                "acme.ca_file: /nonexistent/ca.pem",
+            ),
+            (
+                "domains = [[\"a.test\"]]\nstorage2 = \"x\"\n",
+                false,
+                "unknown field `storage2`",
+            ),
         ];
         for (extra, redirect, expected) in cases {
-            let e = parse(&format!("{base}{extra}"), *redirect).unwrap_err().to_string();
+            let e = parse(&format!("{base}{extra}"), *redirect)
+                .unwrap_err()
+                .to_string();
             assert!(e.contains(expected), "{extra:?}: got {e:?}");
             assert!(e.starts_with("lb.toml: "), "{e}");
         }
@@ -329,14 +359,20 @@ mod tests {
         )
         .unwrap_err()
         .to_string();
-        assert!(e.contains("acme.directory: \"http://ca.test/dir\" is not an https:// URL"), "{e}");
+        assert!(
+            e.contains("acme.directory: \"http://ca.test/dir\" is not an https:// URL"),
+            "{e}"
+        );
     }
 
     #[test]
     fn storage_must_be_private_and_writable() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("acme");
-        assert!(check_storage(&dir).is_ok(), "a missing directory under a writable parent");
+        assert!(
+            check_storage(&dir).is_ok(),
+            "a missing directory under a writable parent"
+        );
         std::fs::create_dir(&dir).unwrap();
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o750)).unwrap();
         let e = check_storage(&dir).unwrap_err();
@@ -345,7 +381,11 @@ mod tests {
         assert!(check_storage(&dir).is_ok());
         let file = tmp.path().join("file");
         std::fs::write(&file, "").unwrap();
-        assert!(check_storage(&file).unwrap_err().contains("is not a directory"));
+        assert!(
+            check_storage(&file)
+                .unwrap_err()
+                .contains("is not a directory")
+        );
         let e = check_storage(&file.join("acme")).unwrap_err();
         assert!(e.contains("is not a directory"), "{e}");
     }

@@ -29,8 +29,8 @@ use rustls::{ServerConfig, SupportedCipherSuite};
 use crate::acme::Acme;
 use crate::acme::challenge::{ACME_TLS_ALPN, Challenges};
 use crate::config::{AcmeChallenge, Config, ConfigError};
-use crate::metrics::Metrics;
 use crate::front::tickets::Tickets;
+use crate::metrics::Metrics;
 
 /// The only application protocol offered: HTTP/1.1 (WebSocket upgrades ride on it).
 pub const ALPN_HTTP11: &[u8] = b"http/1.1";
@@ -78,7 +78,10 @@ pub fn server_config(
             .map_err(|e| config.error(format!("certificates[{i}]"), e))?;
         let names = chain.dns_names();
         if let Some((_, not_after)) = chain.certs.first().and_then(crate::acme::validity) {
-            let name = names.first().cloned().unwrap_or_else(|| format!("certificates[{i}]"));
+            let name = names
+                .first()
+                .cloned()
+                .unwrap_or_else(|| format!("certificates[{i}]"));
             expiry.push((name, not_after));
         }
         resolver.add(key, &names);
