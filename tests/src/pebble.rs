@@ -152,7 +152,9 @@ async fn https_get(addr: SocketAddr, ca_file: &Path, path: &str) -> Result<Strin
     Ok(body.to_owned())
 }
 
-/// A TLS client configuration trusting only `root`, for checking what lb serves.
+/// A TLS client configuration trusting only `root`, for checking what lb serves: every
+/// handshake is a full one (a resumed session would report the certificate of the session it
+/// resumes, not the one served now).
 pub fn client_trusting(root: CertificateDer<'static>) -> Result<Arc<rustls::ClientConfig>> {
     let mut roots = rustls::RootCertStore::empty();
     roots.add(root)?;
@@ -162,5 +164,7 @@ pub fn client_trusting(root: CertificateDer<'static>) -> Result<Arc<rustls::Clie
     .with_safe_default_protocol_versions()?
     .with_root_certificates(roots)
     .with_no_client_auth();
+    let mut config = config;
+    config.resumption = rustls::client::Resumption::disabled();
     Ok(Arc::new(config))
 }

@@ -34,6 +34,10 @@ pub const BACKOFF_MIN: Duration = Duration::from_secs(2);
 /// Longest retry delay (Let's Encrypt allows 5 failed validations per name an hour).
 pub const BACKOFF_MAX: Duration = Duration::from_secs(3600);
 
+/// Shortest time between two orders of one certificate, however early its renewal window
+/// opens (a CA or a `renew_before` longer than the lifetime must not make lb order in a loop).
+pub const ORDER_INTERVAL_MIN: Duration = Duration::from_secs(10);
+
 /// Longest wait before a certificate's renewal time is computed again.
 pub const RECHECK: Duration = Duration::from_secs(6 * 3600);
 
@@ -152,7 +156,7 @@ impl Renewer {
             match result {
                 Ok(()) => {
                     failures[i] = 0;
-                    next[i] = Instant::now();
+                    next[i] = Instant::now() + ORDER_INTERVAL_MIN;
                 }
                 Err(e) => {
                     failures[i] += 1;
