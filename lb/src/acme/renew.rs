@@ -162,8 +162,9 @@ impl Renewer {
                     failures[i] += 1;
                     self.metrics.acme_orders_failed.fetch_add(1, Relaxed);
                     let delay = jitter(backoff(failures[i]), random_unit());
+                    let shown = Duration::from_millis(delay.as_millis() as u64);
                     warn!(names = ?self.config.domains[i], directory = %self.config.directory,
-                          attempt = failures[i], retry_in = %humantime::format_duration(delay),
+                          attempt = failures[i], retry_in = %humantime::format_duration(shown),
                           error = %e, "ACME order failed; the current certificate keeps serving");
                     next[i] = Instant::now() + delay;
                 }
