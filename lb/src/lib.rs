@@ -9,14 +9,17 @@
 //! `backends` (balancing, health checks, keep-alive connections, the HTTP/1.1 exchange) and
 //! hands upgraded connections to `tunnel` (the byte splice). `ops` runs the process around
 //! them: start, [`Lb::reload`] and [`Lb::shutdown`], signals, the open-file limit and the admin
-//! listener, which reads the counters in `metrics` that every group bumps.
+//! listener, which reads the counters in `metrics` that every group bumps. `acme` orders,
+//! stores and renews certificates from an ACME CA and hands them (and challenge answers) to
+//! `front`'s SNI resolver and redirect listener.
 //!
-//! Calls go one way: `ops` → `front` → `http` → `tunnel`, `backends`; `config` and `metrics`
+//! Calls go one way: `ops` → `front` → `acme`, `http` → `tunnel`, `backends`; `config` and `metrics`
 //! are read by all of them and depend only on `backends`. The one pair of groups that import
 //! each other is `front` and `http`: `http` calls nothing in `front` but names two of its types
 //! (`front::listener::ConnSlot`, `front::tls_stream::TlsStream`), and neither of those files
 //! imports `http`, so no file imports one that imports it back. See `ARCHITECTURE.md`.
 
+pub mod acme;
 pub mod backends;
 pub mod config;
 pub mod front;

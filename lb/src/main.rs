@@ -145,7 +145,9 @@ fn check(path: &Path) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match lb::front::tls::server_config(&config, &tickets).map(|_| config) {
+    match lb::front::tls::server_config(&config, &tickets, None, &lb::metrics::Metrics::default())
+        .map(|_| config)
+    {
         Ok(config) => {
             println!(
                 "{}: configuration is valid ({} backend{}, {} certificate{}, https on {})",

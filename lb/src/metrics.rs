@@ -4,8 +4,8 @@
 //! map, `lb/`).
 
 use std::fmt;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
@@ -61,9 +61,36 @@ pub struct Metrics {
     pub reloads_ok: AtomicU64,
     /// Configuration reloads rejected (the previous configuration kept serving).
     pub reloads_failed: AtomicU64,
+    /// ACME orders that ended with a certificate.
+    pub acme_orders_ok: AtomicU64,
+    /// ACME orders (or account look-ups before one) that failed.
+    pub acme_orders_failed: AtomicU64,
+    /// Expiry of every certificate served: (name, source, Unix seconds). Written when
+    /// certificates change, read at scrape time only.
+    certificate_expiry: Mutex<Vec<(String, &'static str, i64)>>,
 }
 
 impl Metrics {
+    /// Replaces the expiry of the certificates from `source` (`file`, `acme`): each
+    /// certificate's name (its first DNS name) and `notAfter` in Unix seconds.
+    pub fn set_certificate_expiry(&self, source: &'static str, expiry: Vec<(String, i64)>) {
+        let mut all = self
+            .certificate_expiry
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        all.retain(|(_, s, _)| *s != source);
+        all.extend(expiry.into_iter().map(|(name, at)| (name, source, at)));
+        all.sort();
+    }
+
+    /// The expiry of every certificate served: (name, source, Unix seconds).
+    pub fn certificate_expiry(&self) -> Vec<(String, &'static str, i64)> {
+        self.certificate_expiry
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
     /// Counts a response sent to a client in its status class; 1xx (such as a WebSocket's
     /// 101, counted as a tunnel instead) and out-of-range codes are not counted.
     pub fn record_response(&self, status: u16) {
@@ -220,6 +247,22 @@ pub const GLOBAL: &[Metric<Metrics>] = &[
         kind: Kind::Counter,
         read: |m| m.reloads_failed.load(Relaxed),
     },
+    Metric {
+        key: "acme_orders_ok",
+        family: "lb_acme_orders_total",
+        label: Some(("result", "ok")),
+        help: "ACME certificate orders, by result (failed: retried with backoff).",
+        kind: Kind::Counter,
+        read: |m| m.acme_orders_ok.load(Relaxed),
+    },
+    Metric {
+        key: "acme_orders_failed",
+        family: "lb_acme_orders_total",
+        label: Some(("result", "failed")),
+        help: "ACME certificate orders, by result (failed: retried with backoff).",
+        kind: Kind::Counter,
+        read: |m| m.acme_orders_failed.load(Relaxed),
+    },
 ];
 
 /// Every per-backend number, in exposition order. (The up/down state is exported separately
@@ -343,6 +386,18 @@ impl Collector for Scrape {
     fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
         encode_families(&mut encoder, GLOBAL, &[(Labels::new(), &*self.metrics)])?;
 
+        let mut expiry = encoder.encode_descriptor(
+            "lb_certificate_not_after_seconds",
+            "Expiry (notAfter, Unix seconds) of each certificate served, by its first name and \
+             source (file: [[certificates]], acme: issued by the ACME CA).",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (name, source, at) in self.metrics.certificate_expiry() {
+            let labels = [("name", name.as_str()), ("source", source)];
+            ConstGauge::new(at).encode(expiry.encode_family(&labels)?)?;
+        }
+
         let backends: Vec<(Labels, &Backend)> = self
             .pool
             .backends()
@@ -458,6 +513,10 @@ mod tests {
         let m = Metrics::default();
         m.connections_total.fetch_add(7, Relaxed);
         m.record_response(503);
+        m.set_certificate_expiry("file", vec![("old.test".into(), 5)]);
+        m.set_certificate_expiry("file", vec![("site.test".into(), 1_900_000_000)]);
+        m.set_certificate_expiry("acme", vec![("chat.test".into(), 1_800_000_000)]);
+        m.acme_orders_failed.fetch_add(2, Relaxed);
         let app1 = Arc::new(Backend::new(
             "app1".into(),
             SocketAddr::from(([127, 0, 0, 1], 8081)),
@@ -486,6 +545,10 @@ mod tests {
             "lb_responses_total{class=\"5xx\"} 1",
             "# TYPE lb_connections_active gauge",
             "lb_reloads_total{result=\"failed\"} 0",
+            "lb_acme_orders_total{result=\"ok\"} 0",
+            "lb_acme_orders_total{result=\"failed\"} 2",
+            "lb_certificate_not_after_seconds{name=\"site.test\",source=\"file\"} 1900000000",
+            "lb_certificate_not_after_seconds{name=\"chat.test\",source=\"acme\"} 1800000000",
             "lb_backend_up{backend=\"app1\",addr=\"127.0.0.1:8081\"} 1",
             "lb_backend_up{backend=\"we\\\"ird\\\\name\\n\",addr=\"[::1]:8082\"} 0",
             "lb_backend_weight{backend=\"app1\",addr=\"127.0.0.1:8081\"} 2",
@@ -497,6 +560,7 @@ mod tests {
         for line in expected {
             assert!(lines.contains(&line), "missing {line:?} in\n{text}");
         }
+        assert!(!text.contains("old.test"), "replaced expiry still exported");
         // Each family is announced exactly once, before its samples.
         assert_eq!(text.matches("# TYPE lb_responses_total ").count(), 1);
         assert_eq!(text.matches("# TYPE lb_backend_bytes_total ").count(), 1);

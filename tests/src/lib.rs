@@ -14,4 +14,5 @@ pub mod client;
 pub mod cluster;
 pub mod latency;
 pub mod netns;
+pub mod pebble;
 pub mod stack;

@@ -19,8 +19,11 @@ use std::time::Duration;
 use crate::backends::balance::Policy;
 use crate::backends::health::HealthConfig;
 
+mod acme;
 mod raw;
 mod validate;
+
+pub use acme::{AcmeChallenge, AcmeConfig, check_storage};
 
 pub use confkit::ConfigError;
 pub use raw::Overrides;
@@ -81,6 +84,8 @@ pub struct Config {
     pub limits: Limits,
     /// TLS settings beyond the certificates.
     pub tls: TlsSettings,
+    /// Certificates ordered from an ACME CA (`[acme]`), if any.
+    pub acme: Option<AcmeConfig>,
 }
 
 /// TLS settings beyond the certificates.

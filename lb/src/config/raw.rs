@@ -89,6 +89,7 @@ pub(super) struct RawConfig {
     pub(super) timeouts: Option<RawTimeouts>,
     pub(super) limits: Option<RawLimits>,
     pub(super) tls: Option<RawTls>,
+    pub(super) acme: Option<RawAcme>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -159,6 +160,20 @@ pub(super) struct RawLimits {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawTls {
     pub(super) ticket_rotation: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawAcme {
+    pub(super) directory: Option<String>,
+    #[serde(default)]
+    pub(super) contact: Vec<String>,
+    #[serde(default)]
+    pub(super) domains: Vec<Vec<String>>,
+    pub(super) challenge: Option<String>,
+    pub(super) storage: Option<PathBuf>,
+    pub(super) ca_file: Option<PathBuf>,
+    pub(super) renew_before: Option<String>,
 }
 
 impl RawConfig {

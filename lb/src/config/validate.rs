@@ -113,6 +113,7 @@ impl RawConfig {
         let timeouts = v.timeouts(self.timeouts.unwrap_or_default())?;
         let limits = v.limits(self.limits.unwrap_or_default())?;
         let tls = v.tls(self.tls.unwrap_or_default())?;
+        let acme = self.acme.map(|a| v.acme(a, base, redirect)).transpose()?;
 
         Ok(Config {
             source: file.to_owned(),
@@ -128,22 +129,23 @@ impl RawConfig {
             timeouts,
             limits,
             tls,
+            acme,
         })
     }
 }
 
 /// Per-key checks, each producing a [`ConfigError::Invalid`] that names `file` and the key:
 /// the shared ones of [`Checker`], and lb's own.
-struct Validator<'a> {
-    check: Checker<'a>,
+pub(super) struct Validator<'a> {
+    pub(super) check: Checker<'a>,
 }
 
 impl Validator<'_> {
-    fn err(&self, key: impl Into<String>, reason: impl fmt::Display) -> ConfigError {
+    pub(super) fn err(&self, key: impl Into<String>, reason: impl fmt::Display) -> ConfigError {
         self.check.err(key, reason)
     }
 
-    fn addr(&self, key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
+    pub(super) fn addr(&self, key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
         self.check.addr(key, value)
     }
 

@@ -23,6 +23,7 @@ use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tracing::debug;
 
+use crate::acme::challenge::ACME_TLS_ALPN;
 use crate::config::{Config, MIN_MAX_HEADER_BYTES};
 use crate::front::listener::ConnSlot;
 use crate::front::state::State;
@@ -74,6 +75,13 @@ pub async fn serve(state: Arc<State>, stream: TcpStream, peer: SocketAddr, slot:
         () = state.handshake_cut() => return,
     };
 
+    if tls.alpn_protocol() == Some(ACME_TLS_ALPN) {
+        // A CA's tls-alpn-01 validation: the handshake was the whole exchange (RFC 8737, 3).
+        debug!(peer = %peer, "tls-alpn-01 validation handshake answered");
+        let mut tls = tls;
+        let _ = tokio::time::timeout(REQUEST_TIMEOUT_WRITE, tls.shutdown()).await;
+        return;
+    }
     let server = http1_server(&config);
     let client = Arc::new(ClientConn {
         peer,

@@ -1,5 +1,7 @@
 //! The optional plain-HTTP listener: every request gets a `301 Moved Permanently` to the same
-//! host and path over https.
+//! host and path over https, except a CA's http-01 validation requests
+//! (`/.well-known/acme-challenge/TOKEN`) when `[acme]` is configured: a token of an order
+//! under way is answered with its key authorization, any other gets 404.
 //!
 //! The host comes from the request's `Host` header (its port dropped); the https port is added
 //! when it is not 443. A request without a usable `Host` gets 400. Connections are served by
@@ -18,6 +20,8 @@ use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tracing::{debug, info};
 
+use crate::acme::Acme;
+use crate::acme::challenge::HTTP_PREFIX;
 use crate::front::conn;
 use crate::front::listener::ConnSlot;
 use crate::front::state::State;
@@ -65,16 +69,39 @@ fn respond<B>(req: &Request<B>, https_port: u16) -> Response<ResponseBody> {
     }
 }
 
+/// The answer to an http-01 validation request, or `None` when `target` is not one.
+fn acme_answer(acme: &Acme, target: &str) -> Option<Response<ResponseBody>> {
+    let token = target.strip_prefix(HTTP_PREFIX)?;
+    Some(match acme.challenges.http_answer(token) {
+        Some(key_authorization) => {
+            let mut response =
+                Response::new(ResponseBody::text(bytes::Bytes::from(key_authorization)));
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/octet-stream"),
+            );
+            response
+        }
+        None => local_response(StatusCode::NOT_FOUND, "404 Not Found: no such challenge\n"),
+    })
+}
+
 /// Serves one connection on the redirect listener.
 pub async fn serve(state: Arc<State>, stream: TcpStream, peer: SocketAddr, slot: ConnSlot) {
     let config = state.config.load_full();
     let https_port = state.https_port;
     let requested = Arc::new(Notify::new());
     let seen = Arc::clone(&requested);
+    let acme = state.acme.clone();
     let service = service_fn(move |req: Request<hyper::body::Incoming>| {
         seen.notify_one();
+        let acme = acme.clone();
         async move {
-            let response = respond(&req, https_port);
+            let target = req.uri().path();
+            let response = match acme.as_deref().and_then(|a| acme_answer(a, target)) {
+                Some(answer) => answer,
+                None => respond(&req, https_port),
+            };
             info!(peer = %peer, method = %req.method(), uri = %req.uri(),
               status = response.status().as_u16(), "redirect");
             Ok::<_, Infallible>(response)
@@ -114,6 +141,17 @@ mod tests {
         assert_eq!(location("a b", "/", 443), None);
         assert_eq!(location("user@evil.test", "/", 443), None);
         assert_eq!(location("h", "*", 443).as_deref(), Some("https://h/"));
+    }
+
+    #[test]
+    fn challenge_requests_get_the_key_authorization_or_404() {
+        let acme = Acme::default();
+        acme.challenges.put_http("tok", "tok.print");
+        let ok = acme_answer(&acme, "/.well-known/acme-challenge/tok").unwrap();
+        assert_eq!(ok.status(), StatusCode::OK);
+        let missing = acme_answer(&acme, "/.well-known/acme-challenge/other").unwrap();
+        assert_eq!(missing.status(), StatusCode::NOT_FOUND);
+        assert!(acme_answer(&acme, "/index.html").is_none());
     }
 
     #[test]

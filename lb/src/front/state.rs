@@ -33,6 +33,8 @@ pub struct State {
     pub limit: Arc<ConnLimit>,
     /// The https listener's port, for redirects.
     pub https_port: u16,
+    /// Issued ACME certificates and challenge answers (`[acme]`), if configured.
+    pub acme: Option<Arc<crate::acme::Acme>>,
     /// Set when the listeners were handed to a new process (binary upgrade): the drain then
     /// answers every connection this process accepted at least once, as its client did connect
     /// and has nowhere else to go. A plain shutdown closes such connections at once.

@@ -10,6 +10,12 @@
 //! are sealed by the process's [`Tickets`] (see `tickets`), which every generation shares, so a
 //! ticket survives a reload and a binary upgrade. A reload builds a whole new `ServerConfig`;
 //! handshakes already under way keep the one they started with.
+//!
+//! With `[acme]`, the resolver asks [`Acme`] first: a name with an issued certificate gets it
+//! (swapped in by the ACME task without a new generation, so open connections are untouched),
+//! and a handshake offering only ALPN `acme-tls/1` (a CA's tls-alpn-01 validation) gets the
+//! challenge certificate for its SNI name, or no certificate at all. `acme-tls/1` is offered
+//! only when tls-alpn-01 is configured, and such a connection is closed after its handshake.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -20,8 +26,11 @@ use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls::{ServerConfig, SupportedCipherSuite};
 
-use crate::config::{Config, ConfigError};
+use crate::acme::Acme;
+use crate::acme::challenge::{ACME_TLS_ALPN, Challenges};
+use crate::config::{AcmeChallenge, Config, ConfigError};
 use crate::front::tickets::Tickets;
+use crate::metrics::Metrics;
 
 /// The only application protocol offered: HTTP/1.1 (WebSocket upgrades ride on it).
 pub const ALPN_HTTP11: &[u8] = b"http/1.1";
@@ -48,26 +57,49 @@ fn provider() -> CryptoProvider {
 }
 
 /// Loads the certificates of `config` and builds the server configuration, sealing session
-/// tickets with `tickets`.
+/// tickets with `tickets` and serving `acme`'s certificates first; the files' expiry goes to
+/// `metrics`.
 pub fn server_config(
     config: &Config,
     tickets: &Arc<Tickets>,
+    acme: Option<&Arc<Acme>>,
+    metrics: &Metrics,
 ) -> Result<Arc<ServerConfig>, ConfigError> {
     let chains = config.load_certificates()?;
     let provider = Arc::new(provider());
-    let mut resolver = SniResolver::default();
+    let mut resolver = SniResolver {
+        acme: acme.cloned(),
+        ..SniResolver::default()
+    };
+    let mut expiry = Vec::new();
     for (i, chain) in chains.iter().enumerate() {
         let key = chain
             .certified_key(&provider)
             .map_err(|e| config.error(format!("certificates[{i}]"), e))?;
-        resolver.add(key, &chain.dns_names());
+        let names = chain.dns_names();
+        if let Some((_, not_after)) = chain.certs.first().and_then(crate::acme::validity) {
+            let name = names
+                .first()
+                .cloned()
+                .unwrap_or_else(|| format!("certificates[{i}]"));
+            expiry.push((name, not_after));
+        }
+        resolver.add(key, &names);
     }
+    metrics.set_certificate_expiry("file", expiry);
     let mut server = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| config.error("certificates", e))?
         .with_no_client_auth()
         .with_cert_resolver(Arc::new(resolver));
     server.alpn_protocols = vec![ALPN_HTTP11.to_vec()];
+    if config
+        .acme
+        .as_ref()
+        .is_some_and(|a| a.challenge == AcmeChallenge::TlsAlpn01)
+    {
+        server.alpn_protocols.push(ACME_TLS_ALPN.to_vec());
+    }
     // Resumption without server-side state: returning clients (a reconnecting chat page) skip
     // the full handshake, across reloads and upgrades too (the keys outlive this config).
     server.ticketer = Arc::clone(tickets) as Arc<dyn rustls::server::ProducesTickets>;
@@ -83,6 +115,8 @@ pub struct SniResolver {
     exact: HashMap<String, usize>,
     /// Lower-case parent domain of a wildcard name (`*.example.com` → `example.com`) → index.
     wildcard: HashMap<String, usize>,
+    /// Issued ACME certificates and challenge answers, asked first.
+    acme: Option<Arc<Acme>>,
 }
 
 impl SniResolver {
@@ -122,7 +156,16 @@ impl SniResolver {
 
 impl ResolvesServerCert for SniResolver {
     fn resolve(&self, client_hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        self.select(client_hello.server_name()).cloned()
+        let name = client_hello.server_name();
+        if Challenges::is_validation(client_hello.alpn()) {
+            return self.acme.as_ref()?.challenges.tls_certificate(name?);
+        }
+        if let (Some(acme), Some(name)) = (&self.acme, name)
+            && let Some(key) = acme.select(name)
+        {
+            return Some(key);
+        }
+        self.select(name).cloned()
     }
 }
 

@@ -57,6 +57,13 @@ pub async fn accept(config: Arc<ServerConfig>, io: TcpStream) -> io::Result<TlsS
     Ok(tls)
 }
 
+impl TlsStream {
+    /// The application protocol agreed in the handshake, if any.
+    pub fn alpn_protocol(&self) -> Option<&[u8]> {
+        self.conn.alpn_protocol()
+    }
+}
+
 /// An established TLS server connection.
 ///
 /// [`accept`] runs the handshake and yields a [`TlsStream`], which hyper and `splice` read and

@@ -17,6 +17,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
+use crate::acme::Acme;
+use crate::acme::renew::Renewer;
 use crate::backends::balance::{Backend, Pool};
 use crate::backends::health;
 use crate::backends::upstream::Upstreams;
@@ -186,7 +188,17 @@ impl Lb {
             Some(keys) => Tickets::import(keys, rotation)?,
             None => Tickets::new(rotation)?,
         };
-        let tls = tls::server_config(&config, &tickets)?;
+        let metrics = Arc::new(Metrics::default());
+        let acme = match &config.acme {
+            Some(a) => {
+                let acme = Arc::new(Acme::default());
+                let renewer = Renewer::start(Arc::clone(&acme), a.clone(), Arc::clone(&metrics))
+                    .map_err(|e| config.error("acme.storage", e))?;
+                Some((acme, renewer))
+            }
+            None => None,
+        };
+        let tls = tls::server_config(&config, &tickets, acme.as_ref().map(|(a, _)| a), &metrics)?;
         let nofile = fdlimit::raise();
         let limit_n = connection_limit(&config, nofile);
         fdlimit::log(nofile, limit_n);
@@ -244,7 +256,6 @@ impl Lb {
         let tracker = TaskTracker::new();
         let root = CancellationToken::new();
         let kill = CancellationToken::new();
-        let metrics = Arc::new(Metrics::default());
         let pool = Arc::new(Pool::new(
             config
                 .backends
@@ -269,6 +280,7 @@ impl Lb {
             root: root.clone(),
             limit: ConnLimit::new(metrics, limit_n),
             https_port: addrs.https.port(),
+            acme: acme.as_ref().map(|(a, _)| Arc::clone(a)),
             handed_over: AtomicBool::new(false),
         });
 
@@ -300,6 +312,9 @@ impl Lb {
         }
         acceptors.close();
         tracker.spawn(sweep_idle(Arc::clone(&state), root.child_token()));
+        if let Some((_, renewer)) = acme {
+            tracker.spawn(renewer.run(root.child_token()));
+        }
 
         info!(
             https = %addrs.https,
@@ -409,8 +424,17 @@ impl Lb {
 
     fn apply(&self, mut config: Config) -> Result<(), ConfigError> {
         let state = &self.state;
-        let tls = tls::server_config(&config, &self.tickets)?;
         let old = state.config.load_full();
+        if config.acme != old.acme {
+            warn!(file = %config.source, "[acme] changed; it takes effect only after a restart");
+            config.acme.clone_from(&old.acme);
+        }
+        let tls = tls::server_config(
+            &config,
+            &self.tickets,
+            state.acme.as_ref(),
+            &state.engine.metrics,
+        )?;
         if config.listen != old.listen {
             warn!(file = %config.source,
                   "listener addresses changed; they take effect only after a restart");
