@@ -15,6 +15,7 @@
 //! The binary (`main.rs`) parses the command line, loads [`config::Config`], binds the
 //! listener and calls [`run`]; tests call [`run`] or [`router`] directly.
 
+pub mod auth;
 mod backoff;
 mod broker;
 mod cluster;
