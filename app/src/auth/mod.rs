@@ -4,14 +4,17 @@
 //! secret files, PEM public keys, a JWKS file; several at once, chosen by `kid`) into a
 //! [`KeyRing`]; `verify` checks a token against the ring and the configured rules (algorithm
 //! allow-list, `exp`, `nbf`, `iat`, `iss`, `aud`, leeway) into an [`Identity`]; `grants`
-//! matches room names against the token's `rooms` claim; `mint` signs tokens for operators
-//! (`app token`) and tests. Nothing here logs or stores a token.
+//! matches room names against the token's `rooms` claim; `gate` decides admission to a room,
+//! refreshes and the close codes; `mint` signs tokens for operators (`app token`) and tests.
+//! Nothing here logs or stores a token.
 
+mod gate;
 mod grants;
 mod keys;
 mod mint;
 mod verify;
 
+pub use gate::{CLOSE_FORBIDDEN, CLOSE_UNAUTHORIZED, Deadlines, Denied, Gate, token_of};
 pub use grants::{Grant, GrantError, Grants};
 pub use keys::{KeyError, KeyFiles, KeyRing, KeySource, KeySpec};
 pub use mint::{MintError, Minted, SigningKey, TokenRequest};
