@@ -9,9 +9,10 @@
 //!
 //! Dependencies point one way, each module using only those after it: `lib` → `health`, `page`,
 //! `shutdown` → `ws` → `state` → `hub` → `config` → `redis` → `history` → `protocol` →
-//! `position`, `origin`. The subscriber reaches the hub's rooms only through its own traits
+//! `position`, `origin`, `auth`. The subscriber reaches the hub's rooms only through its own traits
 //! (`redis::subscriber::Channels`, `Channel`) and `history::Outlet`, which the rooms implement.
 
+pub mod auth;
 pub mod config;
 mod health;
 mod history;

@@ -1,17 +1,19 @@
 //! `app`: command-line entry point of the chat server.
 //!
-//! Parses the flags, loads and validates the config (exit 64 with the file, key and reason if
-//! it is unusable), sets up logging to stderr (`RUST_LOG`), raises the open-file limit, binds
-//! the listener, prints `listening http <addr>` on stdout, and runs [`app::run`] until SIGTERM
-//! or SIGINT (exit 1 if serving fails).
+//! `app [run]` parses the flags, loads and validates the config (exit 64 with the file, key and
+//! reason if it is unusable), sets up logging to stderr (`RUST_LOG`), raises the open-file
+//! limit, binds the listener, prints `listening http <addr>` on stdout, and runs [`app::run`]
+//! until SIGTERM or SIGINT (exit 1 if serving fails). `app token` prints a signed token for a
+//! user (exit 64 if the key or a flag is unusable).
 
 use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{Args, Parser, Subcommand};
 use confkit::EXIT_CONFIG;
 use tokio_util::sync::CancellationToken;
 
@@ -21,8 +23,25 @@ const EXIT_RUNTIME: u8 = 1;
 /// The scaleout chat server: the chat page and WebSocket, shared across instances through
 /// Redis pub/sub.
 #[derive(Debug, Parser)]
-#[command(name = "app", version)]
+#[command(name = "app", version, args_conflicts_with_subcommands = true)]
 struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the chat server (the default command).
+    Run(RunArgs),
+    /// Print a signed token for a user, for operators and trials (like `centrifugo gentoken`).
+    Token(TokenArgs),
+}
+
+/// Options of `app run`.
+#[derive(Debug, Args, Clone, Default)]
+struct RunArgs {
     /// TOML config file (see config/app.toml); without it every key takes its default.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -35,8 +54,51 @@ struct Cli {
     redis: Option<String>,
 }
 
+/// Options of `app token`.
+#[derive(Debug, Args)]
+struct TokenArgs {
+    /// HMAC secret file to sign with (owner-only, at least 32 bytes).
+    #[arg(
+        long,
+        value_name = "FILE",
+        conflicts_with = "key",
+        required_unless_present = "key"
+    )]
+    secret_file: Option<PathBuf>,
+    /// Private key (PEM) to sign with; name its algorithm with --alg.
+    #[arg(long, value_name = "FILE")]
+    key: Option<PathBuf>,
+    /// Signature algorithm: HS256 (default with --secret-file), HS384, HS512, RS256, ES256,
+    /// EdDSA.
+    #[arg(long, value_name = "ALG")]
+    alg: Option<jsonwebtoken::Algorithm>,
+    /// The key's id, when the app's config names keys by kid.
+    #[arg(long)]
+    kid: Option<String>,
+    /// The user id (`sub`).
+    #[arg(long)]
+    sub: String,
+    /// The display name (default: the user id).
+    #[arg(long)]
+    name: Option<String>,
+    /// A room granted beyond the public ones, or a prefix ending in * (repeatable).
+    #[arg(long = "room", value_name = "ROOM")]
+    rooms: Vec<String>,
+    /// How long the token is valid (e.g. 10m, 1h, 7d).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "1h")]
+    ttl: Duration,
+    /// The user's own connection limit across every instance.
+    #[arg(long)]
+    max_conns: Option<u32>,
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let run = match cli.command {
+        Some(Command::Token(args)) => return token(&args),
+        Some(Command::Run(run)) => run,
+        None => cli.run,
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -47,10 +109,10 @@ fn main() -> ExitCode {
         .init();
 
     let overrides = app::config::Overrides {
-        listen: cli.listen,
-        redis_url: cli.redis,
+        listen: run.listen,
+        redis_url: run.redis,
     };
-    let config = match app::config::load(cli.config.as_deref(), overrides) {
+    let config = match app::config::load(run.config.as_deref(), overrides) {
         Ok(config) => config,
         Err(err) => {
             eprintln!("app: configuration error: {:#}", anyhow::Error::new(err));
@@ -70,6 +132,50 @@ fn main() -> ExitCode {
             ExitCode::from(EXIT_RUNTIME)
         }
     }
+}
+
+/// `app token`: signs the requested claims and prints the token alone on stdout.
+fn token(args: &TokenArgs) -> ExitCode {
+    match mint(args) {
+        Ok(minted) => {
+            println!("{}", minted.token);
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("app token: {err:#}");
+            ExitCode::from(EXIT_CONFIG)
+        }
+    }
+}
+
+fn mint(args: &TokenArgs) -> anyhow::Result<app::auth::Minted> {
+    use app::auth::SigningKey;
+    let key = match (&args.secret_file, &args.key) {
+        (Some(secret), _) => SigningKey::secret(
+            secret,
+            args.alg.unwrap_or(jsonwebtoken::Algorithm::HS256),
+            args.kid.clone(),
+        )?,
+        (None, Some(pem)) => {
+            let alg = args
+                .alg
+                .context("--key needs --alg: the key's algorithm (RS256, ES256 or EdDSA)")?;
+            SigningKey::private_pem(pem, alg, args.kid.clone())?
+        }
+        (None, None) => anyhow::bail!("--secret-file or --key is required"),
+    };
+    let request = app::auth::TokenRequest {
+        sub: args.sub.clone(),
+        name: args.name.clone(),
+        rooms: args.rooms.clone(),
+        ttl: args.ttl,
+        max_conns: args.max_conns,
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .context("the system clock is before 1970")?
+        .as_secs();
+    Ok(key.mint(&request, now)?)
 }
 
 async fn serve(config: app::config::Config) -> anyhow::Result<()> {
