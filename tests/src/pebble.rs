@@ -9,7 +9,7 @@
 //! reused, so each order validates every name anew. [`Pebble::root`] fetches the (per-run)
 //! root of the chains Pebble issues from its management interface.
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
