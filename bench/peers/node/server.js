@@ -75,6 +75,7 @@ if (mode === "ws") {
   });
 }
 
-server.listen(0, "127.0.0.1", () => {
+// PORT: a fixed port, for a server restarted where its proxy expects it.
+server.listen(Number(process.env.PORT) || 0, "127.0.0.1", () => {
   console.log(`listening http 127.0.0.1:${server.address().port}`);
 });
