@@ -21,7 +21,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use ::tests::chaos::{self, Key, parse_content, unix_nanos};
 use anyhow::{Context, bail};
 use futures_util::{SinkExt, StreamExt};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use tokio::sync::Semaphore;
 use tokio::time::{Interval, MissedTickBehavior};
 use tokio_tungstenite::tungstenite::Message;
@@ -245,9 +245,7 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
                 protocol: args.protocol,
                 ticker,
                 trigger,
-                reconnect: args
-                    .reconnect
-                    .then(|| targets[i % targets.len()].clone()),
+                reconnect: args.reconnect.then(|| targets[i % targets.len()].clone()),
             },
             members[rooms[i % targets.len()]],
             Arc::clone(&shared),

@@ -58,7 +58,12 @@ impl Session {
     /// Keeps the offset of a received message when `keep` (a client that may reconnect), and
     /// passes the frame on.
     pub fn note<'a>(&mut self, incoming: Incoming<'a>, keep: bool) -> Incoming<'a> {
-        if keep && let Incoming::Message { offset: Some(offset), .. } = &incoming {
+        if keep
+            && let Incoming::Message {
+                offset: Some(offset),
+                ..
+            } = &incoming
+        {
             self.offset = Some(offset.to_string());
         }
         incoming
@@ -129,7 +134,9 @@ impl Protocol {
                     }
                     _ => "40".to_string(),
                 };
-                ws.send(Message::text(connect)).await.context("Socket.IO connect")?;
+                ws.send(Message::text(connect))
+                    .await
+                    .context("Socket.IO connect")?;
                 loop {
                     let text = next_text(ws).await?;
                     if let Some(answer) = text.strip_prefix("40") {
@@ -151,7 +158,9 @@ impl Protocol {
                 let subscribe = format!(
                     r#"{{"event":"pusher:subscribe","data":{{"channel":"{PUSHER_CHANNEL}"}}}}"#
                 );
-                ws.send(Message::text(subscribe)).await.context("Pusher subscribe")?;
+                ws.send(Message::text(subscribe))
+                    .await
+                    .context("Pusher subscribe")?;
                 loop {
                     let text = next_text(ws).await?;
                     match event_of(&text).as_deref() {
@@ -299,7 +308,10 @@ mod tests {
             Protocol::Chat.decode(r#"{"time":"t","name":"n","content":"c"}"#),
             message("c", None)
         );
-        assert_eq!(Protocol::Chat.decode(r#"{"error":"slow down"}"#), Incoming::Error);
+        assert_eq!(
+            Protocol::Chat.decode(r#"{"error":"slow down"}"#),
+            Incoming::Error
+        );
         assert_eq!(Protocol::Chat.decode("junk"), Incoming::Other);
     }
 
@@ -332,7 +344,8 @@ mod tests {
     #[test]
     fn pusher_events_pings_and_errors() {
         assert_eq!(Protocol::Pusher.frame("n", "c"), None);
-        let event = r#"{"event":"chat","channel":"bench","data":"{\"name\":\"n\",\"content\":\"c\"}"}"#;
+        let event =
+            r#"{"event":"chat","channel":"bench","data":"{\"name\":\"n\",\"content\":\"c\"}"}"#;
         assert_eq!(Protocol::Pusher.decode(event), message("c", None));
         assert_eq!(
             Protocol::Pusher.decode(r#"{"event":"pusher:ping","data":{}}"#),

@@ -133,7 +133,11 @@ async fn post(
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or_default();
-    let uri = format!("{}?{}", app.path(), app.signed_query(body.as_bytes(), timestamp));
+    let uri = format!(
+        "{}?{}",
+        app.path(),
+        app.signed_query(body.as_bytes(), timestamp)
+    );
     let request = hyper::Request::post(uri)
         .header(hyper::header::HOST, target.authority())
         .header(hyper::header::CONTENT_TYPE, "application/json")
@@ -167,7 +171,9 @@ mod tests {
     /// The worked example of Pusher's HTTP API reference.
     #[test]
     fn signs_like_the_worked_example() {
-        let app: App = "3:278d425bdf160c739803:7ad3773142a6692b25b8".parse().unwrap();
+        let app: App = "3:278d425bdf160c739803:7ad3773142a6692b25b8"
+            .parse()
+            .unwrap();
         let body = r#"{"name":"foo","channels":["project-3"],"data":"{\"some\":\"data\"}"}"#;
         assert_eq!(
             app.signed_query(body.as_bytes(), 1353088179),

@@ -542,12 +542,7 @@ fn figure_table(out: &mut String, figure: &Figure, records: &[&Record]) {
 }
 
 /// `ours`' median divided by the best of the `peers`' medians.
-fn ratio(
-    medians: &BTreeMap<&str, f64>,
-    ours: &str,
-    peers: &[&str],
-    better: Better,
-) -> Option<f64> {
+fn ratio(medians: &BTreeMap<&str, f64>, ours: &str, peers: &[&str], better: Better) -> Option<f64> {
     let lb = *medians.get(ours)?;
     let others = peers.iter().filter_map(|s| medians.get(s).copied());
     let best = match better {
@@ -833,9 +828,7 @@ mod tests {
 
     #[test]
     fn scaleout_stacks_against_the_best_peer_stack_and_missing_peers_named() {
-        let stack = |cpu: f64, p99: f64| {
-            serde_json::json!({"clients": 1000, "server_cpu_us_per_delivery": cpu, "latency": {"p99_ms": p99}})
-        };
+        let stack = |cpu: f64, p99: f64| serde_json::json!({"clients": 1000, "server_cpu_us_per_delivery": cpu, "latency": {"p99_ms": p99}});
         let records = vec![
             record("peers-100", "scaleout-lb", stack(20.0, 10.0)),
             record("peers-100", "scaleout-haproxy", stack(30.0, 12.0)),
@@ -860,7 +853,9 @@ mod tests {
         );
         // CPU: the best peer is Socket.IO's 25; p99: Node ws's 8.
         assert!(
-            text.contains("| server CPU per delivery (µs) | 20.00 | 30.00 | 40.00 | 25.00 | 0.80 | 1.20 |"),
+            text.contains(
+                "| server CPU per delivery (µs) | 20.00 | 30.00 | 40.00 | 25.00 | 0.80 | 1.20 |"
+            ),
             "{text}"
         );
         assert!(
