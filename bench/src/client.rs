@@ -36,6 +36,8 @@ const READ_BUFFER: usize = 32 * 1024;
 #[derive(Clone)]
 pub struct Target {
     url: String,
+    /// `host:port` of the URL, for the `Host` header of HTTP requests to the same server.
+    authority: String,
     addr: SocketAddr,
     tls: Option<(TlsConnector, ServerName<'static>)>,
 }
@@ -83,6 +85,7 @@ impl Target {
         };
         Ok(Self {
             url: url.to_string(),
+            authority: format!("{}:{port}", uri.host().unwrap_or_default()),
             addr,
             tls,
         })
@@ -93,8 +96,27 @@ impl Target {
         &self.url
     }
 
+    /// `host:port` of the URL.
+    pub fn authority(&self) -> &str {
+        &self.authority
+    }
+
     /// Opens one WebSocket, from `source` (port chosen by the kernel) when given.
     pub async fn connect(&self, source: Option<IpAddr>) -> anyhow::Result<Ws> {
+        let transport = self.transport(source).await?;
+        let (ws, _response) = tokio_tungstenite::client_async_with_config(
+            self.url.as_str(),
+            transport,
+            Some(ws_config()),
+        )
+        .await
+        .with_context(|| format!("WebSocket handshake with {}", self.url))?;
+        Ok(ws)
+    }
+
+    /// Opens TCP (and TLS for `wss`) to the target, from `source` when given: what a WebSocket
+    /// or an HTTP request to the same server runs on.
+    pub async fn transport(&self, source: Option<IpAddr>) -> anyhow::Result<Transport> {
         let socket = if self.addr.is_ipv4() {
             TcpSocket::new_v4()
         } else {
@@ -120,14 +142,7 @@ impl Target {
             ),
             None => Either::Right(tcp),
         };
-        let (ws, _response) = tokio_tungstenite::client_async_with_config(
-            self.url.as_str(),
-            transport,
-            Some(ws_config()),
-        )
-        .await
-        .with_context(|| format!("WebSocket handshake with {}", self.url))?;
-        Ok(ws)
+        Ok(transport)
     }
 }
 

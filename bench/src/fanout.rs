@@ -1,9 +1,11 @@
 //! `bench fanout`: chat fan-out load, N clients of which S send at a total rate R for D seconds.
 //!
-//! Every client connects first (spread round-robin over the URLs). A URL's `room` query parameter
+//! Every client connects first (spread round-robin over the URLs) and joins as its `--protocol`
+//! asks ([`crate::protocol`]: the chat JSON, Socket.IO, Pusher channels). A URL's `room` query parameter
 //! names the room its clients join (none: the main room); a message is expected by every
 //! connected client of its sender's room. Then each sender sends the chat
-//! JSON `{"name": ..., "content": "RUN:SENDER:SEQ:UNIX_NANOS"}` on its own staggered ticker while
+//! JSON `{"name": ..., "content": "RUN:SENDER:SEQ:UNIX_NANOS"}` (framed by the protocol; for
+//! Pusher triggered through the HTTP events API, [`crate::pusher`]) on its own staggered ticker while
 //! every client reads: each delivery is parsed, checked against a per-client bitset of
 //! (sender, seq) to count duplicates, and its latency (receive time minus the send timestamp) kept.
 //! After the sending window the run waits (up to `--drain`) for the expected deliveries
@@ -19,7 +21,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use ::tests::chaos::{self, Key, parse_content, unix_nanos};
 use anyhow::{Context, bail};
 use futures_util::{SinkExt, StreamExt};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use tokio::sync::Semaphore;
 use tokio::time::{Interval, MissedTickBehavior};
 use tokio_tungstenite::tungstenite::Message;
@@ -28,11 +30,15 @@ use tokio_util::sync::CancellationToken;
 use crate::client::{Target, Ws};
 use crate::latency::Percentiles;
 use crate::procstat::{Load, Measured, Watch, Window};
+use crate::protocol::{Incoming, Protocol, Session};
+use crate::pusher::{self, Trigger};
 
 /// How often the main task checks whether every expected delivery has arrived.
 const DRAIN_POLL: Duration = Duration::from_millis(5);
 /// Longest wait for a client's close handshake at the end.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+/// Pause before each attempt to reconnect (`--reconnect`).
+const RECONNECT_DELAY: Duration = Duration::from_millis(200);
 
 /// Options of `bench fanout`.
 #[derive(Debug, clap::Args)]
@@ -67,6 +73,16 @@ pub struct Args {
     /// Processes whose CPU to report over the window: NAME=PID[,PID...], repeatable.
     #[arg(long)]
     pub(crate) watch: Vec<Watch>,
+    /// The protocol the clients speak.
+    #[arg(long, value_enum, default_value_t)]
+    pub(crate) protocol: Protocol,
+    /// Pusher app credentials, ID:KEY:SECRET, to sign the senders' HTTP API requests.
+    #[arg(long, required_if_eq("protocol", "pusher"))]
+    pub(crate) pusher_app: Option<pusher::App>,
+    /// A client whose connection ends opens a new one and joins again, recovering what it missed
+    /// where the protocol can (Socket.IO's connection state recovery).
+    #[arg(long)]
+    pub(crate) reconnect: bool,
 }
 
 /// What `bench fanout` measured.
@@ -94,8 +110,10 @@ pub struct Report {
     pub duplicates: u64,
     /// `{"error": ...}` answers received.
     pub errors: u64,
-    /// Clients whose connection ended during the run.
+    /// Clients whose connection ended during the run (and did not reconnect).
     pub disconnects: usize,
+    /// New connections opened after one ended (`--reconnect`).
+    pub reconnects: u64,
     /// Deliveries per second over the sending time.
     pub deliveries_per_s: f64,
     /// Delivery latency (send timestamp to receipt).
@@ -135,6 +153,7 @@ struct Tally {
     duplicates: u64,
     errors: u64,
     disconnected: bool,
+    reconnects: u64,
 }
 
 /// Connects, loads, drains, reports.
@@ -150,7 +169,7 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
     for url in &args.url {
         targets.push(Target::resolve(url, args.ca.as_deref()).await?);
     }
-    let conns = connect_all(&targets, args.clients, args.concurrency).await;
+    let conns = connect_all(&targets, args.protocol, args.clients, args.concurrency).await;
     // Each client's room, and the connected members of each room.
     let rooms: Vec<usize> = {
         let mut names: Vec<Option<String>> = Vec::new();
@@ -197,9 +216,20 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
         end: start + args.duration,
     });
     let stop = CancellationToken::new();
+    let pusher_app = args.pusher_app.map(Arc::new);
     let mut tasks = Vec::new();
-    for (i, ws) in conns.into_iter().enumerate() {
-        let Some(ws) = ws else { continue };
+    let mut triggers = Vec::new();
+    for (i, conn) in conns.into_iter().enumerate() {
+        let Some((ws, session)) = conn else { continue };
+        let trigger = match (&pusher_app, i < args.senders) {
+            (Some(app), true) if args.protocol == Protocol::Pusher => {
+                let (trigger, task) =
+                    Trigger::spawn(targets[i % targets.len()].clone(), Arc::clone(app));
+                triggers.push(task);
+                Some(trigger)
+            }
+            _ => None,
+        };
         let ticker = (i < args.senders).then(|| {
             shared.sending.fetch_add(1, Ordering::Relaxed);
             // Stagger the senders evenly over one period so the total rate is smooth.
@@ -210,7 +240,13 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
         });
         tasks.push(tokio::spawn(client(
             ws,
-            ticker,
+            session,
+            Sending {
+                protocol: args.protocol,
+                ticker,
+                trigger,
+                reconnect: args.reconnect.then(|| targets[i % targets.len()].clone()),
+            },
             members[rooms[i % targets.len()]],
             Arc::clone(&shared),
             stop.clone(),
@@ -236,13 +272,17 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
     stop.cancel();
 
     let mut latencies = Vec::new();
-    let (mut duplicates, mut errors, mut disconnects) = (0, 0, failed_connects);
+    let (mut duplicates, mut errors, mut disconnects, mut reconnects) = (0, 0, failed_connects, 0);
     for task in tasks {
         let tally = task.await.context("client task panicked")?;
         latencies.extend(tally.latencies);
         duplicates += tally.duplicates;
         errors += tally.errors;
         disconnects += usize::from(tally.disconnected);
+        reconnects += tally.reconnects;
+    }
+    for task in triggers {
+        errors += task.await.context("trigger task panicked")?;
     }
     let sent = shared.sent.load(Ordering::Acquire);
     let expected = shared.expected.load(Ordering::Acquire);
@@ -261,6 +301,7 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
         duplicates,
         errors,
         disconnects,
+        reconnects,
         deliveries_per_s: delivered as f64 / args.duration.as_secs_f64(),
         latency: Percentiles::of(latencies),
         window_s: measured.wall_s,
@@ -270,8 +311,14 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
     })
 }
 
-/// Opens `n` connections spread round-robin over `targets`; `None` where one failed.
-async fn connect_all(targets: &[Target], n: usize, concurrency: usize) -> Vec<Option<Ws>> {
+/// Opens `n` connections spread round-robin over `targets` and joins each as `protocol` says;
+/// `None` where one failed.
+async fn connect_all(
+    targets: &[Target],
+    protocol: Protocol,
+    n: usize,
+    concurrency: usize,
+) -> Vec<Option<(Ws, Session)>> {
     let gate = Arc::new(Semaphore::new(concurrency));
     let tasks: Vec<_> = (0..n)
         .map(|i| {
@@ -279,8 +326,14 @@ async fn connect_all(targets: &[Target], n: usize, concurrency: usize) -> Vec<Op
             let gate = Arc::clone(&gate);
             tokio::spawn(async move {
                 let _permit = gate.acquire().await.ok()?;
-                match target.connect(None).await {
-                    Ok(ws) => Some(ws),
+                let joined = async {
+                    let mut ws = target.connect(None).await?;
+                    let mut session = Session::default();
+                    protocol.join(&mut ws, &mut session).await?;
+                    anyhow::Ok((ws, session))
+                };
+                match joined.await {
+                    Ok(joined) => Some(joined),
                     Err(e) => {
                         eprintln!("fanout: client {i}: {e:#}");
                         None
@@ -296,11 +349,48 @@ async fn connect_all(targets: &[Target], n: usize, concurrency: usize) -> Vec<Op
     conns
 }
 
+/// How a client sends: its protocol, and for a sender its ticker (with its sender number) and,
+/// under Pusher, its way to the HTTP events API; with `reconnect`, the target to open a new
+/// connection to when the one it has ends.
+struct Sending {
+    protocol: Protocol,
+    ticker: Option<(usize, Interval)>,
+    trigger: Option<Trigger>,
+    reconnect: Option<Target>,
+}
+
+/// Opens a new connection after one ended, every [`RECONNECT_DELAY`] until one joins (with the
+/// session's recovery state) or the run stops.
+async fn rejoin(
+    target: &Target,
+    protocol: Protocol,
+    session: &mut Session,
+    stop: &CancellationToken,
+) -> Option<Ws> {
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return None,
+            () = tokio::time::sleep(RECONNECT_DELAY) => {}
+        }
+        if let Ok(mut ws) = target.connect(None).await
+            && protocol.join(&mut ws, session).await.is_ok()
+        {
+            return Some(ws);
+        }
+    }
+}
+
 /// One client: sends on its ticker (if a sender; each message is expected by `room_members`
 /// clients) and records every delivery until `stop`.
 async fn client(
     mut ws: Ws,
-    mut ticker: Option<(usize, Interval)>,
+    mut session: Session,
+    Sending {
+        protocol,
+        mut ticker,
+        trigger,
+        reconnect,
+    }: Sending,
     room_members: u64,
     shared: Arc<Shared>,
     stop: CancellationToken,
@@ -311,6 +401,9 @@ async fn client(
     let end = tokio::time::sleep_until(shared.end.into());
     tokio::pin!(end);
     loop {
+        // Set where the connection turned out dead: the client reconnects (with `--reconnect`)
+        // or leaves.
+        let mut dead = false;
         tokio::select! {
             biased;
             () = stop.cancelled() => break,
@@ -328,17 +421,27 @@ async fn client(
                     Key { sender: sender as u32, seq: seq as u32 },
                     unix_nanos(),
                 );
-                let msg = format!(r#"{{"name":"bench-{sender}","content":"{content}"}}"#);
-                if ws.send(Message::text(msg)).await.is_err() {
-                    tally.disconnected = true;
-                    break;
+                let name = format!("bench-{sender}");
+                let sent = match (protocol.frame(&name, &content), &trigger) {
+                    (Some(frame), _) => ws.send(Message::text(frame)).await.is_ok(),
+                    (None, Some(trigger)) => {
+                        trigger.send(Protocol::Chat.frame(&name, &content).unwrap_or_default())
+                    }
+                    (None, None) => false,
+                };
+                if sent {
+                    seq += 1;
+                    shared.expected.fetch_add(room_members, Ordering::Release);
+                    shared.sent.fetch_add(1, Ordering::Release);
+                } else {
+                    dead = true;
                 }
-                seq += 1;
-                shared.expected.fetch_add(room_members, Ordering::Release);
-                shared.sent.fetch_add(1, Ordering::Release);
             }
             msg = ws.next() => match msg {
-                Some(Ok(Message::Text(text))) => match parse(&text, &shared) {
+                Some(Ok(Message::Text(text))) => match parse(
+                    session.note(protocol.decode(&text), reconnect.is_some()),
+                    &shared,
+                ) {
                     Parsed::Delivery { index, sent_at } => {
                         let (word, bit) = (index / 64, 1u64 << (index % 64));
                         if seen[word] & bit != 0 {
@@ -350,14 +453,29 @@ async fn client(
                         }
                     }
                     Parsed::Error => tally.errors += 1,
+                    Parsed::Reply(answer) => {
+                        dead = ws.send(Message::text(answer)).await.is_err();
+                    }
                     Parsed::Other => {}
                 },
                 Some(Ok(_)) => {}
-                Some(Err(_)) | None => {
+                Some(Err(_)) | None => dead = true,
+            },
+        }
+        if dead {
+            match &reconnect {
+                Some(target) => match rejoin(target, protocol, &mut session, &stop).await {
+                    Some(fresh) => {
+                        ws = fresh;
+                        tally.reconnects += 1;
+                    }
+                    None => break,
+                },
+                None => {
                     tally.disconnected = true;
                     break;
                 }
-            },
+            }
         }
     }
     if ticker.is_some() {
@@ -390,35 +508,26 @@ async fn tick(ticker: &mut Option<(usize, Interval)>) {
     }
 }
 
-/// A text frame as the chat server sends it.
-#[derive(Deserialize)]
-struct Frame<'a> {
-    #[serde(borrow, default)]
-    content: Option<std::borrow::Cow<'a, str>>,
-    #[serde(borrow, default)]
-    error: Option<std::borrow::Cow<'a, str>>,
-}
-
 /// What a text frame turned out to be.
 #[derive(Debug, PartialEq)]
 enum Parsed {
     /// One of this run's messages: its bit in the duplicate set and its send time.
     Delivery { index: usize, sent_at: u64 },
-    /// An `{"error": ...}` answer.
+    /// An error answer.
     Error,
+    /// A keep-alive to answer with this text frame.
+    Reply(&'static str),
     /// Anything else (another run's or another client's message, unparsable text).
     Other,
 }
 
-fn parse(text: &str, shared: &Shared) -> Parsed {
-    let Ok(frame) = serde_json::from_str::<Frame<'_>>(text) else {
-        return Parsed::Other;
-    };
-    if frame.error.is_some() {
-        return Parsed::Error;
-    }
-    let Some(content) = frame.content else {
-        return Parsed::Other;
+/// What a decoded frame means to this run.
+fn parse(incoming: Incoming<'_>, shared: &Shared) -> Parsed {
+    let content = match incoming {
+        Incoming::Message { content, .. } => content,
+        Incoming::Error => return Parsed::Error,
+        Incoming::Reply(answer) => return Parsed::Reply(answer),
+        Incoming::Other => return Parsed::Other,
     };
     let Some(content) = parse_content(&content, shared.run) else {
         return Parsed::Other;
@@ -442,14 +551,15 @@ impl std::fmt::Display for Report {
         )?;
         writeln!(
             f,
-            "  sent {}, expected {}, delivered {}, lost {}, duplicates {}, errors {}, disconnects {}",
+            "  sent {}, expected {}, delivered {}, lost {}, duplicates {}, errors {}, disconnects {}, reconnects {}",
             self.sent,
             self.expected,
             self.delivered,
             self.lost,
             self.duplicates,
             self.errors,
-            self.disconnects
+            self.disconnects,
+            self.reconnects
         )?;
         writeln!(f, "  deliveries/s   {:.0}", self.deliveries_per_s)?;
         writeln!(f, "  latency        {}", self.latency)?;
@@ -494,7 +604,7 @@ mod tests {
         let s = shared();
         let text = r#"{"time":"2024/01/01 00:00:00","name":"bench-2","content":"7:2:4:1234"}"#;
         assert_eq!(
-            parse(text, &s),
+            parse(Protocol::Chat.decode(text), &s),
             Parsed::Delivery {
                 index: 24,
                 sent_at: 1234
@@ -514,9 +624,20 @@ mod tests {
             r#"{"content":"hello"}"#,
             "not json",
         ] {
-            assert_eq!(parse(text, &s), Parsed::Other, "{text}");
+            assert_eq!(
+                parse(Protocol::Chat.decode(text), &s),
+                Parsed::Other,
+                "{text}"
+            );
         }
-        assert_eq!(parse(r#"{"error":"too fast"}"#, &s), Parsed::Error);
+        assert_eq!(
+            parse(Protocol::Chat.decode(r#"{"error":"too fast"}"#), &s),
+            Parsed::Error
+        );
+        assert_eq!(
+            parse(Protocol::SocketIo.decode("2"), &s),
+            Parsed::Reply("3")
+        );
     }
 
     /// A minimal chat server: every text frame any client sends goes to every client.
@@ -560,6 +681,9 @@ mod tests {
             settle: Duration::from_millis(50),
             concurrency: 5,
             watch: vec![Watch::this_process()],
+            protocol: Protocol::Chat,
+            pusher_app: None,
+            reconnect: false,
         })
         .await
         .unwrap();

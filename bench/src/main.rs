@@ -13,6 +13,8 @@ mod floor;
 mod http;
 mod idle;
 mod procstat;
+mod protocol;
+mod pusher;
 mod shards;
 mod storm;
 mod summary;

@@ -165,6 +165,9 @@ impl Args {
             settle: Duration::from_millis(500),
             concurrency: 100,
             watch: watches,
+            protocol: crate::protocol::Protocol::Chat,
+            pusher_app: None,
+            reconnect: false,
         }
     }
 }

@@ -3,10 +3,12 @@
 //! `bench/run` appends one JSON line per measurement, `{"figure", "system", "rep", "report"}`,
 //! where `report` is what a subcommand printed with `--json`. For every known figure this module
 //! takes each metric (a JSON pointer into the report) per system, prints the median over the
-//! repetitions, and the ratio lb ÷ the better of HAProxy and nginx (for the reconnect storm, one
-//! ratio per peer: lb ÷ HAProxy and lb ÷ nginx). The fan-out ramp gets its own
-//! table and the highest rate that lost nothing with p99 under the latency limit. Titles with
-//! `{clients}` get the client count the fan-out reports themselves give.
+//! repetitions, and the ratio lb ÷ the best of the other proxies (HAProxy, nginx, Sozu; for the
+//! reconnect storm, one ratio per peer). The peer stacks (`peers-*`: scaleout behind lb and behind
+//! HAProxy beside Node `ws`, Socket.IO and Sockudo) get the ratio of each scaleout row to the best
+//! peer stack. The fan-out ramp and the peers' knee get their own tables with the highest rate that
+//! lost nothing with p99 under the latency limit; peers that could not run are named with why.
+//! Titles with `{clients}` get the client count the fan-out reports themselves give.
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -52,10 +54,12 @@ struct Metric {
 /// The ratio columns of a figure.
 #[derive(Clone, Copy, PartialEq)]
 enum Ratios {
-    /// One column: lb ÷ the better of HAProxy and nginx.
+    /// One column: lb ÷ the best of the other proxies.
     BetterPeer,
-    /// One column per peer: lb ÷ HAProxy, lb ÷ nginx.
+    /// One column per peer: lb ÷ HAProxy, lb ÷ nginx, lb ÷ Sozu.
     EachPeer,
+    /// One column per scaleout stack: it ÷ the best of the peer stacks.
+    Stacks,
 }
 
 struct Figure {
@@ -66,8 +70,12 @@ struct Figure {
     ratios: Ratios,
 }
 
-/// The peers lb is compared with, in column order.
-const PEERS: &[&str] = &["haproxy", "nginx"];
+/// The proxies lb is compared with, in column order.
+const PEERS: &[&str] = &["haproxy", "nginx", "sozu"];
+/// scaleout's stacks in the peers figures, each compared with the best of [`PEER_STACKS`].
+const OURS: &[&str] = &["scaleout-lb", "scaleout-haproxy"];
+/// The chat stacks users would pick instead.
+const PEER_STACKS: &[&str] = &["node-ws", "socketio", "socketio-streams", "sockudo"];
 
 const fn m(label: &'static str, pointer: &'static str, better: Better, digits: usize) -> Metric {
     Metric {
@@ -125,6 +133,14 @@ const STACK: &[Metric] = &[
         Better::None,
         2,
     ),
+];
+
+/// A fault under chat load: what the clients lost and got twice (a `bench chaos` run for
+/// scaleout, a `bench fanout --reconnect` run for a peer).
+const FAULT: &[Metric] = &[
+    m("messages sent", "/sent", Better::None, 0),
+    m("deliveries lost", "/lost", Better::Lower, 0),
+    m("deliveries twice", "/duplicates", Better::Lower, 0),
 ];
 
 const STORM: &[Metric] = &[
@@ -326,6 +342,36 @@ const FIGURES: &[Figure] = &[
         ratios: Ratios::BetterPeer,
     },
     Figure {
+        id: "peers-25",
+        title: "Chat stacks side by side, {clients} clients, 25 msg/s",
+        metrics: STACK,
+        ratios: Ratios::Stacks,
+    },
+    Figure {
+        id: "peers-100",
+        title: "Chat stacks side by side, {clients} clients, 100 msg/s",
+        metrics: STACK,
+        ratios: Ratios::Stacks,
+    },
+    Figure {
+        id: "peers-200",
+        title: "Chat stacks side by side, {clients} clients, 200 msg/s",
+        metrics: STACK,
+        ratios: Ratios::Stacks,
+    },
+    Figure {
+        id: "fault-kill-app",
+        title: "Fault: one server SIGKILLed and restarted, {clients} clients, 50 msg/s",
+        metrics: FAULT,
+        ratios: Ratios::Stacks,
+    },
+    Figure {
+        id: "fault-redis-restart",
+        title: "Fault: Redis shut down and restarted 2 s later, {clients} clients, 50 msg/s",
+        metrics: FAULT,
+        ratios: Ratios::Stacks,
+    },
+    Figure {
         id: "storm-rsa",
         title: "Reconnect storm, {clients} TLS WebSocket clients at once, RSA-2048 certificate",
         metrics: STORM,
@@ -340,7 +386,20 @@ const FIGURES: &[Figure] = &[
 ];
 
 /// Column order; systems not in the results are left out.
-const SYSTEMS: &[&str] = &["lb", "haproxy", "nginx", "baseline", "direct"];
+const SYSTEMS: &[&str] = &[
+    "lb",
+    "haproxy",
+    "nginx",
+    "sozu",
+    "baseline",
+    "direct",
+    "scaleout-lb",
+    "scaleout-haproxy",
+    "node-ws",
+    "socketio",
+    "socketio-streams",
+    "sockudo",
+];
 
 /// Reads the results and prints the tables.
 pub fn run(args: &Args) -> anyhow::Result<String> {
@@ -367,9 +426,23 @@ fn render(records: &[Record], p99_limit_ms: f64) -> String {
             figure_table(&mut out, figure, &of_figure);
         }
     }
-    let ramp: Vec<&Record> = records.iter().filter(|r| r.figure == "ramp").collect();
-    if !ramp.is_empty() {
-        ramp_table(&mut out, &ramp, p99_limit_ms);
+    for (figure, title) in [
+        ("ramp", "Whole stack ramp"),
+        ("peers-knee", "Chat stacks side by side, knee"),
+    ] {
+        let ramp: Vec<&Record> = records.iter().filter(|r| r.figure == figure).collect();
+        if !ramp.is_empty() {
+            ramp_table(&mut out, title, &ramp, p99_limit_ms);
+        }
+    }
+    for r in records.iter().filter(|r| r.figure == "missing") {
+        let reason = r.report.pointer("/reason").and_then(Value::as_str);
+        let _ = writeln!(
+            out,
+            "{} is missing from these figures: {}\n",
+            display_name(&r.system),
+            reason.unwrap_or("no reason given")
+        );
     }
     out
 }
@@ -385,21 +458,41 @@ fn figure_table(out: &mut String, figure: &Figure, records: &[&Record]) {
         .map(|s| records.iter().filter(|r| r.system == *s).count())
         .max()
         .unwrap_or(0);
-    // The ratio columns: each a label and the peers it compares lb with.
-    let peers: Vec<&str> = PEERS
-        .iter()
-        .copied()
-        .filter(|p| systems.contains(p))
-        .collect();
-    let columns: Vec<(String, Vec<&str>)> = if !systems.contains(&"lb") || peers.is_empty() {
+    // The ratio columns: each a label, the system compared and the peers it is compared with.
+    let present = |list: &[&'static str]| -> Vec<&'static str> {
+        list.iter()
+            .copied()
+            .filter(|p| systems.contains(p))
+            .collect()
+    };
+    let names = |list: &[&str]| -> String {
+        list.iter()
+            .map(|p| display_name(p))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let (peers, ours) = match figure.ratios {
+        Ratios::Stacks => (present(PEER_STACKS), present(OURS)),
+        _ => (present(PEERS), present(&["lb"])),
+    };
+    let columns: Vec<(String, &str, Vec<&str>)> = if peers.is_empty() {
         Vec::new()
     } else if figure.ratios == Ratios::EachPeer {
-        peers
-            .iter()
-            .map(|p| (format!("lb ÷ {}", display_name(p)), vec![*p]))
+        ours.iter()
+            .flat_map(|o| peers.iter().map(move |p| (*o, *p)))
+            .map(|(o, p)| (format!("{o} ÷ {}", display_name(p)), o, vec![p]))
             .collect()
     } else {
-        vec![("lb ÷ better of HAProxy, nginx".to_string(), peers)]
+        ours.iter()
+            .map(|o| {
+                let label = if peers.len() == 1 {
+                    format!("{} ÷ {}", display_name(o), names(&peers))
+                } else {
+                    format!("{} ÷ best of {}", display_name(o), names(&peers))
+                };
+                (label, *o, peers.clone())
+            })
+            .collect()
     };
     let title = figure.title.replace("{clients}", &clients(records));
     let _ = writeln!(out, "### {title} (median of {reps})\n");
@@ -409,7 +502,7 @@ fn figure_table(out: &mut String, figure: &Figure, records: &[&Record]) {
         let _ = write!(header, " {} |", display_name(s));
         rule.push_str("---:|");
     }
-    for (label, _) in &columns {
+    for (label, _, _) in &columns {
         let _ = write!(header, " {label} |");
         rule.push_str("---:|");
     }
@@ -435,8 +528,8 @@ fn figure_table(out: &mut String, figure: &Figure, records: &[&Record]) {
                 None => row.push_str(" – |"),
             }
         }
-        for (_, against) in &columns {
-            match ratio(&medians, against, metric.better) {
+        for (_, ours, against) in &columns {
+            match ratio(&medians, ours, against, metric.better) {
                 Some(r) => {
                     let _ = write!(row, " {r:.2} |");
                 }
@@ -448,9 +541,9 @@ fn figure_table(out: &mut String, figure: &Figure, records: &[&Record]) {
     out.push('\n');
 }
 
-/// lb's median divided by the better of the `peers`' medians.
-fn ratio(medians: &BTreeMap<&str, f64>, peers: &[&str], better: Better) -> Option<f64> {
-    let lb = *medians.get("lb")?;
+/// `ours`' median divided by the best of the `peers`' medians.
+fn ratio(medians: &BTreeMap<&str, f64>, ours: &str, peers: &[&str], better: Better) -> Option<f64> {
+    let lb = *medians.get(ours)?;
     let others = peers.iter().filter_map(|s| medians.get(s).copied());
     let best = match better {
         Better::Higher => others.fold(None, |a: Option<f64>, v| Some(a.map_or(v, |a| a.max(v)))),
@@ -460,8 +553,8 @@ fn ratio(medians: &BTreeMap<&str, f64>, peers: &[&str], better: Better) -> Optio
     (best != 0.0).then(|| lb / best)
 }
 
-fn ramp_table(out: &mut String, records: &[&Record], p99_limit_ms: f64) {
-    let _ = writeln!(out, "### Whole stack ramp, {} clients\n", clients(records));
+fn ramp_table(out: &mut String, title: &str, records: &[&Record], p99_limit_ms: f64) {
+    let _ = writeln!(out, "### {title}, {} clients\n", clients(records));
     let _ = writeln!(
         out,
         "| system | msg/s | deliveries/s | lost | p50 (ms) | p99 (ms) | server CPU per delivery (µs) | generator cores | machine cores |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|"
@@ -549,8 +642,15 @@ fn thousands(n: u64) -> String {
 fn display_name(system: &str) -> &str {
     match system {
         "haproxy" => "HAProxy",
+        "sozu" => "Sozu",
         "direct" => "direct (no proxy)",
         "baseline" => "lb, baseline app",
+        "scaleout-lb" => "scaleout (lb)",
+        "scaleout-haproxy" => "scaleout (HAProxy)",
+        "node-ws" => "Node ws (HAProxy)",
+        "socketio" => "Socket.IO (HAProxy)",
+        "socketio-streams" => "Socket.IO streams + recovery (HAProxy)",
+        "sockudo" => "Sockudo (HAProxy)",
         other => other,
     }
 }
@@ -724,6 +824,48 @@ mod tests {
         );
         assert_eq!(thousands(1_234_567), "1,234,567");
         assert_eq!(thousands(999), "999");
+    }
+
+    #[test]
+    fn scaleout_stacks_against_the_best_peer_stack_and_missing_peers_named() {
+        let stack = |cpu: f64, p99: f64| serde_json::json!({"clients": 1000, "server_cpu_us_per_delivery": cpu, "latency": {"p99_ms": p99}});
+        let records = vec![
+            record("peers-100", "scaleout-lb", stack(20.0, 10.0)),
+            record("peers-100", "scaleout-haproxy", stack(30.0, 12.0)),
+            record("peers-100", "node-ws", stack(40.0, 8.0)),
+            record("peers-100", "socketio", stack(25.0, 30.0)),
+            record(
+                "missing",
+                "sockudo",
+                serde_json::json!({"reason": "cargo install failed"}),
+            ),
+        ];
+        let text = render(&records, 50.0);
+        assert!(
+            text.contains("Chat stacks side by side, 1,000 clients, 100 msg/s"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "| scaleout (lb) ÷ best of Node ws (HAProxy), Socket.IO (HAProxy) | scaleout (HAProxy) ÷ best of"
+            ),
+            "{text}"
+        );
+        // CPU: the best peer is Socket.IO's 25; p99: Node ws's 8.
+        assert!(
+            text.contains(
+                "| server CPU per delivery (µs) | 20.00 | 30.00 | 40.00 | 25.00 | 0.80 | 1.20 |"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("| latency p99 (ms) | 10.00 | 12.00 | 8.00 | 30.00 | 1.25 | 1.50 |"),
+            "{text}"
+        );
+        assert!(
+            text.contains("Sockudo (HAProxy) is missing from these figures: cargo install failed"),
+            "{text}"
+        );
     }
 
     #[test]
