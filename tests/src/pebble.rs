@@ -21,9 +21,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::process::Command;
 
+use crate::stack::generate_certs;
 use testkit::process::{Proc, Ready, system_bin};
 use testkit::redis::free_port;
-use crate::stack::generate_certs;
 
 /// What a Pebble is started with.
 #[derive(Debug, Clone, Copy)]

@@ -21,11 +21,11 @@ use tokio::process::Command;
 use tokio_rustls::TlsConnector;
 use tokio_tungstenite::tungstenite::Message;
 
-use tests::pebble::{Pebble, PebbleOptions, client_trusting};
-use testkit::redis::free_port;
-use testkit::process::{Proc, Ready, workspace_bin};
 use testkit::http::http_get;
+use testkit::process::{Proc, Ready, workspace_bin};
+use testkit::redis::free_port;
 use testkit::wait::eventually;
+use tests::pebble::{Pebble, PebbleOptions, client_trusting};
 use tests::stack::generate_certs;
 
 /// The certificate lb orders in these tests: two names, both resolving to 127.0.0.1.

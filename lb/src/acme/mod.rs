@@ -18,8 +18,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
+use rustls::pki_types::CertificateDer;
 use rustls::sign::CertifiedKey;
-use rustls_pki_types::CertificateDer;
 
 use crate::metrics::Metrics;
 use challenge::Challenges;
@@ -117,11 +117,11 @@ fn dns_names(der: &CertificateDer<'_>) -> Vec<String> {
 
 /// Reads a combined PEM (chain, key) into what is served, checking the key matches the leaf.
 pub fn served_from_pem(names: &[String], pem: &str) -> Result<Served, String> {
-    use rustls_pki_types::pem::PemObject;
+    use rustls::pki_types::pem::PemObject;
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(pem.as_bytes())
         .collect::<Result<_, _>>()
         .map_err(|e| format!("bad certificate PEM: {e}"))?;
-    let key = rustls_pki_types::PrivateKeyDer::from_pem_slice(pem.as_bytes())
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(pem.as_bytes())
         .map_err(|e| format!("bad key PEM: {e}"))?;
     let leaf = certs.first().ok_or("no certificate")?;
     let (not_before, not_after) = validity(leaf).ok_or("unreadable certificate")?;

@@ -246,7 +246,7 @@ fn dns_name(name: &str, challenge: AcmeChallenge) -> Result<(), String> {
             challenge.name()
         ));
     }
-    match rustls_pki_types::DnsName::try_from(name) {
+    match rustls::pki_types::DnsName::try_from(name) {
         Ok(_) if name.ends_with('.') => Err(format!("{name:?} ends with a dot")),
         Ok(_) => Ok(()),
         Err(_) => Err(format!("{name:?} is not a DNS name")),
