@@ -7,7 +7,9 @@ use std::time::Duration;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde::Serialize;
 
+use super::grants::Grants;
 use super::keys::{KeyError, is_hmac, read, read_secret};
+use super::verify::MAX_ID_CHARS;
 
 /// A key to sign with, bound to one algorithm and optionally named by a `kid`.
 pub struct SigningKey {
@@ -46,6 +48,9 @@ pub enum MintError {
     /// The key file is unusable.
     #[error(transparent)]
     Key(#[from] KeyError),
+    /// The request asks for claims the verifier would refuse.
+    #[error("{0}")]
+    Claims(String),
     /// Signing failed.
     #[error("could not sign the token: {0}")]
     Sign(#[source] jsonwebtoken::errors::Error),
@@ -116,6 +121,27 @@ impl SigningKey {
 
     /// Signs `request` as issued at `now` (Unix seconds).
     pub fn mint(&self, request: &TokenRequest, now: u64) -> Result<Minted, MintError> {
+        let chars = |s: &str| s.chars().count();
+        if !(1..=MAX_ID_CHARS).contains(&chars(&request.sub)) {
+            return Err(MintError::Claims(format!(
+                "the user id must have 1 to {MAX_ID_CHARS} characters"
+            )));
+        }
+        if request
+            .name
+            .as_deref()
+            .is_some_and(|name| !(1..=MAX_ID_CHARS).contains(&chars(name)))
+        {
+            return Err(MintError::Claims(format!(
+                "the name must have 1 to {MAX_ID_CHARS} characters"
+            )));
+        }
+        Grants::from_claim(Some(&request.rooms)).map_err(|e| MintError::Claims(e.to_string()))?;
+        if request.ttl.is_zero() {
+            return Err(MintError::Claims(
+                "the lifetime must be more than zero".into(),
+            ));
+        }
         let expires_at = now.saturating_add(request.ttl.as_secs());
         let claims = Claims {
             sub: &request.sub,
@@ -201,6 +227,46 @@ mod tests {
             assert_eq!(id.max_conns, Some(2));
             assert_eq!(id.issued_at, Some(now));
         }
+    }
+
+    #[test]
+    fn claims_the_verifier_would_refuse_are_not_signed() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let secret = write(dir.path(), "secret", &[b's'; 48], 0o600);
+        let key =
+            SigningKey::secret(&secret, Algorithm::HS256, None).unwrap_or_else(|e| panic!("{e}"));
+        let good = TokenRequest {
+            sub: "alice".into(),
+            name: None,
+            rooms: vec![],
+            ttl: Duration::from_secs(60),
+            max_conns: None,
+        };
+        let bad = [
+            TokenRequest {
+                sub: String::new(),
+                ..good.clone()
+            },
+            TokenRequest {
+                name: Some("n".repeat(129)),
+                ..good.clone()
+            },
+            TokenRequest {
+                rooms: vec!["a*b".into()],
+                ..good.clone()
+            },
+            TokenRequest {
+                ttl: Duration::ZERO,
+                ..good.clone()
+            },
+        ];
+        for request in bad {
+            assert!(
+                matches!(key.mint(&request, 1), Err(MintError::Claims(_))),
+                "{request:?} was signed"
+            );
+        }
+        assert!(key.mint(&good, 1).is_ok());
     }
 
     #[test]

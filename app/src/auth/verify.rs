@@ -19,7 +19,7 @@ use super::grants::{GrantError, Grants};
 use super::keys::KeyRing;
 
 /// The longest `sub` and `name`, in characters.
-const MAX_ID_CHARS: usize = 128;
+pub(crate) const MAX_ID_CHARS: usize = 128;
 
 /// What the config asks of every token.
 #[derive(Debug, Clone, PartialEq, Eq)]
