@@ -8,8 +8,8 @@
 //! into [`config::Config`]; `health`, `page` and `shutdown` serve the rest; `main.rs` calls [`run`].
 //!
 //! Dependencies point one way, each module using only those after it: `lib` → `health`, `page`,
-//! `shutdown` → `ws` → `state` → `hub` → `config` → `redis` → `history` → `protocol` →
-//! `position`, `origin`, `auth`. The subscriber reaches the hub's rooms only through its own traits
+//! `shutdown` → `ws` → `state` → `users` → `hub` → `config` → `redis` → `history` → `protocol`
+//! → `position`, `origin`, `auth`. The subscriber reaches the hub's rooms only through its own traits
 //! (`redis::subscriber::Channels`, `Channel`) and `history::Outlet`, which the rooms implement.
 
 pub mod auth;
@@ -24,6 +24,7 @@ pub mod protocol;
 mod redis;
 pub mod shutdown;
 mod state;
+pub mod users;
 mod ws;
 
 use std::net::SocketAddr;
@@ -37,8 +38,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 pub use crate::redis::LinkError;
-pub use crate::state::AppState;
-pub use crate::ws::close::CLOSE_TOO_SLOW;
+pub use crate::state::{AppState, StartError};
+pub use crate::ws::close::{CLOSE_DISCONNECTED, CLOSE_TOO_SLOW, CLOSE_USER_LIMIT};
 
 /// After the WebSockets are told to close, how long `run` waits for them and for in-flight
 /// HTTP requests before returning anyway.
@@ -47,9 +48,9 @@ const FINISH_TIMEOUT: Duration = Duration::from_secs(3);
 /// A failure that stops the server.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// The connection to Redis could not be set up.
+    /// The instance could not be set up (Redis, token keys).
     #[error(transparent)]
-    Redis(#[from] LinkError),
+    Start(#[from] StartError),
     /// The listener handed in is unusable.
     #[error("the listener has no local address")]
     Listener(#[source] std::io::Error),
@@ -68,6 +69,38 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// Reloads the token keys on every SIGHUP until `stop` (token mode only): the old keys stay
+/// when the new files are unusable, and the log says which file and why.
+fn reload_keys_on_sighup(state: &AppState, stop: CancellationToken) {
+    if state.config().auth == config::AuthConfig::Anonymous {
+        return;
+    }
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hangups = match signal(SignalKind::hangup()) {
+        Ok(hangups) => hangups,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGHUP: token keys reload only on restart");
+            return;
+        }
+    };
+    let state = state.clone();
+    let tracker = state.tracker().clone();
+    tracker.spawn(async move {
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                hangup = hangups.recv() => if hangup.is_none() { return },
+            }
+            match state.reload_keys() {
+                Ok(()) => tracing::info!("token keys reloaded"),
+                Err(e) => {
+                    tracing::error!(error = %e, "token keys not reloaded; the previous keys stay")
+                }
+            }
+        }
+    });
+}
+
 /// Serves `config` on `listener` until `shutdown` is cancelled, then drains (see
 /// [`shutdown`]) and returns. Redis being down is not an error: the instance reports 503 on
 /// `/healthz` and keeps trying.
@@ -81,6 +114,8 @@ pub async fn run(
     let state = AppState::new(config)?;
     let background = CancellationToken::new();
     state.hub().start(state.tracker(), background.clone());
+    state.users().start(state.tracker(), background.clone());
+    reload_keys_on_sighup(&state, background.clone());
     match &state.config().redis {
         Some(redis) => {
             tracing::info!(%local, redis = %redis.display, channel = %redis.channel, max_rooms = state.config().rooms.max_rooms, "chat server up, broker: Redis")

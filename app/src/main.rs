@@ -4,7 +4,9 @@
 //! reason if it is unusable), sets up logging to stderr (`RUST_LOG`), raises the open-file
 //! limit, binds the listener, prints `listening http <addr>` on stdout, and runs [`app::run`]
 //! until SIGTERM or SIGINT (exit 1 if serving fails). `app token` prints a signed token for a
-//! user (exit 64 if the key or a flag is unusable).
+//! user (exit 64 if the key or a flag is unusable). `app disconnect` closes a user's
+//! connections on every instance through Redis, and with `--until` keeps the user out until
+//! then (exit 64 for an unusable config or flag, 1 if Redis cannot be reached).
 
 use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
@@ -37,6 +39,43 @@ enum Command {
     Run(RunArgs),
     /// Print a signed token for a user, for operators and trials (like `centrifugo gentoken`).
     Token(TokenArgs),
+    /// Close a signed-in user's connections on every instance (through Redis) and, with
+    /// --until, refuse the user's tokens issued before then until then.
+    Disconnect(DisconnectArgs),
+}
+
+/// Options of `app disconnect`.
+#[derive(Debug, Args)]
+struct DisconnectArgs {
+    /// The app's config file, for its Redis (redis_url, redis_channel).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Redis URL, overriding `redis_url`.
+    #[arg(long, value_name = "URL", env = "REDIS_URL", hide_env_values = true)]
+    redis: Option<String>,
+    /// The user id (a token's `sub`).
+    #[arg(long)]
+    user: String,
+    /// Keep the user out until then: a time (RFC 3339, e.g. 2026-12-24T18:00:00Z) or a
+    /// duration from now (e.g. 30m, 1d).
+    #[arg(long, value_name = "TIME", value_parser = parse_until)]
+    until: Option<u64>,
+}
+
+/// `--until`: an RFC 3339 time or a duration from now, as Unix seconds.
+fn parse_until(text: &str) -> Result<u64, String> {
+    let at = match humantime::parse_rfc3339_weak(text) {
+        Ok(at) => at,
+        Err(_) => {
+            let after = humantime::parse_duration(text).map_err(|_| {
+                format!("{text:?} is neither a time (2026-12-24T18:00:00Z) nor a duration (30m)")
+            })?;
+            std::time::SystemTime::now() + after
+        }
+    };
+    at.duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .map_err(|_| format!("{text:?} is before 1970"))
 }
 
 /// Options of `app run`.
@@ -96,6 +135,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let run = match cli.command {
         Some(Command::Token(args)) => return token(&args),
+        Some(Command::Disconnect(args)) => return disconnect(args),
         Some(Command::Run(run)) => run,
         None => cli.run,
     };
@@ -144,6 +184,59 @@ fn token(args: &TokenArgs) -> ExitCode {
         Err(err) => {
             eprintln!("app token: {err:#}");
             ExitCode::from(EXIT_CONFIG)
+        }
+    }
+}
+
+/// `app disconnect`: one command through Redis, then exit.
+fn disconnect(args: DisconnectArgs) -> ExitCode {
+    let overrides = app::config::Overrides {
+        listen: None,
+        redis_url: args.redis,
+    };
+    let config = match app::config::load(args.config.as_deref(), overrides) {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!(
+                "app disconnect: configuration error: {:#}",
+                anyhow::Error::new(err)
+            );
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let sent = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("could not start the async runtime")
+        .and_then(|runtime| {
+            runtime
+                .block_on(app::users::disconnect_everywhere(
+                    &config, &args.user, args.until,
+                ))
+                .map_err(anyhow::Error::new)
+        });
+    match sent {
+        Ok(()) => {
+            match args.until {
+                Some(until) => println!(
+                    "disconnected {} everywhere; refused until {until} (Unix time)",
+                    args.user
+                ),
+                None => println!("disconnected {} everywhere", args.user),
+            }
+            ExitCode::SUCCESS
+        }
+        Err(err)
+            if err
+                .downcast_ref::<app::users::DisconnectError>()
+                .is_some_and(|e| matches!(e, app::users::DisconnectError::NoRedis)) =>
+        {
+            eprintln!("app disconnect: {err:#}");
+            ExitCode::from(EXIT_CONFIG)
+        }
+        Err(err) => {
+            eprintln!("app disconnect: {err:#}");
+            ExitCode::from(EXIT_RUNTIME)
         }
     }
 }

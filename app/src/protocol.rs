@@ -51,6 +51,9 @@ pub enum InputError {
     /// A binary frame: the protocol is JSON text.
     #[error("binary frames are not accepted; send JSON text")]
     Binary,
+    /// A signed-in client sent a `name` other than its token's: the token names the author.
+    #[error("field \"name\" must be your signed-in name {0:?} or left out")]
+    NotYourName(String),
     /// The connection sends faster than its rate limit.
     #[error("too many messages: at most {per_second} per second (burst {burst})")]
     RateLimited {
@@ -66,6 +69,8 @@ pub enum InputError {
 pub struct Incoming {
     /// Author's name.
     pub name: String,
+    /// Author's user id, for a signed-in client (from its token, never from the frame).
+    pub user: Option<String>,
     /// Message text (shown as text, never as HTML).
     pub content: String,
     /// The client's own id for this message: a retried send with the same `cid` is published
@@ -75,7 +80,8 @@ pub struct Incoming {
 
 /// The message every instance publishes and every client receives.
 ///
-/// Field order is the wire order: `time`, `name`, `content`.
+/// Field order is the wire order: `time`, `name`, `content`, then `user` for a signed-in
+/// author only (a message without it was written by an anonymous client or the original app).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChatMessage {
     /// `YYYY/MM/DD HH:MM:SS`, server local time of the receiving instance.
@@ -84,6 +90,42 @@ pub struct ChatMessage {
     pub name: String,
     /// Message text.
     pub content: String,
+    /// Author's user id (a token's `sub`), for a signed-in author.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+}
+
+/// Who a signed-in connection is, as its token says: the author of what it sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Signer<'a> {
+    /// The user id (`sub`).
+    pub user: &'a str,
+    /// The display name.
+    pub name: &'a str,
+}
+
+/// Longest room name.
+pub const MAX_ROOM_CHARS: usize = 64;
+
+/// A room name a client may not use; the text is the answer of the refused handshake.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid room name: a room is 1 to 64 characters of A-Z, a-z, 0-9, _, - and .")]
+pub struct BadRoom;
+
+/// The room a client asked for in `?room=`: `None` (absent or empty) is the default room.
+pub fn parse_room(room: Option<&str>) -> Result<Option<&str>, BadRoom> {
+    match room {
+        None | Some("") => Ok(None),
+        Some(name)
+            if name.len() <= MAX_ROOM_CHARS
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.')) =>
+        {
+            Ok(Some(name))
+        }
+        Some(_) => Err(BadRoom),
+    }
 }
 
 /// Checks a client's text frame against the protocol and the length limits (in characters).
@@ -91,6 +133,25 @@ pub fn parse_incoming(
     text: &str,
     max_name_chars: usize,
     max_content_chars: usize,
+) -> Result<Incoming, InputError> {
+    parse_frame(text, max_name_chars, max_content_chars, None)
+}
+
+/// Checks a signed-in client's text frame: like [`parse_incoming`], but the author is
+/// `signer`; a `name` may be left out and, when given, must be the signer's.
+pub fn parse_signed(
+    text: &str,
+    max_content_chars: usize,
+    signer: Signer<'_>,
+) -> Result<Incoming, InputError> {
+    parse_frame(text, usize::MAX, max_content_chars, Some(signer))
+}
+
+fn parse_frame(
+    text: &str,
+    max_name_chars: usize,
+    max_content_chars: usize,
+    signer: Option<Signer<'_>>,
 ) -> Result<Incoming, InputError> {
     let value: Value = serde_json::from_str(text).map_err(|_| InputError::NotJson)?;
     let Value::Object(mut object) = value else {
@@ -112,14 +173,26 @@ pub fn parse_incoming(
         }
         Some(_) => Err(InputError::NotString(key)),
     };
-    let name = field("name", max_name_chars)?;
+    let (name, user) = match signer {
+        None => (field("name", max_name_chars)?, None),
+        Some(signer) => match field("name", max_name_chars) {
+            Err(InputError::Missing(_)) => (signer.name.to_owned(), Some(signer.user.to_owned())),
+            Ok(name) if name == signer.name => (name, Some(signer.user.to_owned())),
+            Ok(_) | Err(_) => return Err(InputError::NotYourName(signer.name.to_owned())),
+        },
+    };
     let content = field("content", max_content_chars)?;
     let cid = match object.remove("cid") {
         None | Some(Value::Null) => None,
         Some(Value::String(cid)) if is_cid(&cid) => Some(cid),
         Some(_) => return Err(InputError::BadCid),
     };
-    Ok(Incoming { name, content, cid })
+    Ok(Incoming {
+        name,
+        user,
+        content,
+        cid,
+    })
 }
 
 /// Whether `cid` is a usable client message id: it becomes part of a Redis key.
@@ -140,6 +213,7 @@ impl ChatMessage {
             time: now.format(TIME_FORMAT).to_string(),
             name: incoming.name,
             content: incoming.content,
+            user: incoming.user,
         }
     }
 
@@ -148,6 +222,19 @@ impl ChatMessage {
         // Serialising three strings cannot fail; fall back to an empty object rather than panic.
         serde_json::to_string(self).unwrap_or_else(|_| "{}".to_owned())
     }
+}
+
+/// Token mode: what a connection hears when its token is accepted (at the start and at each
+/// refresh): `{"auth":"ok","user":…,"name":…,"expires_in":<seconds>}`.
+pub fn signed_in_json(user: &str, name: &str, expires_in: u64) -> String {
+    serde_json::json!({ "auth": "ok", "user": user, "name": name, "expires_in": expires_in })
+        .to_string()
+}
+
+/// Token mode: the notice that the token expires in `seconds`:
+/// `{"refresh":true,"in":<seconds>}`; the client sends a new `{"token": …}` on the same socket.
+pub fn refresh_json(seconds: u64) -> String {
+    serde_json::json!({ "refresh": true, "in": seconds }).to_string()
 }
 
 /// `body` (a serialised [`ChatMessage`], a JSON object) with `"id"` and `"epoch"` appended:
@@ -257,8 +344,63 @@ mod tests {
     use super::*;
     use chrono::{FixedOffset, Local};
 
+    #[test]
+    fn room_names_are_checked() {
+        assert_eq!(parse_room(None), Ok(None));
+        assert_eq!(parse_room(Some("")), Ok(None));
+        let longest = "a".repeat(MAX_ROOM_CHARS);
+        for good in ["lobby", "A-z_0.9", "...", longest.as_str()] {
+            assert_eq!(parse_room(Some(good)), Ok(Some(good)));
+        }
+        let too_long = "a".repeat(MAX_ROOM_CHARS + 1);
+        for bad in [
+            "a b",
+            "a:b",
+            "a/b",
+            "{x}",
+            "café",
+            "a\u{0}",
+            " ",
+            too_long.as_str(),
+        ] {
+            assert_eq!(parse_room(Some(bad)), Err(BadRoom), "{bad:?}");
+        }
+    }
     fn parse(text: &str) -> Result<Incoming, InputError> {
         parse_incoming(text, 8, 16)
+    }
+
+    #[test]
+    fn a_signed_in_author_is_the_tokens_and_another_name_is_refused() {
+        let signer = Signer {
+            user: "u1",
+            name: "Ann",
+        };
+        let signed = |text| parse_signed(text, 16, signer);
+        let expected = Incoming {
+            name: "Ann".into(),
+            user: Some("u1".into()),
+            content: "hi".into(),
+            cid: None,
+        };
+        assert_eq!(signed(r#"{"content": "hi"}"#), Ok(expected.clone()));
+        assert_eq!(signed(r#"{"name": "Ann", "content": "hi"}"#), Ok(expected));
+        for other in [
+            r#"{"name": "Bob", "content": "hi"}"#,
+            r#"{"name": 5, "content": "hi"}"#,
+        ] {
+            assert_eq!(signed(other), Err(InputError::NotYourName("Ann".into())));
+        }
+        assert_eq!(
+            signed(r#"{"name": "Ann"}"#),
+            Err(InputError::Missing("content"))
+        );
+        let message = ChatMessage::stamp(signed(r#"{"content": "x"}"#).unwrap(), &Local::now());
+        let json = message.to_json();
+        assert!(
+            json.ends_with(r#","name":"Ann","content":"x","user":"u1"}"#),
+            "{json}"
+        );
     }
 
     #[test]
@@ -267,6 +409,7 @@ mod tests {
             parse(r#"{"name": "ann", "content": "hello"}"#),
             Ok(Incoming {
                 name: "ann".into(),
+                user: None,
                 content: "hello".into(),
                 cid: None,
             })
@@ -279,6 +422,7 @@ mod tests {
             parse(r#"{"id": 7, "name": "ann", "content": "hi", "time": "forged", "x": {"y": 1}}"#),
             Ok(Incoming {
                 name: "ann".into(),
+                user: None,
                 content: "hi".into(),
                 cid: None,
             })
@@ -341,6 +485,7 @@ mod tests {
         let message = ChatMessage::stamp(
             Incoming {
                 name: "ann \"the\" <b>".into(),
+                user: None,
                 content: "line\nnext".into(),
                 cid: None,
             },
@@ -360,6 +505,7 @@ mod tests {
         let message = ChatMessage::stamp(
             Incoming {
                 name: String::new(),
+                user: None,
                 content: String::new(),
                 cid: None,
             },

@@ -100,8 +100,9 @@ impl Gate {
         &self.verifier
     }
 
-    /// Admits the holder of the token in `frame` to `room`, or says why not.
-    pub fn admit(&self, frame: &str, room: &str, now: u64) -> Result<Identity, Denied> {
+    /// Admits the holder of the token in `frame` to `room` (`None`: the main room), or says
+    /// why not.
+    pub fn admit(&self, frame: &str, room: Option<&str>, now: u64) -> Result<Identity, Denied> {
         let token = token_of(frame).ok_or(Denied::NotATokenFrame)?;
         let identity = self.verifier.verify(&token, now)?;
         if !self.may_join(&identity, room) {
@@ -110,9 +111,12 @@ impl Gate {
         Ok(identity)
     }
 
-    /// Whether `identity` may join `room`: a public room, or one its grants name.
-    pub fn may_join(&self, identity: &Identity, room: &str) -> bool {
-        self.public_rooms.iter().any(|public| public == room) || identity.grants.allows(room)
+    /// Whether `identity` may join `room`: the main room (`None`), a public room, or one its
+    /// grants name.
+    pub fn may_join(&self, identity: &Identity, room: Option<&str>) -> bool {
+        room.is_none_or(|room| {
+            self.public_rooms.iter().any(|public| public == room) || identity.grants.allows(room)
+        })
     }
 
     /// A refresh of `current` in `room` with the token `token`: the same user, still allowed
@@ -121,7 +125,7 @@ impl Gate {
         &self,
         current: &Identity,
         token: &str,
-        room: &str,
+        room: Option<&str>,
         now: u64,
     ) -> Result<Identity, Denied> {
         let identity = self.verifier.verify(token, now)?;
@@ -170,7 +174,7 @@ mod tests {
         let key =
             SigningKey::secret(&secret, Algorithm::HS256, None).unwrap_or_else(|e| panic!("{e}"));
         Fixture {
-            gate: Gate::new(Verifier::new(ring, rules), vec!["simple-chat".into()]),
+            gate: Gate::new(Verifier::new(ring, rules), vec!["lobby".into()]),
             key,
             _dir: dir,
         }
@@ -200,10 +204,11 @@ mod tests {
         let f = fixture();
         let now = jsonwebtoken::get_current_timestamp();
         let plain = frame(&token(&f, "alice", &[]));
-        assert!(f.gate.admit(&plain, "simple-chat", now).is_ok());
-        assert_eq!(f.gate.admit(&plain, "staff", now), Err(Denied::Room));
+        assert!(f.gate.admit(&plain, None, now).is_ok(), "the main room");
+        assert!(f.gate.admit(&plain, Some("lobby"), now).is_ok());
+        assert_eq!(f.gate.admit(&plain, Some("staff"), now), Err(Denied::Room));
         let staff = frame(&token(&f, "bob", &["staff"]));
-        assert!(f.gate.admit(&staff, "staff", now).is_ok());
+        assert!(f.gate.admit(&staff, Some("staff"), now).is_ok());
     }
 
     #[test]
@@ -219,7 +224,7 @@ mod tests {
             serde_json::json!({"token": 5}).to_string(),
         ] {
             assert_eq!(
-                f.gate.admit(&bad, "simple-chat", now),
+                f.gate.admit(&bad, None, now),
                 Err(Denied::NotATokenFrame),
                 "{bad:?}"
             );
@@ -232,18 +237,18 @@ mod tests {
         let now = jsonwebtoken::get_current_timestamp();
         let alice = f
             .gate
-            .admit(&frame(&token(&f, "alice", &["staff"])), "staff", now)
+            .admit(&frame(&token(&f, "alice", &["staff"])), Some("staff"), now)
             .unwrap_or_else(|e| panic!("{e}"));
         let again = token(&f, "alice", &["staff"]);
-        assert!(f.gate.refresh(&alice, &again, "staff", now).is_ok());
+        assert!(f.gate.refresh(&alice, &again, Some("staff"), now).is_ok());
         let mallory = token(&f, "mallory", &["staff"]);
         assert_eq!(
-            f.gate.refresh(&alice, &mallory, "staff", now),
+            f.gate.refresh(&alice, &mallory, Some("staff"), now),
             Err(Denied::OtherUser)
         );
         let demoted = token(&f, "alice", &[]);
         assert_eq!(
-            f.gate.refresh(&alice, &demoted, "staff", now),
+            f.gate.refresh(&alice, &demoted, Some("staff"), now),
             Err(Denied::Room)
         );
         assert_eq!(Denied::OtherUser.close_code(), CLOSE_FORBIDDEN);

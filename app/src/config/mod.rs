@@ -7,6 +7,7 @@
 //! `FILE: KEY: REASON`, naming where the value came from (the file, or the flag), the key (or,
 //! for what the TOML parser rejects, the line, quoted), and what is wrong with it.
 
+mod auth;
 mod raw;
 mod validate;
 
@@ -14,6 +15,10 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
+pub use auth::{
+    AuthConfig, DEFAULT_LEEWAY, DEFAULT_MAX_CONNECTIONS_PER_USER, DEFAULT_REFRESH_BEFORE,
+    DEFAULT_TOKEN_TIMEOUT, DEFAULT_TOKEN_URL, TokenConfig,
+};
 pub use confkit::ConfigError;
 pub use raw::{Overrides, RawConfig};
 
@@ -84,6 +89,8 @@ pub struct Config {
     pub history: HistoryConfig,
     /// How many rooms, and how long an empty one lingers.
     pub rooms: RoomsConfig,
+    /// Who may connect: anyone (the original protocol) or holders of a valid token.
+    pub auth: AuthConfig,
 }
 
 /// Limits of the rooms one instance holds (see `hub::rooms`).
@@ -205,10 +212,11 @@ mod tests {
             "dedupe_window",
             "max_rooms",
             "room_linger",
+            "auth",
         ];
         for key in keys {
             assert!(
-                text.contains(&format!("{key} =")),
+                text.contains(&format!("{key} =")) || text.contains(&format!("[{key}]")),
                 "config/app.toml lacks {key}"
             );
         }

@@ -8,6 +8,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::ConfigError;
+use super::auth::RawAuth;
 
 /// `app.toml` as written: every key optional, unknown keys rejected.
 #[derive(Debug, Default, Deserialize)]
@@ -62,6 +63,8 @@ pub struct RawConfig {
     /// How long a room stays subscribed after its last local member left.
     #[serde(default, with = "humantime_serde")]
     pub room_linger: Option<Duration>,
+    /// `[auth]`: who may connect.
+    pub auth: Option<RawAuth>,
 }
 
 /// Values given on the command line or in the environment; they win over the file.

@@ -165,6 +165,7 @@ impl RawConfig {
             )?,
             history,
             rooms,
+            auth: self.auth.take().unwrap_or_default().validate(file)?,
         })
     }
 

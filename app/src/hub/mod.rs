@@ -43,6 +43,11 @@ impl Hub {
         })
     }
 
+    /// The connection to Redis, when there is one.
+    pub fn redis(&self) -> Option<&Arc<RedisLink>> {
+        self.redis.as_ref()
+    }
+
     /// The rooms of this instance.
     pub fn rooms(&self) -> &Arc<Rooms> {
         &self.rooms

@@ -1,7 +1,7 @@
 //! Rooms: `/ws?room=NAME` puts a client in a room with a channel and a history of its own; no
 //! room (or an empty one) is the default room, the configured `redis_channel` itself.
 //!
-//! A name ([`parse_room`]) is 1 to 64 characters of `A-Z a-z 0-9 _ - .`; room `R` is channel
+//! A name (`protocol::parse_room`) is 1 to 64 characters of `A-Z a-z 0-9 _ - .`; room `R` is channel
 //! `<redis_channel>:R`. The registry ([`Rooms`]) holds the rooms with local members: a
 //! handshake [`Rooms::join`]s (a new room first reads where its history stands, its start;
 //! beyond `max_rooms` it is refused) and the [`Membership`] leaves when dropped; an empty room
@@ -26,14 +26,6 @@ use crate::position::Position;
 use crate::redis::RedisLink;
 use crate::redis::subscriber::{Channel, Channels};
 
-/// Longest room name.
-pub const MAX_ROOM_CHARS: usize = 64;
-
-/// A room name a client may not use; the text is the answer of the refused handshake.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid room name: a room is 1 to 64 characters of A-Z, a-z, 0-9, _, - and .")]
-pub struct BadRoom;
-
 /// Why a client could not join its room; the text is the answer of the refused handshake.
 #[derive(Debug, thiserror::Error)]
 pub enum JoinError {
@@ -43,22 +35,6 @@ pub enum JoinError {
     /// The room is new to this instance and where its history stands could not be read.
     #[error("room not available: the message history is unreachable; try again shortly")]
     Unavailable(#[source] redis::RedisError),
-}
-
-/// The room a client asked for in `?room=`: `None` (absent or empty) is the default room.
-pub fn parse_room(room: Option<&str>) -> Result<Option<&str>, BadRoom> {
-    match room {
-        None | Some("") => Ok(None),
-        Some(name)
-            if name.len() <= MAX_ROOM_CHARS
-                && name
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.')) =>
-        {
-            Ok(Some(name))
-        }
-        Some(_) => Err(BadRoom),
-    }
 }
 
 /// The pub/sub channel of `room` in `base`: `base` itself for the default room, `base:room`
@@ -454,29 +430,6 @@ mod tests {
             rooms.all().iter().map(|r| r.channel().to_owned()).collect();
         channels.sort();
         channels
-    }
-
-    #[test]
-    fn room_names_are_checked() {
-        assert_eq!(parse_room(None), Ok(None));
-        assert_eq!(parse_room(Some("")), Ok(None));
-        let longest = "a".repeat(MAX_ROOM_CHARS);
-        for good in ["lobby", "A-z_0.9", "...", longest.as_str()] {
-            assert_eq!(parse_room(Some(good)), Ok(Some(good)));
-        }
-        let too_long = "a".repeat(MAX_ROOM_CHARS + 1);
-        for bad in [
-            "a b",
-            "a:b",
-            "a/b",
-            "{x}",
-            "café",
-            "a\u{0}",
-            " ",
-            too_long.as_str(),
-        ] {
-            assert_eq!(parse_room(Some(bad)), Err(BadRoom), "{bad:?}");
-        }
     }
 
     #[test]

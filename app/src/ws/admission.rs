@@ -19,9 +19,10 @@ use axum::response::{IntoResponse, Response};
 use tracing::Instrument;
 
 use super::session::{self, Resuming};
-use crate::hub::rooms::parse_room;
+use super::signin;
 use crate::origin;
 use crate::position::{MAX_EPOCH_CHARS, MessageId, Position};
+use crate::protocol::parse_room;
 use crate::state::AppState;
 
 /// Read buffer per connection; axum's default is 128 KiB, which idle connections would hold.
@@ -119,6 +120,27 @@ pub async fn upgrade(
         tracing::warn!(%peer, %forwarded_for, limit = state.config().limits.max_connections, "WebSocket refused: connection limit reached");
         return (StatusCode::SERVICE_UNAVAILABLE, "too many connections\n").into_response();
     };
+    let tracked = state.tracker().token();
+    let max_frame = state.config().limits.max_frame_bytes;
+    let ws = ws
+        .read_buffer_size(READ_BUFFER_BYTES)
+        .write_buffer_size(WRITE_BUFFER_BYTES)
+        .max_frame_size(max_frame)
+        .max_message_size(max_frame)
+        .on_failed_upgrade(|e| tracing::debug!(error = %e, "WebSocket upgrade failed"));
+    if state.gate().is_some() {
+        // Token mode: the room is joined only once the first frame's token grants it.
+        let span =
+            tracing::info_span!("ws", %peer, %forwarded_for, room = room.as_deref().unwrap_or("-"));
+        return ws.on_upgrade(move |socket| {
+            async move {
+                let _slot = slot;
+                let _tracked = tracked;
+                signin::serve(socket, state, room, resuming).await;
+            }
+            .instrument(span)
+        });
+    }
     let membership = match state.rooms().join(room.as_deref()).await {
         Ok(membership) => membership,
         Err(e) => {
@@ -132,23 +154,16 @@ pub async fn upgrade(
         .room()
         .fanout()
         .join(state.close_all().child_token());
-    let tracked = state.tracker().token();
-    let max_frame = state.config().limits.max_frame_bytes;
     let span =
         tracing::info_span!("ws", %peer, %forwarded_for, channel = %membership.room().channel());
-    ws.read_buffer_size(READ_BUFFER_BYTES)
-        .write_buffer_size(WRITE_BUFFER_BYTES)
-        .max_frame_size(max_frame)
-        .max_message_size(max_frame)
-        .on_failed_upgrade(|e| tracing::debug!(error = %e, "WebSocket upgrade failed"))
-        .on_upgrade(move |socket| {
-            async move {
-                let _slot = slot;
-                let _tracked = tracked;
-                session::serve(socket, state, membership, member, resuming).await;
-            }
-            .instrument(span)
-        })
+    ws.on_upgrade(move |socket| {
+        async move {
+            let _slot = slot;
+            let _tracked = tracked;
+            session::serve(socket, state, membership, member, resuming, None).await;
+        }
+        .instrument(span)
+    })
 }
 
 /// One of `max_connections`, given back when dropped.

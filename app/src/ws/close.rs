@@ -7,7 +7,9 @@ use std::time::Duration;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, close_code};
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
 
+use crate::auth::{CLOSE_FORBIDDEN, CLOSE_UNAUTHORIZED, Denied};
 use crate::hub::fanout::Eviction;
+use crate::users::Refused;
 
 /// How long a close frame (and the client's answer) may take before the socket is dropped.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
@@ -31,6 +33,18 @@ pub const CLOSE_NOT_UTF8: u16 = close_code::INVALID;
 /// Any other breach of the WebSocket protocol.
 pub const CLOSE_PROTOCOL_ERROR: u16 = close_code::PROTOCOL;
 
+/// Token mode: the token expired without a refresh.
+pub const CLOSE_EXPIRED: u16 = CLOSE_UNAUTHORIZED;
+/// Token mode: the user holds its limit of connections already (4429 mirrors HTTP 429).
+pub const CLOSE_USER_LIMIT: u16 = 4429;
+/// Token mode: an operator disconnected the user (4410 mirrors HTTP 410, gone); a page does not
+/// reconnect at once.
+pub const CLOSE_DISCONNECTED: u16 = 4410;
+/// Token mode: the user's connections could not be counted (Redis unreachable).
+pub const CLOSE_USERS_UNAVAILABLE: u16 = close_code::AGAIN;
+/// The longest close reason the protocol allows, in bytes.
+const MAX_REASON_BYTES: usize = 123;
+
 /// Why a connection loop ended.
 pub enum End {
     /// The client closed or the connection broke: nothing more to send.
@@ -43,6 +57,14 @@ pub enum End {
     HistoryUnavailable,
     /// The room did not become ready in time: the client tries again.
     RoomUnavailable,
+    /// Token mode: the gate turned the token away.
+    Denied(Denied),
+    /// Token mode: the user was not given a seat.
+    Seatless(Refused),
+    /// Token mode: the token expired without a refresh.
+    Expired,
+    /// Token mode: an operator disconnected the user.
+    Disconnected,
 }
 
 /// Closes the connection as `end` requires; `shutting_down` and `evicted` say why `stop` was
@@ -79,12 +101,41 @@ where
             code: CLOSE_ROOM_UNAVAILABLE,
             reason: Utf8Bytes::from_static("room not available yet; reconnect shortly"),
         }),
+        End::Denied(denied) => Some(CloseFrame {
+            code: denied.close_code(),
+            reason: reason(&denied.to_string()),
+        }),
+        End::Seatless(refused) => Some(CloseFrame {
+            code: match refused {
+                Refused::Revoked(_) => CLOSE_FORBIDDEN,
+                Refused::TooMany(_) => CLOSE_USER_LIMIT,
+                Refused::Unavailable => CLOSE_USERS_UNAVAILABLE,
+            },
+            reason: reason(&refused.to_string()),
+        }),
+        End::Expired => Some(CloseFrame {
+            code: CLOSE_EXPIRED,
+            reason: Utf8Bytes::from_static("token expired"),
+        }),
+        End::Disconnected => Some(CloseFrame {
+            code: CLOSE_DISCONNECTED,
+            reason: Utf8Bytes::from_static("disconnected by the operator"),
+        }),
     };
     if let Some(frame) = frame {
         tracing::debug!(code = frame.code, reason = %frame.reason, "closing WebSocket");
         close(socket, frame).await;
     }
     tracing::debug!("WebSocket closed");
+}
+
+/// `text` cut to the longest close reason, at a character boundary.
+fn reason(text: &str) -> Utf8Bytes {
+    let mut end = text.len().min(MAX_REASON_BYTES);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    Utf8Bytes::from(&text[..end])
 }
 
 /// The close frame owed to a client whose frame the WebSocket layer rejected, if any.

@@ -3,8 +3,10 @@
 //! [`protocol::ResumeNotice`] and what it missed, then until the client leaves or is told to go
 //! reads its frames (heartbeat, rate limit, [`protocol::parse_incoming`], stamp,
 //! [`Room::publish`], the answer for the sender alone), writes its queue (in batches, skipping
-//! what the resume sent), and pings it every `ping_interval`. See ARCHITECTURE.md, "The message
-//! path".
+//! what the resume sent), and pings it every `ping_interval`. A token connection (see `signin`)
+//! also stamps its messages with its identity, takes a new token on the same socket, hears
+//! when its token nears its end, and is closed at expiry or when an operator disconnects its
+//! user. See ARCHITECTURE.md, "The message path".
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,11 +17,13 @@ use tokio_util::sync::CancellationToken;
 
 use super::close::{End, finish, refusal};
 use super::rate_limit::TokenBucket;
+use super::signin::SignedIn;
+use crate::auth::token_of;
 use crate::history::{Delivery, Resume};
 use crate::hub::fanout::Member;
 use crate::hub::rooms::{Membership, Room};
 use crate::position::{MessageId, Position};
-use crate::protocol::{self, ChatMessage, InputError, ResumeNotice};
+use crate::protocol::{self, ChatMessage, InputError, ResumeNotice, Signer};
 use crate::state::AppState;
 
 /// What a connecting client asked for.
@@ -49,10 +53,19 @@ pub(super) async fn serve<S>(
     membership: Membership,
     mut member: Member,
     resuming: Resuming,
+    mut signed: Option<SignedIn>,
 ) where
     S: Stream<Item = Result<Message, axum::Error>> + Sink<Message, Error = axum::Error> + Unpin,
 {
-    let end = run(&mut socket, &state, &membership, &mut member, resuming).await;
+    let end = run(
+        &mut socket,
+        &state,
+        &membership,
+        &mut member,
+        resuming,
+        &mut signed,
+    )
+    .await;
     finish(
         &mut socket,
         end,
@@ -69,6 +82,7 @@ async fn run<S>(
     membership: &Membership,
     member: &mut Member,
     resuming: Resuming,
+    signed: &mut Option<SignedIn>,
 ) -> End
 where
     S: Stream<Item = Result<Message, axum::Error>> + Sink<Message, Error = axum::Error> + Unpin,
@@ -107,6 +121,14 @@ where
     let mut pings = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
     pings.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut heard = true;
+    // A token connection's deadlines and its user's disconnect; never, for an anonymous one.
+    let never = tokio::time::Instant::now() + Duration::from_secs(100 * 365 * 86_400);
+    let notice = tokio::time::sleep_until(signed.as_ref().map_or(never, |s| s.notice_at));
+    let expiry = tokio::time::sleep_until(signed.as_ref().map_or(never, |s| s.expires_at));
+    tokio::pin!(notice, expiry);
+    let leave = signed
+        .as_ref()
+        .map_or_else(CancellationToken::new, |s| s.leave().clone());
 
     loop {
         // In this order: stop, then the client's queue, then its next frame. Writing before
@@ -114,6 +136,15 @@ where
         tokio::select! {
             biased;
             () = stop.cancelled() => return End::Stopped,
+            () = leave.cancelled() => return End::Disconnected,
+            () = &mut expiry, if signed.is_some() => return End::Expired,
+            () = &mut notice, if signed.as_ref().is_some_and(|s| !s.noticed) => {
+                let Some(s) = signed.as_mut() else { continue };
+                s.noticed = true;
+                if let Err(end) = send(socket, Message::Text(s.notice().into()), &stop).await {
+                    return end;
+                }
+            }
             queued = member.rx.recv() => {
                 let Some(first) = queued else { return End::Stopped };
                 let fresh = |d: &Delivery| skip_through.is_none_or(|s| d.id.is_none_or(|id| id > s));
@@ -139,7 +170,23 @@ where
                     Some(Ok(Message::Binary(_))) if !bucket.allow() => {
                         Some(rate_limited(state, ""))
                     }
-                    Some(Ok(Message::Text(text))) => accept(&text, state, &room, &stop).await,
+                    Some(Ok(Message::Text(text))) => match (signed.as_mut(), token_of(&text)) {
+                        (Some(s), Some(token)) => match s.refresh(state, &token) {
+                            Ok(()) => {
+                                notice.as_mut().reset(s.notice_at);
+                                expiry.as_mut().reset(s.expires_at);
+                                Some(s.welcome())
+                            }
+                            Err(denied) => {
+                                tracing::info!(reason = %denied, "token refresh refused");
+                                return End::Denied(denied);
+                            }
+                        },
+                        (s, _) => {
+                            let signer = s.as_ref().map(|s| s.signer());
+                            accept(&text, state, &room, &stop, signer).await
+                        }
+                    },
                     Some(Ok(Message::Binary(_))) => {
                         Some(protocol::error_json(&InputError::Binary.to_string(), None, false))
                     }
@@ -232,16 +279,20 @@ async fn accept(
     state: &AppState,
     room: &Room,
     stop: &CancellationToken,
+    signer: Option<Signer<'_>>,
 ) -> Option<String> {
     let limits = &state.config().limits;
-    let mut incoming =
-        match protocol::parse_incoming(text, limits.max_name_chars, limits.max_content_chars) {
-            Ok(incoming) => incoming,
-            Err(e) => {
-                let cid = cid_of(text);
-                return Some(protocol::error_json(&e.to_string(), cid.as_deref(), false));
-            }
-        };
+    let parsed = match signer {
+        None => protocol::parse_incoming(text, limits.max_name_chars, limits.max_content_chars),
+        Some(signer) => protocol::parse_signed(text, limits.max_content_chars, signer),
+    };
+    let mut incoming = match parsed {
+        Ok(incoming) => incoming,
+        Err(e) => {
+            let cid = cid_of(text);
+            return Some(protocol::error_json(&e.to_string(), cid.as_deref(), false));
+        }
+    };
     let cid = incoming.cid.take();
     let message = ChatMessage::stamp(incoming, &chrono::Local::now());
     let body = message.to_json();
@@ -415,6 +466,7 @@ mod tests {
             membership,
             member,
             Resuming::No,
+            None,
         ));
         Client {
             to_server,

@@ -12,5 +12,6 @@ mod redis_faults;
 mod resume;
 mod rooms;
 mod shutdown;
+mod signed_in;
 mod slow_client;
 mod support;

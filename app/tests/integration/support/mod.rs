@@ -393,9 +393,29 @@ impl Client {
         Client { ws }
     }
 
+    /// Token mode: connects to `ws://addr/ws?<query>`, sends `token` as the first frame and
+    /// returns the client with the server's `{"auth": "ok", ...}` answer.
+    pub async fn signed_in(
+        addr: SocketAddr,
+        query: &str,
+        token: &str,
+    ) -> (Client, serde_json::Value) {
+        let mut client = Client::upgraded(addr, query).await;
+        client.send_token(token).await;
+        let welcome = client.json().await;
+        assert_eq!(welcome["auth"], "ok", "{welcome}");
+        (client, welcome)
+    }
+
+    /// Token mode: sends `{"token": token}`.
+    pub async fn send_token(&mut self, token: &str) {
+        self.send_text(&serde_json::json!({ "token": token }).to_string())
+            .await;
+    }
+
     /// Sends a `Ping` and waits for its `Pong`, skipping nothing else: no message may be
     /// pending when this is called.
-    async fn sync(&mut self) {
+    pub async fn sync(&mut self) {
         self.ws
             .send(Message::Ping(b"sync"[..].into()))
             .await
@@ -453,6 +473,20 @@ impl Client {
                 .expect("WebSocket error");
             if !matches!(message, Message::Ping(_)) {
                 return message;
+            }
+        }
+    }
+
+    /// The next frame other than a ping, or `None` when the connection ended or failed.
+    pub async fn next_message(&mut self) -> Option<Message> {
+        loop {
+            let next = tokio::time::timeout(DEADLINE, self.ws.next())
+                .await
+                .expect("timed out waiting for a WebSocket message");
+            match next {
+                Some(Ok(Message::Ping(_))) => {}
+                Some(Ok(message)) => return Some(message),
+                Some(Err(_)) | None => return None,
             }
         }
     }
@@ -546,6 +580,8 @@ pub fn assert_chat_shape(text: &str) -> app::protocol::ChatMessage {
     let value: serde_json::Value = serde_json::from_str(text).unwrap();
     let mut keys: Vec<_> = value.as_object().unwrap().keys().cloned().collect();
     keys.sort();
+    // A signed-in author's message adds `user`.
+    keys.retain(|key| key != "user");
     assert!(
         keys == ["content", "name", "time"] || keys == ["content", "epoch", "id", "name", "time"],
         "{text}"
@@ -610,9 +646,14 @@ impl Binary {
 
     /// Sends SIGTERM by PID.
     pub fn terminate(&self) {
+        self.signal("TERM");
+    }
+
+    /// Sends the signal `name` (`TERM`, `HUP`, `KILL`) by PID.
+    pub fn signal(&self, name: &str) {
         let pid = self.child.id().expect("already exited");
         let status = std::process::Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
+            .args([&format!("-{name}"), &pid.to_string()])
             .status()
             .unwrap();
         assert!(status.success());
