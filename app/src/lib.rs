@@ -7,8 +7,10 @@
 //! local member (ARCHITECTURE.md, "The message path"). `config` turns `app.toml` and the flags
 //! into [`config::Config`]; `health`, `page` and `shutdown` serve the rest; `main.rs` calls [`run`].
 //!
+//! `issuer` is the demo token issuer of `app demo-issuer`, apart from the server.
+//!
 //! Dependencies point one way, each module using only those after it: `lib` → `health`, `page`,
-//! `shutdown` → `ws` → `state` → `users` → `hub` → `config` → `redis` → `history` → `protocol`
+//! `shutdown`, `issuer` → `ws` → `state` → `users` → `hub` → `config` → `redis` → `history` → `protocol`
 //! → `position`, `origin`, `auth`. The subscriber reaches the hub's rooms only through its own traits
 //! (`redis::subscriber::Channels`, `Channel`) and `history::Outlet`, which the rooms implement.
 
@@ -17,6 +19,7 @@ pub mod config;
 mod health;
 mod history;
 mod hub;
+pub mod issuer;
 mod origin;
 mod page;
 pub mod position;

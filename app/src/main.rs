@@ -42,6 +42,36 @@ enum Command {
     /// Close a signed-in user's connections on every instance (through Redis) and, with
     /// --until, refuse the user's tokens issued before then until then.
     Disconnect(DisconnectArgs),
+    /// For trials on one machine only: serve GET /token?name=NAME, signing a token for ANY name
+    /// without a login (loopback addresses only).
+    DemoIssuer(DemoIssuerArgs),
+}
+
+/// Options of `app demo-issuer`.
+#[derive(Debug, Args)]
+struct DemoIssuerArgs {
+    /// HMAC secret file to sign with: the app's `[auth] secret_file`.
+    #[arg(long, value_name = "FILE")]
+    secret_file: PathBuf,
+    /// Loopback address to listen on; port 0 picks a free port.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8090")]
+    listen: SocketAddr,
+    /// A room granted to a name beyond the public rooms, as NAME=ROOM (repeatable).
+    #[arg(long = "grant", value_name = "NAME=ROOM", value_parser = parse_grant)]
+    grants: Vec<(String, String)>,
+    /// How long each token is valid.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "10m")]
+    ttl: Duration,
+}
+
+/// `--grant NAME=ROOM`.
+fn parse_grant(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((name, room)) if !name.is_empty() && !room.is_empty() => {
+            Ok((name.to_lowercase(), room.to_owned()))
+        }
+        _ => Err(format!("{text:?} is not NAME=ROOM")),
+    }
 }
 
 /// Options of `app disconnect`.
@@ -136,6 +166,7 @@ fn main() -> ExitCode {
     let run = match cli.command {
         Some(Command::Token(args)) => return token(&args),
         Some(Command::Disconnect(args)) => return disconnect(args),
+        Some(Command::DemoIssuer(args)) => return demo_issuer(args),
         Some(Command::Run(run)) => run,
         None => cli.run,
     };
@@ -184,6 +215,70 @@ fn token(args: &TokenArgs) -> ExitCode {
         Err(err) => {
             eprintln!("app token: {err:#}");
             ExitCode::from(EXIT_CONFIG)
+        }
+    }
+}
+
+/// `app demo-issuer`: serves demo tokens until SIGTERM or SIGINT.
+fn demo_issuer(args: DemoIssuerArgs) -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+    if !app::issuer::may_listen_on(args.listen) {
+        eprintln!(
+            "app demo-issuer: --listen {}: the demo issuer signs tokens for anyone; it listens on loopback addresses only",
+            args.listen
+        );
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    let key = match app::auth::SigningKey::secret(
+        &args.secret_file,
+        jsonwebtoken::Algorithm::HS256,
+        None,
+    ) {
+        Ok(key) => key,
+        Err(e) => {
+            eprintln!("app demo-issuer: --secret-file: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let mut grants = std::collections::HashMap::<String, Vec<String>>::new();
+    for (name, room) in args.grants {
+        grants.entry(name).or_default().push(room);
+    }
+    let issuer = app::issuer::Issuer {
+        key,
+        grants,
+        ttl: args.ttl,
+    };
+    let served = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("could not start the async runtime")
+        .and_then(|runtime| {
+            runtime.block_on(async {
+                let listener = tokio::net::TcpListener::bind(args.listen)
+                    .await
+                    .with_context(|| format!("could not listen on {}", args.listen))?;
+                let local = listener.local_addr().context("no local address")?;
+                eprintln!("app demo-issuer: {}", app::issuer::WARNING);
+                announce(&format!("listening http {local}"))
+                    .context("could not write to stdout")?;
+                let stop = app::shutdown::signal();
+                axum::serve(listener, app::issuer::router(issuer))
+                    .with_graceful_shutdown(async {
+                        let _ = stop.await;
+                    })
+                    .await
+                    .context("the demo issuer failed")
+            })
+        });
+    match served {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("app demo-issuer: {err:#}");
+            ExitCode::from(EXIT_RUNTIME)
         }
     }
 }

@@ -40,6 +40,10 @@ pub struct Args {
     /// After sending, wait at most this long after the last publication for the last deliveries.
     #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
     drain: Duration,
+    /// Token mode: the apps verify tokens, each client signs in with one lasting this long and
+    /// refreshes it on the same socket when asked (e.g. 10s).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    token_ttl: Option<Duration>,
 }
 
 /// Runs the scenarios one after the other.
@@ -65,6 +69,7 @@ pub async fn run(args: Args) -> anyhow::Result<Runs> {
                 duration: args.duration,
                 fault_at: args.fault_at,
                 drain: args.drain,
+                token_ttl: args.token_ttl,
                 ..Config::new(scenario)
             };
             eprintln!("chaos: {scenario}, resume {resume}");

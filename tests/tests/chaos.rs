@@ -42,6 +42,28 @@ async fn zero_loss(scenario: Scenario) -> Result<Report> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_refreshed_on_the_socket_through_an_app_kill_lose_nothing() -> Result<()> {
+    // Tokens last 3 s and the run 9 s: every client is asked for a new token at least twice,
+    // some of them also reconnect (with a new token) when their app is killed.
+    let config = Config {
+        token_ttl: Some(Duration::from_secs(3)),
+        duration: Duration::from_secs(9),
+        fault_at: Duration::from_secs(4),
+        ..small(Scenario::KillApp, true)
+    };
+    let report = chaos::run(&config).await?;
+    println!("{report}");
+    report.assert_zero_loss();
+    assert!(
+        report.refreshes >= 2 * report.clients as u64,
+        "{} refreshes for {} clients",
+        report.refreshes,
+        report.clients
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_fault() -> Result<()> {
     let report = zero_loss(Scenario::None).await?;
     assert_eq!((report.disconnects, report.retries), (0, 0), "{report}");

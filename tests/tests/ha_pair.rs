@@ -131,6 +131,7 @@ async fn pair(hosts: &Hosts, keepalived: &Path) -> Result<()> {
         url: format!("wss://{VIP}/ws"),
         tls: tls_connector(&certs.join("ca.crt"))?,
         redis_url,
+        tokens: None,
     };
     let config = Config {
         clients: 20,

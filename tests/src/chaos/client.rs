@@ -62,6 +62,8 @@ pub(super) struct Plan {
     pub per_sender: usize,
     /// How often to send a heartbeat (an empty frame), as the page does.
     pub heartbeat: Option<Duration>,
+    /// Token mode: each connection's first frame is a token, renewed when the server asks.
+    pub tokens: Option<Arc<super::Tokens>>,
 }
 
 /// What one client saw and did; shared with the driver, which reads it during the drain.
@@ -85,6 +87,8 @@ pub struct ClientLog {
     pub reconnects: Vec<u64>,
     /// Notices saying `recovered: false`.
     pub unrecovered: u64,
+    /// Token mode: refresh notices answered with a new token.
+    pub refreshes: u64,
     /// Messages whose id was not greater than the one before (same epoch).
     pub out_of_order: u64,
     /// Messages written to a connection at least once.
@@ -209,6 +213,7 @@ struct Position {
 #[derive(Deserialize)]
 struct Frame {
     recovered: Option<bool>,
+    refresh: Option<bool>,
     epoch: Option<String>,
     last: Option<String>,
     ack: Option<String>,
@@ -238,6 +243,7 @@ pub(super) async fn run(
     stop: CancellationToken,
 ) {
     let client = Client {
+        name: format!("chaos-{i}"),
         rng: (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ unix_nanos(),
         plan,
         log,
@@ -250,6 +256,8 @@ pub(super) async fn run(
 }
 
 struct Client {
+    /// Its name in messages, and its user in token mode.
+    name: String,
     plan: Arc<Plan>,
     log: Arc<Mutex<ClientLog>>,
     published: Arc<AtomicUsize>,
@@ -327,6 +335,9 @@ impl Client {
     /// One connection, until it is lost or the run stops.
     async fn session(&mut self, ws: &mut Ws, stop: &CancellationToken) -> Ended {
         let mut ready = false;
+        if self.send_token(ws).await.is_err() {
+            return Ended::Lost { ready };
+        }
         if !self.plan.resume {
             // No notice in the original protocol: the app's answer to a ping says that its
             // connection task serves this client (and so receives the room's messages).
@@ -350,7 +361,11 @@ impl Client {
                 biased;
                 () = stop.cancelled() => return Ended::Stopped,
                 frame = ws.next() => match frame {
-                    Some(Ok(Message::Text(text))) => self.on_text(&text, &mut ready),
+                    Some(Ok(Message::Text(text))) => {
+                        if self.on_text(&text, &mut ready) && self.send_token(ws).await.is_err() {
+                            return Ended::Lost { ready };
+                        }
+                    }
                     Some(Ok(Message::Pong(payload))) if !ready && payload == READY_PING => {
                         ready = true;
                         self.ready_without_resume();
@@ -402,10 +417,30 @@ impl Client {
         }
     }
 
-    fn on_text(&mut self, text: &str, ready: &mut bool) {
-        let Ok(frame) = serde_json::from_str::<Frame>(text) else {
-            return;
+    /// Token mode: sends a fresh token (the first frame, or a refresh).
+    async fn send_token(&mut self, ws: &mut Ws) -> Result<(), ()> {
+        let Some(tokens) = &self.plan.tokens else {
+            return Ok(());
         };
+        let token = tokens.mint(&self.name).map_err(|_| ())?;
+        let frame = serde_json::json!({ "token": token }).to_string();
+        ws.send(Message::text(frame)).await.map_err(|_| ())
+    }
+
+    /// Takes in one text frame; whether the server asks for a new token.
+    fn on_text(&mut self, text: &str, ready: &mut bool) -> bool {
+        let Ok(frame) = serde_json::from_str::<Frame>(text) else {
+            return false;
+        };
+        if frame.refresh == Some(true) {
+            lock(&self.log).refreshes += 1;
+            return true;
+        }
+        self.on_frame(frame, ready);
+        false
+    }
+
+    fn on_frame(&mut self, frame: Frame, ready: &mut bool) {
         if let Some(recovered) = frame.recovered {
             // The resume notice: the position to hold, and everything pending goes out again.
             if let (Some(epoch), Some(last)) =

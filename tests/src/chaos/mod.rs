@@ -234,6 +234,9 @@ pub struct Config {
     /// With resume, each client sends a heartbeat (an empty frame) this often, as the page does
     /// every 15 s: how a client that only receives finds out that its path is gone.
     pub heartbeat: Duration,
+    /// Token mode: the apps verify tokens and every client signs in with one that lasts this
+    /// long, refreshing it on the same socket when the server asks (a third of it ahead).
+    pub token_ttl: Option<Duration>,
 }
 
 impl Config {
@@ -250,6 +253,7 @@ impl Config {
             fault_at: Duration::from_secs(8),
             drain: Duration::from_secs(3),
             heartbeat: Duration::from_secs(15),
+            token_ttl: None,
         }
     }
 
@@ -262,6 +266,12 @@ impl Config {
         }
         if self.fault_at > self.duration {
             bail!("the fault must come within the sending window");
+        }
+        if self
+            .token_ttl
+            .is_some_and(|ttl| ttl < Duration::from_secs(3))
+        {
+            bail!("tokens must last at least 3 s (the refresh comes a third of it ahead)");
         }
         Ok(())
     }
@@ -332,14 +342,64 @@ pub struct Target {
     pub tls: TlsConnector,
     /// The Redis the apps share, for the witness.
     pub redis_url: String,
+    /// Token mode: what the clients sign in with.
+    pub tokens: Option<Arc<Tokens>>,
+}
+
+/// Token mode's keys: an HS256 secret in a file the apps read, and the tokens clients get.
+pub struct Tokens {
+    dir: tempfile::TempDir,
+    secret: Vec<u8>,
+    ttl: Duration,
+}
+
+impl Tokens {
+    /// A fresh secret; tokens last `ttl`.
+    pub fn new(ttl: Duration) -> Result<Tokens> {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir()?;
+        let mut secret = vec![0u8; 48];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut secret)
+            .map_err(|_| anyhow::anyhow!("no randomness for the token secret"))?;
+        let path = dir.path().join("token.secret");
+        std::fs::write(&path, &secret)?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+        Ok(Tokens { dir, secret, ttl })
+    }
+
+    /// The apps' `[auth]`: token mode with this secret, the refresh a third of the lifetime
+    /// ahead of expiry.
+    pub fn app_config(&self) -> String {
+        format!(
+            "[auth]\nmode = \"token\"\nsecret_file = \"{}\"\nrefresh_before = \"{}s\"\n",
+            self.dir.path().join("token.secret").display(),
+            (self.ttl.as_secs() / 3).max(1),
+        )
+    }
+
+    /// A token for user `name` (also its display name), valid from now for the lifetime.
+    pub fn mint(&self, name: &str) -> Result<String> {
+        let now = unix_nanos() / 1_000_000_000;
+        let claims = serde_json::json!({
+            "sub": name, "name": name, "iat": now, "exp": now + self.ttl.as_secs(),
+        });
+        let key = jsonwebtoken::EncodingKey::from_secret(&self.secret)?;
+        Ok(jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+            &claims,
+            &key,
+        )?)
+    }
 }
 
 /// Runs one scenario on a [`Stack`] of its own and reports.
 pub async fn run(config: &Config) -> Result<Report> {
     config.check()?;
+    let tokens = config.token_ttl.map(Tokens::new).transpose()?;
     let mut stack = Stack::start_with(&Options {
         redis: Persistence::EverySec,
         cluster: config.scenario.cluster(),
+        app_config: tokens.as_ref().map(Tokens::app_config).unwrap_or_default(),
         ..Options::default()
     })
     .await?;
@@ -347,6 +407,7 @@ pub async fn run(config: &Config) -> Result<Report> {
         url: stack.url(),
         tls: stack.tls.clone(),
         redis_url: stack.redis.url(),
+        tokens: tokens.map(Arc::new),
     };
     let scenario = config.scenario;
     drive(
@@ -380,6 +441,7 @@ pub async fn drive(
             as usize
             + 2,
         heartbeat: config.resume.then_some(config.heartbeat),
+        tokens: target.tokens.clone(),
     });
 
     // Every client connects first.

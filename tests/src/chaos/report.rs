@@ -58,6 +58,8 @@ pub struct Report {
     pub reconnect: Percentiles,
     /// `recovered: false` notices.
     pub unrecovered: u64,
+    /// Token mode: refresh notices the clients answered with a new token.
+    pub refreshes: u64,
     /// Messages published after a client first connected that it never received, summed over
     /// clients.
     pub lost: u64,
@@ -123,6 +125,7 @@ pub(super) fn tally(
         disconnects: sum(|l| l.disconnects),
         reconnect: Percentiles::of(reconnects),
         unrecovered: sum(|l| l.unrecovered),
+        refreshes: sum(|l| l.refreshes),
         lost,
         clients_with_loss,
         duplicates: sum(|l| l.duplicates),
