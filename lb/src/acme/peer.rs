@@ -1,0 +1,504 @@
+//! The channel between the two lb hosts of a keepalived pair (`[acme.peer]`): each host serves
+//! a peer listener on its own address and asks the other's.
+//!
+//! One TCP connection carries one exchange: a length-prefixed sealed [`Request`] (`seal`), a
+//! length-prefixed sealed [`Answer`], close. A host asks its peer for the certificates it
+//! serves (and whether it holds the virtual address: `Certificates`), for the key
+//! authorization of an http-01 token it does not know (`Http01`: the CA's request reached this
+//! host while the other one is validating), and tells it that it just issued a certificate
+//! (`Issued`: the peer pulls at once instead of at its next minute). Answers come from the
+//! answering host's own state only, so a question never travels further. A message that does
+//! not open (another secret, altered, stale) is refused: logged, counted in
+//! `lb_acme_peer_refused_total`, the connection closed without an answer. The listener accepts
+//! at most [`MAX_CONNECTIONS`] at once, each bounded by [`TIMEOUT`] and [`MAX_MESSAGE`] bytes.
+//!
+//! Whether this host holds the virtual address is [`holds`]: the kernel's route to the address
+//! is a local one exactly when an interface of this host carries it (the source address it
+//! picks is then the address itself), whatever `ip_nonlocal_bind` says.
+
+use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Notify, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use super::Acme;
+use super::renew::unix_now;
+use super::seal::{Direction, Key, Refused};
+use crate::config::{AcmePeerConfig, read_secret};
+use crate::metrics::Metrics;
+
+/// Longest exchange with the peer: connect, request, answer.
+pub const TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Largest sealed message accepted (every certificate with its chain and key, JSON).
+pub const MAX_MESSAGE: usize = 4 << 20;
+
+/// Most peer connections served at once; more are closed at accept.
+pub const MAX_CONNECTIONS: usize = 16;
+
+/// What one host asks the other.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Request {
+    /// The certificates the peer serves, and whether it holds the virtual address.
+    Certificates,
+    /// The key authorization of an http-01 token.
+    Http01 {
+        /// The token from the CA's request path.
+        token: String,
+    },
+    /// The sender issued a certificate: pull now.
+    Issued,
+}
+
+/// One certificate as the peer serves it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SharedCertificate {
+    /// Its configured names, the first naming it.
+    pub names: Vec<String>,
+    /// Chain then key, PEM, as stored.
+    pub pem: String,
+}
+
+/// The answer to a [`Request`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Answer {
+    /// To `Certificates`.
+    Certificates {
+        /// Whether the answering host held the virtual address at its ACME task's last check.
+        holder: bool,
+        /// Every certificate it serves.
+        certificates: Vec<SharedCertificate>,
+    },
+    /// To `Http01`: the key authorization, if the answering host has an order under way for it.
+    Http01 {
+        /// The answer to serve.
+        key_authorization: Option<String>,
+    },
+    /// To `Issued`.
+    Noted,
+}
+
+/// Why an exchange with the peer failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    /// Connecting, writing or reading failed.
+    #[error("peer {address}: {source}")]
+    Io {
+        /// The peer's address.
+        address: SocketAddr,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The exchange took longer than [`TIMEOUT`].
+    #[error("peer {0}: no answer within {TIMEOUT:?}")]
+    Timeout(SocketAddr),
+    /// The peer closed without answering (it refused the request: see its log).
+    #[error(
+        "peer {0} closed the connection without answering (it refused the request: do the \
+         hosts share one secret file? see its log)"
+    )]
+    NoAnswer(SocketAddr),
+    /// The answer did not open.
+    #[error("peer {address}: answer refused: {reason}")]
+    Refused {
+        /// The peer's address.
+        address: SocketAddr,
+        /// Why.
+        reason: Refused,
+    },
+    /// The answer does not fit the request.
+    #[error("peer {0}: an answer that does not fit the request")]
+    Unexpected(SocketAddr),
+}
+
+/// One host's side of the pair: the channel key, the addresses, and what its ACME task and
+/// peer listener share.
+#[derive(Debug)]
+pub struct Peer {
+    key: Key,
+    /// `[acme.peer]`.
+    pub config: AcmePeerConfig,
+    /// Whether this host held the virtual address at the ACME task's last check.
+    holder: AtomicBool,
+    /// Woken when the peer tells of an issued certificate.
+    pub pull: Notify,
+    /// Where refused messages are counted.
+    metrics: Arc<Metrics>,
+}
+
+/// Whether this host holds `address` (see the module docs).
+pub fn holds(address: IpAddr) -> bool {
+    let any: SocketAddr = match address {
+        IpAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
+        IpAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
+    };
+    // A UDP connect sends nothing: it only picks the route and the source address.
+    UdpSocket::bind(any)
+        .and_then(|s| {
+            s.connect((address, 9))?;
+            s.local_addr()
+        })
+        .is_ok_and(|local| local.ip() == address)
+}
+
+impl Peer {
+    /// The peer side for `config`, its key derived from the secret file (checked again here,
+    /// as `lb check` does).
+    pub fn new(config: AcmePeerConfig, metrics: Arc<Metrics>) -> Result<Peer, String> {
+        let secret = read_secret(&config.secret_file)?;
+        Ok(Peer {
+            key: Key::derive(&secret),
+            config,
+            holder: AtomicBool::new(false),
+            pull: Notify::new(),
+            metrics,
+        })
+    }
+
+    /// Whether this host held the virtual address at the ACME task's last check.
+    pub fn is_holder(&self) -> bool {
+        self.holder.load(Relaxed)
+    }
+
+    /// Records whether this host holds the virtual address (the ACME task, after acting on it).
+    pub fn set_holder(&self, holder: bool) {
+        self.holder.store(holder, Relaxed);
+    }
+
+    /// Asks the peer `request` (see the module docs).
+    pub async fn ask(&self, request: &Request) -> Result<Answer, PeerError> {
+        let address = self.config.address;
+        let io = |source| PeerError::Io { address, source };
+        let id = self.key.new_id();
+        let sealed = self
+            .key
+            .seal(Direction::Request, &id, request, unix_now())
+            .map_err(|reason| PeerError::Refused { address, reason })?;
+        let exchange = async {
+            let mut stream = TcpStream::connect(address).await.map_err(io)?;
+            stream.set_nodelay(true).map_err(io)?;
+            write_frame(&mut stream, &sealed).await.map_err(io)?;
+            match read_frame(&mut stream).await {
+                Ok(Some(answer)) => Ok(answer),
+                Ok(None) => Err(PeerError::NoAnswer(address)),
+                Err(e) => Err(io(e)),
+            }
+        };
+        let answer = tokio::time::timeout(TIMEOUT, exchange)
+            .await
+            .map_err(|_| PeerError::Timeout(address))??;
+        let answer: Answer = self
+            .key
+            .open_answer(&answer, &id, unix_now())
+            .map_err(|reason| {
+                self.metrics.acme_peer_refused.fetch_add(1, Relaxed);
+                PeerError::Refused { address, reason }
+            })?;
+        let fits = matches!(
+            (request, &answer),
+            (Request::Certificates, Answer::Certificates { .. })
+                | (Request::Http01 { .. }, Answer::Http01 { .. })
+                | (Request::Issued, Answer::Noted)
+        );
+        if !fits {
+            return Err(PeerError::Unexpected(address));
+        }
+        Ok(answer)
+    }
+
+    /// The key authorization for http-01 `token`, asked of the peer (`None` when it has none
+    /// or cannot be asked; logged).
+    pub async fn http01(&self, token: &str) -> Option<String> {
+        let request = Request::Http01 {
+            token: token.to_owned(),
+        };
+        match self.ask(&request).await {
+            Ok(Answer::Http01 { key_authorization }) => key_authorization,
+            Ok(_) => None,
+            Err(e) => {
+                warn!(error = %e, "could not ask the peer for an http-01 token");
+                None
+            }
+        }
+    }
+
+    /// Serves the peer listener until `token` is cancelled, answering from `acme`.
+    pub async fn serve(
+        self: Arc<Self>,
+        acme: Arc<Acme>,
+        listener: TcpListener,
+        token: CancellationToken,
+    ) {
+        let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+        loop {
+            let accepted = tokio::select! {
+                () = token.cancelled() => return,
+                accepted = listener.accept() => accepted,
+            };
+            let (stream, from) = match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    warn!(error = %e, "peer listener: accept failed");
+                    tokio::select! {
+                        () = token.cancelled() => return,
+                        () = tokio::time::sleep(Duration::from_millis(100)) => continue,
+                    }
+                }
+            };
+            let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+                debug!(peer = %from, "peer listener busy; connection closed");
+                continue;
+            };
+            let peer = Arc::clone(&self);
+            let acme = Arc::clone(&acme);
+            tokio::spawn(async move {
+                let _slot = slot;
+                match tokio::time::timeout(TIMEOUT, peer.answer(&acme, stream, from)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => debug!(peer = %from, error = %e, "peer exchange failed"),
+                    Err(_) => debug!(peer = %from, "peer exchange timed out"),
+                }
+            });
+        }
+    }
+
+    /// Answers the one request on `stream`.
+    async fn answer(
+        &self,
+        acme: &Acme,
+        mut stream: TcpStream,
+        from: SocketAddr,
+    ) -> std::io::Result<()> {
+        let Some(sealed) = read_frame(&mut stream).await? else {
+            return Ok(());
+        };
+        let (id, request) = match self
+            .key
+            .open::<Request>(Direction::Request, &sealed, unix_now())
+        {
+            Ok(opened) => opened,
+            Err(reason) => {
+                self.metrics.acme_peer_refused.fetch_add(1, Relaxed);
+                warn!(peer = %from, reason = %reason, "peer request refused");
+                return Ok(());
+            }
+        };
+        let answer = match request {
+            Request::Certificates => Answer::Certificates {
+                holder: self.is_holder(),
+                certificates: acme.shared(),
+            },
+            Request::Http01 { token } => Answer::Http01 {
+                key_authorization: acme.challenges.http_answer(&token),
+            },
+            Request::Issued => {
+                self.pull.notify_one();
+                Answer::Noted
+            }
+        };
+        let sealed = self
+            .key
+            .seal(Direction::Answer, &id, &answer, unix_now())
+            .map_err(std::io::Error::other)?;
+        write_frame(&mut stream, &sealed).await?;
+        stream.shutdown().await
+    }
+}
+
+/// Writes one message: its length (4 bytes, big-endian), then its bytes.
+async fn write_frame(stream: &mut TcpStream, bytes: &[u8]) -> std::io::Result<()> {
+    let len = u32::try_from(bytes.len()).map_err(std::io::Error::other)?;
+    let mut frame = Vec::with_capacity(4 + bytes.len());
+    frame.extend_from_slice(&len.to_be_bytes());
+    frame.extend_from_slice(bytes);
+    stream.write_all(&frame).await
+}
+
+/// Reads one message (`None`: closed before one began); longer than [`MAX_MESSAGE`] is an
+/// error.
+async fn read_frame(stream: &mut TcpStream) -> std::io::Result<Option<Vec<u8>>> {
+    let mut len = [0u8; 4];
+    match stream.read_exact(&mut len).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let len = u32::from_be_bytes(len) as usize;
+    if len > MAX_MESSAGE {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("a message of {len} bytes (at most {MAX_MESSAGE})"),
+        ));
+    }
+    let mut bytes = vec![0u8; len];
+    stream.read_exact(&mut bytes).await?;
+    Ok(Some(bytes))
+}
+
+/// Peer sides on loopback for tests.
+#[cfg(test)]
+pub(crate) mod testing {
+    use std::os::unix::fs::PermissionsExt;
+    use std::path::Path;
+
+    use super::*;
+
+    /// A secret both sides of a test pair share.
+    pub const SECRET: &str = "a secret both hosts share, 32+ bytes";
+
+    /// A peer side listening on `listen`, asking `address`, with `secret` (written to
+    /// `dir/name`, 0600).
+    pub fn peer(
+        dir: &Path,
+        name: &str,
+        secret: &str,
+        listen: SocketAddr,
+        address: SocketAddr,
+    ) -> Arc<Peer> {
+        let file = dir.join(name);
+        std::fs::write(&file, secret).unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let config = AcmePeerConfig {
+            listen,
+            address,
+            secret_file: file,
+            virtual_address: "127.0.0.1".parse().unwrap(),
+        };
+        Arc::new(Peer::new(config, Arc::new(Metrics::default())).unwrap())
+    }
+
+    /// A peer listener on loopback answering from `acme` with `secret`, until `token` is
+    /// cancelled: its side and address.
+    pub async fn serving(
+        dir: &Path,
+        secret: &str,
+        acme: Arc<Acme>,
+        token: &CancellationToken,
+    ) -> (Arc<Peer>, SocketAddr) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let unused = "127.0.0.1:1".parse().unwrap();
+        let server = peer(dir, "server.secret", secret, addr, unused);
+        tokio::spawn(Arc::clone(&server).serve(acme, listener, token.child_token()));
+        (server, addr)
+    }
+
+    /// A peer side asking `address` with `secret`.
+    pub fn client(dir: &Path, secret: &str, address: SocketAddr) -> Arc<Peer> {
+        let unused = "127.0.0.1:1".parse().unwrap();
+        peer(dir, "client.secret", secret, unused, address)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::{SECRET, client, serving};
+    use super::*;
+
+    #[tokio::test]
+    async fn an_http01_token_is_answered_from_the_peer_and_issued_wakes_its_pull() {
+        let tmp = tempfile::tempdir().unwrap();
+        let token = CancellationToken::new();
+        let acme = Arc::new(Acme::default());
+        acme.challenges.put_http("tok", "tok.thumbprint");
+        let (server, addr) = serving(tmp.path(), SECRET, acme, &token).await;
+        let client = client(tmp.path(), SECRET, addr);
+        assert_eq!(
+            client.http01("tok").await.as_deref(),
+            Some("tok.thumbprint")
+        );
+        assert_eq!(client.http01("unknown").await, None);
+        let woken = server.pull.notified();
+        assert_eq!(client.ask(&Request::Issued).await.unwrap(), Answer::Noted);
+        tokio::time::timeout(TIMEOUT, woken).await.unwrap();
+        server.set_holder(true);
+        assert_eq!(
+            client.ask(&Request::Certificates).await.unwrap(),
+            Answer::Certificates {
+                holder: true,
+                certificates: Vec::new()
+            }
+        );
+        assert_eq!(server.metrics.acme_peer_refused.load(Relaxed), 0);
+        token.cancel();
+    }
+
+    #[tokio::test]
+    async fn a_wrong_secret_gets_no_answer_and_is_counted() {
+        let tmp = tempfile::tempdir().unwrap();
+        let token = CancellationToken::new();
+        let acme = Arc::new(Acme::default());
+        acme.challenges.put_http("tok", "tok.thumbprint");
+        let (server, addr) = serving(tmp.path(), SECRET, acme, &token).await;
+        let client = client(tmp.path(), "another secret, also 32+ bytes long", addr);
+        let e = client
+            .ask(&Request::Http01 {
+                token: "tok".into(),
+            })
+            .await
+            .unwrap_err();
+        assert!(matches!(e, PeerError::NoAnswer(_)), "{e}");
+        assert_eq!(client.http01("tok").await, None);
+        assert_eq!(server.metrics.acme_peer_refused.load(Relaxed), 2);
+        token.cancel();
+    }
+
+    #[tokio::test]
+    async fn a_tampered_request_gets_no_answer() {
+        let tmp = tempfile::tempdir().unwrap();
+        let token = CancellationToken::new();
+        let acme = Arc::new(Acme::default());
+        acme.challenges.put_http("tok", "tok.thumbprint");
+        let (server, addr) = serving(tmp.path(), SECRET, acme, &token).await;
+        let key = Key::derive(SECRET.as_bytes());
+        let request = Request::Http01 {
+            token: "tok".into(),
+        };
+        let sealed = key
+            .seal(Direction::Request, "id", &request, unix_now())
+            .unwrap();
+        // Untouched, the same bytes are answered; one bit flipped, they are not.
+        for flip in [None, Some(sealed.len() / 2)] {
+            let mut bytes = sealed.clone();
+            if let Some(i) = flip {
+                bytes[i] ^= 0x04;
+            }
+            let mut stream = TcpStream::connect(addr).await.unwrap();
+            write_frame(&mut stream, &bytes).await.unwrap();
+            let answer = read_frame(&mut stream).await.unwrap();
+            match flip {
+                None => {
+                    let answer: Answer =
+                        key.open_answer(&answer.unwrap(), "id", unix_now()).unwrap();
+                    assert_eq!(
+                        answer,
+                        Answer::Http01 {
+                            key_authorization: Some("tok.thumbprint".into())
+                        }
+                    );
+                }
+                Some(_) => assert!(answer.is_none(), "a tampered request was answered"),
+            }
+        }
+        assert_eq!(server.metrics.acme_peer_refused.load(Relaxed), 1);
+        // A length beyond the limit is refused before anything is read.
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        stream.write_all(&u32::MAX.to_be_bytes()).await.unwrap();
+        assert!(read_frame(&mut stream).await.unwrap_or(None).is_none());
+        token.cancel();
+    }
+
+    #[test]
+    fn loopback_is_held_and_an_address_elsewhere_is_not() {
+        assert!(holds("127.0.0.1".parse().unwrap()));
+        assert!(!holds("192.0.2.1".parse().unwrap()));
+    }
+}
