@@ -10,23 +10,22 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Result, anyhow, bail};
 use futures_util::{SinkExt, StreamExt};
+use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, ServerName};
 use tempfile::TempDir;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::process::Command;
-use tokio_rustls::TlsConnector;
 use tokio_tungstenite::tungstenite::Message;
 
 use testkit::http::http_get;
 use testkit::process::{Proc, Ready, workspace_bin};
 use testkit::redis::free_port;
 use testkit::wait::eventually;
-use tests::pebble::{Pebble, PebbleOptions, client_trusting};
-use tests::stack::generate_certs;
+use tests::pebble::{self, Pebble, PebbleOptions, client_trusting};
+use tests::stack::{generate_certs, lb_acme_orders, lb_metric};
 
 /// The certificate lb orders in these tests: two names, both resolving to 127.0.0.1.
 const NAMES: [&str; 2] = ["chat.acme.test", "www.acme.test"];
@@ -69,16 +68,8 @@ impl Site {
 
     /// Pebble validating on this site's ports.
     async fn pebble(&self, listen: u16, validity: Option<u64>) -> Result<Pebble> {
-        Pebble::start(
-            self.dir.path(),
-            PebbleOptions {
-                listen,
-                http_port: self.redirect,
-                tls_port: self.https,
-                validity,
-            },
-        )
-        .await
+        let options = PebbleOptions::local(listen, self.redirect, self.https, validity);
+        Pebble::start(self.dir.path(), options).await
     }
 
     /// lb's configuration with `[acme]` lines `acme`.
@@ -150,40 +141,17 @@ async fn echo_backend() -> Result<SocketAddr> {
     Ok(addr)
 }
 
-/// The value of the `/metrics` sample `series` (name and labels as printed), 0 if absent.
-async fn metric(admin: SocketAddr, series: &str) -> Result<f64> {
-    let body = http_get(admin, "/metrics").await?.text();
-    for line in body.lines() {
-        if let Some(value) = line
-            .strip_prefix(series)
-            .and_then(|rest| rest.strip_prefix(' '))
-        {
-            return value.trim().parse().context("bad metric value");
-        }
-    }
-    Ok(0.0)
-}
-
-async fn orders(admin: SocketAddr, result: &str) -> Result<f64> {
-    metric(
-        admin,
-        &format!("lb_acme_orders_total{{result=\"{result}\"}}"),
-    )
-    .await
-}
-
 /// Waits until lb has `n` successful orders.
 async fn issued(admin: SocketAddr, n: f64) -> Result<()> {
     eventually(
         &format!("{n} ACME orders to succeed"),
         ISSUED_WITHIN,
-        || async move { Ok(orders(admin, "ok").await? >= n) },
+        || async move { Ok(lb_acme_orders(admin, "ok").await? >= n) },
     )
     .await
 }
 
-/// A TLS handshake with lb on `port` for `name`, verifying the chain against `config`'s
-/// roots: the chain lb presented.
+/// A TLS handshake with lb on loopback `port` for `name` (see [`pebble::handshake`]).
 async fn handshake(
     port: u16,
     name: &str,
@@ -192,18 +160,7 @@ async fn handshake(
     Vec<CertificateDer<'static>>,
     tokio_rustls::client::TlsStream<TcpStream>,
 )> {
-    let tcp = TcpStream::connect(("127.0.0.1", port)).await?;
-    let tls = TlsConnector::from(config)
-        .connect(ServerName::try_from(name.to_owned())?, tcp)
-        .await
-        .with_context(|| format!("TLS handshake for {name}"))?;
-    let chain = tls
-        .get_ref()
-        .1
-        .peer_certificates()
-        .ok_or_else(|| anyhow!("no certificate"))?
-        .to_vec();
-    Ok((chain, tls))
+    pebble::handshake(SocketAddr::from(([127, 0, 0, 1], port)), name, config).await
 }
 
 /// The fallback certificate lb serves before ACME: `[[certificates]]`, trusted through its CA.
@@ -255,7 +212,7 @@ async fn tls_alpn_01_issues_a_chain_pebble_verifies_and_a_restart_reuses_it() ->
         served.push(chain[0].clone());
     }
     assert_eq!(served[0], served[1], "one certificate for both names");
-    let expiry = metric(
+    let expiry = lb_metric(
         admin,
         &format!(
             "lb_certificate_not_after_seconds{{name=\"{}\",source=\"acme\"}}",
@@ -280,8 +237,8 @@ async fn tls_alpn_01_issues_a_chain_pebble_verifies_and_a_restart_reuses_it() ->
         chain[0], served[0],
         "the stored certificate is served at once"
     );
-    assert_eq!(orders(admin, "ok").await?, 0.0);
-    assert_eq!(orders(admin, "failed").await?, 0.0);
+    assert_eq!(lb_acme_orders(admin, "ok").await?, 0.0);
+    assert_eq!(lb_acme_orders(admin, "failed").await?, 0.0);
     assert_eq!(std::fs::read(site.storage().join("account.json"))?, account);
     Ok(())
 }
@@ -343,7 +300,7 @@ async fn renewal_swaps_the_certificate_under_open_tunnels() -> Result<()> {
         echo(ws, &format!("tunnel {i} after the renewal")).await?;
     }
     assert_eq!(
-        metric(admin, "lb_tunnels_active").await?,
+        lb_metric(admin, "lb_tunnels_active").await?,
         TUNNELS as f64,
         "no tunnel was dropped"
     );
@@ -368,7 +325,7 @@ async fn a_ca_down_at_start_leaves_the_fallback_until_it_is_back() -> Result<()>
         "the fallback serves while the CA is down"
     );
     eventually("an order to fail", ISSUED_WITHIN, || async move {
-        Ok(orders(admin, "failed").await? >= 1.0)
+        Ok(lb_acme_orders(admin, "failed").await? >= 1.0)
     })
     .await?;
 
@@ -428,10 +385,10 @@ async fn a_ca_answering_garbage_or_a_problem_document_fails_and_keeps_the_fallba
         let lb = site.start_lb(&config).await?;
         let admin = lb.addr("admin");
         eventually("an order to fail", ISSUED_WITHIN, || async move {
-            Ok(orders(admin, "failed").await? >= 1.0)
+            Ok(lb_acme_orders(admin, "failed").await? >= 1.0)
         })
         .await?;
-        assert_eq!(orders(admin, "ok").await?, 0.0);
+        assert_eq!(lb_acme_orders(admin, "ok").await?, 0.0);
         let (chain, _) = handshake(site.https, NAMES[0], fallback_config(&site).await?).await?;
         assert!(!chain.is_empty(), "the fallback keeps serving");
     }

@@ -12,11 +12,13 @@
 //! `lb_acme_peer_refused_total`, the connection closed without an answer. The listener accepts
 //! at most [`MAX_CONNECTIONS`] at once, each bounded by [`TIMEOUT`] and [`MAX_MESSAGE`] bytes.
 //!
-//! Whether this host holds the virtual address is [`holds`]: the kernel's route to the address
-//! is a local one exactly when an interface of this host carries it (the source address it
-//! picks is then the address itself), whatever `ip_nonlocal_bind` says.
+//! Whether this host holds the virtual address is [`holds`]: whether the kernel lists it among
+//! this host's (this network namespace's) own addresses, in `/proc/net/fib_trie` (IPv4: a
+//! `/32 host LOCAL` entry) or `/proc/net/if_inet6`. Neither a bind (`ip_nonlocal_bind`, often
+//! on beside keepalived, lets it succeed anywhere) nor a route's source address (the
+//! interface's primary address, not the virtual one) would tell.
 
-use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering::Relaxed;
@@ -134,19 +136,44 @@ pub struct Peer {
     metrics: Arc<Metrics>,
 }
 
-/// Whether this host holds `address` (see the module docs).
+/// Whether this host holds `address` (see the module docs); `false` when the kernel's lists
+/// cannot be read.
 pub fn holds(address: IpAddr) -> bool {
-    let any: SocketAddr = match address {
-        IpAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
-        IpAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
-    };
-    // A UDP connect sends nothing: it only picks the route and the source address.
-    UdpSocket::bind(any)
-        .and_then(|s| {
-            s.connect((address, 9))?;
-            s.local_addr()
-        })
-        .is_ok_and(|local| local.ip() == address)
+    match address {
+        IpAddr::V4(a) => std::fs::read_to_string("/proc/net/fib_trie")
+            .is_ok_and(|table| ipv4_is_local(&table, a)),
+        IpAddr::V6(a) => std::fs::read_to_string("/proc/net/if_inet6")
+            .is_ok_and(|table| ipv6_is_local(&table, a)),
+    }
+}
+
+/// Whether `fib_trie` (the text of `/proc/net/fib_trie`) has a `/32 host LOCAL` entry for
+/// `address`: each entry is a `|-- ADDR` line followed by its prefix lines.
+fn ipv4_is_local(fib_trie: &str, address: Ipv4Addr) -> bool {
+    let mut current: Option<Ipv4Addr> = None;
+    for line in fib_trie.lines() {
+        let line = line.trim();
+        if let Some(addr) = line.strip_prefix("|-- ") {
+            current = addr.trim().parse().ok();
+        } else if line.starts_with("+--") || line.ends_with(':') {
+            current = None;
+        } else if current == Some(address) && line.starts_with("/32 host LOCAL") {
+            return true;
+        }
+    }
+    false
+}
+
+/// Whether `if_inet6` (the text of `/proc/net/if_inet6`: an address in 32 hex digits first on
+/// each line) lists `address`.
+fn ipv6_is_local(if_inet6: &str, address: Ipv6Addr) -> bool {
+    let wanted = address.to_bits();
+    if_inet6.lines().any(|line| {
+        line.split_whitespace()
+            .next()
+            .and_then(|hex| u128::from_str_radix(hex, 16).ok())
+            == Some(wanted)
+    })
 }
 
 impl Peer {
@@ -500,5 +527,42 @@ mod tests {
     fn loopback_is_held_and_an_address_elsewhere_is_not() {
         assert!(holds("127.0.0.1".parse().unwrap()));
         assert!(!holds("192.0.2.1".parse().unwrap()));
+        assert!(!holds("2001:db8::1".parse().unwrap()));
+    }
+
+    #[test]
+    fn local_addresses_are_read_from_the_kernels_lists() {
+        // A virtual address on eth0 beside the host's own (from a pair's lb host).
+        let fib_trie = "Main:
+  +-- 0.0.0.0/0 3 0 5
+     +-- 10.213.49.0/24 2 0 2
+        |-- 10.213.49.0
+           /24 link UNICAST
+        |-- 10.213.49.10
+           /32 host LOCAL
+        |-- 10.213.49.100
+           /32 host LOCAL
+        |-- 10.213.49.255
+           /32 link BROADCAST
+     +-- 127.0.0.0/8 2 0 2
+        |-- 127.0.0.0
+           /8 host LOCAL
+Local:
+  +-- 0.0.0.0/0 3 0 5
+";
+        let local = |a: &str| ipv4_is_local(fib_trie, a.parse().unwrap());
+        assert!(local("10.213.49.100"));
+        assert!(local("10.213.49.10"));
+        assert!(!local("10.213.49.11"), "the peer's address");
+        assert!(!local("10.213.49.0"), "a network, not an address");
+        assert!(!local("10.213.49.255"), "a broadcast address");
+        assert!(!local("127.0.0.0"));
+        let if_inet6 = "00000000000000000000000000000001 01 80 10 80       lo
+fd000000000000000000000000000002 04 40 00 82     eth0
+";
+        assert!(ipv6_is_local(if_inet6, "fd00::2".parse().unwrap()));
+        assert!(ipv6_is_local(if_inet6, "::1".parse().unwrap()));
+        assert!(!ipv6_is_local(if_inet6, "fd00::3".parse().unwrap()));
+        assert!(!ipv6_is_local("garbage\n\n", "::1".parse().unwrap()));
     }
 }

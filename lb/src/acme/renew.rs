@@ -178,8 +178,13 @@ impl Renewer {
                 let holds = peer::holds(p.config.virtual_address);
                 if holds != holder {
                     holder = holds;
-                    info!(virtual_address = %p.config.virtual_address, holder,
-                          "the pair's virtual address moved; this host orders only while it holds it");
+                    if holder {
+                        info!(virtual_address = %p.config.virtual_address,
+                              "this host holds the pair's virtual address: it orders");
+                    } else {
+                        info!(virtual_address = %p.config.virtual_address,
+                              "the other host holds the pair's virtual address: it orders");
+                    }
                     // The new holder checks every certificate now; the old one stops ordering.
                     next.fill(Instant::now());
                     failures.fill(0);
