@@ -458,6 +458,39 @@ async fn lb_check_names_the_key_of_bad_acme_input() -> Result<()> {
         assert!(err.contains("lb.toml"), "the file is named: {err}");
     }
 
+    // The pair's section: the shared secret must be the owner's only.
+    let secret = site.path("peer.secret");
+    std::fs::write(&secret, "a secret both lb hosts share, 32+ bytes\n")?;
+    let peer = format!(
+        "{good}[acme.peer]\nlisten = \"127.0.0.1:{}\"\naddress = \"127.0.0.2:9443\"\n\
+         virtual_address = \"127.0.0.1\"\nsecret_file = \"peer.secret\"\n",
+        free_port()?
+    );
+    for (mode, expected) in [
+        (0o600, None),
+        (0o640, Some("acme.peer.secret_file: ")),
+        (0o604, Some("acme.peer.secret_file: ")),
+    ] {
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(mode))?;
+        let (status, err) = check(&site, &peer).await?;
+        match expected {
+            None => assert_eq!(status, 0, "a good [acme.peer] passes: {err}"),
+            Some(expected) => {
+                assert_eq!(status, 64, "mode {mode:o}: {err}");
+                assert!(
+                    err.contains(expected) && err.contains(&format!("has mode {mode:03o}")),
+                    "{err}"
+                );
+            }
+        }
+    }
+    let (status, err) = check(&site, &peer.replace("127.0.0.2:9443", "127.0.0.2")).await?;
+    assert_eq!(status, 64, "{err}");
+    assert!(
+        err.contains("acme.peer.address: \"127.0.0.2\" is not an IP:port address"),
+        "{err}"
+    );
+
     // Loose permissions: refused by `lb check` and by `lb run`, naming the key.
     std::fs::create_dir(site.storage())?;
     std::fs::set_permissions(site.storage(), std::fs::Permissions::from_mode(0o755))?;
