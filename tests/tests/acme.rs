@@ -24,7 +24,7 @@ use testkit::http::http_get;
 use testkit::process::{Proc, Ready, workspace_bin};
 use testkit::redis::free_port;
 use testkit::wait::eventually;
-use tests::pebble::{self, Pebble, PebbleOptions, client_trusting};
+use tests::pebble::{Pebble, PebbleOptions, client_trusting, handshake};
 use tests::stack::{generate_certs, lb_acme_orders, lb_metric};
 
 /// The certificate lb orders in these tests: two names, both resolving to 127.0.0.1.
@@ -151,16 +151,9 @@ async fn issued(admin: SocketAddr, n: f64) -> Result<()> {
     .await
 }
 
-/// A TLS handshake with lb on loopback `port` for `name` (see [`pebble::handshake`]).
-async fn handshake(
-    port: u16,
-    name: &str,
-    config: Arc<rustls::ClientConfig>,
-) -> Result<(
-    Vec<CertificateDer<'static>>,
-    tokio_rustls::client::TlsStream<TcpStream>,
-)> {
-    pebble::handshake(SocketAddr::from(([127, 0, 0, 1], port)), name, config).await
+/// lb's loopback address on `port`.
+fn at(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
 }
 
 /// The fallback certificate lb serves before ACME: `[[certificates]]`, trusted through its CA.
@@ -175,7 +168,7 @@ async fn tunnel(
     name: &str,
     config: Arc<rustls::ClientConfig>,
 ) -> Result<tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<TcpStream>>> {
-    let (_, tls) = handshake(port, name, config).await?;
+    let (_, tls) = handshake(at(port), name, config).await?;
     let (ws, _) = tokio_tungstenite::client_async(format!("wss://{name}/ws"), tls).await?;
     Ok(ws)
 }
@@ -207,7 +200,7 @@ async fn tls_alpn_01_issues_a_chain_pebble_verifies_and_a_restart_reuses_it() ->
     let trusting_pebble = client_trusting(pebble.root().await?)?;
     let mut served = Vec::new();
     for name in NAMES {
-        let (chain, _) = handshake(site.https, name, Arc::clone(&trusting_pebble)).await?;
+        let (chain, _) = handshake(at(site.https), name, Arc::clone(&trusting_pebble)).await?;
         assert!(chain.len() >= 2, "the chain includes Pebble's intermediate");
         served.push(chain[0].clone());
     }
@@ -232,7 +225,7 @@ async fn tls_alpn_01_issues_a_chain_pebble_verifies_and_a_restart_reuses_it() ->
     lb.terminate(Duration::from_secs(15)).await?;
     let lb = site.start_lb(&config).await?;
     let admin = lb.addr("admin");
-    let (chain, _) = handshake(site.https, NAMES[0], Arc::clone(&trusting_pebble)).await?;
+    let (chain, _) = handshake(at(site.https), NAMES[0], Arc::clone(&trusting_pebble)).await?;
     assert_eq!(
         chain[0], served[0],
         "the stored certificate is served at once"
@@ -252,7 +245,7 @@ async fn http_01_issues_through_the_redirect_listener() -> Result<()> {
     let admin = lb.addr("admin");
 
     // Before issuance the fallback answers the name.
-    let (chain, _) = handshake(site.https, NAMES[0], fallback_config(&site).await?)
+    let (chain, _) = handshake(at(site.https), NAMES[0], fallback_config(&site).await?)
         .await
         .or_else(|_| -> Result<_> { bail!("the fallback must serve before issuance") })?;
     assert!(!chain.is_empty());
@@ -284,14 +277,14 @@ async fn renewal_swaps_the_certificate_under_open_tunnels() -> Result<()> {
     let admin = lb.addr("admin");
     issued(admin, 1.0).await?;
     let trusting_pebble = client_trusting(pebble.root().await?)?;
-    let (first, _) = handshake(site.https, NAMES[0], Arc::clone(&trusting_pebble)).await?;
+    let (first, _) = handshake(at(site.https), NAMES[0], Arc::clone(&trusting_pebble)).await?;
 
     let mut tunnels = Vec::new();
     for _ in 0..TUNNELS {
         tunnels.push(tunnel(site.https, NAMES[0], Arc::clone(&trusting_pebble)).await?);
     }
     issued(admin, 2.0).await?;
-    let (second, _) = handshake(site.https, NAMES[0], Arc::clone(&trusting_pebble)).await?;
+    let (second, _) = handshake(at(site.https), NAMES[0], Arc::clone(&trusting_pebble)).await?;
     assert_ne!(
         first[0], second[0],
         "a renewed certificate is served to new handshakes"
@@ -319,7 +312,7 @@ async fn a_ca_down_at_start_leaves_the_fallback_until_it_is_back() -> Result<()>
     let lb = site.start_lb(&config).await?;
     let admin = lb.addr("admin");
 
-    let (chain, _) = handshake(site.https, NAMES[0], fallback_config(&site).await?).await?;
+    let (chain, _) = handshake(at(site.https), NAMES[0], fallback_config(&site).await?).await?;
     assert!(
         !chain.is_empty(),
         "the fallback serves while the CA is down"
@@ -331,7 +324,12 @@ async fn a_ca_down_at_start_leaves_the_fallback_until_it_is_back() -> Result<()>
 
     let pebble = site.pebble(listen, None).await?;
     issued(admin, 1.0).await?;
-    handshake(site.https, NAMES[0], client_trusting(pebble.root().await?)?).await?;
+    handshake(
+        at(site.https),
+        NAMES[0],
+        client_trusting(pebble.root().await?)?,
+    )
+    .await?;
     Ok(())
 }
 
@@ -389,7 +387,7 @@ async fn a_ca_answering_garbage_or_a_problem_document_fails_and_keeps_the_fallba
         })
         .await?;
         assert_eq!(lb_acme_orders(admin, "ok").await?, 0.0);
-        let (chain, _) = handshake(site.https, NAMES[0], fallback_config(&site).await?).await?;
+        let (chain, _) = handshake(at(site.https), NAMES[0], fallback_config(&site).await?).await?;
         assert!(!chain.is_empty(), "the fallback keeps serving");
     }
     Ok(())

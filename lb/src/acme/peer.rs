@@ -41,7 +41,7 @@ use crate::metrics::Metrics;
 pub const TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Largest sealed message accepted (every certificate with its chain and key, JSON).
-pub const MAX_MESSAGE: usize = 4 << 20;
+pub const MAX_MESSAGE: usize = 1 << 20;
 
 /// Most peer connections served at once; more are closed at accept.
 pub const MAX_CONNECTIONS: usize = 16;
@@ -430,13 +430,19 @@ mod tests {
     use super::testing::{SECRET, client, serving};
     use super::*;
 
-    #[tokio::test]
-    async fn an_http01_token_is_answered_from_the_peer_and_issued_wakes_its_pull() {
+    /// A peer listener whose host has an order under way for http-01 token `tok`.
+    async fn knowing_tok() -> (tempfile::TempDir, CancellationToken, Arc<Peer>, SocketAddr) {
         let tmp = tempfile::tempdir().unwrap();
         let token = CancellationToken::new();
         let acme = Arc::new(Acme::default());
         acme.challenges.put_http("tok", "tok.thumbprint");
         let (server, addr) = serving(tmp.path(), SECRET, acme, &token).await;
+        (tmp, token, server, addr)
+    }
+
+    #[tokio::test]
+    async fn an_http01_token_is_answered_from_the_peer_and_issued_wakes_its_pull() {
+        let (tmp, token, server, addr) = knowing_tok().await;
         let client = client(tmp.path(), SECRET, addr);
         assert_eq!(
             client.http01("tok").await.as_deref(),
@@ -460,11 +466,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_wrong_secret_gets_no_answer_and_is_counted() {
-        let tmp = tempfile::tempdir().unwrap();
-        let token = CancellationToken::new();
-        let acme = Arc::new(Acme::default());
-        acme.challenges.put_http("tok", "tok.thumbprint");
-        let (server, addr) = serving(tmp.path(), SECRET, acme, &token).await;
+        let (tmp, token, server, addr) = knowing_tok().await;
         let client = client(tmp.path(), "another secret, also 32+ bytes long", addr);
         let e = client
             .ask(&Request::Http01 {
@@ -480,11 +482,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_tampered_request_gets_no_answer() {
-        let tmp = tempfile::tempdir().unwrap();
-        let token = CancellationToken::new();
-        let acme = Arc::new(Acme::default());
-        acme.challenges.put_http("tok", "tok.thumbprint");
-        let (server, addr) = serving(tmp.path(), SECRET, acme, &token).await;
+        let (_tmp, token, server, addr) = knowing_tok().await;
         let key = Key::derive(SECRET.as_bytes());
         let request = Request::Http01 {
             token: "tok".into(),
