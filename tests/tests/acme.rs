@@ -1,8 +1,9 @@
 //! ACME on one lb host, against a real ACME CA (Pebble, validating every challenge for real):
 //! issuance over tls-alpn-01 and over http-01 with the chain verified against Pebble's root, a
 //! restart that reuses the stored account and certificate, renewal under open WebSocket
-//! tunnels, a CA that is down at start, a CA answering garbage or a problem document, and the
-//! configuration errors `lb check` reports.
+//! tunnels, a CA that is down at start, a CA answering garbage or a problem document, the
+//! configuration errors `lb check` reports, and the pair's validations answered by the host
+//! that is not ordering (the pair itself, with keepalived, is `ha_pair_acme.rs`).
 
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
@@ -330,6 +331,63 @@ async fn a_ca_down_at_start_leaves_the_fallback_until_it_is_back() -> Result<()>
         client_trusting(pebble.root().await?)?,
     )
     .await?;
+    Ok(())
+}
+
+/// The pair's `[acme.peer]` lines for `site`: its peer listener on loopback port `listen`, the
+/// other's on `address`, `virtual_address`, and the shared secret in a 0600 file.
+fn peer_section(site: &Site, listen: u16, address: u16, virtual_address: &str) -> Result<String> {
+    let secret = site.path("peer.secret");
+    std::fs::write(&secret, "the secret the two lb hosts share, 32+ bytes\n")?;
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600))?;
+    Ok(format!(
+        "[acme.peer]\nlisten = \"127.0.0.1:{listen}\"\naddress = \"127.0.0.1:{address}\"\n\
+         virtual_address = \"{virtual_address}\"\nsecret_file = \"peer.secret\"\n"
+    ))
+}
+
+/// A pair on loopback: lb A holds the virtual address (127.0.0.1, one of this host's) and
+/// orders; lb B's (192.0.2.1) is elsewhere, so it does not. Pebble's validation connections
+/// go to B, as when the address moved to B while A was validating: B answers an http-01 token
+/// by asking A, and a tls-alpn-01 handshake with the answer A handed it in advance. A is
+/// issued the certificate once, B adopts it without ordering.
+#[tokio::test]
+async fn a_validation_reaching_the_pairs_other_host_is_answered() -> Result<()> {
+    for challenge in ["http-01", "tls-alpn-01"] {
+        let (a, b) = (Site::new().await?, Site::new().await?);
+        let pebble = b.pebble(free_port()?, None).await?;
+        let (peer_a, peer_b) = (free_port()?, free_port()?);
+        let acme = |site: &Site, peer: String| {
+            site.acme(&pebble.directory, &pebble.ca_file, challenge, &peer)
+        };
+        let config_b = b.config(&acme(&b, peer_section(&b, peer_b, peer_a, "192.0.2.1")?))?;
+        let config_a = a.config(&acme(&a, peer_section(&a, peer_a, peer_b, "127.0.0.1")?))?;
+        let lb_b = b.start_lb(&config_b).await?;
+        let lb_a = a.start_lb(&config_a).await?;
+        let (admin_a, admin_b) = (lb_a.addr("admin"), lb_b.addr("admin"));
+        issued(admin_a, 1.0).await?;
+        eventually("B to adopt A's certificate", ISSUED_WITHIN, || async move {
+            Ok(lb_metric(admin_b, "lb_acme_peer_adopted_total").await? >= 1.0)
+        })
+        .await?;
+        let trusting_pebble = client_trusting(pebble.root().await?)?;
+        let (on_a, _) = handshake(at(a.https), NAMES[1], Arc::clone(&trusting_pebble)).await?;
+        let (on_b, _) = handshake(at(b.https), NAMES[1], Arc::clone(&trusting_pebble)).await?;
+        assert_eq!(on_a[0], on_b[0], "{challenge}: B serves A's certificate");
+        assert_eq!(lb_acme_orders(admin_a, "failed").await?, 0.0, "{challenge}");
+        assert_eq!(
+            lb_acme_orders(admin_b, "ok").await?,
+            0.0,
+            "{challenge}: B ordered"
+        );
+        assert_eq!(
+            lb_acme_orders(admin_b, "failed").await?,
+            0.0,
+            "{challenge}: B ordered"
+        );
+        assert_eq!(lb_metric(admin_a, "lb_acme_holder").await?, 1.0);
+        assert_eq!(lb_metric(admin_b, "lb_acme_holder").await?, 0.0);
+    }
     Ok(())
 }
 

@@ -5,8 +5,11 @@
 //! length-prefixed sealed [`Answer`], close. A host asks its peer for the certificates it
 //! serves (and whether it holds the virtual address: `Certificates`), for the key
 //! authorization of an http-01 token it does not know (`Http01`: the CA's request reached this
-//! host while the other one is validating), and tells it that it just issued a certificate
-//! (`Issued`: the peer pulls at once instead of at its next minute). Answers come from the
+//! host while the other one is validating), hands it the tls-alpn-01 answers of its order
+//! under way (`TlsAlpn01`: a handshake cannot wait to ask, so the answer is there before the
+//! CA is told to validate, for configured names only, and withdrawn when the order ends), and
+//! tells it that it just issued a certificate (`Issued`: the peer pulls at once instead of at
+//! its next minute). Answers come from the
 //! answering host's own state only, so a question never travels further. A message that does
 //! not open (another secret, altered, stale) is refused: logged, counted in
 //! `lb_acme_peer_refused_total`, the connection closed without an answer. The listener accepts
@@ -32,6 +35,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use super::Acme;
+use super::challenge::alpn_certificate;
 use super::renew::unix_now;
 use super::seal::{Direction, Key, Refused};
 use crate::config::{AcmePeerConfig, read_secret};
@@ -58,6 +62,14 @@ pub enum Request {
     },
     /// The sender issued a certificate: pull now.
     Issued,
+    /// Present this tls-alpn-01 answer for `name` (the digest of the key authorization), or
+    /// stop (`None`): the sender is validating, and the CA may reach either host.
+    TlsAlpn01 {
+        /// A configured name.
+        name: String,
+        /// SHA-256 of the key authorization.
+        digest: Option<Vec<u8>>,
+    },
 }
 
 /// One certificate as the peer serves it.
@@ -134,6 +146,8 @@ pub struct Peer {
     pub pull: Notify,
     /// Where refused messages are counted.
     metrics: Arc<Metrics>,
+    /// Every configured name: the only ones whose tls-alpn-01 answers the peer may hand over.
+    names: Vec<String>,
 }
 
 /// Whether this host holds `address` (see the module docs); `false` when the kernel's lists
@@ -179,7 +193,11 @@ fn ipv6_is_local(if_inet6: &str, address: Ipv6Addr) -> bool {
 impl Peer {
     /// The peer side for `config`, its key derived from the secret file (checked again here,
     /// as `lb check` does).
-    pub fn new(config: AcmePeerConfig, metrics: Arc<Metrics>) -> Result<Peer, String> {
+    pub fn new(
+        config: AcmePeerConfig,
+        names: Vec<String>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Peer, String> {
         let secret = read_secret(&config.secret_file)?;
         Ok(Peer {
             key: Key::derive(&secret),
@@ -187,6 +205,7 @@ impl Peer {
             holder: AtomicBool::new(false),
             pull: Notify::new(),
             metrics,
+            names,
         })
     }
 
@@ -233,7 +252,7 @@ impl Peer {
             (request, &answer),
             (Request::Certificates, Answer::Certificates { .. })
                 | (Request::Http01 { .. }, Answer::Http01 { .. })
-                | (Request::Issued, Answer::Noted)
+                | (Request::Issued | Request::TlsAlpn01 { .. }, Answer::Noted)
         );
         if !fits {
             return Err(PeerError::Unexpected(address));
@@ -254,6 +273,39 @@ impl Peer {
                 warn!(error = %e, "could not ask the peer for an http-01 token");
                 None
             }
+        }
+    }
+
+    /// Hands the tls-alpn-01 answer for `name` to the peer (`digest`), or withdraws it
+    /// (`None`); a failure is logged (the validation then succeeds only on this host).
+    pub async fn share_tls_alpn01(&self, name: &str, digest: Option<&[u8]>) {
+        let request = Request::TlsAlpn01 {
+            name: name.to_owned(),
+            digest: digest.map(<[u8]>::to_vec),
+        };
+        if let Err(e) = self.ask(&request).await {
+            warn!(name, error = %e, "could not hand the tls-alpn-01 answer to the peer; a \
+                                     validation reaching it fails and is retried");
+        }
+    }
+
+    /// Presents (or withdraws) the peer's tls-alpn-01 answer for `name`, one of this host's
+    /// configured names only.
+    fn present_tls_alpn01(&self, acme: &Acme, name: &str, digest: Option<&[u8]>, from: SocketAddr) {
+        if !self.names.iter().any(|n| n.eq_ignore_ascii_case(name)) {
+            warn!(peer = %from, name, "the peer validates a name not configured here; ignored");
+            return;
+        }
+        let Some(digest) = digest else {
+            acme.challenges.remove_tls(name);
+            return;
+        };
+        match alpn_certificate(name, digest) {
+            Ok(cert) => {
+                debug!(peer = %from, name, "presenting the peer's tls-alpn-01 answer");
+                acme.challenges.put_tls(name, cert);
+            }
+            Err(e) => warn!(peer = %from, name, error = %e, "unusable tls-alpn-01 answer"),
         }
     }
 
@@ -330,6 +382,10 @@ impl Peer {
                 self.pull.notify_one();
                 Answer::Noted
             }
+            Request::TlsAlpn01 { name, digest } => {
+                self.present_tls_alpn01(acme, &name, digest.as_deref(), from);
+                Answer::Noted
+            }
         };
         let sealed = self
             .key
@@ -399,7 +455,8 @@ pub(crate) mod testing {
             secret_file: file,
             virtual_address: "127.0.0.1".parse().unwrap(),
         };
-        Arc::new(Peer::new(config, Arc::new(Metrics::default())).unwrap())
+        let names = vec!["a.test".to_owned()];
+        Arc::new(Peer::new(config, names, Arc::new(Metrics::default())).unwrap())
     }
 
     /// A peer listener on loopback answering from `acme` with `secret`, until `token` is
@@ -431,18 +488,24 @@ mod tests {
     use super::*;
 
     /// A peer listener whose host has an order under way for http-01 token `tok`.
-    async fn knowing_tok() -> (tempfile::TempDir, CancellationToken, Arc<Peer>, SocketAddr) {
+    async fn knowing_tok() -> (
+        tempfile::TempDir,
+        CancellationToken,
+        Arc<Acme>,
+        Arc<Peer>,
+        SocketAddr,
+    ) {
         let tmp = tempfile::tempdir().unwrap();
         let token = CancellationToken::new();
         let acme = Arc::new(Acme::default());
         acme.challenges.put_http("tok", "tok.thumbprint");
-        let (server, addr) = serving(tmp.path(), SECRET, acme, &token).await;
-        (tmp, token, server, addr)
+        let (server, addr) = serving(tmp.path(), SECRET, Arc::clone(&acme), &token).await;
+        (tmp, token, acme, server, addr)
     }
 
     #[tokio::test]
     async fn an_http01_token_is_answered_from_the_peer_and_issued_wakes_its_pull() {
-        let (tmp, token, server, addr) = knowing_tok().await;
+        let (tmp, token, acme, server, addr) = knowing_tok().await;
         let client = client(tmp.path(), SECRET, addr);
         assert_eq!(
             client.http01("tok").await.as_deref(),
@@ -452,6 +515,22 @@ mod tests {
         let woken = server.pull.notified();
         assert_eq!(client.ask(&Request::Issued).await.unwrap(), Answer::Noted);
         tokio::time::timeout(TIMEOUT, woken).await.unwrap();
+        // A tls-alpn-01 answer handed over is presented for a configured name until withdrawn.
+        let tls_alpn01 = |name: &str, digest: Option<Vec<u8>>| Request::TlsAlpn01 {
+            name: name.to_owned(),
+            digest,
+        };
+        for (name, shown) in [("A.test", true), ("other.test", false)] {
+            let request = tls_alpn01(name, Some(vec![7; 32]));
+            assert_eq!(client.ask(&request).await.unwrap(), Answer::Noted);
+            assert_eq!(
+                acme.challenges.tls_certificate(name).is_some(),
+                shown,
+                "{name}"
+            );
+        }
+        client.ask(&tls_alpn01("a.test", None)).await.unwrap();
+        assert!(acme.challenges.tls_certificate("a.test").is_none());
         server.set_holder(true);
         assert_eq!(
             client.ask(&Request::Certificates).await.unwrap(),
@@ -466,7 +545,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_wrong_secret_gets_no_answer_and_is_counted() {
-        let (tmp, token, server, addr) = knowing_tok().await;
+        let (tmp, token, _, server, addr) = knowing_tok().await;
         let client = client(tmp.path(), "another secret, also 32+ bytes long", addr);
         let e = client
             .ask(&Request::Http01 {
@@ -482,7 +561,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_tampered_request_gets_no_answer() {
-        let (_tmp, token, server, addr) = knowing_tok().await;
+        let (_tmp, token, _, server, addr) = knowing_tok().await;
         let key = Key::derive(SECRET.as_bytes());
         let request = Request::Http01 {
             token: "tok".into(),

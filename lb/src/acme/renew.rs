@@ -378,6 +378,7 @@ impl Renewer {
             &names,
             self.config.challenge,
             &self.acme.challenges,
+            self.acme.peer.as_deref(),
         )
         .await?;
         let served = served_from_pem(&names, &issued.pem).map_err(OrderError::Local)?;

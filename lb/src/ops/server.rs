@@ -198,7 +198,8 @@ impl Lb {
             Some(a) => {
                 let acme = match &a.peer {
                     Some(p) => {
-                        let peer = Peer::new(p.clone(), Arc::clone(&metrics))
+                        let names = a.domains.iter().flatten().cloned().collect();
+                        let peer = Peer::new(p.clone(), names, Arc::clone(&metrics))
                             .map_err(|e| config.error("acme.peer.secret_file", e))?;
                         Arc::new(Acme::paired(Arc::new(peer)))
                     }
