@@ -190,7 +190,10 @@ impl Renewer {
                     failures.fill(0);
                 }
                 if Instant::now() >= pull_at {
-                    self.pull(p).await;
+                    tokio::select! {
+                        () = token.cancelled() => return,
+                        _ = self.pull(p) => {}
+                    }
                     pull_at = Instant::now() + PULL_INTERVAL;
                 }
             }
