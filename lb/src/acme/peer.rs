@@ -9,11 +9,11 @@
 //! under way (`TlsAlpn01`: a handshake cannot wait to ask, so the answer is there before the
 //! CA is told to validate, for configured names only, and withdrawn when the order ends), and
 //! tells it that it just issued a certificate (`Issued`: the peer pulls at once instead of at
-//! its next minute). Answers come from the
-//! answering host's own state only, so a question never travels further. A message that does
-//! not open (another secret, altered, stale) is refused: logged, counted in
-//! `lb_acme_peer_refused_total`, the connection closed without an answer. The listener accepts
-//! at most [`MAX_CONNECTIONS`] at once, each bounded by [`TIMEOUT`] and [`MAX_MESSAGE`] bytes.
+//! its next minute). Answers come from the answering host's own state only, so a question
+//! never travels further. A message that does not open (another secret, altered, stale) is
+//! refused: logged, counted in `lb_acme_peer_refused_total`, the connection closed without an
+//! answer. The listener accepts at most [`MAX_CONNECTIONS`] at once, each bounded by
+//! [`TIMEOUT`] and [`MAX_MESSAGE`] bytes.
 //!
 //! Whether this host holds the virtual address is [`holds`]: whether the kernel lists it among
 //! this host's (this network namespace's) own addresses, in `/proc/net/fib_trie` (IPv4: a

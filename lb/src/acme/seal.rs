@@ -7,8 +7,11 @@
 //! plaintext is JSON: when it was sent (Unix seconds), the request's id (an answer repeats
 //! it) and the body. [`Key::open`] refuses anything the key did not seal (a wrong secret, one
 //! altered byte), a message sent more than [`MAX_SKEW`] away from now (a recording played back
-//! later), and an answer to another request. Requests ask only for reads and a nudge, so one
-//! played back within the skew gets an answer its sender cannot open; nothing changes state.
+//! later), and an answer to another request. Requests read, nudge a pull, or present or
+//! withdraw a tls-alpn-01 answer of a configured name: one played back within the skew gets an
+//! answer its sender cannot open, and at worst re-presents or withdraws a validation answer of
+//! the last minute, which makes no certificate for anyone (dropping the packets would do as
+//! much).
 
 use ring::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
 use ring::hkdf::{HKDF_SHA256, Salt};
