@@ -346,49 +346,87 @@ fn peer_section(site: &Site, listen: u16, address: u16, virtual_address: &str) -
     ))
 }
 
+/// Two lb hosts on loopback as a pair with `challenge`: A's peer listener on `ports[0]`, B's on
+/// `ports[1]`, their virtual addresses `vips`, Pebble validating on B's ports when
+/// `validated_on_b` (else A's), A started first. A is issued the certificate with no failed
+/// order; B adopts it without ordering and serves the same leaf; both report `holders`.
+async fn pair_orders_once(
+    challenge: &str,
+    ports: [u16; 2],
+    vips: [&str; 2],
+    validated_on_b: bool,
+    holders: [f64; 2],
+) -> Result<()> {
+    let (a, b) = (Site::new().await?, Site::new().await?);
+    let validated = if validated_on_b { &b } else { &a };
+    let pebble = validated.pebble(free_port()?, None).await?;
+    let acme =
+        |site: &Site, peer: String| site.acme(&pebble.directory, &pebble.ca_file, challenge, &peer);
+    let config_a = a.config(&acme(&a, peer_section(&a, ports[0], ports[1], vips[0])?))?;
+    let config_b = b.config(&acme(&b, peer_section(&b, ports[1], ports[0], vips[1])?))?;
+    let lb_a = a.start_lb(&config_a).await?;
+    let lb_b = b.start_lb(&config_b).await?;
+    let (admin_a, admin_b) = (lb_a.addr("admin"), lb_b.addr("admin"));
+    issued(admin_a, 1.0).await?;
+    eventually("B to adopt A's certificate", ISSUED_WITHIN, || async move {
+        Ok(lb_metric(admin_b, "lb_acme_peer_adopted_total").await? >= 1.0)
+    })
+    .await?;
+    let trusting_pebble = client_trusting(pebble.root().await?)?;
+    let (on_a, _) = handshake(at(a.https), NAMES[1], Arc::clone(&trusting_pebble)).await?;
+    let (on_b, _) = handshake(at(b.https), NAMES[1], Arc::clone(&trusting_pebble)).await?;
+    assert_eq!(on_a[0], on_b[0], "{challenge}: B serves A's certificate");
+    assert_eq!(lb_acme_orders(admin_a, "failed").await?, 0.0, "{challenge}");
+    assert_eq!(
+        lb_acme_orders(admin_b, "ok").await?,
+        0.0,
+        "{challenge}: B ordered"
+    );
+    assert_eq!(
+        lb_acme_orders(admin_b, "failed").await?,
+        0.0,
+        "{challenge}: B ordered"
+    );
+    assert_eq!(lb_metric(admin_a, "lb_acme_holder").await?, holders[0]);
+    assert_eq!(lb_metric(admin_b, "lb_acme_holder").await?, holders[1]);
+    Ok(())
+}
+
 /// A pair on loopback: lb A holds the virtual address (127.0.0.1, one of this host's) and
 /// orders; lb B's (192.0.2.1) is elsewhere, so it does not. Pebble's validation connections
 /// go to B, as when the address moved to B while A was validating: B answers an http-01 token
-/// by asking A, and a tls-alpn-01 handshake with the answer A handed it in advance. A is
-/// issued the certificate once, B adopts it without ordering.
+/// by asking A, and a tls-alpn-01 handshake with the answer A handed it in advance.
 #[tokio::test]
 async fn a_validation_reaching_the_pairs_other_host_is_answered() -> Result<()> {
     for challenge in ["http-01", "tls-alpn-01"] {
-        let (a, b) = (Site::new().await?, Site::new().await?);
-        let pebble = b.pebble(free_port()?, None).await?;
-        let (peer_a, peer_b) = (free_port()?, free_port()?);
-        let acme = |site: &Site, peer: String| {
-            site.acme(&pebble.directory, &pebble.ca_file, challenge, &peer)
-        };
-        let config_b = b.config(&acme(&b, peer_section(&b, peer_b, peer_a, "192.0.2.1")?))?;
-        let config_a = a.config(&acme(&a, peer_section(&a, peer_a, peer_b, "127.0.0.1")?))?;
-        let lb_b = b.start_lb(&config_b).await?;
-        let lb_a = a.start_lb(&config_a).await?;
-        let (admin_a, admin_b) = (lb_a.addr("admin"), lb_b.addr("admin"));
-        issued(admin_a, 1.0).await?;
-        eventually("B to adopt A's certificate", ISSUED_WITHIN, || async move {
-            Ok(lb_metric(admin_b, "lb_acme_peer_adopted_total").await? >= 1.0)
-        })
+        let ports = [free_port()?, free_port()?];
+        pair_orders_once(
+            challenge,
+            ports,
+            ["127.0.0.1", "192.0.2.1"],
+            true,
+            [1.0, 0.0],
+        )
         .await?;
-        let trusting_pebble = client_trusting(pebble.root().await?)?;
-        let (on_a, _) = handshake(at(a.https), NAMES[1], Arc::clone(&trusting_pebble)).await?;
-        let (on_b, _) = handshake(at(b.https), NAMES[1], Arc::clone(&trusting_pebble)).await?;
-        assert_eq!(on_a[0], on_b[0], "{challenge}: B serves A's certificate");
-        assert_eq!(lb_acme_orders(admin_a, "failed").await?, 0.0, "{challenge}");
-        assert_eq!(
-            lb_acme_orders(admin_b, "ok").await?,
-            0.0,
-            "{challenge}: B ordered"
-        );
-        assert_eq!(
-            lb_acme_orders(admin_b, "failed").await?,
-            0.0,
-            "{challenge}: B ordered"
-        );
-        assert_eq!(lb_metric(admin_a, "lb_acme_holder").await?, 1.0);
-        assert_eq!(lb_metric(admin_b, "lb_acme_holder").await?, 0.0);
     }
     Ok(())
+}
+
+/// A split brain in which the hosts still talk: both hold the virtual address (127.0.0.1). B
+/// sees in A's answer that A holds it too, and A's peer address is the lower, so only A
+/// orders; B adopts its certificate.
+#[tokio::test]
+async fn in_a_split_brain_only_the_lower_peer_address_orders() -> Result<()> {
+    let (x, y) = (free_port()?, free_port()?);
+    let ports = [x.min(y), x.max(y)];
+    pair_orders_once(
+        "http-01",
+        ports,
+        ["127.0.0.1", "127.0.0.1"],
+        false,
+        [1.0, 1.0],
+    )
+    .await
 }
 
 /// A CA at `addr` that answers every request with `answer` (status line, headers and body).

@@ -23,7 +23,6 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
@@ -86,7 +85,7 @@ pub struct SharedCertificate {
 pub enum Answer {
     /// To `Certificates`.
     Certificates {
-        /// Whether the answering host held the virtual address at its ACME task's last check.
+        /// Whether the answering host holds the virtual address now.
         holder: bool,
         /// Every certificate it serves.
         certificates: Vec<SharedCertificate>,
@@ -140,8 +139,6 @@ pub struct Peer {
     key: Key,
     /// `[acme.peer]`.
     pub config: AcmePeerConfig,
-    /// Whether this host held the virtual address at the ACME task's last check.
-    holder: AtomicBool,
     /// Woken when the peer tells of an issued certificate.
     pub pull: Notify,
     /// Where refused messages are counted.
@@ -202,21 +199,10 @@ impl Peer {
         Ok(Peer {
             key: Key::derive(&secret),
             config,
-            holder: AtomicBool::new(false),
             pull: Notify::new(),
             metrics,
             names,
         })
-    }
-
-    /// Whether this host held the virtual address at the ACME task's last check.
-    pub fn is_holder(&self) -> bool {
-        self.holder.load(Relaxed)
-    }
-
-    /// Records whether this host holds the virtual address (the ACME task, after acting on it).
-    pub fn set_holder(&self, holder: bool) {
-        self.holder.store(holder, Relaxed);
     }
 
     /// Asks the peer `request` (see the module docs).
@@ -372,7 +358,7 @@ impl Peer {
         };
         let answer = match request {
             Request::Certificates => Answer::Certificates {
-                holder: self.is_holder(),
+                holder: holds(self.config.virtual_address),
                 certificates: acme.shared(),
             },
             Request::Http01 { token } => Answer::Http01 {
@@ -531,7 +517,7 @@ mod tests {
         }
         client.ask(&tls_alpn01("a.test", None)).await.unwrap();
         assert!(acme.challenges.tls_certificate("a.test").is_none());
-        server.set_holder(true);
+        // The test pair's virtual address is 127.0.0.1, which this host holds.
         assert_eq!(
             client.ask(&Request::Certificates).await.unwrap(),
             Answer::Certificates {

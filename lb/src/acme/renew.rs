@@ -207,10 +207,7 @@ impl Renewer {
                     at = step => at,
                 };
             }
-            if let Some(p) = &peer {
-                p.set_holder(holder);
-                self.metrics.acme_holder.store(u64::from(holder), Relaxed);
-            }
+            self.metrics.acme_holder.store(u64::from(holder), Relaxed);
         }
     }
 
