@@ -16,10 +16,11 @@
 //! [`TIMEOUT`] and [`MAX_MESSAGE`] bytes.
 //!
 //! Whether this host holds the virtual address is [`holds`]: whether the kernel lists it among
-//! this host's (this network namespace's) own addresses, in `/proc/net/fib_trie` (IPv4: a
-//! `/32 host LOCAL` entry) or `/proc/net/if_inet6`. Neither a bind (`ip_nonlocal_bind`, often
-//! on beside keepalived, lets it succeed anywhere) nor a route's source address (the
-//! interface's primary address, not the virtual one) would tell.
+//! this host's (this network namespace's) own addresses, in `/proc/self/net/fib_trie` (IPv4:
+//! a `/32 host LOCAL` entry) or `/proc/self/net/if_inet6` (through `self`: systemd's
+//! `ProcSubset=pid`, in the shipped unit, hides `/proc/net`). Neither a bind
+//! (`ip_nonlocal_bind`, often on beside keepalived, lets it succeed anywhere) nor a route's
+//! source address (the interface's primary address, not the virtual one) would tell.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
@@ -151,14 +152,14 @@ pub struct Peer {
 /// cannot be read.
 pub fn holds(address: IpAddr) -> bool {
     match address {
-        IpAddr::V4(a) => std::fs::read_to_string("/proc/net/fib_trie")
+        IpAddr::V4(a) => std::fs::read_to_string("/proc/self/net/fib_trie")
             .is_ok_and(|table| ipv4_is_local(&table, a)),
-        IpAddr::V6(a) => std::fs::read_to_string("/proc/net/if_inet6")
+        IpAddr::V6(a) => std::fs::read_to_string("/proc/self/net/if_inet6")
             .is_ok_and(|table| ipv6_is_local(&table, a)),
     }
 }
 
-/// Whether `fib_trie` (the text of `/proc/net/fib_trie`) has a `/32 host LOCAL` entry for
+/// Whether `fib_trie` (the text of `/proc/self/net/fib_trie`) has a `/32 host LOCAL` entry for
 /// `address`: each entry is a `|-- ADDR` line followed by its prefix lines.
 fn ipv4_is_local(fib_trie: &str, address: Ipv4Addr) -> bool {
     let mut current: Option<Ipv4Addr> = None;
@@ -175,7 +176,7 @@ fn ipv4_is_local(fib_trie: &str, address: Ipv4Addr) -> bool {
     false
 }
 
-/// Whether `if_inet6` (the text of `/proc/net/if_inet6`: an address in 32 hex digits first on
+/// Whether `if_inet6` (the text of `/proc/self/net/if_inet6`: an address in 32 hex digits first on
 /// each line) lists `address`.
 fn ipv6_is_local(if_inet6: &str, address: Ipv6Addr) -> bool {
     let wanted = address.to_bits();
