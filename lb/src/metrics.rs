@@ -65,6 +65,13 @@ pub struct Metrics {
     pub acme_orders_ok: AtomicU64,
     /// ACME orders (or account look-ups before one) that failed.
     pub acme_orders_failed: AtomicU64,
+    /// 1 when this host may order: a single host, or the pair's holder of the virtual address
+    /// at the ACME task's last check (set after the task acted on it).
+    pub acme_holder: AtomicU64,
+    /// Certificates adopted from the other host of the pair.
+    pub acme_peer_adopted: AtomicU64,
+    /// Peer channel messages refused (another secret, altered, stale).
+    pub acme_peer_refused: AtomicU64,
     /// Expiry of every certificate served: (name, source, Unix seconds). Written when
     /// certificates change, read at scrape time only.
     certificate_expiry: Mutex<Vec<(String, &'static str, i64)>>,
@@ -262,6 +269,31 @@ pub const GLOBAL: &[Metric<Metrics>] = &[
         help: "ACME certificate orders, by result (failed: retried with backoff).",
         kind: Kind::Counter,
         read: |m| m.acme_orders_failed.load(Relaxed),
+    },
+    Metric {
+        key: "acme_holder",
+        family: "lb_acme_holder",
+        label: None,
+        help: "1 when this host orders ACME certificates: a single host, or the holder of the \
+               pair's virtual address at the ACME task's last check.",
+        kind: Kind::Gauge,
+        read: |m| m.acme_holder.load(Relaxed),
+    },
+    Metric {
+        key: "acme_peer_adopted",
+        family: "lb_acme_peer_adopted_total",
+        label: None,
+        help: "Certificates adopted from the other lb host of the pair.",
+        kind: Kind::Counter,
+        read: |m| m.acme_peer_adopted.load(Relaxed),
+    },
+    Metric {
+        key: "acme_peer_refused",
+        family: "lb_acme_peer_refused_total",
+        label: None,
+        help: "Peer channel messages refused (another secret, altered, or stale).",
+        kind: Kind::Counter,
+        read: |m| m.acme_peer_refused.load(Relaxed),
     },
 ];
 

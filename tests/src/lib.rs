@@ -12,6 +12,7 @@ pub mod browser;
 pub mod chaos;
 pub mod client;
 pub mod cluster;
+pub mod keepalived;
 pub mod latency;
 pub mod netns;
 pub mod pebble;

@@ -8,8 +8,13 @@
 //! listens. Random validation sleeps are off, every nonce is honoured and no authorization is
 //! reused, so each order validates every name anew. [`Pebble::root`] fetches the (per-run)
 //! root of the chains Pebble issues from its management interface.
+//!
+//! For the keepalived pair's test, Pebble and its DNS server run on a namespace host instead
+//! ([`PebbleOptions::netns`]), listening on that host's address, and the names resolve to the
+//! pair's virtual address ([`PebbleOptions::names_at`]). [`handshake`] and [`client_trusting`]
+//! check what an lb host serves.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,7 +31,7 @@ use testkit::process::{Proc, Ready, system_bin};
 use testkit::redis::free_port;
 
 /// What a Pebble is started with.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct PebbleOptions {
     /// Port of Pebble's ACME listener (the directory is `https://127.0.0.1:PORT/dir`).
     pub listen: u16,
@@ -36,6 +41,35 @@ pub struct PebbleOptions {
     pub tls_port: u16,
     /// Lifetime of issued certificates in seconds (Pebble's default: five years).
     pub validity: Option<u64>,
+    /// The network namespace (a `netns::Lab` host) Pebble runs in; `None`: this one.
+    pub netns: Option<String>,
+    /// Where Pebble's listeners bind (127.0.0.1, or the namespace host's address).
+    pub address: IpAddr,
+    /// The address every name resolves to, where validation connects.
+    pub names_at: IpAddr,
+}
+
+impl PebbleOptions {
+    /// Pebble on this host's loopback, validating on loopback ports `http_port`, `tls_port`.
+    pub fn local(listen: u16, http_port: u16, tls_port: u16, validity: Option<u64>) -> Self {
+        PebbleOptions {
+            listen,
+            http_port,
+            tls_port,
+            validity,
+            netns: None,
+            address: Ipv4Addr::LOCALHOST.into(),
+            names_at: Ipv4Addr::LOCALHOST.into(),
+        }
+    }
+
+    /// A command running `program` where Pebble runs.
+    fn command(&self, program: &Path) -> Command {
+        match &self.netns {
+            Some(ns) => crate::netns::Lab::command(ns, program),
+            None => Command::new(program),
+        }
+    }
 }
 
 /// A running Pebble and its DNS server, stopped when dropped.
@@ -57,10 +91,11 @@ impl Pebble {
         let challtestsrv = system_bin("pebble-challtestsrv", "pebble")?;
         let certs = dir.join("pebble-certs");
         if !certs.join("server.crt").exists() {
-            generate_certs(&certs, &["localhost", "127.0.0.1"]).await?;
+            let address = options.address.to_string();
+            generate_certs(&certs, &["localhost", "127.0.0.1", &address]).await?;
         }
         let dns_port = free_port()?;
-        let management = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+        let management = SocketAddr::new(options.address, free_port()?);
         let mut validity = String::new();
         if let Some(secs) = options.validity {
             validity = format!(",\n    \"certificateValidityPeriod\": {secs}");
@@ -68,7 +103,7 @@ impl Pebble {
         let config = format!(
             r#"{{
   "pebble": {{
-    "listenAddress": "127.0.0.1:{listen}",
+    "listenAddress": "{address}",
     "managementListenAddress": "{management}",
     "certificate": "{cert}",
     "privateKey": "{key}",
@@ -79,7 +114,7 @@ impl Pebble {
   }}
 }}
 "#,
-            listen = options.listen,
+            address = SocketAddr::new(options.address, options.listen),
             cert = certs.join("server.crt").display(),
             key = certs.join("server.key").display(),
             http = options.http_port,
@@ -88,11 +123,16 @@ impl Pebble {
         let config_file = dir.join(format!("pebble-{}.json", options.listen));
         std::fs::write(&config_file, config)?;
 
-        let mut dns = Command::new(challtestsrv);
+        let mut dns = options.command(&challtestsrv);
         dns.args(["-dns01", &format!("127.0.0.1:{dns_port}")])
             .args(["-http01", "", "-https01", "", "-tlsalpn01", ""])
             .args(["-management", &format!("127.0.0.1:{}", free_port()?)])
-            .args(["-defaultIPv4", "127.0.0.1", "-defaultIPv6", ""]);
+            .args([
+                "-defaultIPv4",
+                &options.names_at.to_string(),
+                "-defaultIPv6",
+                "",
+            ]);
         let dns = Proc::spawn(
             "pebble-challtestsrv",
             dns,
@@ -100,7 +140,7 @@ impl Pebble {
         )
         .await?;
 
-        let mut ca = Command::new(pebble);
+        let mut ca = options.command(&pebble);
         ca.arg("-config")
             .arg(&config_file)
             .args(["-dnsserver", &format!("127.0.0.1:{dns_port}")])
@@ -111,7 +151,10 @@ impl Pebble {
         Ok(Pebble {
             _ca: ca,
             _dns: dns,
-            directory: format!("https://127.0.0.1:{}/dir", options.listen),
+            directory: format!(
+                "https://{}/dir",
+                SocketAddr::new(options.address, options.listen)
+            ),
             management,
             ca_file: certs.join("ca.crt"),
         })
@@ -145,6 +188,30 @@ async fn https_get(addr: SocketAddr, ca_file: &Path, path: &str) -> Result<Strin
         bail!("GET {path}: {head}");
     }
     Ok(body.to_owned())
+}
+
+/// A TLS handshake with the lb at `addr` for `name`, verifying the chain against `config`'s
+/// roots: the chain it presented, and the connection.
+pub async fn handshake(
+    addr: SocketAddr,
+    name: &str,
+    config: Arc<rustls::ClientConfig>,
+) -> Result<(
+    Vec<CertificateDer<'static>>,
+    tokio_rustls::client::TlsStream<TcpStream>,
+)> {
+    let tcp = TcpStream::connect(addr).await?;
+    let tls = tokio_rustls::TlsConnector::from(config)
+        .connect(ServerName::try_from(name.to_owned())?, tcp)
+        .await
+        .with_context(|| format!("TLS handshake with {addr} for {name}"))?;
+    let chain = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .ok_or_else(|| anyhow!("no certificate from {addr}"))?
+        .to_vec();
+    Ok((chain, tls))
 }
 
 /// A TLS client configuration trusting only `root`, for checking what lb serves: every

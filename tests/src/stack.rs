@@ -140,6 +140,27 @@ pub async fn lb_backends(admin: SocketAddr) -> Result<Vec<BackendView>> {
     Ok(stats.backends)
 }
 
+/// The value of `lb`'s `/metrics` sample `series` (name and labels as printed) from its admin
+/// listener `admin`; 0 when absent.
+pub async fn lb_metric(admin: SocketAddr, series: &str) -> Result<f64> {
+    let body = http_get(admin, "/metrics").await?.text();
+    for line in body.lines() {
+        if let Some(value) = line
+            .strip_prefix(series)
+            .and_then(|rest| rest.strip_prefix(' '))
+        {
+            return value.trim().parse().context("bad metric value");
+        }
+    }
+    Ok(0.0)
+}
+
+/// `lb`'s ACME orders with `result` (`ok`, `failed`): `lb_acme_orders_total{result}`.
+pub async fn lb_acme_orders(admin: SocketAddr, result: &str) -> Result<f64> {
+    let series = format!("lb_acme_orders_total{{result=\"{result}\"}}");
+    lb_metric(admin, &series).await
+}
+
 /// Waits until the app at `addr` answers 200 on `/healthz`: it has subscribed to Redis and takes
 /// clients (until then it refuses WebSockets with 503).
 pub async fn wait_healthy(addr: SocketAddr) -> Result<()> {

@@ -1,8 +1,9 @@
 //! ACME on one lb host, against a real ACME CA (Pebble, validating every challenge for real):
 //! issuance over tls-alpn-01 and over http-01 with the chain verified against Pebble's root, a
 //! restart that reuses the stored account and certificate, renewal under open WebSocket
-//! tunnels, a CA that is down at start, a CA answering garbage or a problem document, and the
-//! configuration errors `lb check` reports.
+//! tunnels, a CA that is down at start, a CA answering garbage or a problem document, the
+//! configuration errors `lb check` reports, and the pair's validations answered by the host
+//! that is not ordering (the pair itself, with keepalived, is `ha_pair_acme.rs`).
 
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
@@ -10,23 +11,22 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Result, anyhow, bail};
 use futures_util::{SinkExt, StreamExt};
+use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, ServerName};
 use tempfile::TempDir;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::process::Command;
-use tokio_rustls::TlsConnector;
 use tokio_tungstenite::tungstenite::Message;
 
 use testkit::http::http_get;
 use testkit::process::{Proc, Ready, workspace_bin};
 use testkit::redis::free_port;
 use testkit::wait::eventually;
-use tests::pebble::{Pebble, PebbleOptions, client_trusting};
-use tests::stack::generate_certs;
+use tests::pebble::{Pebble, PebbleOptions, client_trusting, handshake};
+use tests::stack::{generate_certs, lb_acme_orders, lb_metric};
 
 /// The certificate lb orders in these tests: two names, both resolving to 127.0.0.1.
 const NAMES: [&str; 2] = ["chat.acme.test", "www.acme.test"];
@@ -69,16 +69,8 @@ impl Site {
 
     /// Pebble validating on this site's ports.
     async fn pebble(&self, listen: u16, validity: Option<u64>) -> Result<Pebble> {
-        Pebble::start(
-            self.dir.path(),
-            PebbleOptions {
-                listen,
-                http_port: self.redirect,
-                tls_port: self.https,
-                validity,
-            },
-        )
-        .await
+        let options = PebbleOptions::local(listen, self.redirect, self.https, validity);
+        Pebble::start(self.dir.path(), options).await
     }
 
     /// lb's configuration with `[acme]` lines `acme`.
@@ -150,60 +142,19 @@ async fn echo_backend() -> Result<SocketAddr> {
     Ok(addr)
 }
 
-/// The value of the `/metrics` sample `series` (name and labels as printed), 0 if absent.
-async fn metric(admin: SocketAddr, series: &str) -> Result<f64> {
-    let body = http_get(admin, "/metrics").await?.text();
-    for line in body.lines() {
-        if let Some(value) = line
-            .strip_prefix(series)
-            .and_then(|rest| rest.strip_prefix(' '))
-        {
-            return value.trim().parse().context("bad metric value");
-        }
-    }
-    Ok(0.0)
-}
-
-async fn orders(admin: SocketAddr, result: &str) -> Result<f64> {
-    metric(
-        admin,
-        &format!("lb_acme_orders_total{{result=\"{result}\"}}"),
-    )
-    .await
-}
-
 /// Waits until lb has `n` successful orders.
 async fn issued(admin: SocketAddr, n: f64) -> Result<()> {
     eventually(
         &format!("{n} ACME orders to succeed"),
         ISSUED_WITHIN,
-        || async move { Ok(orders(admin, "ok").await? >= n) },
+        || async move { Ok(lb_acme_orders(admin, "ok").await? >= n) },
     )
     .await
 }
 
-/// A TLS handshake with lb on `port` for `name`, verifying the chain against `config`'s
-/// roots: the chain lb presented.
-async fn handshake(
-    port: u16,
-    name: &str,
-    config: Arc<rustls::ClientConfig>,
-) -> Result<(
-    Vec<CertificateDer<'static>>,
-    tokio_rustls::client::TlsStream<TcpStream>,
-)> {
-    let tcp = TcpStream::connect(("127.0.0.1", port)).await?;
-    let tls = TlsConnector::from(config)
-        .connect(ServerName::try_from(name.to_owned())?, tcp)
-        .await
-        .with_context(|| format!("TLS handshake for {name}"))?;
-    let chain = tls
-        .get_ref()
-        .1
-        .peer_certificates()
-        .ok_or_else(|| anyhow!("no certificate"))?
-        .to_vec();
-    Ok((chain, tls))
+/// lb's loopback address on `port`.
+fn at(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
 }
 
 /// The fallback certificate lb serves before ACME: `[[certificates]]`, trusted through its CA.
@@ -218,7 +169,7 @@ async fn tunnel(
     name: &str,
     config: Arc<rustls::ClientConfig>,
 ) -> Result<tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<TcpStream>>> {
-    let (_, tls) = handshake(port, name, config).await?;
+    let (_, tls) = handshake(at(port), name, config).await?;
     let (ws, _) = tokio_tungstenite::client_async(format!("wss://{name}/ws"), tls).await?;
     Ok(ws)
 }
@@ -250,12 +201,12 @@ async fn tls_alpn_01_issues_a_chain_pebble_verifies_and_a_restart_reuses_it() ->
     let trusting_pebble = client_trusting(pebble.root().await?)?;
     let mut served = Vec::new();
     for name in NAMES {
-        let (chain, _) = handshake(site.https, name, Arc::clone(&trusting_pebble)).await?;
+        let (chain, _) = handshake(at(site.https), name, Arc::clone(&trusting_pebble)).await?;
         assert!(chain.len() >= 2, "the chain includes Pebble's intermediate");
         served.push(chain[0].clone());
     }
     assert_eq!(served[0], served[1], "one certificate for both names");
-    let expiry = metric(
+    let expiry = lb_metric(
         admin,
         &format!(
             "lb_certificate_not_after_seconds{{name=\"{}\",source=\"acme\"}}",
@@ -275,13 +226,13 @@ async fn tls_alpn_01_issues_a_chain_pebble_verifies_and_a_restart_reuses_it() ->
     lb.terminate(Duration::from_secs(15)).await?;
     let lb = site.start_lb(&config).await?;
     let admin = lb.addr("admin");
-    let (chain, _) = handshake(site.https, NAMES[0], Arc::clone(&trusting_pebble)).await?;
+    let (chain, _) = handshake(at(site.https), NAMES[0], Arc::clone(&trusting_pebble)).await?;
     assert_eq!(
         chain[0], served[0],
         "the stored certificate is served at once"
     );
-    assert_eq!(orders(admin, "ok").await?, 0.0);
-    assert_eq!(orders(admin, "failed").await?, 0.0);
+    assert_eq!(lb_acme_orders(admin, "ok").await?, 0.0);
+    assert_eq!(lb_acme_orders(admin, "failed").await?, 0.0);
     assert_eq!(std::fs::read(site.storage().join("account.json"))?, account);
     Ok(())
 }
@@ -295,7 +246,7 @@ async fn http_01_issues_through_the_redirect_listener() -> Result<()> {
     let admin = lb.addr("admin");
 
     // Before issuance the fallback answers the name.
-    let (chain, _) = handshake(site.https, NAMES[0], fallback_config(&site).await?)
+    let (chain, _) = handshake(at(site.https), NAMES[0], fallback_config(&site).await?)
         .await
         .or_else(|_| -> Result<_> { bail!("the fallback must serve before issuance") })?;
     assert!(!chain.is_empty());
@@ -327,14 +278,14 @@ async fn renewal_swaps_the_certificate_under_open_tunnels() -> Result<()> {
     let admin = lb.addr("admin");
     issued(admin, 1.0).await?;
     let trusting_pebble = client_trusting(pebble.root().await?)?;
-    let (first, _) = handshake(site.https, NAMES[0], Arc::clone(&trusting_pebble)).await?;
+    let (first, _) = handshake(at(site.https), NAMES[0], Arc::clone(&trusting_pebble)).await?;
 
     let mut tunnels = Vec::new();
     for _ in 0..TUNNELS {
         tunnels.push(tunnel(site.https, NAMES[0], Arc::clone(&trusting_pebble)).await?);
     }
     issued(admin, 2.0).await?;
-    let (second, _) = handshake(site.https, NAMES[0], Arc::clone(&trusting_pebble)).await?;
+    let (second, _) = handshake(at(site.https), NAMES[0], Arc::clone(&trusting_pebble)).await?;
     assert_ne!(
         first[0], second[0],
         "a renewed certificate is served to new handshakes"
@@ -343,7 +294,7 @@ async fn renewal_swaps_the_certificate_under_open_tunnels() -> Result<()> {
         echo(ws, &format!("tunnel {i} after the renewal")).await?;
     }
     assert_eq!(
-        metric(admin, "lb_tunnels_active").await?,
+        lb_metric(admin, "lb_tunnels_active").await?,
         TUNNELS as f64,
         "no tunnel was dropped"
     );
@@ -362,20 +313,120 @@ async fn a_ca_down_at_start_leaves_the_fallback_until_it_is_back() -> Result<()>
     let lb = site.start_lb(&config).await?;
     let admin = lb.addr("admin");
 
-    let (chain, _) = handshake(site.https, NAMES[0], fallback_config(&site).await?).await?;
+    let (chain, _) = handshake(at(site.https), NAMES[0], fallback_config(&site).await?).await?;
     assert!(
         !chain.is_empty(),
         "the fallback serves while the CA is down"
     );
     eventually("an order to fail", ISSUED_WITHIN, || async move {
-        Ok(orders(admin, "failed").await? >= 1.0)
+        Ok(lb_acme_orders(admin, "failed").await? >= 1.0)
     })
     .await?;
 
     let pebble = site.pebble(listen, None).await?;
     issued(admin, 1.0).await?;
-    handshake(site.https, NAMES[0], client_trusting(pebble.root().await?)?).await?;
+    handshake(
+        at(site.https),
+        NAMES[0],
+        client_trusting(pebble.root().await?)?,
+    )
+    .await?;
     Ok(())
+}
+
+/// The pair's `[acme.peer]` lines for `site`: its peer listener on loopback port `listen`, the
+/// other's on `address`, `virtual_address`, and the shared secret in a 0600 file.
+fn peer_section(site: &Site, listen: u16, address: u16, virtual_address: &str) -> Result<String> {
+    let secret = site.path("peer.secret");
+    std::fs::write(&secret, "the secret the two lb hosts share, 32+ bytes\n")?;
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600))?;
+    Ok(format!(
+        "[acme.peer]\nlisten = \"127.0.0.1:{listen}\"\naddress = \"127.0.0.1:{address}\"\n\
+         virtual_address = \"{virtual_address}\"\nsecret_file = \"peer.secret\"\n"
+    ))
+}
+
+/// Two lb hosts on loopback as a pair with `challenge`: A's peer listener on `ports[0]`, B's on
+/// `ports[1]`, their virtual addresses `vips`, Pebble validating on B's ports when
+/// `validated_on_b` (else A's), A started first. A is issued the certificate with no failed
+/// order; B adopts it without ordering and serves the same leaf; both report `holders`.
+async fn pair_orders_once(
+    challenge: &str,
+    ports: [u16; 2],
+    vips: [&str; 2],
+    validated_on_b: bool,
+    holders: [f64; 2],
+) -> Result<()> {
+    let (a, b) = (Site::new().await?, Site::new().await?);
+    let validated = if validated_on_b { &b } else { &a };
+    let pebble = validated.pebble(free_port()?, None).await?;
+    let acme =
+        |site: &Site, peer: String| site.acme(&pebble.directory, &pebble.ca_file, challenge, &peer);
+    let config_a = a.config(&acme(&a, peer_section(&a, ports[0], ports[1], vips[0])?))?;
+    let config_b = b.config(&acme(&b, peer_section(&b, ports[1], ports[0], vips[1])?))?;
+    let lb_a = a.start_lb(&config_a).await?;
+    let lb_b = b.start_lb(&config_b).await?;
+    let (admin_a, admin_b) = (lb_a.addr("admin"), lb_b.addr("admin"));
+    issued(admin_a, 1.0).await?;
+    eventually("B to adopt A's certificate", ISSUED_WITHIN, || async move {
+        Ok(lb_metric(admin_b, "lb_acme_peer_adopted_total").await? >= 1.0)
+    })
+    .await?;
+    let trusting_pebble = client_trusting(pebble.root().await?)?;
+    let (on_a, _) = handshake(at(a.https), NAMES[1], Arc::clone(&trusting_pebble)).await?;
+    let (on_b, _) = handshake(at(b.https), NAMES[1], Arc::clone(&trusting_pebble)).await?;
+    assert_eq!(on_a[0], on_b[0], "{challenge}: B serves A's certificate");
+    assert_eq!(lb_acme_orders(admin_a, "failed").await?, 0.0, "{challenge}");
+    assert_eq!(
+        lb_acme_orders(admin_b, "ok").await?,
+        0.0,
+        "{challenge}: B ordered"
+    );
+    assert_eq!(
+        lb_acme_orders(admin_b, "failed").await?,
+        0.0,
+        "{challenge}: B ordered"
+    );
+    assert_eq!(lb_metric(admin_a, "lb_acme_holder").await?, holders[0]);
+    assert_eq!(lb_metric(admin_b, "lb_acme_holder").await?, holders[1]);
+    Ok(())
+}
+
+/// A pair on loopback: lb A holds the virtual address (127.0.0.1, one of this host's) and
+/// orders; lb B's (192.0.2.1) is elsewhere, so it does not. Pebble's validation connections
+/// go to B, as when the address moved to B while A was validating: B answers an http-01 token
+/// by asking A, and a tls-alpn-01 handshake with the answer A handed it in advance.
+#[tokio::test]
+async fn a_validation_reaching_the_pairs_other_host_is_answered() -> Result<()> {
+    for challenge in ["http-01", "tls-alpn-01"] {
+        let ports = [free_port()?, free_port()?];
+        pair_orders_once(
+            challenge,
+            ports,
+            ["127.0.0.1", "192.0.2.1"],
+            true,
+            [1.0, 0.0],
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// A split brain in which the hosts still talk: both hold the virtual address (127.0.0.1). B
+/// sees in A's answer that A holds it too, and A's peer address is the lower, so only A
+/// orders; B adopts its certificate.
+#[tokio::test]
+async fn in_a_split_brain_only_the_lower_peer_address_orders() -> Result<()> {
+    let (x, y) = (free_port()?, free_port()?);
+    let ports = [x.min(y), x.max(y)];
+    pair_orders_once(
+        "http-01",
+        ports,
+        ["127.0.0.1", "127.0.0.1"],
+        false,
+        [1.0, 1.0],
+    )
+    .await
 }
 
 /// A CA at `addr` that answers every request with `answer` (status line, headers and body).
@@ -428,11 +479,11 @@ async fn a_ca_answering_garbage_or_a_problem_document_fails_and_keeps_the_fallba
         let lb = site.start_lb(&config).await?;
         let admin = lb.addr("admin");
         eventually("an order to fail", ISSUED_WITHIN, || async move {
-            Ok(orders(admin, "failed").await? >= 1.0)
+            Ok(lb_acme_orders(admin, "failed").await? >= 1.0)
         })
         .await?;
-        assert_eq!(orders(admin, "ok").await?, 0.0);
-        let (chain, _) = handshake(site.https, NAMES[0], fallback_config(&site).await?).await?;
+        assert_eq!(lb_acme_orders(admin, "ok").await?, 0.0);
+        let (chain, _) = handshake(at(site.https), NAMES[0], fallback_config(&site).await?).await?;
         assert!(!chain.is_empty(), "the fallback keeps serving");
     }
     Ok(())
@@ -500,6 +551,39 @@ async fn lb_check_names_the_key_of_bad_acme_input() -> Result<()> {
         assert!(err.contains(expected), "expected {expected:?} in {err:?}");
         assert!(err.contains("lb.toml"), "the file is named: {err}");
     }
+
+    // The pair's section: the shared secret must be the owner's only.
+    let secret = site.path("peer.secret");
+    std::fs::write(&secret, "a secret both lb hosts share, 32+ bytes\n")?;
+    let peer = format!(
+        "{good}[acme.peer]\nlisten = \"127.0.0.1:{}\"\naddress = \"127.0.0.2:9443\"\n\
+         virtual_address = \"127.0.0.1\"\nsecret_file = \"peer.secret\"\n",
+        free_port()?
+    );
+    for (mode, expected) in [
+        (0o600, None),
+        (0o640, Some("acme.peer.secret_file: ")),
+        (0o604, Some("acme.peer.secret_file: ")),
+    ] {
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(mode))?;
+        let (status, err) = check(&site, &peer).await?;
+        match expected {
+            None => assert_eq!(status, 0, "a good [acme.peer] passes: {err}"),
+            Some(expected) => {
+                assert_eq!(status, 64, "mode {mode:o}: {err}");
+                assert!(
+                    err.contains(expected) && err.contains(&format!("has mode {mode:03o}")),
+                    "{err}"
+                );
+            }
+        }
+    }
+    let (status, err) = check(&site, &peer.replace("127.0.0.2:9443", "127.0.0.2")).await?;
+    assert_eq!(status, 64, "{err}");
+    assert!(
+        err.contains("acme.peer.address: \"127.0.0.2\" is not an IP:port address"),
+        "{err}"
+    );
 
     // Loose permissions: refused by `lb check` and by `lb run`, naming the key.
     std::fs::create_dir(site.storage())?;

@@ -21,7 +21,7 @@
 use std::fs::Permissions;
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -29,6 +29,9 @@ use testkit::process::{Proc, Ready, system_bin, workspace_bin};
 use testkit::wait::eventually;
 use tests::chaos::{self, Config, Scenario, Target};
 use tests::client::tls_connector;
+use tests::keepalived::{
+    Keepalived, STOP_WITHIN, Site, VIP_WITHIN, keepalived_conf, start_lb, vip_moves,
+};
 use tests::netns::{Lab, ipv4_addrs, run_in};
 use tests::stack::{app_config, generate_certs, lb_config_weighted, wait_healthy};
 use tokio::time::Instant;
@@ -41,11 +44,14 @@ const BACKEND: &str = "10.213.48.20";
 const CLIENT: &str = "10.213.48.30";
 /// lb's admin listener on each lb host, where keepalived's health check asks.
 const ADMIN: &str = "127.0.0.1:9100";
-/// Longest wait for the virtual IP to settle on a host: an election at start (three adverts and
-/// the skew) after the health check's `rise`, with room to spare.
-const VIP_WITHIN: Duration = Duration::from_secs(15);
-/// How long keepalived or lb may take to stop after SIGTERM.
-const STOP_WITHIN: Duration = Duration::from_secs(15);
+/// This lab's `site.conf`.
+const SITE: Site<'static> = Site {
+    vip: VIP,
+    lb1: LB1,
+    lb2: LB2,
+    admin: ADMIN,
+    router_id: 51,
+};
 
 /// The lab's hosts (namespace names).
 struct Hosts {
@@ -120,10 +126,10 @@ async fn pair(hosts: &Hosts, keepalived: &Path) -> Result<()> {
     let _lb2 = start_lb(&hosts.lb2, &lb_toml).await?;
 
     // keepalived on both, lb1 first: it has the higher priority and wins the first election.
-    let conf = keepalived_conf(dir.path())?;
+    let conf = keepalived_conf(dir.path(), &SITE)?;
     let ka1 = Keepalived::start(&hosts.lb1, "lb1", keepalived, &conf, dir.path()).await?;
     let ka2 = Keepalived::start(&hosts.lb2, "lb2", keepalived, &conf, dir.path()).await?;
-    vip_moves(&hosts.lb1, &hosts.lb2).await?;
+    vip_moves(VIP, &hosts.lb1, &hosts.lb2).await?;
     println!("{}: holds {VIP}", hosts.lb1);
 
     // Chat load through the virtual IP; the fault moves it to lb2.
@@ -145,7 +151,7 @@ async fn pair(hosts: &Hosts, keepalived: &Path) -> Result<()> {
     let fault = async {
         let began = Instant::now();
         lb1.signal("KILL")?;
-        vip_moves(&hosts.lb2, &hosts.lb1).await?;
+        vip_moves(VIP, &hosts.lb2, &hosts.lb1).await?;
         let to_lb2 = began.elapsed();
         lb1.wait_exit(STOP_WITHIN).await?;
         lb1 = start_lb(&hosts.lb1, &lb_toml).await?;
@@ -162,7 +168,7 @@ async fn pair(hosts: &Hosts, keepalived: &Path) -> Result<()> {
     // would have broken every connection a second time).
     assert_each_client_moved_once(&report);
     assert!(lb1.is_running(), "lb on lb1, started again, has exited");
-    vip_moves(&hosts.lb2, &hosts.lb1).await?;
+    vip_moves(VIP, &hosts.lb2, &hosts.lb1).await?;
 
     // keepalived stopped on the holder while its lb keeps running (`systemctl stop keepalived`
     // there): the address goes back to lb1, and lb2 still holds every client's connection but
@@ -176,7 +182,7 @@ async fn pair(hosts: &Hosts, keepalived: &Path) -> Result<()> {
     let fault = async {
         let began = Instant::now();
         ka2.stop().await?;
-        vip_moves(&hosts.lb1, &hosts.lb2).await?;
+        vip_moves(VIP, &hosts.lb1, &hosts.lb2).await?;
         let to_lb1 = began.elapsed();
         all_back_through(&hosts.lb1, config.clients).await?;
         Ok(format!(
@@ -222,41 +228,6 @@ async fn all_back_through(ns: &str, clients: usize) -> Result<()> {
     .await
 }
 
-/// Starts `lb run --config lb_toml` on host `ns`.
-async fn start_lb(ns: &str, lb_toml: &Path) -> Result<Proc> {
-    let mut cmd = Lab::command(ns, &workspace_bin("lb")?);
-    cmd.arg("run").arg("--config").arg(lb_toml);
-    Proc::spawn(
-        &format!("{ns}: lb"),
-        cmd,
-        Ready::Listening(&["https", "admin"]),
-    )
-    .await
-}
-
-/// The shipped keepalived.conf and lb-health in `dir/keepalived/`, with this lab's `site.conf`;
-/// returns the path of keepalived.conf.
-fn keepalived_conf(dir: &Path) -> Result<PathBuf> {
-    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/keepalived");
-    let here = dir.join("keepalived");
-    std::fs::create_dir(&here)?;
-    std::fs::set_permissions(&here, Permissions::from_mode(0o755))?;
-    for file in ["keepalived.conf", "lb-health"] {
-        std::fs::copy(shipped.join(file), here.join(file))
-            .with_context(|| format!("cannot copy {}", shipped.join(file).display()))?;
-    }
-    std::fs::set_permissions(here.join("lb-health"), Permissions::from_mode(0o755))?;
-    std::fs::write(
-        here.join("site.conf"),
-        format!(
-            "$INTERFACE=eth0\n$VIP={VIP}/24\n$ROUTER_ID=51\n$LB1={LB1}\n$LB2={LB2}\n\
-             $LB_HEALTH={}\n$LB_ADMIN={ADMIN}\n$SCRIPT_USER=nobody\n",
-            here.join("lb-health").display()
-        ),
-    )?;
-    Ok(here.join("keepalived.conf"))
-}
-
 /// How many WebSocket tunnels lb on host `ns` holds, from its loopback-only admin `/stats`
 /// (read from inside the host).
 async fn tunnels(ns: &str) -> Result<u64> {
@@ -279,53 +250,4 @@ async fn tunnels(ns: &str) -> Result<u64> {
         .iter()
         .filter_map(|b| b["tunnels_active"].as_u64())
         .sum())
-}
-
-/// Waits until the virtual IP is on host `to` and not on host `from`.
-async fn vip_moves(to: &str, from: &str) -> Result<()> {
-    let held = |addrs: Vec<String>| addrs.iter().any(|a| a.starts_with(&format!("{VIP}/")));
-    eventually(&format!("{VIP} on {to} only"), VIP_WITHIN, || async {
-        Ok(held(ipv4_addrs(to, "eth0").await?) && !held(ipv4_addrs(from, "eth0").await?))
-    })
-    .await
-}
-
-/// keepalived (VRRP only) in the foreground on one lb host, with its own pid files.
-struct Keepalived {
-    proc: Proc,
-}
-
-impl Keepalived {
-    /// Starts keepalived as `-i id` (the `@id` lines of the configuration) on host `ns` and
-    /// waits until its VRRP process has started.
-    async fn start(ns: &str, id: &str, bin: &Path, conf: &Path, dir: &Path) -> Result<Keepalived> {
-        // keepalived logs to stderr; the harness reads readiness lines on stdout.
-        let mut cmd = Lab::command(ns, Path::new("/bin/sh"));
-        cmd.args(["-c", "exec \"$0\" \"$@\" 2>&1"])
-            .arg(bin)
-            .args(["--dont-fork", "--log-console", "--log-detail", "--vrrp"])
-            .args(["--config-id", id, "--use-file"])
-            .arg(conf)
-            .arg("--pid")
-            .arg(dir.join(format!("keepalived-{id}.pid")))
-            .arg("--vrrp_pid")
-            .arg(dir.join(format!("keepalived-vrrp-{id}.pid")));
-        let proc = Proc::spawn(
-            &format!("{ns}: keepalived"),
-            cmd,
-            Ready::Line("Startup complete"),
-        )
-        .await?;
-        Ok(Keepalived { proc })
-    }
-
-    /// SIGTERM, as `systemctl stop keepalived`: the VRRP process releases the address (and
-    /// tells the peer), then both processes exit.
-    async fn stop(mut self) -> Result<()> {
-        let status = self.proc.terminate(STOP_WITHIN).await?;
-        if !status.success() {
-            bail!("keepalived exited with {status}");
-        }
-        Ok(())
-    }
 }

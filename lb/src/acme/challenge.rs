@@ -56,6 +56,11 @@ impl Challenges {
     /// Stops answering for http-01 `token` and tls-alpn-01 `name`.
     pub fn remove(&self, token: &str, name: &str) {
         locked(&self.http).remove(token);
+        self.remove_tls(name);
+    }
+
+    /// Stops answering tls-alpn-01 for `name`.
+    pub fn remove_tls(&self, name: &str) {
         locked(&self.tls).remove(&name.to_ascii_lowercase());
     }
 

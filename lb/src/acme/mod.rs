@@ -8,10 +8,17 @@
 //! CA: a name without a valid stored certificate is served the `[[certificates]]` fallback),
 //! then each certificate is ordered (`order`) when missing or due, stored (`storage`) and
 //! swapped in; connections already open keep the certificate they shook hands with.
+//!
+//! On a keepalived pair (`[acme.peer]`) the two hosts talk over `peer` (messages sealed by
+//! `seal`): only the host holding the virtual address orders, the other adopts what it
+//! issued, and an http-01 token a host does not know is asked of the other (README, "The
+//! keepalived pair").
 
 pub mod challenge;
 pub mod order;
+pub mod peer;
 pub mod renew;
+pub mod seal;
 pub mod storage;
 
 use std::collections::HashMap;
@@ -23,6 +30,7 @@ use rustls::sign::CertifiedKey;
 
 use crate::metrics::Metrics;
 use challenge::Challenges;
+use peer::{Peer, SharedCertificate};
 
 /// One issued certificate as served.
 #[derive(Debug)]
@@ -46,9 +54,34 @@ pub struct Acme {
     pub challenges: Challenges,
     /// Lower-case name → the issued certificate naming it.
     by_name: ArcSwap<HashMap<String, Arc<Served>>>,
+    /// The other host of the pair, if this host is one of two.
+    pub peer: Option<Arc<Peer>>,
 }
 
 impl Acme {
+    /// The shared state of one host of a pair, which talks to the other through `peer`.
+    pub fn paired(peer: Arc<Peer>) -> Acme {
+        Acme {
+            peer: Some(peer),
+            ..Acme::default()
+        }
+    }
+
+    /// Every issued certificate served, once each, for the peer.
+    pub fn shared(&self) -> Vec<SharedCertificate> {
+        let map = self.by_name.load();
+        let mut shared: Vec<SharedCertificate> = Vec::new();
+        for s in map.values() {
+            if !shared.iter().any(|c| c.names == s.names) {
+                shared.push(SharedCertificate {
+                    names: s.names.clone(),
+                    pem: s.pem.clone(),
+                });
+            }
+        }
+        shared
+    }
+
     /// The issued certificate for `name`, if one names it.
     pub fn select(&self, name: &str) -> Option<Arc<CertifiedKey>> {
         let map = self.by_name.load();

@@ -18,6 +18,7 @@ use rcgen::{CertificateParams, DistinguishedName, KeyPair};
 use tracing::info;
 
 use super::challenge::{Challenges, alpn_certificate};
+use super::peer::Peer;
 use super::storage::{Storage, StorageError};
 use crate::config::{AcmeChallenge, AcmeConfig};
 
@@ -128,6 +129,7 @@ pub async fn order(
     names: &[String],
     challenge: AcmeChallenge,
     challenges: &Challenges,
+    peer: Option<&Peer>,
 ) -> Result<Issued, OrderError> {
     let identifiers: Vec<Identifier> = names.iter().cloned().map(Identifier::Dns).collect();
     let mut order = account.new_order(&NewOrder::new(&identifiers)).await?;
@@ -163,9 +165,13 @@ pub async fn order(
                     challenges.put_http(&handle.token, key_authorization.as_str());
                 }
                 AcmeChallenge::TlsAlpn01 => {
-                    let cert = alpn_certificate(&name, key_authorization.digest().as_ref())
-                        .map_err(OrderError::Local)?;
+                    let digest = key_authorization.digest();
+                    let cert =
+                        alpn_certificate(&name, digest.as_ref()).map_err(OrderError::Local)?;
                     challenges.put_tls(&name, cert);
+                    if let Some(p) = peer {
+                        p.share_tls_alpn01(&name, Some(digest.as_ref())).await;
+                    }
                 }
             }
             answered.push((handle.token.clone(), name));
@@ -195,6 +201,9 @@ pub async fn order(
     .await;
     for (token, name) in &answered {
         challenges.remove(token, name);
+        if let (Some(p), AcmeChallenge::TlsAlpn01) = (peer, challenge) {
+            p.share_tls_alpn01(name, None).await;
+        }
     }
     result
 }

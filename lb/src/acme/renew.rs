@@ -11,6 +11,16 @@
 //! missing one is due at once. A failed order is logged with the CA's problem document and
 //! tried again after 2 s, doubling up to [`BACKOFF_MAX`], each delay drawn between half and
 //! all of it; the certificate served meanwhile stays until it expires.
+//!
+//! On a keepalived pair (`[acme.peer]`) the task also checks every [`HOLDER_POLL`] whether
+//! this host holds the virtual address, and pulls what the other host serves at start, every
+//! [`PULL_INTERVAL`], when told of an issued certificate, and before each order, adopting any
+//! certificate for the same names that expires later than its own (stored like an issued one).
+//! Only the holder orders, so one renewal is ordered once: a due certificate on the other host
+//! waits for the holder's. When both hold the address (split brain) and can still talk, the
+//! host whose peer address is lower orders; when they cannot, both may order, and only the one
+//! the CA's validation reaches succeeds. `lb_acme_holder` is set once the task has acted on
+//! what it saw (an order it started has ended).
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
@@ -20,9 +30,10 @@ use instant_acme::{Account, CertificateIdentifier};
 use rustls::pki_types::CertificateDer;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::order::{self, OrderError};
+use super::peer::{self, Answer, Peer, Request, SharedCertificate};
 use super::storage::{Storage, StorageError};
 use super::{Acme, Served, served_from_pem};
 use crate::config::AcmeConfig;
@@ -40,6 +51,13 @@ pub const ORDER_INTERVAL_MIN: Duration = Duration::from_secs(10);
 
 /// Longest wait before a certificate's renewal time is computed again.
 pub const RECHECK: Duration = Duration::from_secs(6 * 3600);
+
+/// On a pair: how often the task checks whether this host holds the virtual address.
+pub const HOLDER_POLL: Duration = Duration::from_secs(1);
+
+/// On a pair: how often the certificates the other host serves are pulled (and at once when it
+/// says it issued one).
+pub const PULL_INTERVAL: Duration = Duration::from_secs(60);
 
 /// The ACME task's state.
 pub struct Renewer {
@@ -134,42 +152,181 @@ impl Renewer {
         let n = self.config.domains.len();
         let mut next: Vec<Instant> = vec![Instant::now(); n];
         let mut failures = vec![0u32; n];
+        let peer = self.acme.peer.clone();
+        let mut holder = peer.is_none();
+        self.metrics.acme_holder.store(u64::from(holder), Relaxed);
+        let mut pull_at = Instant::now();
         loop {
-            let Some((i, at)) = next.iter().copied().enumerate().min_by_key(|(_, at)| *at) else {
+            let Some(mut wake) = next.iter().min().copied() else {
                 return;
+            };
+            if peer.is_some() {
+                wake = wake.min(Instant::now() + HOLDER_POLL).min(pull_at);
+            }
+            let nudged = async {
+                match &peer {
+                    Some(p) => p.pull.notified().await,
+                    None => std::future::pending().await,
+                }
             };
             tokio::select! {
                 () = token.cancelled() => return,
-                () = tokio::time::sleep_until(at) => {}
+                () = tokio::time::sleep_until(wake) => {}
+                () = nudged => pull_at = Instant::now(),
             }
-            if failures[i] == 0 {
-                let wait = self.until_due(i).await;
-                if !wait.is_zero() {
-                    next[i] = Instant::now() + wait.min(RECHECK);
+            if let Some(p) = &peer {
+                let holds = peer::holds(p.config.virtual_address);
+                if holds != holder {
+                    holder = holds;
+                    if holder {
+                        info!(virtual_address = %p.config.virtual_address,
+                              "this host holds the pair's virtual address: it orders");
+                    } else {
+                        info!(virtual_address = %p.config.virtual_address,
+                              "the other host holds the pair's virtual address: it orders");
+                    }
+                    // The new holder checks every certificate now; the old one stops ordering.
+                    next.fill(Instant::now());
+                    failures.fill(0);
+                }
+                if Instant::now() >= pull_at {
+                    tokio::select! {
+                        () = token.cancelled() => return,
+                        _ = self.pull(p) => {}
+                    }
+                    pull_at = Instant::now() + PULL_INTERVAL;
+                }
+            }
+            for i in 0..n {
+                if next[i] > Instant::now() {
                     continue;
                 }
+                let step = self.step(i, &mut failures[i], peer.as_deref(), holder);
+                next[i] = tokio::select! {
+                    () = token.cancelled() => return,
+                    at = step => at,
+                };
             }
-            let result = tokio::select! {
-                () = token.cancelled() => return,
-                result = self.renew(i) => result,
-            };
-            match result {
-                Ok(()) => {
-                    failures[i] = 0;
-                    next[i] = Instant::now() + ORDER_INTERVAL_MIN;
-                }
-                Err(e) => {
-                    failures[i] += 1;
-                    self.metrics.acme_orders_failed.fetch_add(1, Relaxed);
-                    let delay = jitter(backoff(failures[i]), random_unit());
-                    let shown = Duration::from_millis(delay.as_millis() as u64);
-                    warn!(names = ?self.config.domains[i], directory = %self.config.directory,
-                          attempt = failures[i], retry_in = %humantime::format_duration(shown),
-                          error = %e, "ACME order failed; the current certificate keeps serving");
-                    next[i] = Instant::now() + delay;
-                }
+            self.metrics.acme_holder.store(u64::from(holder), Relaxed);
+        }
+    }
+
+    /// Certificate `i`'s turn: ordered if it is due and this host orders (see the module
+    /// docs); returns when its next turn is.
+    async fn step(
+        &mut self,
+        i: usize,
+        failures: &mut u32,
+        peer: Option<&Peer>,
+        holder: bool,
+    ) -> Instant {
+        if *failures == 0 {
+            let wait = self.until_due(i).await;
+            if !wait.is_zero() {
+                return Instant::now() + wait.min(RECHECK);
             }
         }
+        if let Some(p) = peer {
+            if !holder {
+                debug!(names = ?self.config.domains[i],
+                       "due, but the other host holds the virtual address and orders it");
+                *failures = 0;
+                return Instant::now() + PULL_INTERVAL;
+            }
+            // The address may have just moved here from a host that renewed it already.
+            let peer_holds = self.pull(p).await;
+            let wait = self.until_due(i).await;
+            if !wait.is_zero() {
+                *failures = 0;
+                return Instant::now() + wait.min(RECHECK);
+            }
+            if peer_holds == Some(true) && p.config.address < p.config.listen {
+                warn!(virtual_address = %p.config.virtual_address, peer = %p.config.address,
+                      "both hosts hold the virtual address (split brain); the peer, whose \
+                       address is lower, orders");
+                return Instant::now() + PULL_INTERVAL;
+            }
+        }
+        match self.renew(i).await {
+            Ok(()) => {
+                *failures = 0;
+                if let Some(p) = peer
+                    && let Err(e) = p.ask(&Request::Issued).await
+                {
+                    warn!(error = %e, "could not tell the peer of the new certificate; it pulls \
+                                       within a minute");
+                }
+                Instant::now() + ORDER_INTERVAL_MIN
+            }
+            Err(e) => {
+                *failures += 1;
+                self.metrics.acme_orders_failed.fetch_add(1, Relaxed);
+                let delay = jitter(backoff(*failures), random_unit());
+                let shown = Duration::from_millis(delay.as_millis() as u64);
+                warn!(names = ?self.config.domains[i], directory = %self.config.directory,
+                      attempt = *failures, retry_in = %humantime::format_duration(shown),
+                      error = %e, "ACME order failed; the current certificate keeps serving");
+                Instant::now() + delay
+            }
+        }
+    }
+
+    /// Pulls the certificates the peer serves and adopts each newer one; whether the peer
+    /// holds the virtual address (`None`: it could not be asked; logged).
+    async fn pull(&mut self, peer: &Peer) -> Option<bool> {
+        match peer.ask(&Request::Certificates).await {
+            Ok(Answer::Certificates {
+                holder,
+                certificates,
+            }) => {
+                for c in certificates {
+                    self.adopt(c);
+                }
+                Some(holder)
+            }
+            Ok(_) => None,
+            Err(e) => {
+                warn!(error = %e, "could not pull certificates from the peer; serving what \
+                                   this host has");
+                None
+            }
+        }
+    }
+
+    /// Serves and stores `shared` if it is for a configured certificate (the same names), is
+    /// valid now and expires later than what this host serves for it.
+    fn adopt(&mut self, shared: SharedCertificate) {
+        let same = |names: &&Vec<String>| {
+            names.len() == shared.names.len()
+                && names
+                    .iter()
+                    .zip(&shared.names)
+                    .all(|(a, b)| a.eq_ignore_ascii_case(b))
+        };
+        let Some(names) = self.config.domains.iter().find(same) else {
+            debug!(names = ?shared.names, "the peer serves a certificate not configured here");
+            return;
+        };
+        let Some(first) = names.first() else { return };
+        let served = match served_from_pem(names, &shared.pem) {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(names = ?names, error = %e, "the peer's certificate is unusable");
+                return;
+            }
+        };
+        let now = unix_now();
+        let current = self.acme.served(first).map_or(i64::MIN, |s| s.not_after);
+        if served.not_after <= current || served.not_after <= now || served.not_before > now {
+            return;
+        }
+        if let Err(e) = self.storage.save_certificate(first, &shared.pem) {
+            warn!(names = ?names, error = %e, "could not store the peer's certificate; serving it");
+        }
+        self.metrics.acme_peer_adopted.fetch_add(1, Relaxed);
+        info!(names = ?names, not_after = served.not_after,
+              "adopted the certificate the other host issued; serving it");
+        self.acme.install(Arc::new(served), &self.metrics);
     }
 
     /// How long until certificate `i` is due (zero: now).
@@ -221,6 +378,7 @@ impl Renewer {
             &names,
             self.config.challenge,
             &self.acme.challenges,
+            self.acme.peer.as_deref(),
         )
         .await?;
         let served = served_from_pem(&names, &issued.pem).map_err(OrderError::Local)?;

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::ConfigError;
+use super::acme_peer::AcmePeerConfig;
 use super::raw::RawAcme;
 use super::validate::Validator;
 
@@ -54,6 +55,8 @@ pub struct AcmeConfig {
     /// How long before expiry a certificate is renewed when the CA offers no renewal window
     /// (ARI); `None`: a third of its lifetime.
     pub renew_before: Option<Duration>,
+    /// The other host of a keepalived pair (`[acme.peer]`), if this host is one of two.
+    pub peer: Option<AcmePeerConfig>,
 }
 
 /// Checks that `dir` can serve as ACME storage: an existing directory must be a directory
@@ -124,8 +127,12 @@ impl Validator<'_> {
         &self,
         a: RawAcme,
         base: &Path,
-        redirect: Option<SocketAddr>,
+        bound: &[(&str, SocketAddr)],
     ) -> Result<AcmeConfig, ConfigError> {
+        let redirect = bound
+            .iter()
+            .find(|(key, _)| *key == "listen.redirect")
+            .map(|(_, a)| *a);
         let directory = a.directory.ok_or_else(|| {
             self.err(
                 "acme.directory",
@@ -207,6 +214,7 @@ impl Validator<'_> {
                     .duration("acme.renew_before", Some(&text), Duration::ZERO)
             })
             .transpose()?;
+        let peer = a.peer.map(|p| self.acme_peer(p, base, bound)).transpose()?;
 
         Ok(AcmeConfig {
             directory,
@@ -216,6 +224,7 @@ impl Validator<'_> {
             storage,
             ca_file,
             renew_before,
+            peer,
         })
     }
 }

@@ -20,10 +20,12 @@ use crate::backends::balance::Policy;
 use crate::backends::health::HealthConfig;
 
 mod acme;
+mod acme_peer;
 mod raw;
 mod validate;
 
 pub use acme::{AcmeChallenge, AcmeConfig, check_storage};
+pub use acme_peer::{AcmePeerConfig, MIN_SECRET_BYTES, read_secret};
 
 pub use confkit::ConfigError;
 pub use raw::Overrides;

@@ -174,6 +174,16 @@ pub(super) struct RawAcme {
     pub(super) storage: Option<PathBuf>,
     pub(super) ca_file: Option<PathBuf>,
     pub(super) renew_before: Option<String>,
+    pub(super) peer: Option<RawAcmePeer>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawAcmePeer {
+    pub(super) listen: Option<String>,
+    pub(super) address: Option<String>,
+    pub(super) secret_file: Option<PathBuf>,
+    pub(super) virtual_address: Option<String>,
 }
 
 impl RawConfig {

@@ -113,7 +113,7 @@ impl RawConfig {
         let timeouts = v.timeouts(self.timeouts.unwrap_or_default())?;
         let limits = v.limits(self.limits.unwrap_or_default())?;
         let tls = v.tls(self.tls.unwrap_or_default())?;
-        let acme = self.acme.map(|a| v.acme(a, base, redirect)).transpose()?;
+        let acme = self.acme.map(|a| v.acme(a, base, &bound)).transpose()?;
 
         Ok(Config {
             source: file.to_owned(),

@@ -1,7 +1,9 @@
 //! The optional plain-HTTP listener: every request gets a `301 Moved Permanently` to the same
 //! host and path over https, except a CA's http-01 validation requests
 //! (`/.well-known/acme-challenge/TOKEN`) when `[acme]` is configured: a token of an order
-//! under way is answered with its key authorization, any other gets 404.
+//! under way is answered with its key authorization; on a keepalived pair a token this host
+//! does not know is asked of the other host (whose order it may be, the virtual address having
+//! moved during the validation); any other gets 404.
 //!
 //! The host comes from the request's `Host` header (its port dropped); the https port is added
 //! when it is not 443. A request without a usable `Host` gets 400. Connections are served by
@@ -70,9 +72,20 @@ fn respond<B>(req: &Request<B>, https_port: u16) -> Response<ResponseBody> {
 }
 
 /// The answer to an http-01 validation request, or `None` when `target` is not one.
-fn acme_answer(acme: &Acme, target: &str) -> Option<Response<ResponseBody>> {
+async fn acme_answer(acme: &Acme, target: &str) -> Option<Response<ResponseBody>> {
     let token = target.strip_prefix(HTTP_PREFIX)?;
-    Some(match acme.challenges.http_answer(token) {
+    let mut answer = acme.challenges.http_answer(token);
+    if answer.is_none()
+        && let Some(peer) = &acme.peer
+    {
+        answer = peer.http01(token).await;
+        info!(
+            token,
+            answered = answer.is_some(),
+            "http-01 token unknown here; asked the peer"
+        );
+    }
+    Some(match answer {
         Some(key_authorization) => {
             let mut response =
                 Response::new(ResponseBody::text(bytes::Bytes::from(key_authorization)));
@@ -98,7 +111,11 @@ pub async fn serve(state: Arc<State>, stream: TcpStream, peer: SocketAddr, slot:
         let acme = acme.clone();
         async move {
             let target = req.uri().path();
-            let response = match acme.as_deref().and_then(|a| acme_answer(a, target)) {
+            let answer = match acme.as_deref() {
+                Some(a) => acme_answer(a, target).await,
+                None => None,
+            };
+            let response = match answer {
                 Some(answer) => answer,
                 None => respond(&req, https_port),
             };
@@ -143,15 +160,49 @@ mod tests {
         assert_eq!(location("h", "*", 443).as_deref(), Some("https://h/"));
     }
 
-    #[test]
-    fn challenge_requests_get_the_key_authorization_or_404() {
+    #[tokio::test]
+    async fn challenge_requests_get_the_key_authorization_or_404() {
         let acme = Acme::default();
         acme.challenges.put_http("tok", "tok.print");
-        let ok = acme_answer(&acme, "/.well-known/acme-challenge/tok").unwrap();
+        let ok = acme_answer(&acme, "/.well-known/acme-challenge/tok")
+            .await
+            .unwrap();
         assert_eq!(ok.status(), StatusCode::OK);
-        let missing = acme_answer(&acme, "/.well-known/acme-challenge/other").unwrap();
+        let missing = acme_answer(&acme, "/.well-known/acme-challenge/other")
+            .await
+            .unwrap();
         assert_eq!(missing.status(), StatusCode::NOT_FOUND);
-        assert!(acme_answer(&acme, "/index.html").is_none());
+        assert!(acme_answer(&acme, "/index.html").await.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_token_unknown_here_is_answered_by_the_peer() {
+        use http_body_util::BodyExt;
+
+        use crate::acme::peer::testing::{SECRET, client, serving};
+
+        let tmp = tempfile::tempdir().unwrap();
+        let token = tokio_util::sync::CancellationToken::new();
+        // The other host's order is under way: it knows the token.
+        let other = Arc::new(Acme::default());
+        other.challenges.put_http("theirs", "theirs.print");
+        let (_, addr) = serving(tmp.path(), SECRET, other, &token).await;
+        // This host got the CA's request.
+        let here = Acme::paired(client(tmp.path(), SECRET, addr));
+        here.challenges.put_http("ours", "ours.print");
+        for (token, expected) in [("theirs", "theirs.print"), ("ours", "ours.print")] {
+            let answer = acme_answer(&here, &format!("/.well-known/acme-challenge/{token}"))
+                .await
+                .unwrap();
+            assert_eq!(answer.status(), StatusCode::OK);
+            let body = answer.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(body, expected.as_bytes());
+        }
+        let missing = acme_answer(&here, "/.well-known/acme-challenge/nobodys")
+            .await
+            .unwrap();
+        assert_eq!(missing.status(), StatusCode::NOT_FOUND);
+        token.cancel();
     }
 
     #[test]

@@ -18,6 +18,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::acme::Acme;
+use crate::acme::peer::Peer;
 use crate::acme::renew::Renewer;
 use crate::backends::balance::{Backend, Pool};
 use crate::backends::health;
@@ -57,11 +58,13 @@ pub enum ListenerKind {
     Redirect,
     /// `listen.admin`.
     Admin,
+    /// `acme.peer.listen`.
+    Peer,
 }
 
 impl ListenerKind {
     /// Every kind.
-    pub const ALL: [ListenerKind; 3] = [Self::Https, Self::Redirect, Self::Admin];
+    pub const ALL: [ListenerKind; 4] = [Self::Https, Self::Redirect, Self::Admin, Self::Peer];
 
     /// Its name: `https`, `redirect` or `admin` (readiness lines, the handover).
     pub fn name(self) -> &'static str {
@@ -69,6 +72,7 @@ impl ListenerKind {
             Self::Https => "https",
             Self::Redirect => "redirect",
             Self::Admin => "admin",
+            Self::Peer => "peer",
         }
     }
 
@@ -78,6 +82,7 @@ impl ListenerKind {
             Self::Https => "listen.https",
             Self::Redirect => "listen.redirect",
             Self::Admin => "listen.admin",
+            Self::Peer => "acme.peer.listen",
         }
     }
 }
@@ -191,7 +196,15 @@ impl Lb {
         let metrics = Arc::new(Metrics::default());
         let acme = match &config.acme {
             Some(a) => {
-                let acme = Arc::new(Acme::default());
+                let acme = match &a.peer {
+                    Some(p) => {
+                        let names = a.domains.iter().flatten().cloned().collect();
+                        let peer = Peer::new(p.clone(), names, Arc::clone(&metrics))
+                            .map_err(|e| config.error("acme.peer.secret_file", e))?;
+                        Arc::new(Acme::paired(Arc::new(peer)))
+                    }
+                    None => Arc::new(Acme::default()),
+                };
                 let renewer = Renewer::start(Arc::clone(&acme), a.clone(), Arc::clone(&metrics))
                     .map_err(|e| config.error("acme.storage", e))?;
                 Some((acme, renewer))
@@ -233,6 +246,12 @@ impl Lb {
             .listen
             .admin
             .map(|a| listen(ListenerKind::Admin, a))
+            .transpose()?;
+        let peer = config
+            .acme
+            .as_ref()
+            .and_then(|a| a.peer.as_ref())
+            .map(|p| listen(ListenerKind::Peer, p.listen))
             .transpose()?;
         let local = |l: &tokio::net::TcpListener, key, fallback| {
             l.local_addr().map_err(|source| StartError::Bind {
@@ -307,6 +326,15 @@ impl Lb {
                 l,
                 Arc::clone(&state.engine.metrics),
                 Arc::clone(&state.engine.pool),
+                accepting.child_token(),
+            )));
+        }
+        if let (Some(l), Some((acme, _))) = (peer, &acme)
+            && let Some(p) = &acme.peer
+        {
+            tracker.spawn(acceptors.track_future(Arc::clone(p).serve(
+                Arc::clone(acme),
+                l,
                 accepting.child_token(),
             )));
         }
