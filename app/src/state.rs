@@ -61,7 +61,13 @@ impl AppState {
                 (Some(gate), token.max_connections_per_user)
             }
         };
-        let users = Users::new(per_user, hub.redis().cloned());
+        // Anonymous connections have no user: nothing to count or follow in Redis.
+        let shared = if gate.is_some() {
+            hub.redis().cloned()
+        } else {
+            None
+        };
+        let users = Users::new(per_user, shared);
         Ok(AppState(Arc::new(Shared {
             config,
             hub,
