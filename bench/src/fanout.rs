@@ -32,6 +32,7 @@ use crate::latency::Percentiles;
 use crate::procstat::{Load, Measured, Watch, Window};
 use crate::protocol::{Incoming, Protocol, Session};
 use crate::pusher::{self, Trigger};
+use crate::tokens;
 
 /// How often the main task checks whether every expected delivery has arrived.
 const DRAIN_POLL: Duration = Duration::from_millis(5);
@@ -83,6 +84,9 @@ pub struct Args {
     /// where the protocol can (Socket.IO's connection state recovery).
     #[arg(long)]
     pub(crate) reconnect: bool,
+    /// Token mode: how each client gets the token it signs in with.
+    #[command(flatten)]
+    pub(crate) tokens: tokens::TokenArgs,
 }
 
 /// What `bench fanout` measured.
@@ -124,6 +128,9 @@ pub struct Report {
     pub cpu_us_per_delivery: Vec<f64>,
     /// Sum of the watched groups' CPU per delivery.
     pub server_cpu_us_per_delivery: f64,
+    /// Sum of the watched groups' CPU per connected client while the clients connected (the
+    /// handshake, and in token mode the token's verification and the user's count).
+    pub server_cpu_us_per_connect: f64,
     /// CPU and memory of the watched groups, the generator and the machine over the window.
     #[serde(flatten)]
     pub measured: Measured,
@@ -169,7 +176,16 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
     for url in &args.url {
         targets.push(Target::resolve(url, args.ca.as_deref()).await?);
     }
-    let conns = connect_all(&targets, args.protocol, args.clients, args.concurrency).await;
+    // Tokens are signed before the connections open: the generator's signing is not measured.
+    let tokens = match args.tokens.signer()? {
+        Some(signer) => (0..args.clients)
+            .map(|i| signer.mint(&format!("bench-{i}")).map(Some))
+            .collect::<anyhow::Result<Vec<_>>>()?,
+        None => vec![None; args.clients],
+    };
+    let connecting = Window::open(&args.watch)?;
+    let conns = connect_all(&targets, args.protocol, tokens, args.concurrency).await;
+    let connect_cpu = connecting.close()?;
     // Each client's room, and the connected members of each room.
     let rooms: Vec<usize> = {
         let mut names: Vec<Option<String>> = Vec::new();
@@ -306,6 +322,7 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
         latency: Percentiles::of(latencies),
         window_s: measured.wall_s,
         server_cpu_us_per_delivery: cpu_us_per_delivery.iter().sum(),
+        server_cpu_us_per_connect: connect_cpu.cpu_us_per(connected as u64).iter().sum(),
         cpu_us_per_delivery,
         measured,
     })
@@ -316,12 +333,15 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
 async fn connect_all(
     targets: &[Target],
     protocol: Protocol,
-    n: usize,
+    tokens: Vec<Option<String>>,
     concurrency: usize,
 ) -> Vec<Option<(Ws, Session)>> {
     let gate = Arc::new(Semaphore::new(concurrency));
-    let tasks: Vec<_> = (0..n)
-        .map(|i| {
+    let n = tokens.len();
+    let tasks: Vec<_> = tokens
+        .into_iter()
+        .enumerate()
+        .map(|(i, token)| {
             let target = targets[i % targets.len()].clone();
             let gate = Arc::clone(&gate);
             tokio::spawn(async move {
@@ -329,6 +349,7 @@ async fn connect_all(
                 let joined = async {
                     let mut ws = target.connect(None).await?;
                     let mut session = Session::default();
+                    session.token = token;
                     protocol.join(&mut ws, &mut session).await?;
                     anyhow::Ok((ws, session))
                 };
@@ -562,6 +583,11 @@ impl std::fmt::Display for Report {
             self.reconnects
         )?;
         writeln!(f, "  deliveries/s   {:.0}", self.deliveries_per_s)?;
+        writeln!(
+            f,
+            "  server CPU per connect {:.0} us",
+            self.server_cpu_us_per_connect
+        )?;
         writeln!(f, "  latency        {}", self.latency)?;
         self.measured.write_cpu_rows(
             f,
@@ -684,6 +710,7 @@ mod tests {
             protocol: Protocol::Chat,
             pusher_app: None,
             reconnect: false,
+            tokens: tokens::TokenArgs::default(),
         })
         .await
         .unwrap();

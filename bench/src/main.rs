@@ -18,6 +18,7 @@ mod pusher;
 mod shards;
 mod storm;
 mod summary;
+mod tokens;
 
 use std::net::SocketAddr;
 use std::process::ExitCode;

@@ -2,7 +2,8 @@
 //! WebSocket is open, how a sender frames a chat message, and what an incoming text frame is.
 //!
 //! - [`Protocol::Chat`]: scaleout's and the original simple-chat's, `{"name","content"}` text
-//!   frames in, `{"time","name","content"}` out; nothing to join.
+//!   frames in, `{"time","name","content"}` out; nothing to join (in token mode, the
+//!   `{"token"}` frame, answered `{"auth":"ok"}`).
 //! - [`Protocol::SocketIo`]: Socket.IO v5 over Engine.IO v4's WebSocket transport
 //!   (`/socket.io/?EIO=4&transport=websocket`): the server opens with `0{...}`, the client joins
 //!   the main namespace with `40` and waits for `40{...}`; events are `42["chat",{...}]`
@@ -52,6 +53,8 @@ pub enum Protocol {
 pub struct Session {
     pid: Option<String>,
     offset: Option<String>,
+    /// The chat in token mode: the token this client signs in with.
+    pub token: Option<String>,
 }
 
 impl Session {
@@ -122,7 +125,20 @@ impl Protocol {
     /// session's missed messages when it has a session id and an offset), Pusher's subscribe.
     pub async fn join(self, ws: &mut Ws, session: &mut Session) -> anyhow::Result<()> {
         match self {
-            Self::Chat => Ok(()),
+            Self::Chat => match &session.token {
+                None => Ok(()),
+                Some(token) => {
+                    let frame = serde_json::json!({ "token": token }).to_string();
+                    ws.send(Message::text(frame))
+                        .await
+                        .context("sending the token")?;
+                    let answer = next_text(ws).await?;
+                    if !answer.contains(r#""auth":"ok""#) {
+                        bail!("token refused: {answer:.200}");
+                    }
+                    Ok(())
+                }
+            },
             Self::SocketIo => {
                 let open = next_text(ws).await?;
                 if !open.starts_with('0') {

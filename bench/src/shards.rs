@@ -34,6 +34,7 @@ use testkit::redis::Persistence;
 use crate::fanout;
 use crate::procstat::Watch;
 use crate::summary;
+use crate::tokens;
 
 /// Options of `bench shards`.
 #[derive(Debug, clap::Args)]
@@ -168,6 +169,7 @@ impl Args {
             protocol: crate::protocol::Protocol::Chat,
             pusher_app: None,
             reconnect: false,
+            tokens: tokens::TokenArgs::default(),
         }
     }
 }
