@@ -1,4 +1,4 @@
-//! What every request handler shares ([`AppState`]): the configuration, the hub, and the
+//! What every request handler shares ([`AppState`]): the configuration, the hub, presence, and the
 //! instance's own state (draining, open connections, the shutdown token, the connection tasks).
 
 use std::sync::Arc;
@@ -10,6 +10,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::Config;
 use crate::hub::Hub;
 use crate::hub::rooms::Rooms;
+use crate::presence::Presence;
 use crate::redis::LinkError;
 
 /// Everything a request handler needs; cheap to clone.
@@ -19,6 +20,8 @@ pub struct AppState(Arc<Shared>);
 struct Shared {
     config: Config,
     hub: Hub,
+    /// Who is in each room, on every instance.
+    presence: Presence,
     /// Set on shutdown: `/healthz` 503, new WebSockets refused.
     draining: AtomicBool,
     /// Open WebSockets, against `max_connections`.
@@ -34,9 +37,15 @@ impl AppState {
     /// once [`crate::run`] starts). Must be called inside a Tokio runtime.
     pub fn new(config: Config) -> Result<AppState, LinkError> {
         let hub = Hub::new(&config)?;
+        let presence = Presence::new(
+            config.presence,
+            hub.redis().cloned(),
+            hub.rooms().default_room().channel(),
+        );
         Ok(AppState(Arc::new(Shared {
             config,
             hub,
+            presence,
             draining: AtomicBool::new(false),
             connections: AtomicUsize::new(0),
             close_all: CancellationToken::new(),
@@ -54,6 +63,10 @@ impl AppState {
 
     pub(crate) fn hub(&self) -> &Hub {
         &self.0.hub
+    }
+
+    pub(crate) fn presence(&self) -> &Presence {
+        &self.0.presence
     }
 
     pub(crate) fn is_draining(&self) -> bool {

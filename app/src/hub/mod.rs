@@ -48,6 +48,11 @@ impl Hub {
         &self.rooms
     }
 
+    /// The Redis link every room shares, when there is Redis.
+    pub fn redis(&self) -> Option<&Arc<RedisLink>> {
+        self.redis.as_ref()
+    }
+
     /// Starts the background work the hub needs (the Redis subscriber) on `tracker`; it stops
     /// when `stop` is cancelled.
     pub fn start(&self, tracker: &TaskTracker, stop: CancellationToken) {

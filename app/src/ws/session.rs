@@ -1,6 +1,8 @@
 //! One WebSocket connection, from the handshake to its close: [`serve`] first waits until the
 //! client's room is ready (at most [`ROOM_READY_TIMEOUT`]), sends a resuming client the
-//! [`protocol::ResumeNotice`] and what it missed, then until the client leaves or is told to go
+//! [`protocol::ResumeNotice`] and what it missed, is counted in the room's presence (a client
+//! that asked for it gets the presence state, then its diffs), then until the client leaves or
+//! is told to go
 //! reads its frames (heartbeat, rate limit, [`protocol::parse_incoming`], stamp,
 //! [`Room::publish`], the answer for the sender alone), writes its queue (in batches, skipping
 //! what the resume sent), and pings it every `ping_interval`. See ARCHITECTURE.md, "The message
@@ -19,6 +21,7 @@ use crate::history::{Delivery, Resume};
 use crate::hub::fanout::Member;
 use crate::hub::rooms::{Membership, Room};
 use crate::position::{MessageId, Position};
+use crate::presence::Here;
 use crate::protocol::{self, ChatMessage, InputError, ResumeNotice};
 use crate::state::AppState;
 
@@ -49,10 +52,19 @@ pub(super) async fn serve<S>(
     membership: Membership,
     mut member: Member,
     resuming: Resuming,
+    wants_presence: bool,
 ) where
     S: Stream<Item = Result<Message, axum::Error>> + Sink<Message, Error = axum::Error> + Unpin,
 {
-    let end = run(&mut socket, &state, &membership, &mut member, resuming).await;
+    let end = run(
+        &mut socket,
+        &state,
+        &membership,
+        &mut member,
+        resuming,
+        wants_presence,
+    )
+    .await;
     finish(
         &mut socket,
         end,
@@ -69,6 +81,7 @@ async fn run<S>(
     membership: &Membership,
     member: &mut Member,
     resuming: Resuming,
+    wants_presence: bool,
 ) -> End
 where
     S: Stream<Item = Result<Message, axum::Error>> + Sink<Message, Error = axum::Error> + Unpin,
@@ -99,6 +112,18 @@ where
         Ok(skip_through) => skip_through,
         Err(end) => return end,
     };
+    // Counted from here on (an anonymous connection without a name until its first message),
+    // and, if it asked, told who is here.
+    let mut here = state.presence().enter(room.channel(), None, None);
+    let (presence_state, mut presence) = state
+        .presence()
+        .watch(room.channel(), wants_presence)
+        .await;
+    if let Some(frame) = presence_state {
+        if let Err(end) = send(socket, Message::Text(frame), &stop).await {
+            return end;
+        }
+    }
     let bucket = TokenBucket::new(limits.messages_per_second, limits.messages_burst);
     tracing::debug!(clients = room.fanout().len(), "WebSocket open");
     // A ping every interval; a client that sent nothing since the last one (not even its pong)
@@ -139,7 +164,9 @@ where
                     Some(Ok(Message::Binary(_))) if !bucket.allow() => {
                         Some(rate_limited(state, ""))
                     }
-                    Some(Ok(Message::Text(text))) => accept(&text, state, &room, &stop).await,
+                    Some(Ok(Message::Text(text))) => {
+                        accept(&text, state, &room, &mut here, &stop).await
+                    }
                     Some(Ok(Message::Binary(_))) => {
                         Some(protocol::error_json(&InputError::Binary.to_string(), None, false))
                     }
@@ -151,6 +178,11 @@ where
                     if let Err(end) = send(socket, Message::Text(reply.into()), &stop).await {
                         return end;
                     }
+                }
+            }
+            frame = presence.next() => {
+                if let Err(end) = send(socket, Message::Text(frame), &stop).await {
+                    return end;
                 }
             }
             _ = pings.tick() => {
@@ -225,12 +257,14 @@ where
     Ok(Some(last))
 }
 
-/// Validates, stamps and publishes a client's text frame in its room; the answer for the
-/// sender, if any (an error, or the ack of a message with a `cid`).
+/// Validates, stamps and publishes a client's text frame in its room (the connection then
+/// shows the message's name in presence); the answer for the sender, if any (an error, or the
+/// ack of a message with a `cid`).
 async fn accept(
     text: &str,
     state: &AppState,
     room: &Room,
+    here: &mut Here,
     stop: &CancellationToken,
 ) -> Option<String> {
     let limits = &state.config().limits;
@@ -249,6 +283,9 @@ async fn accept(
         published = room.publish(&body, cid.as_deref()) => published,
         () = stop.cancelled() => return None,
     };
+    if published.is_ok() {
+        here.rename(&message.name);
+    }
     match (published, cid) {
         (Ok(published), Some(cid)) => {
             Some(protocol::ack_json(&cid, published.id, &published.epoch))
@@ -415,6 +452,7 @@ mod tests {
             membership,
             member,
             Resuming::No,
+            false,
         ));
         Client {
             to_server,

@@ -6,8 +6,10 @@
 
 mod bad_frames;
 mod bad_input;
+mod api;
 mod binary;
 mod delivery;
+mod presence;
 mod redis_faults;
 mod resume;
 mod rooms;
