@@ -3,7 +3,8 @@
 //! message typed into page 1 and sent with Enter appear in both pages, shown as text. Screenshots
 //! of both pages are saved under `target/browser/` for people to look at. A page whose app is
 //! killed resumes through the other one: every message sent while it was away (lb held still
-//! until all were sent, so they reach the page only through its resume) is shown, once.
+//! until all were sent, so they reach the page only through its resume) is shown, once. Two
+//! pages in one room each see the other appear in "who is here", and leave.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -110,5 +111,38 @@ async fn a_page_whose_app_dies_resumes_and_shows_every_message_once() -> Result<
         .eval("document.querySelectorAll('#messages li.note').length")
         .await?;
     assert_eq!(notes, 0, "the page said messages may be missing");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_page_sees_the_other_appear_and_leave() -> Result<()> {
+    let stack = Stack::start(2).await?;
+    let url = format!("https://localhost:{}/#room=presence", stack.lb.addr("https").port());
+    let browser = Browser::launch(&stack.ca_file()).await?;
+    let page1 = browser.open(&url).await?;
+    let page2 = browser.open(&url).await?;
+    let connected = "document.getElementById('state').dataset.state === 'connected'";
+    page1.wait_for(connected, WITHIN).await?;
+    page2.wait_for(connected, WITHIN).await?;
+    // An anonymous page is shown under the name of its last message.
+    for (page, name) in [(&page1, "alice"), (&page2, "bob")] {
+        page.type_into("name", name).await?;
+        page.type_into("content", &format!("hi, {name} here")).await?;
+        page.press_enter().await?;
+    }
+    let here = |text: &str| format!("document.getElementById('here').textContent.includes({text:?})");
+    for page in [&page1, &page2] {
+        page.wait_for(&format!("{} && {}", here("alice"), here("bob")), WITHIN)
+            .await?;
+        page.wait_for(&here("2 here"), WITHIN).await?;
+    }
+    let dir = screenshot_dir();
+    let shot = page1.screenshot(&dir.join("presence.png")).await?;
+    println!("screenshot: {}", shot.display());
+    // Page 2 goes away: page 1 sees bob leave.
+    page2.eval("location.href = 'about:blank'").await?;
+    page1
+        .wait_for(&format!("!{} && {}", here("bob"), here("1 here")), WITHIN)
+        .await?;
     Ok(())
 }

@@ -40,8 +40,6 @@ pub struct Presence(Arc<Inner>);
 
 struct Inner {
     config: PresenceConfig,
-    /// This instance's id in Redis, new at every start.
-    instance: String,
     redis: Option<(Arc<RedisLink>, Shared)>,
     rooms: Mutex<HashMap<String, RoomPresence>>,
 }
@@ -110,12 +108,12 @@ impl Presence {
     /// Presence as `config` says, shared through `redis` when given; `base` is the default
     /// room's channel.
     pub fn new(config: PresenceConfig, redis: Option<Arc<RedisLink>>, base: &str) -> Presence {
+        // This instance's id in Redis, new at every start.
         let instance = crate::position::new_epoch();
         let ttl_ms = u64::try_from(config.ttl.as_millis()).unwrap_or(u64::MAX);
         let redis = redis.map(|link| (link, Shared::new(&instance, ttl_ms, base)));
         Presence(Arc::new(Inner {
             config,
-            instance,
             redis,
             rooms: Mutex::new(HashMap::new()),
         }))
