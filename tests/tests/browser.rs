@@ -117,7 +117,10 @@ async fn a_page_whose_app_dies_resumes_and_shows_every_message_once() -> Result<
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_page_sees_the_other_appear_and_leave() -> Result<()> {
     let stack = Stack::start(2).await?;
-    let url = format!("https://localhost:{}/#room=presence", stack.lb.addr("https").port());
+    let url = format!(
+        "https://localhost:{}/#room=presence",
+        stack.lb.addr("https").port()
+    );
     let browser = Browser::launch(&stack.ca_file()).await?;
     let page1 = browser.open(&url).await?;
     let page2 = browser.open(&url).await?;
@@ -127,10 +130,12 @@ async fn each_page_sees_the_other_appear_and_leave() -> Result<()> {
     // An anonymous page is shown under the name of its last message.
     for (page, name) in [(&page1, "alice"), (&page2, "bob")] {
         page.type_into("name", name).await?;
-        page.type_into("content", &format!("hi, {name} here")).await?;
+        page.type_into("content", &format!("hi, {name} here"))
+            .await?;
         page.press_enter().await?;
     }
-    let here = |text: &str| format!("document.getElementById('here').textContent.includes({text:?})");
+    let here =
+        |text: &str| format!("document.getElementById('here').textContent.includes({text:?})");
     for page in [&page1, &page2] {
         page.wait_for(&format!("{} && {}", here("alice"), here("bob")), WITHIN)
             .await?;

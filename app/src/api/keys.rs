@@ -121,9 +121,6 @@ mod tests {
         assert!(keys.accepts("new-key"), "the old keys stay in force");
         std::fs::remove_file(&path).unwrap();
         assert!(matches!(keys.reload(), Err(KeysError::Read { .. })));
-        assert!(matches!(
-            ApiKeys::load(&path),
-            Err(KeysError::Read { .. })
-        ));
+        assert!(matches!(ApiKeys::load(&path), Err(KeysError::Read { .. })));
     }
 }

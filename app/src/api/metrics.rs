@@ -54,11 +54,15 @@ impl ApiMetrics {
 
 /// Middleware: counts every request by its route and the status answered (`other` for a path
 /// no route matched).
-pub async fn count(State(metrics): State<Arc<ApiMetrics>>, request: Request, next: Next) -> Response {
-    let endpoint = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or_else(|| "other".to_owned(), |p| format!("{} {}", request.method(), p.as_str()));
+pub async fn count(
+    State(metrics): State<Arc<ApiMetrics>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let endpoint = request.extensions().get::<MatchedPath>().map_or_else(
+        || "other".to_owned(),
+        |p| format!("{} {}", request.method(), p.as_str()),
+    );
     let response = next.run(request).await;
     metrics.count(&endpoint, response.status().as_u16());
     response

@@ -94,7 +94,10 @@ pub fn router(api: Api) -> Router {
         )
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint") })
         .method_not_allowed_fallback(|| async {
-            ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "this endpoint takes another method")
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "this endpoint takes another method",
+            )
         })
         .layer(middleware::from_fn_with_state(
             Arc::clone(&api.metrics),
@@ -112,7 +115,9 @@ async fn authorize(State(api): State<Api>, request: Request, next: Next) -> Resp
         .and_then(|v| v.strip_prefix("Bearer "));
     match presented {
         Some(key) if api.keys.accepts(key.trim()) => next.run(request).await,
-        Some(_) => ApiError::new(StatusCode::UNAUTHORIZED, "the API key is not valid").into_response(),
+        Some(_) => {
+            ApiError::new(StatusCode::UNAUTHORIZED, "the API key is not valid").into_response()
+        }
         None => ApiError::new(
             StatusCode::UNAUTHORIZED,
             "an API key is required: Authorization: Bearer <key>",
@@ -122,11 +127,14 @@ async fn authorize(State(api): State<Api>, request: Request, next: Next) -> Resp
 }
 
 /// Serves the API on `listener` until `stop`; SIGHUP reloads the keys meanwhile.
-pub async fn serve(api: Api, listener: TcpListener, stop: CancellationToken) -> std::io::Result<()> {
+pub async fn serve(
+    api: Api,
+    listener: TcpListener,
+    stop: CancellationToken,
+) -> std::io::Result<()> {
     let keys = api.keys.clone();
     let reload_stop = stop.clone();
-    let mut hangups =
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    let mut hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     tokio::spawn(async move {
         loop {
             tokio::select! {

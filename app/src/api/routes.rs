@@ -153,13 +153,18 @@ struct BearerKey;
 
 impl utoipa::Modify for BearerKey {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
-        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme};
+        use utoipa::openapi::security::{
+            HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme,
+        };
         let components = openapi.components.get_or_insert_with(Default::default);
         components.add_security_scheme(
             "api_key",
             SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
         );
-        openapi.security = Some(vec![SecurityRequirement::new("api_key", Vec::<String>::new())]);
+        openapi.security = Some(vec![SecurityRequirement::new(
+            "api_key",
+            Vec::<String>::new(),
+        )]);
     }
 }
 
@@ -183,7 +188,10 @@ fn room_of(name: &str) -> Result<Option<&str>, ApiError> {
 
 /// The path name of a room's channel, given the default room's channel `base`.
 fn name_of(base: &str, channel: &str) -> String {
-    match channel.strip_prefix(base).and_then(|rest| rest.strip_prefix(':')) {
+    match channel
+        .strip_prefix(base)
+        .and_then(|rest| rest.strip_prefix(':'))
+    {
         Some(room) => room.to_owned(),
         None => DEFAULT_ROOM.to_owned(),
     }
@@ -191,7 +199,10 @@ fn name_of(base: &str, channel: &str) -> String {
 
 /// The room of `name` on this instance, ready for messages (created, subscribed and caught
 /// up if it was new here); held while `Membership` lives.
-async fn ready_room(api: &Api, room: Option<&str>) -> Result<crate::hub::rooms::Membership, ApiError> {
+async fn ready_room(
+    api: &Api,
+    room: Option<&str>,
+) -> Result<crate::hub::rooms::Membership, ApiError> {
     let membership = api
         .app
         .rooms()
@@ -308,7 +319,12 @@ fn with_user(body: &str, user: Option<&str>) -> String {
 /// Whether the message kept under `id` has the name, content and user of `message`: a `cid`
 /// reused for the same message is a retry, for another one a mistake. A message trimmed away
 /// since cannot be compared and counts as the same.
-async fn same_message(room: &Room, id: MessageId, message: &ChatMessage, user: Option<&str>) -> bool {
+async fn same_message(
+    room: &Room,
+    id: MessageId,
+    message: &ChatMessage,
+    user: Option<&str>,
+) -> bool {
     let before = MessageId {
         ms: id.ms.saturating_add(u64::from(id.seq == u64::MAX)),
         seq: id.seq.wrapping_add(1),
@@ -552,7 +568,10 @@ mod tests {
         assert_eq!(with_user("{}", None), "{}");
         assert!(user_field(r#"{"user": 5}"#).is_err());
         assert!(user_field(r#"{"user": ""}"#).is_err());
-        assert_eq!(user_field(r#"{"user": "u"}"#).unwrap().as_deref(), Some("u"));
+        assert_eq!(
+            user_field(r#"{"user": "u"}"#).unwrap().as_deref(),
+            Some("u")
+        );
     }
 
     #[test]

@@ -505,7 +505,10 @@ mod tests {
             ("presence_ttl = \"1s\"", "presence_ttl"),
             ("api_listen = \"127.0.0.1:9200\"", "api_keys_file"),
             ("api_keys_file = \"k\"", "api_listen"),
-            ("api_listen = \"nowhere\"\napi_keys_file = \"k\"", "api_listen"),
+            (
+                "api_listen = \"nowhere\"\napi_keys_file = \"k\"",
+                "api_listen",
+            ),
         ] {
             let (origin, bad) = invalid_key(Config::from_toml(text, "app.toml"));
             assert_eq!((origin.as_str(), bad.as_str()), ("app.toml", key), "{text}");

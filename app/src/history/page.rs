@@ -30,11 +30,18 @@ impl Range {
 
     /// The page of `entries` (in id order): the first `limit` within the bounds, or the last
     /// `limit` when taken from the newest end; oldest first either way.
-    pub fn select<'a>(&self, entries: impl DoubleEndedIterator<Item = &'a Delivery>) -> Vec<Delivery> {
+    pub fn select<'a>(
+        &self,
+        entries: impl DoubleEndedIterator<Item = &'a Delivery>,
+    ) -> Vec<Delivery> {
         let within = |d: &&Delivery| d.id.is_some_and(|id| self.contains(id));
         if self.from_newest() {
-            let mut page: Vec<Delivery> =
-                entries.rev().filter(within).take(self.limit).cloned().collect();
+            let mut page: Vec<Delivery> = entries
+                .rev()
+                .filter(within)
+                .take(self.limit)
+                .cloned()
+                .collect();
             page.reverse();
             page
         } else {

@@ -282,7 +282,8 @@ impl RedisHistory {
         connection: &mut C,
         range: &Range,
     ) -> Result<Page, RedisError> {
-        let bound = |id: Option<MessageId>, open: &str| id.map_or(open.to_owned(), |id| format!("({id}"));
+        let bound =
+            |id: Option<MessageId>, open: &str| id.map_or(open.to_owned(), |id| format!("({id}"));
         let reply: Vec<String> = self
             .page
             .key(&self.stream_key)

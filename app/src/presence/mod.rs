@@ -303,7 +303,11 @@ impl Presence {
     /// The presence of the room of `channel` on every instance, read now (for the API).
     pub async fn room(&self, channel: &str) -> Result<View, redis::RedisError> {
         let Some((link, shared)) = &self.0.redis else {
-            return Ok(self.lock().get(channel).map(RoomPresence::view).unwrap_or_default());
+            return Ok(self
+                .lock()
+                .get(channel)
+                .map(RoomPresence::view)
+                .unwrap_or_default());
         };
         let mut connection = link.publisher.clone();
         let local = self
@@ -343,7 +347,11 @@ impl Presence {
 
     /// The room's state frame now (for a watcher that fell behind).
     fn state(&self, channel: &str) -> Utf8Bytes {
-        let view = self.lock().get(channel).map(RoomPresence::view).unwrap_or_default();
+        let view = self
+            .lock()
+            .get(channel)
+            .map(RoomPresence::view)
+            .unwrap_or_default();
         Utf8Bytes::from(view.state_json())
     }
 

@@ -134,10 +134,7 @@ impl Shared {
         let prefix = format!("{{{channel}}}:presence:");
         let mut invocation = self.sync.key(format!("{{{channel}}}:presence"));
         invocation.key(format!("{prefix}{}", self.instance));
-        invocation
-            .arg(&self.instance)
-            .arg(self.ttl_ms)
-            .arg(&prefix);
+        invocation.arg(&self.instance).arg(self.ttl_ms).arg(&prefix);
         match mode {
             Mode::Write(tally) => {
                 invocation.arg("write").arg(tally.connections());

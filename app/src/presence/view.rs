@@ -145,7 +145,11 @@ impl View {
                 let Some(id) = who.member() else { continue };
                 let shown = view.members.entry(id).or_insert_with(|| Shown {
                     user: who.user.clone(),
-                    name: who.name.clone().or_else(|| who.user.clone()).unwrap_or_default(),
+                    name: who
+                        .name
+                        .clone()
+                        .or_else(|| who.user.clone())
+                        .unwrap_or_default(),
                     conns: 0,
                 });
                 shown.conns += n;

@@ -148,8 +148,7 @@ pub async fn upgrade(
             async move {
                 let _slot = slot;
                 let _tracked = tracked;
-                session::serve(socket, state, membership, member, resuming, wants_presence)
-                    .await;
+                session::serve(socket, state, membership, member, resuming, wants_presence).await;
             }
             .instrument(span)
         })

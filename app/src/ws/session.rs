@@ -115,10 +115,8 @@ where
     // Counted from here on (an anonymous connection without a name until its first message),
     // and, if it asked, told who is here.
     let mut here = state.presence().enter(room.channel(), None, None);
-    let (presence_state, mut presence) = state
-        .presence()
-        .watch(room.channel(), wants_presence)
-        .await;
+    let (presence_state, mut presence) =
+        state.presence().watch(room.channel(), wants_presence).await;
     if let Some(frame) = presence_state {
         if let Err(end) = send(socket, Message::Text(frame), &stop).await {
             return end;

@@ -27,7 +27,10 @@ async fn every_call_needs_a_key_and_keys_rotate_on_sighup() {
         let body: Value = serde_json::from_slice(&body).unwrap();
         assert!(body["error"].as_str().unwrap().contains("key"), "{body}");
     }
-    assert_eq!(api_call(api, "GET", "/api/rooms", Some(KEY), "").await.0, 200);
+    assert_eq!(
+        api_call(api, "GET", "/api/rooms", Some(KEY), "").await.0,
+        200
+    );
     // A refused post publishes nothing (checked below through the history).
     let (status, _) = api_call(
         api,
@@ -47,7 +50,10 @@ async fn every_call_needs_a_key_and_keys_rotate_on_sighup() {
     })
     .await
     .unwrap();
-    assert_eq!(api_call(api, "GET", "/api/rooms", Some(KEY), "").await.0, 401);
+    assert_eq!(
+        api_call(api, "GET", "/api/rooms", Some(KEY), "").await.0,
+        401
+    );
     let (status, body) = api_call(
         api,
         "GET",
@@ -69,7 +75,8 @@ async fn every_call_needs_a_key_and_keys_rotate_on_sighup() {
     assert_eq!(status, 200);
     let metrics = String::from_utf8(body).unwrap();
     assert!(
-        metrics.contains(r#"app_api_requests_total{endpoint="GET /api/rooms",status="401"} 3"#),
+        // Three keyless or wrong keys, then the old key after the rotation.
+        metrics.contains(r#"app_api_requests_total{endpoint="GET /api/rooms",status="401"} 4"#),
         "{metrics}"
     );
     assert!(
@@ -90,7 +97,8 @@ async fn a_posted_message_reaches_members_on_both_instances_and_resume_finds_it(
     let mut here = Client::connect_with(one.addr, "room=lobby").await;
     let mut there = Client::connect_with(two.addr, "room=lobby").await;
 
-    let post = r#"{"name":"ops bot","content":"maintenance at noon","user":"ops","cid":"notice-1"}"#;
+    let post =
+        r#"{"name":"ops bot","content":"maintenance at noon","user":"ops","cid":"notice-1"}"#;
     let (status, posted) = one
         .api_call("POST", "/api/rooms/lobby/messages", Some(KEY), post)
         .await;
@@ -107,7 +115,10 @@ async fn a_posted_message_reaches_members_on_both_instances_and_resume_finds_it(
     let (status, again) = one
         .api_call("POST", "/api/rooms/lobby/messages", Some(KEY), post)
         .await;
-    assert_eq!((status, &again["id"], &again["duplicate"]), (200, &posted["id"], &json!(true)));
+    assert_eq!(
+        (status, &again["id"], &again["duplicate"]),
+        (200, &posted["id"], &json!(true))
+    );
     let (status, refused) = one
         .api_call(
             "POST",
@@ -151,7 +162,12 @@ async fn history_pages_return_exactly_the_stored_messages() {
         let app = &app;
         async move {
             let (status, page) = app
-                .api_call("GET", &format!("/api/rooms/paged/history?{query}"), Some(KEY), "")
+                .api_call(
+                    "GET",
+                    &format!("/api/rooms/paged/history?{query}"),
+                    Some(KEY),
+                    "",
+                )
                 .await;
             assert_eq!(status, 200, "{page}");
             page["messages"]
@@ -166,14 +182,26 @@ async fn history_pages_return_exactly_the_stored_messages() {
         range.map(|n| format!("m{n}")).collect()
     };
     assert_eq!(page("limit=10".into()).await, contents(16..=25));
-    assert_eq!(page(format!("before={}&limit=10", ids[15])).await, contents(6..=15));
-    assert_eq!(page(format!("before={}&limit=10", ids[5])).await, contents(1..=5));
-    assert_eq!(page(format!("after={}&limit=3", ids[4])).await, contents(6..=8));
+    assert_eq!(
+        page(format!("before={}&limit=10", ids[15])).await,
+        contents(6..=15)
+    );
+    assert_eq!(
+        page(format!("before={}&limit=10", ids[5])).await,
+        contents(1..=5)
+    );
+    assert_eq!(
+        page(format!("after={}&limit=3", ids[4])).await,
+        contents(6..=8)
+    );
     assert_eq!(
         page(format!("after={}&before={}", ids[9], ids[13])).await,
         contents(11..=13)
     );
-    assert_eq!(page(format!("after={}", ids[24])).await, Vec::<String>::new());
+    assert_eq!(
+        page(format!("after={}", ids[24])).await,
+        Vec::<String>::new()
+    );
 }
 
 #[tokio::test]
@@ -206,27 +234,42 @@ async fn presence_endpoints_show_every_instance() {
     );
     eventually("the room in the rooms list", DEADLINE, || async {
         let (_, rooms) = one.api_call("GET", "/api/rooms", Some(KEY), "").await;
-        anyhow::Ok(rooms["rooms"].as_array().is_some_and(|rooms| {
-            rooms.iter().any(|r| r["room"] == "seen" && r["count"] == 2)
-        }))
+        anyhow::Ok(
+            rooms["rooms"]
+                .as_array()
+                .is_some_and(|rooms| rooms.iter().any(|r| r["room"] == "seen" && r["count"] == 2)),
+        )
     })
     .await
     .unwrap();
     // Anonymous members are no user.
     let (status, user) = one.api_call("GET", "/api/users/ann", Some(KEY), "").await;
     assert_eq!(status, 200);
-    assert_eq!(user, json!({"user": "ann", "online": false, "conns": 0, "rooms": []}));
+    assert_eq!(
+        user,
+        json!({"user": "ann", "online": false, "conns": 0, "rooms": []})
+    );
 }
 
 #[tokio::test]
 async fn bad_input_gets_a_clear_4xx_and_nothing_is_published() {
     let redis = Redis::start().await;
-    let app = App::start_with_api(&format!("{}max_frame_bytes = 1024\n", redis.app_config()), KEY).await;
+    let app = App::start_with_api(
+        &format!("{}max_frame_bytes = 1024\n", redis.app_config()),
+        KEY,
+    )
+    .await;
     app.wait_health(200).await;
     let mut member = Client::connect_with(app.addr, "room=guarded").await;
     let long_name = "n".repeat(100);
     let oversized = json!({"name": "x", "content": "y".repeat(2000)}).to_string();
-    let post = |room: &str, body: &str| ("POST", format!("/api/rooms/{room}/messages"), body.to_owned());
+    let post = |room: &str, body: &str| {
+        (
+            "POST",
+            format!("/api/rooms/{room}/messages"),
+            body.to_owned(),
+        )
+    };
     let get = |path: &str| ("GET", path.to_owned(), String::new());
     let cases = [
         (post("a:b", r#"{"name":"x","content":"y"}"#), 400),
@@ -234,10 +277,22 @@ async fn bad_input_gets_a_clear_4xx_and_nothing_is_published() {
         (post("guarded", r#"{"name":"x"}"#), 400),
         (post("guarded", "[1]"), 400),
         (post("guarded", r#"{"name":5,"content":"y"}"#), 400),
-        (post("guarded", &format!(r#"{{"name":"{long_name}","content":"y"}}"#)), 400),
+        (
+            post(
+                "guarded",
+                &format!(r#"{{"name":"{long_name}","content":"y"}}"#),
+            ),
+            400,
+        ),
         (post("guarded", &oversized), 413),
-        (post("guarded", r#"{"name":"x","content":"y","cid":"no spaces"}"#), 400),
-        (post("guarded", r#"{"name":"x","content":"y","user":7}"#), 400),
+        (
+            post("guarded", r#"{"name":"x","content":"y","cid":"no spaces"}"#),
+            400,
+        ),
+        (
+            post("guarded", r#"{"name":"x","content":"y","user":7}"#),
+            400,
+        ),
         (get("/api/rooms/guarded/history?after=yesterday"), 400),
         (get("/api/rooms/guarded/history?before=1-x"), 400),
         (get("/api/rooms/guarded/history?limit=0"), 400),
@@ -246,7 +301,14 @@ async fn bad_input_gets_a_clear_4xx_and_nothing_is_published() {
         (get("/api/rooms/a:b/presence"), 400),
         (get(&format!("/api/users/{}", "u".repeat(200))), 400),
         (get("/api/nothing"), 404),
-        (("DELETE", "/api/rooms/guarded/messages".to_owned(), String::new()), 405),
+        (
+            (
+                "DELETE",
+                "/api/rooms/guarded/messages".to_owned(),
+                String::new(),
+            ),
+            405,
+        ),
     ];
     for ((method, path, body), expected) in cases {
         let (status, answer) = api_call(app.api.unwrap(), method, &path, Some(KEY), &body).await;
@@ -257,7 +319,12 @@ async fn bad_input_gets_a_clear_4xx_and_nothing_is_published() {
     }
     // Nothing reached the member, nothing is in the history: the first message is the marker.
     let (status, posted) = app
-        .api_call("POST", "/api/rooms/guarded/messages", Some(KEY), r#"{"name":"x","content":"marker"}"#)
+        .api_call(
+            "POST",
+            "/api/rooms/guarded/messages",
+            Some(KEY),
+            r#"{"name":"x","content":"marker"}"#,
+        )
         .await;
     assert_eq!(status, 201);
     assert_eq!(member.json().await["content"], "marker");

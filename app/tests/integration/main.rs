@@ -4,9 +4,9 @@
 // Test code: an unwrap that fails is a failing test, with its location.
 #![allow(clippy::unwrap_used)]
 
+mod api;
 mod bad_frames;
 mod bad_input;
-mod api;
 mod binary;
 mod delivery;
 mod presence;

@@ -42,7 +42,10 @@ async fn members_see_the_state_then_diffs_on_both_instances() {
     let (one, two) = App::healthy_pair(&redis, FAST).await;
 
     let (mut ann, state) = Client::with_presence(one.addr, "room=hall").await;
-    assert_eq!(state, json!({"presence": "state", "members": [], "count": 1}));
+    assert_eq!(
+        state,
+        json!({"presence": "state", "members": [], "count": 1})
+    );
     ann.say("ann", "hello").await;
     // Her name is shown once her message is out, to herself too.
     ann.presence_until(|f| has_join(f, "ann")).await;
@@ -191,7 +194,11 @@ async fn a_join_storm_costs_each_member_a_handful_of_frames() {
         "{STORM} joins: {} presence frames for the watcher (one per join would be {STORM})",
         frames.len()
     );
-    assert!(frames.len() <= 30, "{} frames for {STORM} joins", frames.len());
+    assert!(
+        frames.len() <= 30,
+        "{} frames for {STORM} joins",
+        frames.len()
+    );
     drop(storm);
     watcher.presence_until(|f| f["count"] == 1).await;
 }

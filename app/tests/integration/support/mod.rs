@@ -308,7 +308,10 @@ impl App {
     ) -> (u16, serde_json::Value) {
         let addr = self.api.expect("started without the API");
         let (status, body) = api_call(addr, method, path, key, body).await;
-        (status, serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null))
+        (
+            status,
+            serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null),
+        )
     }
 
     /// Starts an app on `redis` with extra TOML lines.
