@@ -71,6 +71,21 @@ local receivers = redis.call(ARGV[7], ARGV[6], open .. separator .. '"id":"' .. 
 return {epoch, id, 0, receivers}
 "#;
 
+/// Appends each Stream entry's id and body (its `p` field) to `out`.
+const ENTRIES: &str = r#"
+local function append_entries(out, entries)
+  for _, entry in ipairs(entries) do
+    local fields = entry[2]
+    for i = 1, #fields, 2 do
+      if fields[i] == 'p' then
+        out[#out + 1] = entry[1]
+        out[#out + 1] = fields[i + 1]
+      end
+    end
+  end
+end
+"#;
+
 /// KEYS: Stream, epoch key. ARGV: fresh epoch, the reader's epoch ('' for none), the reader's
 /// last id ('' for none). Returns {epoch, last added, max trimmed, id1, body1, id2, body2, ...};
 /// entries only when the reader's epoch is the current one.
@@ -92,16 +107,7 @@ if oldest[1] then
 end
 local out = {epoch, last_added, max_trimmed}
 if ARGV[3] ~= '' and ARGV[2] == epoch then
-  local entries = redis.call('XRANGE', KEYS[1], '(' .. ARGV[3], '+')
-  for _, entry in ipairs(entries) do
-    local fields = entry[2]
-    for i = 1, #fields, 2 do
-      if fields[i] == 'p' then
-        out[#out + 1] = entry[1]
-        out[#out + 1] = fields[i + 1]
-      end
-    end
-  end
+  append_entries(out, redis.call('XRANGE', KEYS[1], '(' .. ARGV[3], '+'))
 end
 return out
 "#;
@@ -118,15 +124,7 @@ else
   entries = redis.call('XRANGE', KEYS[1], ARGV[2], ARGV[3], 'COUNT', ARGV[4])
 end
 local out = {epoch}
-for _, entry in ipairs(entries) do
-  local fields = entry[2]
-  for i = 1, #fields, 2 do
-    if fields[i] == 'p' then
-      out[#out + 1] = entry[1]
-      out[#out + 1] = fields[i + 1]
-    end
-  end
-end
+append_entries(out, entries)
 return out
 "#;
 
@@ -175,8 +173,8 @@ impl RedisHistory {
             epoch_key: format!("{{{channel}}}:epoch"),
             config,
             publish: Script::new(&format!("{LIFE}{PUBLISH}")),
-            read: Script::new(&format!("{LIFE}{READ}")),
-            page: Script::new(&format!("{LIFE}{PAGE}")),
+            read: Script::new(&format!("{LIFE}{ENTRIES}{READ}")),
+            page: Script::new(&format!("{LIFE}{ENTRIES}{PAGE}")),
             fresh: Mutex::new(new_epoch()),
         }
     }

@@ -1,7 +1,7 @@
 //! Who is here, across two instances on a real Redis: the state on joining and the diffs after
 //! it, one member for one name on two instances, the members of a killed instance leaving
 //! within `presence_ttl` (and nobody else), Redis losing presence without anyone leaving, and a
-//! join storm costing each member a handful of frames.
+//! join storm costing each member a handful of frames; `presence = false` sends none.
 
 use futures_util::future::join_all;
 use serde_json::{Value, json};
@@ -201,4 +201,26 @@ async fn a_join_storm_costs_each_member_a_handful_of_frames() {
     );
     drop(storm);
     watcher.presence_until(|f| f["count"] == 1).await;
+}
+
+#[tokio::test]
+async fn presence_off_sends_no_frame_and_the_api_says_so() {
+    let app = App::start_with_api("presence = false\n", "key-1234567890").await;
+    // Served without a presence frame: the first thing it hears is its own ping's answer.
+    let mut client = Client::connect_with(app.addr, "presence&room=quiet").await;
+    client.say("ann", "hi").await;
+    assert_eq!(client.json().await["content"], "hi");
+    let (status, body) = app
+        .api_call(
+            "GET",
+            "/api/rooms/quiet/presence",
+            Some("key-1234567890"),
+            "",
+        )
+        .await;
+    assert_eq!(status, 404);
+    assert!(
+        body["error"].as_str().unwrap().contains("presence = false"),
+        "{body}"
+    );
 }
