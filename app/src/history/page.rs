@@ -24,7 +24,7 @@ impl Range {
     }
 
     /// Whether the page is taken from the newest end (no `after`).
-    pub fn from_newest(&self) -> bool {
+    pub fn takes_newest(&self) -> bool {
         self.after.is_none()
     }
 
@@ -35,7 +35,7 @@ impl Range {
         entries: impl DoubleEndedIterator<Item = &'a Delivery>,
     ) -> Vec<Delivery> {
         let within = |d: &&Delivery| d.id.is_some_and(|id| self.contains(id));
-        if self.from_newest() {
+        if self.takes_newest() {
             let mut page: Vec<Delivery> = entries
                 .rev()
                 .filter(within)

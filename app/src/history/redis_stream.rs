@@ -290,7 +290,7 @@ impl RedisHistory {
             .arg(bound(range.after, "-"))
             .arg(bound(range.before, "+"))
             .arg(range.limit)
-            .arg(if range.from_newest() { "1" } else { "0" })
+            .arg(if range.takes_newest() { "1" } else { "0" })
             .invoke_async(connection)
             .await?;
         let mut reply = reply.into_iter();
@@ -299,7 +299,7 @@ impl RedisHistory {
         };
         self.used(&epoch);
         let mut messages = deliveries(reply, &epoch)?;
-        if range.from_newest() {
+        if range.takes_newest() {
             messages.reverse();
         }
         Ok(Page { epoch, messages })
