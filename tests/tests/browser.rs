@@ -4,7 +4,7 @@
 //! of both pages are saved under `target/browser/` for people to look at. A page whose app is
 //! killed resumes through the other one: every message sent while it was away (lb held still
 //! until all were sent, so they reach the page only through its resume) is shown, once. Two
-//! pages in one room each see the other appear in "who is here", and leave.
+//! pages in one room each see the other appear in "who is here", and leave (for another room).
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -144,8 +144,8 @@ async fn each_page_sees_the_other_appear_and_leave() -> Result<()> {
     let dir = screenshot_dir();
     let shot = page1.screenshot(&dir.join("presence.png")).await?;
     println!("screenshot: {}", shot.display());
-    // Page 2 goes away: page 1 sees bob leave.
-    page2.eval("location.href = 'about:blank'").await?;
+    // Page 2 leaves for another room: page 1 sees bob leave.
+    page2.eval("location.hash = '#room=elsewhere'").await?;
     page1
         .wait_for(&format!("!{} && {}", here("bob"), here("1 here")), WITHIN)
         .await?;
