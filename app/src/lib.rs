@@ -5,15 +5,18 @@
 //! by `protocol` and published through the room's store into its `history`; the in-process ring,
 //! or with Redis the `redis` subscriber, hands it to the room's inlet, which queues it for every
 //! local member (ARCHITECTURE.md, "The message path"). `config` turns `app.toml` and the flags
-//! into [`config::Config`]; `health`, `page` and `shutdown` serve the rest; `main.rs` calls [`run`].
+//! into [`config::Config`]; `presence` counts each room's members on every instance and tells
+//! those who ask; `api` is the server API on its own listener (posting through the room's store
+//! like a client); `health`, `page` and `shutdown` serve the rest; `main.rs` calls [`run`].
 //!
 //! `issuer` is the demo token issuer of `app demo-issuer`, apart from the server.
 //!
 //! Dependencies point one way, each module using only those after it: `lib` → `health`, `page`,
-//! `shutdown`, `issuer` → `ws` → `state` → `users` → `hub` → `config` → `redis` → `history` → `protocol`
-//! → `position`, `origin`, `auth`. The subscriber reaches the hub's rooms only through its own traits
+//! `shutdown`, `issuer`, `api` → `ws` → `state` → `users`, `presence` → `hub` → `config` →
+//! `redis` → `history` → `protocol` → `position`, `origin`, `auth`. The subscriber reaches the hub's rooms only through its own traits
 //! (`redis::subscriber::Channels`, `Channel`) and `history::Outlet`, which the rooms implement.
 
+pub mod api;
 pub mod auth;
 pub mod config;
 mod health;
@@ -23,6 +26,7 @@ pub mod issuer;
 mod origin;
 mod page;
 pub mod position;
+mod presence;
 pub mod protocol;
 mod redis;
 pub mod shutdown;
@@ -39,6 +43,7 @@ use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::api::keys::{ApiKeys, KeysError};
 use crate::config::Config;
 pub use crate::redis::LinkError;
 pub use crate::state::{AppState, StartError};
@@ -60,6 +65,12 @@ pub enum Error {
     /// The HTTP server stopped on its own.
     #[error("the HTTP server stopped unexpectedly")]
     Serve(#[source] std::io::Error),
+    /// The API's keys file is unusable.
+    #[error("api_keys_file: {0}")]
+    ApiKeys(#[from] KeysError),
+    /// The API's listener could not be bound or served.
+    #[error("the API listener failed")]
+    Api(#[source] std::io::Error),
 }
 
 /// The HTTP routes: `/` (page), `/favicon.ico`, `/ws` (WebSocket), `/healthz`.
@@ -112,13 +123,36 @@ pub async fn run(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
+    run_with(config, listener, None, shutdown).await
+}
+
+/// [`run`], with the server API on `api_listener` (bound by the caller), or on `api_listen`
+/// bound here when none is given and the config has the API on.
+pub async fn run_with(
+    config: Config,
+    listener: TcpListener,
+    api_listener: Option<TcpListener>,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
     let local = listener.local_addr().map_err(Error::Listener)?;
     let grace = config.shutdown_grace;
+    let api = match &config.api {
+        None => None,
+        Some(api) => {
+            let keys = ApiKeys::load(&api.keys_file)?;
+            let listener = match api_listener {
+                Some(listener) => listener,
+                None => TcpListener::bind(api.listen).await.map_err(Error::Api)?,
+            };
+            Some((keys, listener))
+        }
+    };
     let state = AppState::new(config)?;
     let background = CancellationToken::new();
     state.hub().start(state.tracker(), background.clone());
     state.users().start(state.tracker(), background.clone());
     reload_keys_on_sighup(&state, background.clone());
+    state.presence().start(state.tracker(), background.clone());
     match &state.config().redis {
         Some(redis) => {
             tracing::info!(%local, redis = %redis.display, channel = %redis.channel, max_rooms = state.config().rooms.max_rooms, "chat server up, broker: Redis")
@@ -127,6 +161,21 @@ pub async fn run(
     }
 
     let stop_serving = CancellationToken::new();
+    if let Some((keys, listener)) = api {
+        let api = api::Api {
+            app: state.clone(),
+            keys,
+            metrics: api::metrics::ApiMetrics::new(),
+        };
+        let addr = listener.local_addr().map_err(Error::Api)?;
+        tracing::info!(%addr, "server API up");
+        let stop = stop_serving.clone();
+        state.tracker().spawn(async move {
+            if let Err(e) = api::serve(api, listener, stop).await {
+                tracing::error!(error = %e, "the server API stopped");
+            }
+        });
+    }
     let listener = listener.tap_io(|socket| {
         if let Err(e) = socket.set_nodelay(true) {
             tracing::warn!(error = %e, "could not set TCP_NODELAY");

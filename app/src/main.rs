@@ -2,7 +2,8 @@
 //!
 //! `app [run]` parses the flags, loads and validates the config (exit 64 with the file, key and
 //! reason if it is unusable), sets up logging to stderr (`RUST_LOG`), raises the open-file
-//! limit, binds the listener, prints `listening http <addr>` on stdout, and runs [`app::run`]
+//! limit, binds the listener (and the API's when `api_listen` is set), prints `listening http
+//! <addr>` (then `listening api <addr>`) on stdout, and runs [`app::run_with`]
 //! until SIGTERM or SIGINT (exit 1 if serving fails). `app token` prints a signed token for a
 //! user (exit 64 if the key or a flag is unusable). `app disconnect` closes a user's
 //! connections on every instance through Redis, and with `--until` keeps the user out until
@@ -190,6 +191,16 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    if let Some(api) = &config.api {
+        if let Err(err) = app::api::keys::ApiKeys::load(&api.keys_file) {
+            let file = run
+                .config
+                .as_deref()
+                .map_or_else(|| "defaults".to_owned(), |p| p.display().to_string());
+            eprintln!("app: configuration error: {file}: api_keys_file: {err}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    }
 
     let result = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -374,7 +385,26 @@ async fn serve(config: app::config::Config) -> anyhow::Result<()> {
     let local = listener
         .local_addr()
         .context("could not read the listener's address")?;
+    let api_listener = match &config.api {
+        None => None,
+        Some(api) => {
+            let listener = tokio::net::TcpListener::bind(api.listen)
+                .await
+                .with_context(|| format!("could not listen on {} (api_listen)", api.listen))?;
+            let addr = listener
+                .local_addr()
+                .context("could not read the API listener's address")?;
+            Some((listener, addr))
+        }
+    };
     announce(&format!("listening http {local}")).context("could not write to stdout")?;
+    let api_listener = match api_listener {
+        None => None,
+        Some((listener, addr)) => {
+            announce(&format!("listening api {addr}")).context("could not write to stdout")?;
+            Some(listener)
+        }
+    };
 
     let shutdown = CancellationToken::new();
     let signal = app::shutdown::signal();
@@ -386,7 +416,7 @@ async fn serve(config: app::config::Config) -> anyhow::Result<()> {
         }
         trigger.cancel();
     });
-    app::run(config, listener, shutdown)
+    app::run_with(config, listener, api_listener, shutdown)
         .await
         .context("the chat server failed")
 }

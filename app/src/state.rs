@@ -1,6 +1,6 @@
-//! What every request handler shares ([`AppState`]): the configuration, the hub, in token mode
-//! the gate and the signed-in users, and the instance's own state (draining, open connections,
-//! the shutdown token, the connection tasks).
+//! What every request handler shares ([`AppState`]): the configuration, the hub, presence, in
+//! token mode the gate and the signed-in users, and the instance's own state (draining, open
+//! connections, the shutdown token, the connection tasks).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -12,6 +12,7 @@ use crate::auth::{Gate, KeyError, KeyRing, Verifier};
 use crate::config::{AuthConfig, Config};
 use crate::hub::Hub;
 use crate::hub::rooms::Rooms;
+use crate::presence::Presence;
 use crate::redis::LinkError;
 use crate::users::Users;
 
@@ -37,6 +38,8 @@ struct Shared {
     gate: Option<Gate>,
     /// Signed-in users' connections, here and (with Redis) everywhere.
     users: Arc<Users>,
+    /// Who is in each room, on every instance.
+    presence: Presence,
     /// Set on shutdown: `/healthz` 503, new WebSockets refused.
     draining: AtomicBool,
     /// Open WebSockets, against `max_connections`.
@@ -68,11 +71,17 @@ impl AppState {
             None
         };
         let users = Users::new(per_user, shared);
+        let presence = Presence::new(
+            config.presence,
+            hub.redis().cloned(),
+            hub.rooms().default_room().channel(),
+        );
         Ok(AppState(Arc::new(Shared {
             config,
             hub,
             gate,
             users,
+            presence,
             draining: AtomicBool::new(false),
             connections: AtomicUsize::new(0),
             close_all: CancellationToken::new(),
@@ -108,6 +117,10 @@ impl AppState {
             gate.verifier().reload(KeyRing::load(&token.keys)?);
         }
         Ok(())
+    }
+
+    pub(crate) fn presence(&self) -> &Presence {
+        &self.0.presence
     }
 
     pub(crate) fn is_draining(&self) -> bool {

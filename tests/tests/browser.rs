@@ -3,13 +3,14 @@
 //! message typed into page 1 and sent with Enter appear in both pages, shown as text. Screenshots
 //! of both pages are saved under `target/browser/` for people to look at. A page whose app is
 //! killed resumes through the other one: every message sent while it was away (lb held still
-//! until all were sent, so they reach the page only through its resume) is shown, once.
+//! until all were sent, so they reach the page only through its resume) is shown, once. Two
+//! pages in one room each see the other appear in "who is here", and leave (for another room).
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Result;
-use tests::browser::Browser;
+use tests::browser::{Browser, Page};
 use tests::client::ChatClient;
 use tests::stack::Stack;
 
@@ -19,16 +20,26 @@ fn screenshot_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/browser")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn message_typed_in_one_page_appears_in_both() -> Result<()> {
+/// A stack of two apps and a browser with two pages of `https://localhost:PORT/<fragment>`
+/// through lb, both connected.
+async fn two_connected_pages(fragment: &str) -> Result<(Stack, Browser, Page, Page)> {
     let stack = Stack::start(2).await?;
-    let url = format!("https://localhost:{}/", stack.lb.addr("https").port());
+    let url = format!(
+        "https://localhost:{}/{fragment}",
+        stack.lb.addr("https").port()
+    );
     let browser = Browser::launch(&stack.ca_file()).await?;
     let page1 = browser.open(&url).await?;
     let page2 = browser.open(&url).await?;
     let connected = "document.getElementById('state').dataset.state === 'connected'";
     page1.wait_for(connected, WITHIN).await?;
     page2.wait_for(connected, WITHIN).await?;
+    Ok((stack, browser, page1, page2))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn message_typed_in_one_page_appears_in_both() -> Result<()> {
+    let (stack, _browser, page1, page2) = two_connected_pages("").await?;
     // Both pages hold a WebSocket tunnel through lb (which app each is on depends on how the
     // page's other requests interleaved with round-robin; crossing apps is stack.rs's job).
     stack.tunnels(2).await?;
@@ -110,5 +121,33 @@ async fn a_page_whose_app_dies_resumes_and_shows_every_message_once() -> Result<
         .eval("document.querySelectorAll('#messages li.note').length")
         .await?;
     assert_eq!(notes, 0, "the page said messages may be missing");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_page_sees_the_other_appear_and_leave() -> Result<()> {
+    let (_stack, _browser, page1, page2) = two_connected_pages("#room=presence").await?;
+    // An anonymous page is shown under the name of its last message.
+    for (page, name) in [(&page1, "alice"), (&page2, "bob")] {
+        page.type_into("name", name).await?;
+        page.type_into("content", &format!("hi, {name} here"))
+            .await?;
+        page.press_enter().await?;
+    }
+    let here =
+        |text: &str| format!("document.getElementById('here').textContent.includes({text:?})");
+    for page in [&page1, &page2] {
+        page.wait_for(&format!("{} && {}", here("alice"), here("bob")), WITHIN)
+            .await?;
+        page.wait_for(&here("2 here"), WITHIN).await?;
+    }
+    let dir = screenshot_dir();
+    let shot = page1.screenshot(&dir.join("presence.png")).await?;
+    println!("screenshot: {}", shot.display());
+    // Page 2 leaves for another room: page 1 sees bob leave.
+    page2.eval("location.hash = '#room=elsewhere'").await?;
+    page1
+        .wait_for(&format!("!{} && {}", here("bob"), here("1 here")), WITHIN)
+        .await?;
     Ok(())
 }

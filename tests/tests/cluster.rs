@@ -2,7 +2,8 @@
 //! two apps given `redis+cluster://` seed nodes deliver each room's messages to its members on
 //! both, whichever shard owns the room, and each room's history lives on the shard that owns
 //! its channel. Faults (a primary killed and replaced by its replica, a slot moved under load)
-//! are in `chaos.rs`, under the whole chaos driver's account of every message.
+//! are in `chaos.rs`, under the whole chaos driver's account of every message. Presence of
+//! each room is kept on its shard and seen from both apps.
 
 use std::collections::BTreeMap;
 
@@ -16,9 +17,8 @@ fn room_url(app: &Proc, room: &str) -> String {
     format!("ws://{}/ws?room={room}", app.addr("http"))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rooms_on_every_shard_reach_their_members_on_both_apps() -> Result<()> {
-    let cluster = RedisCluster::start(3, 0).await?;
+/// Two apps on `cluster`, both healthy (their config lives in the returned directory).
+async fn two_apps(cluster: &RedisCluster) -> Result<(tempfile::TempDir, [Proc; 2])> {
     let dir = tempfile::tempdir()?;
     let app_toml = dir.path().join("app.toml");
     std::fs::write(&app_toml, app_config())?;
@@ -29,8 +29,11 @@ async fn rooms_on_every_shard_reach_their_members_on_both_apps() -> Result<()> {
     for app in &apps {
         wait_healthy(app.addr("http")).await?;
     }
+    Ok((dir, apps))
+}
 
-    // One room on each primary.
+/// A room whose channel lives on each primary of a three-primary `cluster`, by primary.
+async fn one_room_per_primary(cluster: &RedisCluster) -> Result<BTreeMap<usize, String>> {
     let masters = cluster.masters().await?;
     ensure!(masters.len() == 3, "expected 3 primaries, got {masters:?}");
     let mut rooms: BTreeMap<usize, String> = BTreeMap::new();
@@ -45,6 +48,14 @@ async fn rooms_on_every_shard_reach_their_members_on_both_apps() -> Result<()> {
         }
     }
     ensure!(rooms.len() == 3, "no room found for every primary");
+    Ok(rooms)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rooms_on_every_shard_reach_their_members_on_both_apps() -> Result<()> {
+    let cluster = RedisCluster::start(3, 0).await?;
+    let (_dir, apps) = two_apps(&cluster).await?;
+    let rooms = one_room_per_primary(&cluster).await?;
 
     let mut members = Vec::new();
     for room in rooms.values() {
@@ -73,6 +84,42 @@ async fn rooms_on_every_shard_reach_their_members_on_both_apps() -> Result<()> {
             .query_async(&mut conn)
             .await?;
         assert_eq!(len, 1, "history of {room} on node {owner}");
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_of_rooms_on_every_shard_is_shared_by_both_apps() -> Result<()> {
+    let cluster = RedisCluster::start(3, 0).await?;
+    let (_dir, apps) = two_apps(&cluster).await?;
+    let rooms = one_room_per_primary(&cluster).await?;
+    for (owner, room) in &rooms {
+        let url = |app: &Proc| format!("ws://{}/ws?presence&room={room}", app.addr("http"));
+        let mut ann = ChatClient::connect(&url(&apps[0]), None).await?;
+        let mut bob = ChatClient::connect(&url(&apps[1]), None).await?;
+        ann.send("ann", "hi").await?;
+        bob.send("bob", "hi").await?;
+        // Each sees both names, whichever instance the other is on.
+        for client in [&mut ann, &mut bob] {
+            let mut seen = std::collections::BTreeSet::new();
+            while !(seen.contains("ann") && seen.contains("bob")) {
+                let frame = client.recv().await?;
+                for list in ["members", "joins"] {
+                    for member in frame[list].as_array().into_iter().flatten() {
+                        if let Some(name) = member["name"].as_str() {
+                            seen.insert(name.to_owned());
+                        }
+                    }
+                }
+            }
+        }
+        // Both instances are in the room's presence, on the primary that owns the room.
+        let mut conn = cluster.node(*owner).await?;
+        let instances: u64 = redis::cmd("ZCARD")
+            .arg(format!("{{{CHANNEL}:{room}}}:presence"))
+            .query_async(&mut conn)
+            .await?;
+        assert_eq!(instances, 2, "presence of {room} on node {owner}");
     }
     Ok(())
 }

@@ -66,6 +66,12 @@ pub const DEFAULT_ROOM_LINGER: Duration = Duration::from_secs(5);
 pub const DEFAULT_REDIS_RECONNECT_MIN: Duration = Duration::from_millis(100);
 /// Cap of the doubling delay between resubscription attempts.
 pub const DEFAULT_REDIS_RECONNECT_MAX: Duration = Duration::from_secs(5);
+/// How often a room's presence changes are gathered into one frame per member.
+pub const DEFAULT_PRESENCE_INTERVAL: Duration = Duration::from_secs(1);
+/// The shortest presence interval.
+const MIN_PRESENCE_INTERVAL: Duration = Duration::from_millis(50);
+/// How long after its last heartbeat a silent instance's members leave everyone's presence.
+pub const DEFAULT_PRESENCE_TTL: Duration = Duration::from_secs(15);
 
 /// The validated configuration the server runs with.
 #[derive(Debug, Clone)]
@@ -91,6 +97,40 @@ pub struct Config {
     pub rooms: RoomsConfig,
     /// Who may connect: anyone (the original protocol) or holders of a valid token.
     pub auth: AuthConfig,
+    /// Who is here: on or off, how often it is told, how long a silent instance counts.
+    pub presence: PresenceConfig,
+    /// The server API's listener and keys; `None`: no API.
+    pub api: Option<ApiConfig>,
+}
+
+/// Presence (see `presence`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PresenceConfig {
+    /// `presence = false` turns it off: nothing counted, no frame sent.
+    pub enabled: bool,
+    /// Changes are gathered and sent once per interval.
+    pub interval: Duration,
+    /// An instance that has not heartbeaten for this long is gone, its members with it.
+    pub ttl: Duration,
+}
+
+impl Default for PresenceConfig {
+    fn default() -> Self {
+        PresenceConfig {
+            enabled: true,
+            interval: DEFAULT_PRESENCE_INTERVAL,
+            ttl: DEFAULT_PRESENCE_TTL,
+        }
+    }
+}
+
+/// The server API (see `api`): where it listens and the file of keys it accepts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiConfig {
+    /// Its own listener, apart from the public one.
+    pub listen: SocketAddr,
+    /// One API key per line (`#` comments and blank lines ignored), read again on SIGHUP.
+    pub keys_file: std::path::PathBuf,
 }
 
 /// Limits of the rooms one instance holds (see `hub::rooms`).
@@ -213,6 +253,11 @@ mod tests {
             "max_rooms",
             "room_linger",
             "auth",
+            "presence",
+            "presence_interval",
+            "presence_ttl",
+            "api_listen",
+            "api_keys_file",
         ];
         for key in keys {
             assert!(
@@ -439,6 +484,43 @@ mod tests {
             err.to_string(),
             "app.toml: history_age: 10ms is too small; the minimum is 1s"
         );
+    }
+
+    #[test]
+    fn presence_and_api_keys_have_defaults_and_checks() {
+        let config = Config::from_toml("", "app.toml").unwrap();
+        assert_eq!(config.presence, PresenceConfig::default());
+        assert!(config.api.is_none());
+        let config = Config::from_toml(
+            "presence = false\npresence_interval = \"200ms\"\npresence_ttl = \"3s\"\n\
+             api_listen = \"127.0.0.1:9200\"\napi_keys_file = \"keys\"",
+            "conf/app.toml",
+        )
+        .unwrap();
+        assert_eq!(
+            config.presence,
+            PresenceConfig {
+                enabled: false,
+                interval: Duration::from_millis(200),
+                ttl: Duration::from_secs(3),
+            }
+        );
+        let api = config.api.unwrap();
+        assert_eq!(api.listen, "127.0.0.1:9200".parse().unwrap());
+        assert_eq!(api.keys_file, Path::new("keys"));
+        for (text, key) in [
+            ("presence_interval = \"10ms\"", "presence_interval"),
+            ("presence_ttl = \"1s\"", "presence_ttl"),
+            ("api_listen = \"127.0.0.1:9200\"", "api_keys_file"),
+            ("api_keys_file = \"k\"", "api_listen"),
+            (
+                "api_listen = \"nowhere\"\napi_keys_file = \"k\"",
+                "api_listen",
+            ),
+        ] {
+            let (origin, bad) = invalid_key(Config::from_toml(text, "app.toml"));
+            assert_eq!((origin.as_str(), bad.as_str()), ("app.toml", key), "{text}");
+        }
     }
 
     #[test]

@@ -65,6 +65,18 @@ pub struct RawConfig {
     pub room_linger: Option<Duration>,
     /// `[auth]`: who may connect.
     pub auth: Option<RawAuth>,
+    /// Whether presence is kept and told to members.
+    pub presence: Option<bool>,
+    /// How often presence changes are sent, gathered.
+    #[serde(default, with = "humantime_serde")]
+    pub presence_interval: Option<Duration>,
+    /// How long a silent instance's members still count.
+    #[serde(default, with = "humantime_serde")]
+    pub presence_ttl: Option<Duration>,
+    /// `ip:port` of the server API's own listener; absent: no API.
+    pub api_listen: Option<String>,
+    /// File of API keys, one per line.
+    pub api_keys_file: Option<PathBuf>,
 }
 
 /// Values given on the command line or in the environment; they win over the file.

@@ -145,6 +145,8 @@ impl RawConfig {
 
         let redis = self.redis(&origin)?;
         let history = self.history(&origin)?;
+        let presence = self.presence(&origin)?;
+        let api = self.api(&origin)?;
         let rooms = RoomsConfig {
             max_rooms: self.max_rooms.unwrap_or(DEFAULT_MAX_ROOMS),
             linger: self.room_linger.unwrap_or(DEFAULT_ROOM_LINGER),
@@ -166,7 +168,51 @@ impl RawConfig {
             history,
             rooms,
             auth: self.auth.take().unwrap_or_default().validate(file)?,
+            presence,
+            api,
         })
+    }
+
+    fn presence(&self, origin: &Origin<'_>) -> Result<PresenceConfig, ConfigError> {
+        let interval = origin.duration_at_least(
+            "presence_interval",
+            self.presence_interval,
+            DEFAULT_PRESENCE_INTERVAL,
+            MIN_PRESENCE_INTERVAL,
+        )?;
+        // A live instance heartbeats every interval: the TTL must outlast a few of them.
+        let ttl = origin.duration_at_least(
+            "presence_ttl",
+            self.presence_ttl,
+            DEFAULT_PRESENCE_TTL,
+            interval * 5,
+        )?;
+        Ok(PresenceConfig {
+            enabled: self.presence.unwrap_or(true),
+            interval,
+            ttl,
+        })
+    }
+
+    fn api(&self, origin: &Origin<'_>) -> Result<Option<ApiConfig>, ConfigError> {
+        match (&self.api_listen, &self.api_keys_file) {
+            (None, None) => Ok(None),
+            (Some(_), None) => Err(origin.invalid(
+                "api_keys_file",
+                "is required with api_listen: the API takes no request without a key",
+            )),
+            (None, Some(_)) => Err(origin.invalid(
+                "api_listen",
+                "is required with api_keys_file (or remove api_keys_file)",
+            )),
+            (Some(listen), Some(keys)) => {
+                let listen = origin.of("api_listen").addr("api_listen", listen)?;
+                Ok(Some(ApiConfig {
+                    listen,
+                    keys_file: keys.clone(),
+                }))
+            }
+        }
     }
 
     fn history(&self, origin: &Origin<'_>) -> Result<HistoryConfig, ConfigError> {

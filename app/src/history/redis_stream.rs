@@ -16,7 +16,7 @@ use axum::extract::ws::Utf8Bytes;
 use redis::aio::ConnectionLike;
 use redis::{RedisError, Script};
 
-use super::{Delivery, HistoryConfig, Published, Snapshot};
+use super::{Delivery, HistoryConfig, Page, Published, Range, Snapshot};
 use crate::position::{MessageId, Position, new_epoch};
 use crate::protocol;
 
@@ -71,6 +71,21 @@ local receivers = redis.call(ARGV[7], ARGV[6], open .. separator .. '"id":"' .. 
 return {epoch, id, 0, receivers}
 "#;
 
+/// Appends each Stream entry's id and body (its `p` field) to `out`.
+const ENTRIES: &str = r#"
+local function append_entries(out, entries)
+  for _, entry in ipairs(entries) do
+    local fields = entry[2]
+    for i = 1, #fields, 2 do
+      if fields[i] == 'p' then
+        out[#out + 1] = entry[1]
+        out[#out + 1] = fields[i + 1]
+      end
+    end
+  end
+end
+"#;
+
 /// KEYS: Stream, epoch key. ARGV: fresh epoch, the reader's epoch ('' for none), the reader's
 /// last id ('' for none). Returns {epoch, last added, max trimmed, id1, body1, id2, body2, ...};
 /// entries only when the reader's epoch is the current one.
@@ -92,17 +107,24 @@ if oldest[1] then
 end
 local out = {epoch, last_added, max_trimmed}
 if ARGV[3] ~= '' and ARGV[2] == epoch then
-  local entries = redis.call('XRANGE', KEYS[1], '(' .. ARGV[3], '+')
-  for _, entry in ipairs(entries) do
-    local fields = entry[2]
-    for i = 1, #fields, 2 do
-      if fields[i] == 'p' then
-        out[#out + 1] = entry[1]
-        out[#out + 1] = fields[i + 1]
-      end
-    end
-  end
+  append_entries(out, redis.call('XRANGE', KEYS[1], '(' .. ARGV[3], '+'))
 end
+return out
+"#;
+
+/// KEYS: Stream, epoch key. ARGV: fresh epoch, start (`-` or `(ID`), end (`+` or `(ID`), count,
+/// `1` to take the newest entries of the range (then answered newest first). Returns {epoch,
+/// id1, body1, ...}.
+const PAGE: &str = r#"
+local epoch = life(KEYS[1], KEYS[2], ARGV[1])
+local entries
+if ARGV[5] == '1' then
+  entries = redis.call('XREVRANGE', KEYS[1], ARGV[3], ARGV[2], 'COUNT', ARGV[4])
+else
+  entries = redis.call('XRANGE', KEYS[1], ARGV[2], ARGV[3], 'COUNT', ARGV[4])
+end
+local out = {epoch}
+append_entries(out, entries)
 return out
 "#;
 
@@ -127,6 +149,7 @@ pub struct RedisHistory {
     publish_command: &'static str,
     publish: Script,
     read: Script,
+    page: Script,
     /// The epoch this instance starts if it finds no life; replaced once used, so one value
     /// never names two lives.
     fresh: Mutex<String>,
@@ -150,7 +173,8 @@ impl RedisHistory {
             epoch_key: format!("{{{channel}}}:epoch"),
             config,
             publish: Script::new(&format!("{LIFE}{PUBLISH}")),
-            read: Script::new(&format!("{LIFE}{READ}")),
+            read: Script::new(&format!("{LIFE}{ENTRIES}{READ}")),
+            page: Script::new(&format!("{LIFE}{ENTRIES}{PAGE}")),
             fresh: Mutex::new(new_epoch()),
         }
     }
@@ -239,14 +263,7 @@ impl RedisHistory {
             return Err(malformed("a history read answered fewer than three values"));
         };
         self.used(&epoch);
-        let mut after = Vec::new();
-        while let (Some(id), Some(body)) = (reply.next(), reply.next()) {
-            let id = parse_id(&id)?;
-            after.push(Delivery {
-                id: Some(id),
-                text: Utf8Bytes::from(protocol::with_position(&body, id, &epoch)),
-            });
-        }
+        let after = deliveries(reply, &epoch)?;
         Ok(Snapshot {
             last_added: parse_id(&last_added)?,
             max_trimmed: parse_id(&max_trimmed)?,
@@ -254,6 +271,55 @@ impl RedisHistory {
             after,
         })
     }
+}
+
+impl RedisHistory {
+    /// The page of the history `range` names.
+    pub async fn page<C: ConnectionLike>(
+        &self,
+        connection: &mut C,
+        range: &Range,
+    ) -> Result<Page, RedisError> {
+        let bound =
+            |id: Option<MessageId>, open: &str| id.map_or(open.to_owned(), |id| format!("({id}"));
+        let reply: Vec<String> = self
+            .page
+            .key(&self.stream_key)
+            .key(&self.epoch_key)
+            .arg(self.fresh())
+            .arg(bound(range.after, "-"))
+            .arg(bound(range.before, "+"))
+            .arg(range.limit)
+            .arg(if range.takes_newest() { "1" } else { "0" })
+            .invoke_async(connection)
+            .await?;
+        let mut reply = reply.into_iter();
+        let Some(epoch) = reply.next() else {
+            return Err(malformed("a history page answered no epoch"));
+        };
+        self.used(&epoch);
+        let mut messages = deliveries(reply, &epoch)?;
+        if range.takes_newest() {
+            messages.reverse();
+        }
+        Ok(Page { epoch, messages })
+    }
+}
+
+/// The deliveries of a reply's `id, body` pairs, as clients receive them.
+fn deliveries(
+    mut reply: impl Iterator<Item = String>,
+    epoch: &str,
+) -> Result<Vec<Delivery>, RedisError> {
+    let mut out = Vec::new();
+    while let (Some(id), Some(body)) = (reply.next(), reply.next()) {
+        let id = parse_id(&id)?;
+        out.push(Delivery {
+            id: Some(id),
+            text: Utf8Bytes::from(protocol::with_position(&body, id, epoch)),
+        });
+    }
+    Ok(out)
 }
 
 fn parse_id(text: &str) -> Result<MessageId, RedisError> {

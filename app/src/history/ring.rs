@@ -12,7 +12,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use axum::extract::ws::Utf8Bytes;
 
-use super::{Delivery, HistoryConfig, Outlet, Published, Snapshot};
+use super::{Delivery, HistoryConfig, Outlet, Page, Published, Range, Snapshot};
 use crate::position::{MessageId, Position, new_epoch};
 use crate::protocol;
 
@@ -150,6 +150,18 @@ impl Ring {
             last_added: state.last_added,
             max_trimmed: state.max_trimmed,
             after,
+        }
+    }
+}
+
+impl Ring {
+    /// The page of the history `range` names.
+    pub fn page(&self, range: &Range) -> Page {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        self.trim(&mut state, Instant::now());
+        Page {
+            epoch: self.epoch.clone(),
+            messages: range.select(state.entries.iter().map(|e| &e.delivery)),
         }
     }
 }

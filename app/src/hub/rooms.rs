@@ -21,7 +21,7 @@ use super::fanout::Fanout;
 use super::inlet::Inlet;
 use super::store::{PublishError, ResumeError, Store};
 use crate::config::{Config, DEFAULT_REDIS_CHANNEL};
-use crate::history::{HistoryConfig, Outlet, Published, Resume};
+use crate::history::{HistoryConfig, Outlet, Page, Published, Range, Resume};
 use crate::position::Position;
 use crate::redis::RedisLink;
 use crate::redis::subscriber::{Channel, Channels};
@@ -125,6 +125,11 @@ impl Room {
         self.store.publish(body, cid).await
     }
 
+    /// The page of the room's history `range` names.
+    pub async fn page(&self, range: &Range) -> Result<Page, ResumeError> {
+        self.store.page(range).await
+    }
+
     /// What a client of this room at `from` missed (`None`: a fresh client).
     pub async fn resume(&self, from: Option<&Position>) -> Result<Resume, ResumeError> {
         self.store.resume(from).await
@@ -217,6 +222,11 @@ impl Rooms {
             state: Mutex::new(state),
             changed: Notify::new(),
         })
+    }
+
+    /// The channel of `room` (`None`: the default room).
+    pub fn channel(&self, room: Option<&str>) -> String {
+        channel_of(&self.base, room)
     }
 
     /// The default room (`redis_channel`), always there.

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use crate::history::redis_stream::{Receivers, RedisHistory};
 use crate::history::ring::Ring;
-use crate::history::{self, HistoryConfig, Outlet, Published, Resume, Snapshot};
+use crate::history::{self, HistoryConfig, Outlet, Page, Published, Range, Resume, Snapshot};
 use crate::position::Position;
 use crate::redis::RedisLink;
 
@@ -98,6 +98,20 @@ impl Store {
             Store::Redis { history, link } => {
                 let mut connection = link.publisher.clone();
                 history.read(&mut connection, from).await
+            }
+        }
+    }
+
+    /// The page of the history `range` names (the server API's history).
+    pub async fn page(&self, range: &Range) -> Result<Page, ResumeError> {
+        match self {
+            Store::Ring(ring) => Ok(ring.page(range)),
+            Store::Redis { history, link } => {
+                let mut connection = link.publisher.clone();
+                history.page(&mut connection, range).await.map_err(|e| {
+                    tracing::warn!(server = %link.config.display, channel = %history.channel(), error = %e, "history page read failed");
+                    ResumeError(e)
+                })
             }
         }
     }

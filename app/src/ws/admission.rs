@@ -36,10 +36,12 @@ pub const WRITE_BUFFER_BYTES: usize = 1024;
 
 /// The query string of `/ws`: `?room=NAME` for a room (none, or empty, for the default room);
 /// `?resume` for a fresh client that wants a position to resume from later, `?epoch=E&last=ID`
-/// to resume after `ID` (a position in that room); none of these for the original protocol.
+/// to resume after `ID` (a position in that room); `?presence` for the room's presence frames;
+/// none of these for the original protocol.
 #[derive(Debug, Default, serde::Deserialize)]
 pub struct WsQuery {
     room: Option<String>,
+    presence: Option<String>,
     resume: Option<String>,
     epoch: Option<String>,
     last: Option<String>,
@@ -90,11 +92,12 @@ pub async fn upgrade(
         )
             .into_response();
     }
-    let (room, resuming) = match query {
+    let (room, resuming, wants_presence) = match query {
         Ok(Query(mut query)) => {
             let room = query.room.take();
+            let wants_presence = query.presence.is_some();
             match parse_room(room.as_deref()) {
-                Ok(room) => (room.map(str::to_owned), query.resuming()),
+                Ok(room) => (room.map(str::to_owned), query.resuming(), wants_presence),
                 Err(e) => {
                     tracing::info!(%peer, %forwarded_for, room = ?room, "WebSocket refused: invalid room name");
                     return (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response();
@@ -136,7 +139,7 @@ pub async fn upgrade(
             async move {
                 let _slot = slot;
                 let _tracked = tracked;
-                signin::serve(socket, state, room, resuming).await;
+                signin::serve(socket, state, room, resuming, wants_presence).await;
             }
             .instrument(span)
         });
@@ -160,7 +163,16 @@ pub async fn upgrade(
         async move {
             let _slot = slot;
             let _tracked = tracked;
-            session::serve(socket, state, membership, member, resuming, None).await;
+            session::serve(
+                socket,
+                state,
+                membership,
+                member,
+                resuming,
+                wants_presence,
+                None,
+            )
+            .await;
         }
         .instrument(span)
     })

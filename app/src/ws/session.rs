@@ -1,6 +1,8 @@
 //! One WebSocket connection, from the handshake to its close: [`serve`] first waits until the
 //! client's room is ready (at most [`ROOM_READY_TIMEOUT`]), sends a resuming client the
-//! [`protocol::ResumeNotice`] and what it missed, then until the client leaves or is told to go
+//! [`protocol::ResumeNotice`] and what it missed, is counted in the room's presence (a client
+//! that asked for it gets the presence state, then its diffs), then until the client leaves or
+//! is told to go
 //! reads its frames (heartbeat, rate limit, [`protocol::parse_incoming`], stamp,
 //! [`Room::publish`], the answer for the sender alone), writes its queue (in batches, skipping
 //! what the resume sent), and pings it every `ping_interval`. A token connection (see `signin`)
@@ -23,6 +25,7 @@ use crate::history::{Delivery, Resume};
 use crate::hub::fanout::Member;
 use crate::hub::rooms::{Membership, Room};
 use crate::position::{MessageId, Position};
+use crate::presence::Here;
 use crate::protocol::{self, ChatMessage, InputError, ResumeNotice, Signer};
 use crate::state::AppState;
 
@@ -53,6 +56,7 @@ pub(super) async fn serve<S>(
     membership: Membership,
     mut member: Member,
     resuming: Resuming,
+    wants_presence: bool,
     mut signed: Option<SignedIn>,
 ) where
     S: Stream<Item = Result<Message, axum::Error>> + Sink<Message, Error = axum::Error> + Unpin,
@@ -63,6 +67,7 @@ pub(super) async fn serve<S>(
         &membership,
         &mut member,
         resuming,
+        wants_presence,
         &mut signed,
     )
     .await;
@@ -82,6 +87,7 @@ async fn run<S>(
     membership: &Membership,
     member: &mut Member,
     resuming: Resuming,
+    wants_presence: bool,
     signed: &mut Option<SignedIn>,
 ) -> End
 where
@@ -113,6 +119,21 @@ where
         Ok(skip_through) => skip_through,
         Err(end) => return end,
     };
+    // Counted from here on (a signed-in connection as its user, an anonymous one without a name
+    // until its first message), and, if it asked, told who is here.
+    let author = signed.as_ref().map(|s| s.signer());
+    let mut here = state.presence().enter(
+        room.channel(),
+        author.map(|a| a.user),
+        author.map(|a| a.name),
+    );
+    let (presence_state, mut presence) =
+        state.presence().watch(room.channel(), wants_presence).await;
+    if let Some(frame) = presence_state {
+        if let Err(end) = send(socket, Message::Text(frame), &stop).await {
+            return end;
+        }
+    }
     let bucket = TokenBucket::new(limits.messages_per_second, limits.messages_burst);
     tracing::debug!(clients = room.fanout().len(), "WebSocket open");
     // A ping every interval; a client that sent nothing since the last one (not even its pong)
@@ -184,7 +205,7 @@ where
                         },
                         (s, _) => {
                             let signer = s.as_ref().map(|s| s.signer());
-                            accept(&text, state, &room, &stop, signer).await
+                            accept(&text, state, &room, &mut here, &stop, signer).await
                         }
                     },
                     Some(Ok(Message::Binary(_))) => {
@@ -198,6 +219,11 @@ where
                     if let Err(end) = send(socket, Message::Text(reply.into()), &stop).await {
                         return end;
                     }
+                }
+            }
+            frame = presence.next() => {
+                if let Err(end) = send(socket, Message::Text(frame), &stop).await {
+                    return end;
                 }
             }
             _ = pings.tick() => {
@@ -272,12 +298,14 @@ where
     Ok(Some(last))
 }
 
-/// Validates, stamps and publishes a client's text frame in its room; the answer for the
-/// sender, if any (an error, or the ack of a message with a `cid`).
+/// Validates, stamps and publishes a client's text frame in its room (the connection then
+/// shows the message's name in presence); the answer for the sender, if any (an error, or the
+/// ack of a message with a `cid`).
 async fn accept(
     text: &str,
     state: &AppState,
     room: &Room,
+    here: &mut Here,
     stop: &CancellationToken,
     signer: Option<Signer<'_>>,
 ) -> Option<String> {
@@ -300,6 +328,9 @@ async fn accept(
         published = room.publish(&body, cid.as_deref()) => published,
         () = stop.cancelled() => return None,
     };
+    if published.is_ok() {
+        here.rename(&message.name);
+    }
     match (published, cid) {
         (Ok(published), Some(cid)) => {
             Some(protocol::ack_json(&cid, published.id, &published.epoch))
@@ -466,6 +497,7 @@ mod tests {
             membership,
             member,
             Resuming::No,
+            false,
             None,
         ));
         Client {

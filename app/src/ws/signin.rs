@@ -108,6 +108,7 @@ pub(super) async fn serve<S>(
     state: AppState,
     room: Option<String>,
     resuming: Resuming,
+    wants_presence: bool,
 ) where
     S: Stream<Item = Result<Message, axum::Error>> + Sink<Message, Error = axum::Error> + Unpin,
 {
@@ -120,7 +121,16 @@ pub(super) async fn serve<S>(
             {
                 return;
             }
-            session::serve(socket, state, membership, member, resuming, Some(signed)).await;
+            session::serve(
+                socket,
+                state,
+                membership,
+                member,
+                resuming,
+                wants_presence,
+                Some(signed),
+            )
+            .await;
         }
         Err(end) => {
             if let End::Denied(denied) = &end {

@@ -4,10 +4,12 @@
 // Test code: an unwrap that fails is a failing test, with its location.
 #![allow(clippy::unwrap_used)]
 
+mod api;
 mod bad_frames;
 mod bad_input;
 mod binary;
 mod delivery;
+mod presence;
 mod redis_faults;
 mod resume;
 mod rooms;

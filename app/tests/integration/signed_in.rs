@@ -14,7 +14,9 @@ use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::support::{App, Binary, Client, Ended, Redis, assert_chat_shape, http_get, run_binary};
+use crate::support::{
+    App, Binary, Client, Ended, Redis, api_call, assert_chat_shape, http_get, run_binary,
+};
 use testkit::wait::{DEADLINE, eventually};
 
 const ISSUER: &str = "https://login.test";
@@ -511,4 +513,96 @@ async fn sighup_reloads_the_keys_and_keeps_every_connection() {
             "still connected"
         );
     }
+}
+
+#[tokio::test]
+async fn the_server_api_sees_a_signed_in_user_and_disconnects_it_everywhere() {
+    let keys = Keys::new();
+    let redis = Redis::start().await;
+    let api_keys = keys.path("api-keys");
+    std::fs::write(&api_keys, "api-key-0123456789\n").unwrap();
+    let config = keys.path("app.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "api_listen = \"127.0.0.1:0\"\napi_keys_file = \"{}\"\n{}{}",
+            api_keys.display(),
+            redis.app_config(),
+            keys.auth("")
+        ),
+    )
+    .unwrap();
+    let config = config.to_str().unwrap().to_owned();
+    let mut app = Binary::start(&["--config", &config, "--listen", "127.0.0.1:0"]).await;
+    let api = app.api_addr().await;
+    eventually("the instance to subscribe", DEADLINE, || async {
+        anyhow::Ok(http_get(app.addr, "/healthz").await.0 == 200)
+    })
+    .await
+    .unwrap();
+    let alice = keys.token("alice", "Alice", &[]);
+    let mut first = signed_in_eventually("alice to sign in", DEADLINE, app.addr, &alice).await;
+    let (mut bob, _) = Client::signed_in(app.addr, "", &keys.token("bob", "Bob", &[])).await;
+    let key = Some("api-key-0123456789");
+    eventually("alice to be online", DEADLINE, || async {
+        let (status, body) = api_call(api, "GET", "/api/users/alice", key, "").await;
+        let body: Value = serde_json::from_slice(&body)?;
+        anyhow::Ok(status == 200 && body["online"] == true)
+    })
+    .await
+    .unwrap();
+
+    let (status, body) = api_call(
+        api,
+        "POST",
+        "/api/users/alice/disconnect",
+        key,
+        "{\"until\": 5}",
+    )
+    .await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let answer: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(
+        answer,
+        json!({"user": "alice", "until": null}),
+        "a past until keeps no one out"
+    );
+    assert_eq!(first.ended(2).await, Ended::Closed(app::CLOSE_DISCONNECTED));
+    // Without --until she may come back.
+    let mut again = signed_in_eventually("alice to come back", DEADLINE, app.addr, &alice).await;
+    let until = now() + 3600;
+    let (status, _) = api_call(
+        api,
+        "POST",
+        "/api/users/alice/disconnect",
+        key,
+        &format!("{{\"until\": {until}}}"),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(again.ended(2).await, Ended::Closed(app::CLOSE_DISCONNECTED));
+    assert_eq!(
+        refused(app.addr, "", Some(&token_frame(&alice))).await,
+        Ended::Closed(app::auth::CLOSE_FORBIDDEN)
+    );
+    for (path, body) in [
+        ("/api/users/alice/disconnect", "{\"until\": \"soon\"}"),
+        ("/api/users/alice/disconnect", "{\"other\": 1}"),
+    ] {
+        assert_eq!(
+            api_call(api, "POST", path, key, body).await.0,
+            400,
+            "{body}"
+        );
+    }
+    assert_eq!(
+        api_call(api, "POST", "/api/users/alice/disconnect", None, "")
+            .await
+            .0,
+        401
+    );
+    bob.send_text(r#"{"content": "bob stays"}"#).await;
+    assert_eq!(assert_chat_shape(&bob.text().await).content, "bob stays");
+    app.terminate();
+    app.exit_code().await;
 }

@@ -247,6 +247,10 @@ impl RawSubscriber {
 pub struct App {
     /// Where it listens.
     pub addr: SocketAddr,
+    /// Where its server API listens, when it has one.
+    pub api: Option<SocketAddr>,
+    /// The API keys file, kept while the app runs.
+    _keys: Option<TempFile>,
     shutdown: CancellationToken,
     task: Option<tokio::task::JoinHandle<Result<(), app::Error>>>,
 }
@@ -254,16 +258,60 @@ pub struct App {
 impl App {
     /// Starts an app configured by the TOML `config` (the listener is bound by the test).
     pub async fn start(config: &str) -> App {
-        let config = app::config::Config::from_toml(config, "test.toml").unwrap();
+        App::launch(config, None).await
+    }
+
+    /// Starts an app configured by `config` with the server API on, accepting the keys listed
+    /// in `keys` (one per line).
+    pub async fn start_with_api(config: &str, keys: &str) -> App {
+        App::launch(config, Some(TempFile::new("api-keys", keys))).await
+    }
+
+    async fn launch(config: &str, keys: Option<TempFile>) -> App {
+        let (config, api_listener) = match &keys {
+            None => (config.to_owned(), None),
+            Some(keys) => (
+                format!(
+                    "{config}\napi_listen = \"127.0.0.1:0\"\napi_keys_file = \"{}\"\n",
+                    keys.as_str()
+                ),
+                Some(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap()),
+            ),
+        };
+        let config = app::config::Config::from_toml(&config, "test.toml").unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
+        let api = api_listener.as_ref().map(|l| l.local_addr().unwrap());
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(app::run(config, listener, shutdown.clone()));
+        let task = tokio::spawn(app::run_with(
+            config,
+            listener,
+            api_listener,
+            shutdown.clone(),
+        ));
         App {
             addr,
+            api,
+            _keys: keys,
             shutdown,
             task: Some(task),
         }
+    }
+
+    /// A server API call with `key`: the status and the JSON answer.
+    pub async fn api_call(
+        &self,
+        method: &str,
+        path: &str,
+        key: Option<&str>,
+        body: &str,
+    ) -> (u16, serde_json::Value) {
+        let addr = self.api.expect("started without the API");
+        let (status, body) = api_call(addr, method, path, key, body).await;
+        (
+            status,
+            serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null),
+        )
     }
 
     /// Starts an app on `redis` with extra TOML lines.
@@ -330,6 +378,26 @@ impl Drop for App {
     }
 }
 
+/// `method path` on a server API at `addr` with `key` as bearer and `body` as JSON: the status
+/// and the raw body.
+pub async fn api_call(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    key: Option<&str>,
+    body: &str,
+) -> (u16, Vec<u8>) {
+    let authorization = key.map(|key| format!("Authorization: Bearer {key}"));
+    let mut fields = vec!["Content-Type: application/json"];
+    if let Some(field) = &authorization {
+        fields.push(field);
+    }
+    match testkit::http::request(addr, method, path, &fields, body.as_bytes()).await {
+        Ok(response) => (response.status, response.body),
+        Err(e) => panic!("{e:#}"),
+    }
+}
+
 /// `GET path` over a fresh connection ([`testkit::http`]): status code and body.
 pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, Vec<u8>) {
     match testkit::http::http_get(addr, path).await {
@@ -366,6 +434,41 @@ impl Client {
             "not a resume notice: {notice}"
         );
         (client, notice)
+    }
+
+    /// Connects to `ws://addr/ws?presence&<query>`; returns it with the presence state the
+    /// server sends first (which also proves the connection is counted and served).
+    pub async fn with_presence(addr: SocketAddr, query: &str) -> (Client, serde_json::Value) {
+        let mut client = Client::upgraded(addr, &format!("presence&{query}")).await;
+        let state = client.json().await;
+        assert_eq!(state["presence"], "state", "not a presence state: {state}");
+        (client, state)
+    }
+
+    /// The next presence frame, skipping chat messages.
+    pub async fn presence(&mut self) -> serde_json::Value {
+        loop {
+            let frame = self.json().await;
+            if frame.get("presence").is_some() {
+                return frame;
+            }
+        }
+    }
+
+    /// Presence frames until one satisfies `done`; returns them all, that one last.
+    pub async fn presence_until(
+        &mut self,
+        done: impl Fn(&serde_json::Value) -> bool,
+    ) -> Vec<serde_json::Value> {
+        let mut frames = Vec::new();
+        loop {
+            let frame = self.presence().await;
+            let finished = done(&frame);
+            frames.push(frame);
+            if finished {
+                return frames;
+            }
+        }
     }
 
     /// Connects to `ws://addr/ws` and waits until the server's connection task runs.
@@ -609,6 +712,8 @@ pub struct Binary {
     child: Child,
     /// The address from its `listening http` line.
     pub addr: SocketAddr,
+    /// The address from its `listening api` line, once printed.
+    api: tokio::sync::watch::Receiver<Option<SocketAddr>>,
 }
 
 impl Binary {
@@ -641,7 +746,25 @@ impl Binary {
                 eprintln!("app: {line}");
             }
         });
-        Binary { child, addr }
+        // Keep reading stdout: the API's line may follow.
+        let (api_tx, api) = tokio::sync::watch::channel(None);
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                if let Some(addr) = line.strip_prefix("listening api ") {
+                    let _ = api_tx.send(addr.parse().ok());
+                }
+            }
+        });
+        Binary { child, addr, api }
+    }
+
+    /// The address of its `listening api` line, once printed.
+    pub async fn api_addr(&mut self) -> SocketAddr {
+        let addr = tokio::time::timeout(DEADLINE, self.api.wait_for(Option::is_some))
+            .await
+            .expect("app did not print its API line in time")
+            .expect("app exited before printing its API line");
+        addr.unwrap()
     }
 
     /// Sends SIGTERM by PID.
