@@ -168,6 +168,7 @@ impl Args {
             protocol: crate::protocol::Protocol::Chat,
             pusher_app: None,
             reconnect: false,
+            fault_point: None,
         }
     }
 }
