@@ -40,6 +40,8 @@ const DRAIN_POLL: Duration = Duration::from_millis(5);
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 /// Pause before each attempt to reconnect (`--reconnect`).
 const RECONNECT_DELAY: Duration = Duration::from_millis(200);
+/// How often the fault point (`--fault-point`) checks that deliveries are arriving.
+const FAULT_POINT_POLL: Duration = Duration::from_millis(50);
 
 /// Options of `bench fanout`.
 #[derive(Debug, clap::Args)]
@@ -87,6 +89,11 @@ pub struct Args {
     /// Token mode: how each client gets the token it signs in with.
     #[command(flatten)]
     pub(crate) tokens: tokens::TokenArgs,
+    /// Once sending has run this long, print `fanout: fault point` on stderr as soon as
+    /// deliveries are seen arriving: the moment a fault injected from outside is due (bench/run's
+    /// faults wait for that line).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub(crate) fault_point: Option<Duration>,
 }
 
 /// What `bench fanout` measured.
@@ -124,6 +131,10 @@ pub struct Report {
     pub latency: Percentiles,
     /// Seconds from the first send to the last delivery (or the drain timeout).
     pub window_s: f64,
+    /// Seconds into sending when the fault point was printed (`--fault-point`; none when
+    /// deliveries had stopped arriving by then).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fault_point_s: Option<f64>,
     /// CPU microseconds per delivery of each watched group, in `--watch` order.
     pub cpu_us_per_delivery: Vec<f64>,
     /// Sum of the watched groups' CPU per delivery.
@@ -272,6 +283,9 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
 
     tokio::time::sleep_until(start.into()).await;
     let window = Window::open(&args.watch)?;
+    let fault_point = args
+        .fault_point
+        .map(|at| tokio::spawn(fault_point(Arc::clone(&shared), start, at)));
     tokio::time::sleep_until(shared.end.into()).await;
     let drain_deadline = Instant::now() + args.drain;
     loop {
@@ -286,6 +300,10 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
     }
     let measured = window.close()?;
     stop.cancel();
+    let fault_point_s = match fault_point {
+        Some(task) => task.await.context("fault point task panicked")?,
+        None => None,
+    };
 
     let mut latencies = Vec::new();
     let (mut duplicates, mut errors, mut disconnects, mut reconnects) = (0, 0, failed_connects, 0);
@@ -321,11 +339,32 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
         deliveries_per_s: delivered as f64 / args.duration.as_secs_f64(),
         latency: Percentiles::of(latencies),
         window_s: measured.wall_s,
+        fault_point_s,
         server_cpu_us_per_delivery: cpu_us_per_delivery.iter().sum(),
         server_cpu_us_per_connect: connect_cpu.cpu_us_per(connected as u64).iter().sum(),
         cpu_us_per_delivery,
         measured,
     })
+}
+
+/// Waits until sending (begun at `start`) has run `at`, then until a delivery is counted, and says
+/// so on stderr: the load is seen running when a fault is injected. Gives up when sending ends
+/// first. Returns the seconds into sending of the mark.
+async fn fault_point(shared: Arc<Shared>, start: Instant, at: Duration) -> Option<f64> {
+    tokio::time::sleep_until((start + at).into()).await;
+    let mut before = shared.delivered.load(Ordering::Acquire);
+    while Instant::now() < shared.end {
+        tokio::time::sleep(FAULT_POINT_POLL).await;
+        let now = shared.delivered.load(Ordering::Acquire);
+        if now > before {
+            let into = start.elapsed().as_secs_f64();
+            eprintln!("fanout: fault point, {into:.1} s into sending, {now} deliveries counted");
+            return Some(into);
+        }
+        before = now;
+    }
+    eprintln!("fanout: no deliveries arriving at the fault point");
+    None
 }
 
 /// Opens `n` connections spread round-robin over `targets` and joins each as `protocol` says;
@@ -711,6 +750,7 @@ mod tests {
             pusher_app: None,
             reconnect: false,
             tokens: tokens::TokenArgs::default(),
+            fault_point: Some(Duration::from_millis(100)),
         })
         .await
         .unwrap();
@@ -728,5 +768,8 @@ mod tests {
             (0, 0, 0, 0)
         );
         assert_eq!(report.latency.count as u64, report.delivered);
+        // Deliveries were arriving 100 ms into the 300 ms of sending.
+        let mark = report.fault_point_s.unwrap();
+        assert!((0.1..0.3).contains(&mark), "{mark}");
     }
 }

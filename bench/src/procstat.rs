@@ -94,8 +94,9 @@ impl Watch {
             let statm = fs::read_to_string(format!("/proc/{pid}/statm"))
                 .with_context(|| format!("reading /proc/{pid}/statm ({})", self.name))?;
             total.cpu_ticks += cpu_ticks(&stat).with_context(|| format!("/proc/{pid}/stat"))?;
-            total.rss_bytes +=
-                resident_bytes(&statm).with_context(|| format!("/proc/{pid}/statm"))?;
+            let rss = resident_bytes(&statm).with_context(|| format!("/proc/{pid}/statm"))?;
+            total.rss_bytes += rss;
+            total.largest_rss_bytes = total.largest_rss_bytes.max(rss);
         }
         Ok(total)
     }
@@ -106,13 +107,20 @@ impl Watch {
 pub struct Sample {
     cpu_ticks: u64,
     rss_bytes: u64,
+    /// Resident memory of the group's largest process (one instance of a server, say).
+    largest_rss_bytes: u64,
 }
 
 impl Sample {
     /// Resident memory, MiB.
     pub fn rss_mib(&self) -> f64 {
-        self.rss_bytes as f64 / (1024.0 * 1024.0)
+        mib(self.rss_bytes)
     }
+}
+
+/// Bytes as MiB.
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
 }
 
 /// What a group used over a window.
@@ -124,8 +132,11 @@ pub struct Usage {
     pub cpu_seconds: f64,
     /// CPU seconds per wall second: 1.0 is one core busy.
     pub cores: f64,
-    /// Resident memory at the end of the window, MiB.
+    /// Resident memory at the end of the window, MiB (summed over the group's processes).
     pub rss_mib: f64,
+    /// Resident memory of the group's largest process at the end of the window, MiB: per
+    /// instance, where the group is several instances of one server.
+    pub largest_process_rss_mib: f64,
     /// Resident memory growth over the window, KiB (negative when it shrank).
     pub rss_growth_kib: f64,
 }
@@ -140,6 +151,7 @@ impl Usage {
             cpu_seconds,
             cores: cpu_seconds / wall.as_secs_f64().max(1e-9),
             rss_mib: after.rss_mib(),
+            largest_process_rss_mib: mib(after.largest_rss_bytes),
             rss_growth_kib: (after.rss_bytes as f64 - before.rss_bytes as f64) / 1024.0,
         }
     }
@@ -442,6 +454,7 @@ mod tests {
             cpu_seconds: 0.0,
             cores,
             rss_mib,
+            largest_process_rss_mib: rss_mib,
             rss_growth_kib: 0.0,
         };
         let measured = Measured {
@@ -478,6 +491,36 @@ mod tests {
         let s = Watch::this_process().sample().unwrap();
         assert!(s.rss_bytes > 0);
         assert!(s.rss_mib() > 0.0);
+        assert_eq!(s.largest_rss_bytes, s.rss_bytes);
+    }
+
+    #[test]
+    fn a_group_sums_memory_and_keeps_its_largest_process() {
+        use std::io::{BufRead, BufReader, Write};
+        use std::process::{Command, Stdio};
+        // A child blocked on stdin after echoing a line keeps its resident memory still.
+        let mut child = Command::new("cat")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(b"ready\n").unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let once: Watch = format!("child={}", child.id()).parse().unwrap();
+        let twice: Watch = format!("child={0},{0}", child.id()).parse().unwrap();
+        let samples = (once.sample(), twice.sample());
+        drop(stdin);
+        child.wait().unwrap();
+        let (once, twice) = (samples.0.unwrap(), samples.1.unwrap());
+        assert!(once.rss_bytes > 0);
+        assert_eq!(twice.rss_bytes, 2 * once.rss_bytes);
+        assert_eq!(twice.largest_rss_bytes, once.rss_bytes);
+        let usage = Usage::since("child", once, twice, Duration::from_secs(1));
+        assert_eq!(usage.rss_mib, 2.0 * usage.largest_process_rss_mib);
     }
 
     #[test]

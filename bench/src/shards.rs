@@ -170,6 +170,7 @@ impl Args {
             pusher_app: None,
             reconnect: false,
             tokens: tokens::TokenArgs::default(),
+            fault_point: None,
         }
     }
 }

@@ -111,6 +111,7 @@ const STACK: &[Metric] = &[
     m("lost", "/lost", Better::Lower, 0),
     m("latency p50 (ms)", "/latency/p50_ms", Better::Lower, 2),
     m("latency p99 (ms)", "/latency/p99_ms", Better::Lower, 2),
+    m("latency max (ms)", "/latency/max_ms", Better::Lower, 2),
     m(
         "server CPU per delivery (µs)",
         "/server_cpu_us_per_delivery",
@@ -121,8 +122,8 @@ const STACK: &[Metric] = &[
     m("  apps", "/cpu_us_per_delivery/1", Better::Lower, 2),
     m("  redis", "/cpu_us_per_delivery/2", Better::Lower, 2),
     m(
-        "app RSS, both (MiB)",
-        "/watched/1/rss_mib",
+        "app RSS per instance, largest (MiB)",
+        "/watched/1/largest_process_rss_mib",
         Better::Lower,
         1,
     ),
@@ -565,8 +566,10 @@ fn ramp_table(out: &mut String, title: &str, records: &[&Record], p99_limit_ms: 
             .and_then(Value::as_f64)
             .unwrap_or(f64::NAN)
     };
-    // Per system: the rate and the deliveries/s of the highest clean step.
+    // Per system: the rate and the deliveries/s of the highest clean step, and its lowest step
+    // (rate, lost, p99) to name when none is clean.
     let mut knees: BTreeMap<&str, Option<(f64, f64)>> = BTreeMap::new();
+    let mut lowest: BTreeMap<&str, (f64, f64, f64)> = BTreeMap::new();
     let mut sorted: Vec<&&Record> = records.iter().collect();
     sorted.sort_by(|a, b| {
         (&a.system, get(a, "/rate"))
@@ -585,6 +588,7 @@ fn ramp_table(out: &mut String, title: &str, records: &[&Record], p99_limit_ms: 
             get(r, "/generator/cores"),
             get(r, "/machine_cores"),
         );
+        lowest.entry(r.system.as_str()).or_insert((rate, lost, p99));
         let knee = knees.entry(r.system.as_str()).or_insert(None);
         if lost == 0.0 && p99 < p99_limit_ms && knee.is_none_or(|(k, _)| rate > k) {
             *knee = Some((rate, deliveries));
@@ -598,11 +602,14 @@ fn ramp_table(out: &mut String, title: &str, records: &[&Record], p99_limit_ms: 
                 "{}: highest rate with zero loss and p99 < {p99_limit_ms} ms: **{k:.0} msg/s** ({deliveries:.0} deliveries/s)\n",
                 display_name(system),
             ),
-            None => writeln!(
-                out,
-                "{}: no step met zero loss with p99 < {p99_limit_ms} ms\n",
-                display_name(system)
-            ),
+            None => {
+                let (rate, lost, p99) = lowest.get(system).copied().unwrap_or_default();
+                writeln!(
+                    out,
+                    "{}: no knee, no step met zero loss with p99 < {p99_limit_ms} ms (lowest step, {rate:.0} msg/s: lost {lost:.0}, p99 {p99:.0} ms)\n",
+                    display_name(system)
+                )
+            }
         };
     }
 }
@@ -802,8 +809,11 @@ mod tests {
         assert!(text.contains("**200 msg/s**"), "{text}");
         assert!(text.contains("(99993 deliveries/s)"), "{text}");
         assert!(text.contains("ramp, 500 clients"), "{text}");
-        let none = render(&[step(100.0, 1, 3.0)], 50.0);
-        assert!(none.contains("no step met"), "{none}");
+        let none = render(&[step(200.0, 0, 90.0), step(100.0, 1, 3.0)], 50.0);
+        assert!(
+            none.contains("lb: no knee, no step met zero loss with p99 < 50 ms (lowest step, 100 msg/s: lost 1, p99 3 ms)"),
+            "{none}"
+        );
     }
 
     #[test]
@@ -828,7 +838,14 @@ mod tests {
 
     #[test]
     fn scaleout_stacks_against_the_best_peer_stack_and_missing_peers_named() {
-        let stack = |cpu: f64, p99: f64| serde_json::json!({"clients": 1000, "server_cpu_us_per_delivery": cpu, "latency": {"p99_ms": p99}});
+        let stack = |cpu: f64, p99: f64| {
+            serde_json::json!({
+                "clients": 1000,
+                "server_cpu_us_per_delivery": cpu,
+                "latency": {"p99_ms": p99, "max_ms": p99 * 2.0},
+                "watched": [{"rss_mib": 9.0}, {"rss_mib": cpu * 2.0, "largest_process_rss_mib": cpu}],
+            })
+        };
         let records = vec![
             record("peers-100", "scaleout-lb", stack(20.0, 10.0)),
             record("peers-100", "scaleout-haproxy", stack(30.0, 12.0)),
@@ -860,6 +877,17 @@ mod tests {
         );
         assert!(
             text.contains("| latency p99 (ms) | 10.00 | 12.00 | 8.00 | 30.00 | 1.25 | 1.50 |"),
+            "{text}"
+        );
+        assert!(
+            text.contains("| latency max (ms) | 20.00 | 24.00 | 16.00 | 60.00 | 1.25 | 1.50 |"),
+            "{text}"
+        );
+        // Memory per instance, not the sum of both.
+        assert!(
+            text.contains(
+                "| app RSS per instance, largest (MiB) | 20.0 | 30.0 | 40.0 | 25.0 | 0.80 | 1.20 |"
+            ),
             "{text}"
         );
         assert!(
