@@ -42,6 +42,9 @@ pub fn tls_connector(ca_file: &Path) -> Result<TlsConnector> {
     Ok(TlsConnector::from(Arc::new(config)))
 }
 
+/// An open client WebSocket, plain or TLS.
+pub type Ws = WebSocketStream<Box<dyn Io>>;
+
 /// Opens a WebSocket to `url` (`ws://` or `wss://`; the TLS server name is the URL's host,
 /// which the generated certificate must cover). `ca` is needed for `wss://`.
 pub async fn connect(url: &str, ca: Option<&TlsConnector>) -> Result<WebSocketStream<Box<dyn Io>>> {

@@ -3,7 +3,8 @@
 //! both, whichever shard owns the room, and each room's history lives on the shard that owns
 //! its channel. Faults (a primary killed and replaced by its replica, a slot moved under load)
 //! are in `chaos.rs`, under the whole chaos driver's account of every message. Presence of
-//! each room is kept on its shard and seen from both apps.
+//! each room is kept on its shard and seen from both apps. In token mode a user's connection
+//! limit holds across both apps and `app disconnect` reaches both through the cluster.
 
 use std::collections::BTreeMap;
 
@@ -121,5 +122,83 @@ async fn presence_of_rooms_on_every_shard_is_shared_by_both_apps() -> Result<()>
             .await?;
         assert_eq!(instances, 2, "presence of {room} on node {owner}");
     }
+    Ok(())
+}
+
+/// Token mode: connects to `app` and signs in with `token`; the socket once the server said
+/// `{"auth":"ok"}`, or the close code it ended with.
+async fn sign_in(app: &Proc, token: &str) -> Result<Result<tests::client::Ws, u16>> {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let mut ws = tests::client::connect(&format!("ws://{}/ws", app.addr("http")), None).await?;
+    let frame = serde_json::json!({ "token": token }).to_string();
+    ws.send(Message::text(frame)).await?;
+    loop {
+        let next = tokio::time::timeout(testkit::wait::DEADLINE, ws.next()).await?;
+        match next {
+            Some(Ok(Message::Text(text))) if text.contains(r#""auth":"ok""#) => return Ok(Ok(ws)),
+            Some(Ok(Message::Close(frame))) => {
+                return Ok(Err(frame.map_or(1005, |f| u16::from(f.code))));
+            }
+            Some(Ok(_)) => {}
+            Some(Err(e)) => return Err(e.into()),
+            None => return Ok(Err(1006)),
+        }
+    }
+}
+
+/// The close code that ends `ws` (texts before it are skipped).
+async fn closed_with(ws: &mut tests::client::Ws) -> Result<u16> {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    loop {
+        match tokio::time::timeout(testkit::wait::DEADLINE, ws.next()).await? {
+            Some(Ok(Message::Close(frame))) => return Ok(frame.map_or(1005, |f| u16::from(f.code))),
+            Some(Ok(_)) => {}
+            Some(Err(_)) | None => return Ok(1006),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_users_limit_and_disconnect_hold_across_apps_on_a_cluster() -> Result<()> {
+    let cluster = RedisCluster::start(3, 0).await?;
+    let tokens = tests::chaos::Tokens::new(std::time::Duration::from_secs(600))?;
+    let dir = tempfile::tempdir()?;
+    let app_toml = dir.path().join("app.toml");
+    std::fs::write(
+        &app_toml,
+        format!(
+            "{}{}max_connections_per_user = 1\n",
+            app_config(),
+            tokens.app_config()
+        ),
+    )?;
+    let apps = [
+        start_app("app1", &app_toml, &cluster.url()).await?,
+        start_app("app2", &app_toml, &cluster.url()).await?,
+    ];
+    for app in &apps {
+        wait_healthy(app.addr("http")).await?;
+    }
+    let alice = tokens.mint("alice")?;
+    let Ok(mut first) = sign_in(&apps[0], &alice).await? else {
+        anyhow::bail!("alice was refused on app1");
+    };
+    // Her count lives on her key's shard: the other app sees it.
+    assert_eq!(sign_in(&apps[1], &alice).await?.err(), Some(4429));
+    let status = tokio::process::Command::new(testkit::process::workspace_bin("app")?)
+        .args(["disconnect", "--redis", &cluster.url(), "--user", "alice"])
+        .status()
+        .await?;
+    ensure!(status.success(), "app disconnect failed: {status}");
+    assert_eq!(closed_with(&mut first).await?, 4410);
+    // Her place is free again (given back once app1 has closed her connection).
+    testkit::wait::eventually(
+        "alice's place to be free",
+        testkit::wait::DEADLINE,
+        || async { anyhow::Ok(sign_in(&apps[1], &alice).await?.ok()) },
+    )
+    .await?;
     Ok(())
 }
