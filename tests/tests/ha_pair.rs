@@ -37,6 +37,8 @@ use tests::stack::{app_config, generate_certs, lb_config_weighted, wait_healthy}
 use tokio::time::Instant;
 
 const SUBNET: &str = "10.213.48.0/24";
+/// How long one read of lb's `/stats` may take.
+const STATS_WITHIN: Duration = Duration::from_secs(2);
 const LB1: &str = "10.213.48.10";
 const LB2: &str = "10.213.48.11";
 const VIP: &str = "10.213.48.100";
@@ -236,10 +238,17 @@ async fn tunnels(ns: &str) -> Result<u64> {
         "exec 3<>/dev/tcp/{}; printf '{request}' >&3; cat <&3",
         ADMIN.replace(':', "/")
     );
-    let out = tokio::process::Command::new("ip")
+    // One read is bounded: a request lost while the address moves is asked again, instead of
+    // holding the whole wait until its deadline.
+    let read = tokio::process::Command::new("ip")
         .args(["netns", "exec", ns, "bash", "-c", &get])
-        .output()
-        .await?;
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(STATS_WITHIN, read)
+        .await
+        .map_err(|_| {
+            anyhow::anyhow!("lb's admin listener on {ns} did not answer within {STATS_WITHIN:?}")
+        })??;
     let text = String::from_utf8_lossy(&out.stdout);
     let Some((_, body)) = text.split_once("\r\n\r\n") else {
         bail!("no answer from lb's admin listener on {ns}: {text}");

@@ -513,11 +513,7 @@ pub async fn user(
     State(api): State<Api>,
     Path(user): Path<String>,
 ) -> Result<Json<UserPresence>, ApiError> {
-    if !(1..=MAX_USER_CHARS).contains(&user.chars().count()) {
-        return Err(ApiError::bad_request(format!(
-            "a user id is 1 to {MAX_USER_CHARS} characters"
-        )));
-    }
+    check_user(&user)?;
     let rooms: Vec<UserRooms> = all_rooms(&api)
         .await?
         .into_iter()
@@ -555,6 +551,17 @@ pub struct Disconnected {
     pub until: Option<u64>,
 }
 
+/// A user id in a path: 1 to 128 characters, as a token's `sub`.
+fn check_user(user: &str) -> Result<(), ApiError> {
+    if (1..=MAX_USER_CHARS).contains(&user.chars().count()) {
+        Ok(())
+    } else {
+        Err(ApiError::bad_request(format!(
+            "a user id is 1 to {MAX_USER_CHARS} characters"
+        )))
+    }
+}
+
 /// Close a signed-in user's connections on every instance (close code 4410), and with `until`
 /// keep it out until then, as `app disconnect` does.
 #[utoipa::path(
@@ -574,11 +581,7 @@ pub async fn disconnect(
     Path(user): Path<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Disconnected>, ApiError> {
-    if !(1..=MAX_USER_CHARS).contains(&user.chars().count()) {
-        return Err(ApiError::bad_request(format!(
-            "a user id is 1 to {MAX_USER_CHARS} characters"
-        )));
-    }
+    check_user(&user)?;
     let body = body.map_err(|e| ApiError::new(e.status(), e.body_text()))?;
     let request: Disconnect = if body.iter().all(u8::is_ascii_whitespace) {
         Disconnect::default()

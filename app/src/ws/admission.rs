@@ -144,19 +144,15 @@ pub async fn upgrade(
             .instrument(span)
         });
     }
-    let membership = match state.rooms().join(room.as_deref()).await {
-        Ok(membership) => membership,
+    // In the room's fan-out before the client hears 101: whatever is published after its
+    // handshake is queued for it.
+    let (membership, member) = match session::join(&state, room.as_deref()).await {
+        Ok(joined) => joined,
         Err(e) => {
             tracing::warn!(%peer, %forwarded_for, room = ?room, error = %e, "WebSocket refused: cannot join the room");
             return (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")).into_response();
         }
     };
-    // In the room's fan-out before the client hears 101: whatever is published after its
-    // handshake is queued for it.
-    let member = membership
-        .room()
-        .fanout()
-        .join(state.close_all().child_token());
     let span =
         tracing::info_span!("ws", %peer, %forwarded_for, channel = %membership.room().channel());
     ws.on_upgrade(move |socket| {

@@ -23,7 +23,7 @@ use super::signin::SignedIn;
 use crate::auth::token_of;
 use crate::history::{Delivery, Resume};
 use crate::hub::fanout::Member;
-use crate::hub::rooms::{Membership, Room};
+use crate::hub::rooms::{JoinError, Membership, Room};
 use crate::position::{MessageId, Position};
 use crate::presence::Here;
 use crate::protocol::{self, ChatMessage, InputError, ResumeNotice, Signer};
@@ -47,6 +47,20 @@ const WRITE_BATCH: usize = 64;
 /// How long a client of a room this instance has not subscribed to yet waits for the
 /// subscription before it is closed (and tries again).
 pub const ROOM_READY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Joins `room` (`None`: the main room): its membership and a place in its fan-out, from which
+/// everything published from now on is queued for the new member.
+pub(super) async fn join(
+    state: &AppState,
+    room: Option<&str>,
+) -> Result<(Membership, Member), JoinError> {
+    let membership = state.rooms().join(room).await?;
+    let member = membership
+        .room()
+        .fanout()
+        .join(state.close_all().child_token());
+    Ok((membership, member))
+}
 
 /// Runs one connection of a member of a room (`member`: its place in the room's fan-out, taken
 /// before the handshake was answered) until the client leaves or is told to go.
@@ -486,11 +500,7 @@ mod tests {
             unflushed: Vec::new(),
             outgoing,
         };
-        let membership = state.rooms().join(room).await.unwrap();
-        let member = membership
-            .room()
-            .fanout()
-            .join(state.close_all().child_token());
+        let (membership, member) = join(state, room).await.unwrap();
         tokio::spawn(serve(
             socket,
             state.clone(),

@@ -179,17 +179,13 @@ where
         .claim(&identity, now())
         .await
         .map_err(End::Seatless)?;
-    let membership = match state.rooms().join(room.as_deref()).await {
-        Ok(membership) => membership,
+    let (membership, member) = match session::join(state, room.as_deref()).await {
+        Ok(joined) => joined,
         Err(e) => {
             tracing::warn!(room = ?room, error = %e, "token connection refused: cannot join the room");
             return Err(End::RoomUnavailable);
         }
     };
-    let member = membership
-        .room()
-        .fanout()
-        .join(state.close_all().child_token());
     tracing::debug!(user = %identity.user, "signed in");
     Ok((
         SignedIn::new(identity, seat, room, config.refresh_before),
