@@ -310,6 +310,11 @@ fn disconnect(args: DisconnectArgs) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    // No Redis is a configuration matter (64); Redis unreachable a runtime failure (1).
+    if config.redis.is_none() {
+        eprintln!("app disconnect: {:#}", app::users::DisconnectError::NoRedis);
+        return ExitCode::from(EXIT_CONFIG);
+    }
     let sent = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -331,14 +336,6 @@ fn disconnect(args: DisconnectArgs) -> ExitCode {
                 None => println!("disconnected {} everywhere", args.user),
             }
             ExitCode::SUCCESS
-        }
-        Err(err)
-            if err
-                .downcast_ref::<app::users::DisconnectError>()
-                .is_some_and(|e| matches!(e, app::users::DisconnectError::NoRedis)) =>
-        {
-            eprintln!("app disconnect: {err:#}");
-            ExitCode::from(EXIT_CONFIG)
         }
         Err(err) => {
             eprintln!("app disconnect: {err:#}");

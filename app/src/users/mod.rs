@@ -2,8 +2,8 @@
 //! `max_connections_per_user`, or the token's `max_conns`), who an operator disconnected and
 //! until when, and closing a user's connections on every instance.
 //!
-//! [`Users::claim`] gives an admitted token connection its [`Seat`], or refuses it; the seat
-//! holds the token its connection watches to be told to leave, and gives its place back when
+//! [`Users::claim`] gives an admitted token connection its [`Seat`], or refuses it; a disconnect
+//! marks the seat and cancels the connection's own stop token, and the seat gives its place back when
 //! dropped. Without Redis everything is counted here, for this instance. With Redis (`shared`),
 //! each user's count is a hash of per-instance counts that every instance refreshes on a
 //! heartbeat, so a dead instance's connections stop counting within [`shared::COUNT_TTL`];
@@ -12,6 +12,7 @@
 mod shared;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use tokio_util::sync::CancellationToken;
@@ -45,8 +46,9 @@ pub struct Users {
 
 #[derive(Default)]
 struct Local {
-    /// Each user's connections here: a seat's id and the token that tells it to leave.
-    seats: HashMap<String, Vec<(u64, CancellationToken)>>,
+    /// Each user's connections here: a seat's id, whether an operator let it go, and the
+    /// connection's stop token.
+    seats: HashMap<String, Vec<(u64, Arc<AtomicBool>, CancellationToken)>>,
     next_id: u64,
     /// Without Redis: users disconnected until a time (Unix seconds).
     revoked: HashMap<String, u64>,
@@ -57,13 +59,13 @@ pub struct Seat {
     users: Arc<Users>,
     user: String,
     id: u64,
-    leave: CancellationToken,
+    left: Arc<AtomicBool>,
 }
 
 impl Seat {
-    /// Cancelled when an operator disconnects the user.
-    pub fn leave(&self) -> &CancellationToken {
-        &self.leave
+    /// Whether an operator disconnected the user (its stop token was cancelled for that).
+    pub fn left(&self) -> bool {
+        self.left.load(Ordering::Acquire)
     }
 }
 
@@ -72,7 +74,7 @@ impl Drop for Seat {
         {
             let mut local = self.users.lock();
             let emptied = local.seats.get_mut(&self.user).is_some_and(|seats| {
-                seats.retain(|(id, _)| *id != self.id);
+                seats.retain(|(id, _, _)| *id != self.id);
                 seats.is_empty()
             });
             if emptied {
@@ -100,8 +102,14 @@ impl Users {
     }
 
     /// A seat for `identity`'s new connection at `now` (Unix seconds), unless the user is
-    /// disconnected until later or holds its limit of connections already.
-    pub async fn claim(self: &Arc<Self>, identity: &Identity, now: u64) -> Result<Seat, Refused> {
+    /// disconnected until later or holds its limit of connections already; `stop` is the
+    /// connection's stop token, which a disconnect cancels.
+    pub async fn claim(
+        self: &Arc<Self>,
+        identity: &Identity,
+        now: u64,
+        stop: CancellationToken,
+    ) -> Result<Seat, Refused> {
         let limit = identity.max_conns.unwrap_or(self.default_limit);
         let issued_at = identity.issued_at.unwrap_or(0);
         match &self.shared {
@@ -119,23 +127,23 @@ impl Users {
                 }
             }
         }
-        let leave = CancellationToken::new();
+        let left = Arc::new(AtomicBool::new(false));
         let id = {
             let mut local = self.lock();
             local.next_id += 1;
             let id = local.next_id;
-            local
-                .seats
-                .entry(identity.user.clone())
-                .or_default()
-                .push((id, leave.clone()));
+            local.seats.entry(identity.user.clone()).or_default().push((
+                id,
+                Arc::clone(&left),
+                stop,
+            ));
             id
         };
         Ok(Seat {
             users: Arc::clone(self),
             user: identity.user.clone(),
             id,
-            leave,
+            left,
         })
     }
 
@@ -143,8 +151,9 @@ impl Users {
     fn disconnect_here(&self, user: &str) -> usize {
         let local = self.lock();
         let seats = local.seats.get(user).map_or(&[][..], Vec::as_slice);
-        for (_, leave) in seats {
-            leave.cancel();
+        for (_, left, stop) in seats {
+            left.store(true, Ordering::Release);
+            stop.cancel();
         }
         seats.len()
     }
@@ -211,40 +220,70 @@ mod tests {
     async fn a_user_holds_at_most_its_limit_and_a_closed_seat_frees_a_place() {
         let users = Users::new(2, None);
         let alice = identity("alice", None, 100);
-        let first = users.claim(&alice, 100).await.unwrap();
-        let _second = users.claim(&alice, 100).await.unwrap();
+        let first = users
+            .claim(&alice, 100, CancellationToken::new())
+            .await
+            .unwrap();
+        let _second = users
+            .claim(&alice, 100, CancellationToken::new())
+            .await
+            .unwrap();
         assert_eq!(
-            users.claim(&alice, 100).await.err(),
+            users
+                .claim(&alice, 100, CancellationToken::new())
+                .await
+                .err(),
             Some(Refused::TooMany(2))
         );
         // Another user is counted apart, and a token's own limit wins.
         let bob = identity("bob", Some(1), 100);
-        let _bob = users.claim(&bob, 100).await.unwrap();
+        let _bob = users
+            .claim(&bob, 100, CancellationToken::new())
+            .await
+            .unwrap();
         assert_eq!(
-            users.claim(&bob, 100).await.err(),
+            users.claim(&bob, 100, CancellationToken::new()).await.err(),
             Some(Refused::TooMany(1))
         );
         drop(first);
-        assert!(users.claim(&alice, 100).await.is_ok());
+        assert!(
+            users
+                .claim(&alice, 100, CancellationToken::new())
+                .await
+                .is_ok()
+        );
     }
 
     #[tokio::test]
     async fn a_disconnect_tells_every_seat_of_the_user_and_until_refuses_older_tokens() {
         let users = Users::new(10, None);
         let alice = identity("alice", None, 100);
+        let stops = [CancellationToken::new(), CancellationToken::new()];
         let seats = [
-            users.claim(&alice, 100).await.unwrap(),
-            users.claim(&alice, 100).await.unwrap(),
+            users.claim(&alice, 100, stops[0].clone()).await.unwrap(),
+            users.claim(&alice, 100, stops[1].clone()).await.unwrap(),
         ];
-        let bob = users.claim(&identity("bob", None, 100), 100).await.unwrap();
+        let bob = users
+            .claim(&identity("bob", None, 100), 100, CancellationToken::new())
+            .await
+            .unwrap();
         users.disconnect("alice", Some(200), 150).await.unwrap();
-        assert!(seats.iter().all(|seat| seat.leave().is_cancelled()));
-        assert!(!bob.leave().is_cancelled());
+        assert!(seats.iter().all(Seat::left));
+        assert!(stops.iter().all(CancellationToken::is_cancelled));
+        assert!(!bob.left());
         // Until 200 a token issued before it is refused; at 200 the ban is over.
         assert_eq!(
-            users.claim(&alice, 150).await.err(),
+            users
+                .claim(&alice, 150, CancellationToken::new())
+                .await
+                .err(),
             Some(Refused::Revoked(200))
         );
-        assert!(users.claim(&alice, 200).await.is_ok());
+        assert!(
+            users
+                .claim(&alice, 200, CancellationToken::new())
+                .await
+                .is_ok()
+        );
     }
 }

@@ -146,7 +146,13 @@ pub async fn upgrade(
     }
     // In the room's fan-out before the client hears 101: whatever is published after its
     // handshake is queued for it.
-    let (membership, member) = match session::join(&state, room.as_deref()).await {
+    let (membership, member) = match session::join(
+        &state,
+        room.as_deref(),
+        state.close_all().child_token(),
+    )
+    .await
+    {
         Ok(joined) => joined,
         Err(e) => {
             tracing::warn!(%peer, %forwarded_for, room = ?room, error = %e, "WebSocket refused: cannot join the room");

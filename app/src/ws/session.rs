@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::close::{End, finish, refusal};
 use super::rate_limit::TokenBucket;
-use super::signin::SignedIn;
+use super::signin::{Due, SignedIn};
 use crate::auth::token_of;
 use crate::history::{Delivery, Resume};
 use crate::hub::fanout::Member;
@@ -49,16 +49,15 @@ const WRITE_BATCH: usize = 64;
 pub const ROOM_READY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Joins `room` (`None`: the main room): its membership and a place in its fan-out, from which
-/// everything published from now on is queued for the new member.
+/// everything published from now on is queued for the new member, which `stop` (a child of the
+/// shutdown token) tells to go.
 pub(super) async fn join(
     state: &AppState,
     room: Option<&str>,
+    stop: CancellationToken,
 ) -> Result<(Membership, Member), JoinError> {
     let membership = state.rooms().join(room).await?;
-    let member = membership
-        .room()
-        .fanout()
-        .join(state.close_all().child_token());
+    let member = membership.room().fanout().join(stop);
     Ok((membership, member))
 }
 
@@ -85,6 +84,11 @@ pub(super) async fn serve<S>(
         &mut signed,
     )
     .await;
+    // An operator's disconnect cancels the connection's stop token; the seat says it was that.
+    let end = match end {
+        End::Stopped if signed.as_ref().is_some_and(SignedIn::left) => End::Disconnected,
+        end => end,
+    };
     finish(
         &mut socket,
         end,
@@ -156,14 +160,6 @@ where
     let mut pings = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
     pings.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut heard = true;
-    // A token connection's deadlines and its user's disconnect; never, for an anonymous one.
-    let never = tokio::time::Instant::now() + Duration::from_secs(100 * 365 * 86_400);
-    let notice = tokio::time::sleep_until(signed.as_ref().map_or(never, |s| s.notice_at));
-    let expiry = tokio::time::sleep_until(signed.as_ref().map_or(never, |s| s.expires_at));
-    tokio::pin!(notice, expiry);
-    let leave = signed
-        .as_ref()
-        .map_or_else(CancellationToken::new, |s| s.leave().clone());
 
     loop {
         // In this order: stop, then the client's queue, then its next frame. Writing before
@@ -171,15 +167,14 @@ where
         tokio::select! {
             biased;
             () = stop.cancelled() => return End::Stopped,
-            () = leave.cancelled() => return End::Disconnected,
-            () = &mut expiry, if signed.is_some() => return End::Expired,
-            () = &mut notice, if signed.as_ref().is_some_and(|s| !s.noticed) => {
-                let Some(s) = signed.as_mut() else { continue };
-                s.noticed = true;
-                if let Err(end) = send(socket, Message::Text(s.notice().into()), &stop).await {
-                    return end;
+            due = next_due(signed.as_mut()), if signed.is_some() => match due {
+                Due::Expired => return End::Expired,
+                Due::Notice(notice) => {
+                    if let Err(end) = send(socket, Message::Text(notice.into()), &stop).await {
+                        return end;
+                    }
                 }
-            }
+            },
             queued = member.rx.recv() => {
                 let Some(first) = queued else { return End::Stopped };
                 let fresh = |d: &Delivery| skip_through.is_none_or(|s| d.id.is_none_or(|id| id > s));
@@ -207,11 +202,7 @@ where
                     }
                     Some(Ok(Message::Text(text))) => match (signed.as_mut(), token_of(&text)) {
                         (Some(s), Some(token)) => match s.refresh(state, &token) {
-                            Ok(()) => {
-                                notice.as_mut().reset(s.notice_at);
-                                expiry.as_mut().reset(s.expires_at);
-                                Some(s.welcome())
-                            }
+                            Ok(()) => Some(s.welcome()),
                             Err(denied) => {
                                 tracing::info!(reason = %denied, "token refresh refused");
                                 return End::Denied(denied);
@@ -251,6 +242,14 @@ where
                 }
             }
         }
+    }
+}
+
+/// A token connection's next deadline; never, for an anonymous one.
+async fn next_due(signed: Option<&mut SignedIn>) -> Due {
+    match signed {
+        Some(signed) => signed.due().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -500,7 +499,9 @@ mod tests {
             unflushed: Vec::new(),
             outgoing,
         };
-        let (membership, member) = join(state, room).await.unwrap();
+        let (membership, member) = join(state, room, state.close_all().child_token())
+            .await
+            .unwrap();
         tokio::spawn(serve(
             socket,
             state.clone(),

@@ -5,11 +5,12 @@
 //! one hears `{"auth":"ok",...}` and runs as a `session` holding a [`SignedIn`]: the identity
 //! its messages are stamped with, its seat, and when it must refresh and when it expires.
 
+use std::pin::Pin;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::extract::ws::Message;
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 
 use super::close::{End, finish, refusal};
 use super::session::{self, Resuming};
@@ -26,12 +27,20 @@ pub(super) struct SignedIn {
     /// The room it is in (`None`: the main room), which a refreshed token must still grant.
     room: Option<String>,
     refresh_before: Duration,
-    /// When the refresh notice is due.
-    pub(super) notice_at: Instant,
     /// When the connection ends unless a new token came.
-    pub(super) expires_at: Instant,
+    expires_at: Instant,
     /// Whether the notice for the current token went out.
-    pub(super) noticed: bool,
+    noticed: bool,
+    /// Fires at the next deadline: the refresh notice, then (once noticed) the expiry.
+    timer: Pin<Box<Sleep>>,
+}
+
+/// A signed-in connection's next deadline, come.
+pub(super) enum Due {
+    /// Time to ask for a new token: the notice to send.
+    Notice(String),
+    /// The token expired.
+    Expired,
 }
 
 impl SignedIn {
@@ -41,9 +50,9 @@ impl SignedIn {
             seat,
             room,
             refresh_before,
-            notice_at: Instant::now(),
             expires_at: Instant::now(),
             noticed: false,
+            timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
         };
         signed.schedule();
         signed
@@ -53,9 +62,21 @@ impl SignedIn {
     fn schedule(&mut self) {
         let deadlines = Deadlines::of(self.identity.expires_at, now(), self.refresh_before);
         let start = Instant::now();
-        self.notice_at = start + deadlines.notice_in;
         self.expires_at = start + deadlines.close_in;
         self.noticed = false;
+        self.timer.as_mut().reset(start + deadlines.notice_in);
+    }
+
+    /// Waits for the next deadline. After [`Due::Notice`] the timer moves on to the expiry, so
+    /// the notice goes out once per token.
+    pub(super) async fn due(&mut self) -> Due {
+        self.timer.as_mut().await;
+        if self.noticed {
+            return Due::Expired;
+        }
+        self.noticed = true;
+        self.timer.as_mut().reset(self.expires_at);
+        Due::Notice(self.notice())
     }
 
     /// Who the connection's messages are from.
@@ -66,9 +87,10 @@ impl SignedIn {
         }
     }
 
-    /// Cancelled when an operator disconnects the user.
-    pub(super) fn leave(&self) -> &tokio_util::sync::CancellationToken {
-        self.seat.leave()
+    /// Whether an operator disconnected the user (which cancelled the connection's stop
+    /// token).
+    pub(super) fn left(&self) -> bool {
+        self.seat.left()
     }
 
     /// What the connection is told when a token is accepted.
@@ -78,7 +100,7 @@ impl SignedIn {
     }
 
     /// The refresh notice: how long until the token expires.
-    pub(super) fn notice(&self) -> String {
+    fn notice(&self) -> String {
         let left = self.expires_at.saturating_duration_since(Instant::now());
         protocol::refresh_json(left.as_secs())
     }
@@ -174,12 +196,14 @@ where
     let identity = gate
         .admit(&first, room.as_deref(), now())
         .map_err(End::Denied)?;
+    // The connection's stop token: shutdown, eviction, and an operator's disconnect.
+    let stop = state.close_all().child_token();
     let seat = state
         .users()
-        .claim(&identity, now())
+        .claim(&identity, now(), stop.clone())
         .await
         .map_err(End::Seatless)?;
-    let (membership, member) = match session::join(state, room.as_deref()).await {
+    let (membership, member) = match session::join(state, room.as_deref(), stop).await {
         Ok(joined) => joined,
         Err(e) => {
             tracing::warn!(room = ?room, error = %e, "token connection refused: cannot join the room");

@@ -606,3 +606,14 @@ async fn the_server_api_sees_a_signed_in_user_and_disconnects_it_everywhere() {
     app.terminate();
     app.exit_code().await;
 }
+
+#[tokio::test]
+async fn app_disconnect_without_redis_says_so_and_exits_64() {
+    let (code, stderr) = run_binary(&["disconnect", "--user", "alice"], &[]).await;
+    assert_eq!(code, Some(64), "{stderr}");
+    assert!(stderr.contains("no Redis configured"), "{stderr}");
+    let (code, stderr) =
+        run_binary(&["disconnect", "--user", "alice", "--until", "soon"], &[]).await;
+    assert_eq!(code, Some(2), "clap's usage error: {stderr}");
+    assert!(stderr.contains("neither a time"), "{stderr}");
+}
