@@ -6,9 +6,10 @@
 //! instance's [`view::Tally`] of the room and marks it changed; nothing is sent then. Every
 //! interval the task of [`Presence::start`] writes the changed tallies to Redis (`shared`),
 //! heartbeats, reads every other instance's tally, merges them into a [`view::View`] and, if it
-//! differs from the last one shown, broadcasts one diff frame to the room's [`Watch`]ers: a join
-//! and a leave within one interval send nothing, and a storm of joins costs each member one frame
-//! per interval. Without Redis the tallies are this instance's alone. An instance that vanished
+//! differs from the last one shown, queues one diff frame for each of the room's [`Watch`]ers (a
+//! queue of its own, so that waiting for it costs a connection no lock shared with the room's
+//! other members): a join and a leave within one interval send nothing, and a storm of joins
+//! costs each member one frame per interval. Without Redis the tallies are this instance's alone. An instance that vanished
 //! from Redis (Redis restarted) keeps its members until its last heartbeat's deadline, by which
 //! time a live one has written itself again; a dead one's members leave then, `presence_ttl`
 //! after its last heartbeat.
@@ -21,7 +22,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use axum::extract::ws::Utf8Bytes;
 use futures_util::future::join_all;
-use tokio::sync::broadcast;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -56,7 +57,8 @@ struct RoomPresence {
     remote: HashMap<String, (Tally, u64)>,
     /// The view the last frame told the watchers.
     shown: View,
-    frames: broadcast::Sender<Utf8Bytes>,
+    /// Each watcher's queue of frames.
+    watchers: Vec<mpsc::Sender<Utf8Bytes>>,
 }
 
 impl RoomPresence {
@@ -67,7 +69,7 @@ impl RoomPresence {
             synced: false,
             remote: HashMap::new(),
             shown: View::default(),
-            frames: broadcast::channel(WATCH_BACKLOG).0,
+            watchers: Vec::new(),
         }
     }
 
@@ -79,15 +81,28 @@ impl RoomPresence {
     fn publish_diff(&mut self) {
         let view = self.view();
         if let Some(diff) = self.shown.diff(&view) {
-            // No watcher is no error: the view is shown to whoever comes next.
-            let _ = self.frames.send(Utf8Bytes::from(diff.to_json()));
+            let frame = Utf8Bytes::from(diff.to_json());
+            // A watcher whose queue is full fell behind: its queue is closed, and once it has
+            // sent what the queue holds it starts again from the state (`Watch::next`). One
+            // that is gone is dropped too.
+            self.watchers
+                .retain(|tx| tx.try_send(frame.clone()).is_ok());
             self.shown = view;
         }
     }
 
-    /// Whether this instance has nothing more to say or keep about the room.
-    fn is_idle(&self) -> bool {
-        self.local.is_empty() && !self.dirty && self.frames.receiver_count() == 0
+    /// Whether this instance has nothing more to say or keep about the room (watchers that
+    /// are gone are forgotten first).
+    fn is_idle(&mut self) -> bool {
+        self.watchers.retain(|tx| !tx.is_closed());
+        self.local.is_empty() && !self.dirty && self.watchers.is_empty()
+    }
+
+    /// A new watcher: the room's state frame now, and the queue of the diffs that follow it.
+    fn subscribe(&mut self) -> (Utf8Bytes, mpsc::Receiver<Utf8Bytes>) {
+        let (tx, rx) = mpsc::channel(WATCH_BACKLOG);
+        self.watchers.push(tx);
+        (Utf8Bytes::from(self.view().state_json()), rx)
     }
 }
 
@@ -101,7 +116,7 @@ pub struct Here {
 /// A member's subscription to its room's presence frames.
 pub struct Watch {
     /// `None` when presence is off or the member did not ask: never yields.
-    inner: Option<(Presence, String, broadcast::Receiver<Utf8Bytes>)>,
+    inner: Option<(Presence, String, mpsc::Receiver<Utf8Bytes>)>,
 }
 
 impl Presence {
@@ -164,12 +179,7 @@ impl Presence {
         if !synced {
             self.sync(channel).await;
         }
-        let mut rooms = self.lock();
-        let room = rooms
-            .entry(channel.to_owned())
-            .or_insert_with(RoomPresence::new);
-        let state = Utf8Bytes::from(room.view().state_json());
-        let rx = room.frames.subscribe();
+        let (state, rx) = self.subscribe(channel);
         (
             Some(state),
             Watch {
@@ -345,14 +355,13 @@ impl Presence {
         Ok(channels)
     }
 
-    /// The room's state frame now (for a watcher that fell behind).
-    fn state(&self, channel: &str) -> Utf8Bytes {
-        let view = self
-            .lock()
-            .get(channel)
-            .map(RoomPresence::view)
-            .unwrap_or_default();
-        Utf8Bytes::from(view.state_json())
+    /// Subscribes a watcher to the room of `channel`: the state frame now and the queue of
+    /// the diffs after it, taken together so that none is missed or told twice.
+    fn subscribe(&self, channel: &str) -> (Utf8Bytes, mpsc::Receiver<Utf8Bytes>) {
+        self.lock()
+            .entry(channel.to_owned())
+            .or_insert_with(RoomPresence::new)
+            .subscribe()
     }
 
     fn lock(&self) -> MutexGuard<'_, HashMap<String, RoomPresence>> {
@@ -402,11 +411,12 @@ impl Watch {
             return std::future::pending().await;
         };
         match rx.recv().await {
-            Ok(frame) => frame,
-            Err(broadcast::error::RecvError::Lagged(_)) => presence.state(channel),
-            Err(broadcast::error::RecvError::Closed) => {
-                self.inner = None;
-                std::future::pending().await
+            Some(frame) => frame,
+            // The queue was closed when it was full: start again from the state.
+            None => {
+                let (state, fresh) = presence.subscribe(channel);
+                *rx = fresh;
+                state
             }
         }
     }
@@ -457,6 +467,49 @@ mod tests {
         assert_eq!(
             watch.next().await.as_str(),
             r#"{"presence":"diff","joins":[{"name":"ann","conns":1}],"leaves":[],"count":2}"#
+        );
+        stop.cancel();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_watcher_that_fell_behind_gets_the_whole_state_after_what_its_queue_held() {
+        let presence = presence(1000);
+        let tracker = TaskTracker::new();
+        let stop = CancellationToken::new();
+        let (_, mut watch) = presence.watch("c", true).await;
+        presence.start(&tracker, stop.clone());
+        // A change every interval, twice as many as the queue holds, none of them read.
+        let joined = 2 * WATCH_BACKLOG;
+        let mut here = Vec::new();
+        for i in 0..joined {
+            here.push(presence.enter("c", None, Some(&format!("n{i}"))));
+            tokio::time::sleep(Duration::from_millis(1000)).await;
+        }
+        let mut diffs = 0;
+        let state = loop {
+            let frame = tokio::time::timeout(Duration::from_secs(60), watch.next())
+                .await
+                .expect("a watcher that fell behind is given the state");
+            if frame.as_str().starts_with(r#"{"presence":"diff""#) {
+                diffs += 1;
+                assert!(diffs <= WATCH_BACKLOG, "more diffs than the queue holds");
+            } else {
+                break frame;
+            }
+        };
+        assert_eq!(diffs, WATCH_BACKLOG);
+        assert!(state.as_str().starts_with(r#"{"presence":"state""#));
+        assert!(state.as_str().ends_with(&format!(r#""count":{joined}}}"#)));
+        // Then diffs again, from that state on.
+        drop(here.pop());
+        let frame = watch.next().await;
+        assert_eq!(
+            frame.as_str(),
+            format!(
+                r#"{{"presence":"diff","joins":[],"leaves":[{{"name":"n{}"}}],"count":{}}}"#,
+                joined - 1,
+                joined - 1
+            )
         );
         stop.cancel();
     }
