@@ -111,6 +111,11 @@ pub struct Report {
     pub no_state: usize,
     /// Seconds from the start of the storm until the last view reached its final count.
     pub views_settled_s: f64,
+    /// Members that received two diffs less than half a `--presence-interval` apart (the
+    /// README promises at most one per interval).
+    pub close_diffs: usize,
+    /// The shortest time between two diffs to one member, ms (`None`: no member had two).
+    pub min_diff_gap_ms: Option<f64>,
     /// CPU microseconds per join of each watched group over the whole run, in `--watch` order.
     pub cpu_us_per_join: Vec<f64>,
     /// Sum of the watched groups' CPU per join over the whole run: the connects and the
@@ -143,6 +148,10 @@ pub struct ClientView {
     diff_entries: u64,
     /// When `count` last changed (since the start of the storm).
     changed: Duration,
+    /// When the last diff came.
+    last_diff: Option<Duration>,
+    /// The shortest time between two diffs.
+    min_diff_gap: Option<Duration>,
 }
 
 /// What a frame was to a client's view.
@@ -202,6 +211,11 @@ impl ClientView {
             }
             Some("diff") => {
                 self.diff_frames += 1;
+                if let Some(last) = self.last_diff {
+                    let gap = at.saturating_sub(last);
+                    self.min_diff_gap = Some(self.min_diff_gap.map_or(gap, |min| min.min(gap)));
+                }
+                self.last_diff = Some(at);
                 self.diff_entries += (frame.joins.len() + frame.leaves.len()) as u64;
                 for gone in &frame.leaves {
                     self.members.remove(&gone.id());
@@ -346,6 +360,19 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
             .iter()
             .map(|v| v.changed.as_secs_f64())
             .fold(0.0, f64::max),
+        close_diffs: tallies
+            .iter()
+            .filter(|t| {
+                t.view
+                    .min_diff_gap
+                    .is_some_and(|gap| gap < args.presence_interval / 2)
+            })
+            .count(),
+        min_diff_gap_ms: tallies
+            .iter()
+            .filter_map(|t| t.view.min_diff_gap)
+            .min()
+            .map(|gap| gap.as_secs_f64() * 1e3),
         server_cpu_us_per_join: cpu_us_per_join.iter().sum(),
         server_cpu_us_per_connect: connect_measured.cpu_us_per(joined as u64).iter().sum(),
         cpu_us_per_join,
@@ -458,6 +485,13 @@ impl std::fmt::Display for Report {
         )?;
         writeln!(
             f,
+            "  members with two diffs within half an interval: {}; shortest gap between diffs {}",
+            self.close_diffs,
+            self.min_diff_gap_ms
+                .map_or_else(|| "-".to_owned(), |ms| format!("{ms:.1} ms"))
+        )?;
+        writeln!(
+            f,
             "  server CPU per join: {:.0} us over the connects, {:.0} us with the settle time",
             self.server_cpu_us_per_connect, self.server_cpu_us_per_join
         )?;
@@ -508,6 +542,7 @@ mod tests {
         );
         assert_eq!(view.frames(), 3);
         assert_eq!(view.changed, AT * 3);
+        assert_eq!(view.min_diff_gap, Some(AT));
     }
 
     #[test]
