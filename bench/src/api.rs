@@ -326,7 +326,7 @@ async fn publisher(
     let mut tally = Tally::default();
     let mut seq = 0u64;
     let warm = async {
-        let mut conn = endpoint.connect().await?;
+        let mut conn = endpoint.connect(shared.timeout).await?;
         match conn
             .publish(
                 &endpoint,
@@ -368,7 +368,7 @@ async fn publisher(
             Some(open) => Ok(open),
             None => {
                 tokio::time::sleep(RECONNECT_DELAY).await;
-                endpoint.connect().await
+                endpoint.connect(shared.timeout).await
             }
         };
         tally.sent += 1;
@@ -421,8 +421,15 @@ fn message(shared: &Shared, index: usize, seq: u64) -> String {
 }
 
 impl Endpoint {
-    /// Opens a connection.
-    async fn connect(&self) -> anyhow::Result<Conn> {
+    /// Opens a connection, within `timeout`.
+    async fn connect(&self, timeout: Duration) -> anyhow::Result<Conn> {
+        tokio::time::timeout(timeout, self.open())
+            .await
+            .context("not connected in time")?
+    }
+
+    /// Opens a connection; [`Endpoint::connect`] bounds it in time.
+    async fn open(&self) -> anyhow::Result<Conn> {
         match self {
             Endpoint::Api { addr, .. } => {
                 let tcp = tokio::net::TcpStream::connect(addr)
