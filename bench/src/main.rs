@@ -1,9 +1,10 @@
-//! `bench`: load generator (fan-out, echo, idle, storm), fault injection (chaos), Redis layouts
-//! (shards) and neutral backend.
+//! `bench`: load generator (fan-out, echo, idle, storm, the presence join storm, the server API's
+//! publish rate), fault injection (chaos), Redis layouts (shards) and neutral backend.
 //!
 //! Each subcommand runs one measurement and prints its report: human-readable by default, one
 //! JSON object with `--json` (what `bench/run` parses). Progress and errors go to stderr.
 
+mod api;
 mod backend;
 mod chaos;
 mod client;
@@ -12,6 +13,7 @@ mod fanout;
 mod floor;
 mod http;
 mod idle;
+mod presence;
 mod procstat;
 mod protocol;
 mod pusher;
@@ -39,6 +41,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// The server API's publish rate (POST .../messages), or the same publishes over WebSocket.
+    Api(api::Args),
     /// Faults injected into the whole stack under chat load: loss, duplicates, reconnects.
     Chaos(chaos::Args),
     /// Chat fan-out: N clients, S senders at a total rate; loss, duplicates, latency.
@@ -51,6 +55,8 @@ enum Command {
     Http(http::Args),
     /// Hold N idle WebSocket connections and report memory per connection of watched processes.
     Idle(idle::Args),
+    /// A join storm into one room watching presence: frames per member, final views, CPU per join.
+    Presence(presence::Args),
     /// The chat over many rooms on one Redis and on Redis Clusters, and per-room subscriptions.
     Shards(shards::Args),
     /// Reconnect storm: N TLS WebSocket clients at once, then all again resuming their sessions.
@@ -79,12 +85,14 @@ fn main() -> ExitCode {
     };
     let outcome = runtime.block_on(async {
         match cli.command {
+            Command::Api(args) => emit(cli.json, &api::run(args).await?),
             Command::Chaos(args) => emit(cli.json, &chaos::run(args).await?),
             Command::Fanout(args) => emit(cli.json, &fanout::run(args).await?),
             Command::Echo(args) => emit(cli.json, &echo::run(args).await?),
             Command::Floor(args) => emit(cli.json, &floor::run(args).await?),
             Command::Idle(args) => emit(cli.json, &idle::run(args).await?),
             Command::Http(args) => emit(cli.json, &http::run(args).await?),
+            Command::Presence(args) => emit(cli.json, &presence::run(args).await?),
             Command::Shards(args) => emit(cli.json, &shards::run(args).await?),
             Command::Storm(args) => emit(cli.json, &storm::run(args).await?),
             Command::Summary(args) => {
