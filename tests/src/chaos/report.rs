@@ -247,6 +247,9 @@ impl fmt::Display for Runs {
                 report.caught_up,
                 report.published_duplicates,
             )?;
+            if report.refreshes > 0 {
+                writeln!(f, "  tokens refreshed on the socket: {}", report.refreshes)?;
+            }
         }
         Ok(())
     }
@@ -366,6 +369,19 @@ mod tests {
         assert_eq!(report.out_of_order, 1);
         assert_eq!((report.lost, report.duplicates), (0, 0));
         assert!(!zero_loss_holds(&report), "{report}");
+    }
+
+    #[test]
+    fn the_summary_says_how_many_tokens_were_refreshed_only_when_some_were() {
+        let mut report = report(&[0, 1, 2, 3, 4, 5]);
+        assert!(!report.to_string().contains("refreshed"), "{report}");
+        report.refreshes = 7;
+        assert!(
+            report
+                .to_string()
+                .contains("tokens refreshed on the socket: 7"),
+            "{report}"
+        );
     }
 
     #[test]
