@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use axum::extract::ws::Utf8Bytes;
 use futures_util::future::join_all;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -53,6 +53,10 @@ struct RoomPresence {
     dirty: bool,
     /// Synced with Redis at least once (or no Redis).
     synced: bool,
+    /// While a member's first read of the room from Redis is in flight: the other members
+    /// arriving meanwhile wait for it (the sender is dropped when it ends) instead of each
+    /// running a read of its own.
+    first_sync: Option<watch::Sender<()>>,
     /// The other instances' tallies and when each expires (Redis' clock, ms).
     remote: HashMap<String, (Tally, u64)>,
     /// The view the last frame told the watchers.
@@ -67,6 +71,7 @@ impl RoomPresence {
             local: Tally::default(),
             dirty: true,
             synced: false,
+            first_sync: None,
             remote: HashMap::new(),
             shown: View::default(),
             watchers: Vec::new(),
@@ -103,6 +108,21 @@ impl RoomPresence {
         let (tx, rx) = mpsc::channel(WATCH_BACKLOG);
         self.watchers.push(tx);
         (Utf8Bytes::from(self.view().state_json()), rx)
+    }
+}
+
+/// The member running a room's first read: when it ends, however it ends (a member that
+/// leaves mid-read drops it), the members waiting for it go on.
+struct FirstSync<'a> {
+    presence: &'a Presence,
+    channel: &'a str,
+}
+
+impl Drop for FirstSync<'_> {
+    fn drop(&mut self) {
+        if let Some(room) = self.presence.lock().get_mut(self.channel) {
+            room.first_sync = None;
+        }
     }
 }
 
@@ -175,10 +195,7 @@ impl Presence {
         if !wanted || !self.is_on() {
             return (None, Watch { inner: None });
         }
-        let synced = self.lock().get(channel).is_some_and(|room| room.synced);
-        if !synced {
-            self.sync(channel).await;
-        }
+        self.first_sync(channel).await;
         let (state, rx) = self.subscribe(channel);
         (
             Some(state),
@@ -186,6 +203,39 @@ impl Presence {
                 inner: Some((self.clone(), channel.to_owned(), rx)),
             },
         )
+    }
+
+    /// Reads a room new to this instance from Redis once, however many of its members arrive
+    /// at once: the first one runs the read, the others wait for it to end (done, failed or
+    /// abandoned by a member that left) and then see the room as that read left it.
+    async fn first_sync(&self, channel: &str) {
+        let wait = {
+            let mut rooms = self.lock();
+            let Some(room) = rooms.get_mut(channel) else {
+                return;
+            };
+            if room.synced {
+                return;
+            }
+            match &room.first_sync {
+                Some(running) => Some(running.subscribe()),
+                None => {
+                    room.first_sync = Some(watch::channel(()).0);
+                    None
+                }
+            }
+        };
+        match wait {
+            // Ends when the running read drops its sender; nothing is ever sent.
+            Some(mut done) => while done.changed().await.is_ok() {},
+            None => {
+                let _running = FirstSync {
+                    presence: self,
+                    channel,
+                };
+                self.sync(channel).await;
+            }
+        }
     }
 
     /// Runs the interval task on `tracker` until `stop`; on stop, this instance's members

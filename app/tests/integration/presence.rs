@@ -1,7 +1,8 @@
 //! Who is here, across two instances on a real Redis: the state on joining and the diffs after
 //! it, one member for one name on two instances, the members of a killed instance leaving
-//! within `presence_ttl` (and nobody else), Redis losing presence without anyone leaving, and a
-//! join storm costing each member a handful of frames; `presence = false` sends none.
+//! within `presence_ttl` (and nobody else), Redis losing presence without anyone leaving, a
+//! join storm costing each member a handful of frames, and members arriving together in a new
+//! room sharing one read of it; `presence = false` sends none.
 
 use futures_util::future::join_all;
 use serde_json::{Value, json};
@@ -201,6 +202,60 @@ async fn a_join_storm_costs_each_member_a_handful_of_frames() {
     );
     drop(storm);
     watcher.presence_until(|f| f["count"] == 1).await;
+}
+
+#[tokio::test]
+async fn members_arriving_together_in_a_new_room_share_its_first_read() {
+    const MEMBERS: usize = 40;
+    // An interval longer than the test: the only reads of the room from Redis are those made
+    // as members arrive.
+    let redis = Redis::start().await;
+    let app = App::with_redis(
+        &redis,
+        "presence_interval = \"1h\"\npresence_ttl = \"5h\"\n",
+    )
+    .await;
+    app.wait_health(200).await;
+    // A member that does not watch presence: the room is joined and counted, not yet read.
+    let mut first = Client::connect_with(app.addr, "room=together").await;
+    redis.command::<()>(&["CONFIG", "RESETSTAT"]).await;
+    // While Redis holds every script, members who watch presence arrive together: the first
+    // one's read of the room is held, and the others must wait for it, not read it again.
+    redis
+        .command::<()>(&["CLIENT", "PAUSE", "60000", "WRITE"])
+        .await;
+    let mut members =
+        join_all((0..MEMBERS).map(|_| Client::upgraded(app.addr, "presence&room=together"))).await;
+    redis.command::<()>(&["CLIENT", "UNPAUSE"]).await;
+    for member in &mut members {
+        let state = member.json().await;
+        assert_eq!(state["presence"], "state", "{state}");
+    }
+    let stats: String = redis.command(&["INFO", "commandstats"]).await;
+    let scripts: u64 = stats
+        .lines()
+        .filter(|line| line.starts_with("cmdstat_evalsha:") || line.starts_with("cmdstat_eval:"))
+        .filter_map(|line| {
+            line.split("calls=")
+                .nth(1)?
+                .split(',')
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum();
+    // One read: at most two script calls (a heartbeat that finds the entry gone writes it
+    // again), each perhaps sent twice (EVALSHA, then EVAL when Redis did not have the script).
+    assert!(
+        scripts <= 4,
+        "{scripts} script calls in Redis for {MEMBERS} members arriving together:\n{stats}"
+    );
+    // Everyone is served: a message reaches all of them.
+    first.say("ann", "all here").await;
+    assert_eq!(first.json().await["content"], "all here");
+    for member in &mut members {
+        while member.json().await["content"] != "all here" {}
+    }
 }
 
 #[tokio::test]
