@@ -35,7 +35,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::client::{Target, Ws};
+use crate::client::{Target, Ws, address_of};
 use crate::latency::Percentiles;
 use crate::procstat::{Load, Measured, Watch, Window};
 
@@ -288,13 +288,7 @@ async fn endpoints(args: &Args) -> anyhow::Result<Vec<Endpoint>> {
             .authority()
             .with_context(|| format!("URL {url} has no host"))?
             .to_string();
-        let host = uri.host().unwrap_or_default();
-        let host = host.trim_start_matches('[').trim_end_matches(']');
-        let addr = tokio::net::lookup_host((host, uri.port_u16().unwrap_or(80)))
-            .await
-            .with_context(|| format!("resolving {host}"))?
-            .next()
-            .with_context(|| format!("{host} resolves to no address"))?;
+        let (_, addr) = address_of(url, &uri, uri.port_u16().unwrap_or(80)).await?;
         endpoints.push(Endpoint::Api {
             addr,
             authority,
@@ -720,25 +714,18 @@ mod tests {
 
     /// A chat socket in miniature: every frame comes back, then its ack.
     async fn ws_server() -> SocketAddr {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                tokio::spawn(async move {
-                    let mut ws = tokio_tungstenite::accept_async(stream).await.unwrap();
-                    while let Some(Ok(Message::Text(text))) = ws.next().await {
-                        let cid = cid_of(text.as_str()).unwrap();
-                        let ack = format!(r#"{{"ack":"{cid}","id":"1-0","epoch":"e"}}"#);
-                        if ws.send(Message::Text(text)).await.is_err()
-                            || ws.send(Message::text(ack)).await.is_err()
-                        {
-                            return;
-                        }
-                    }
-                });
+        crate::test_server::ws_server(|mut ws| async move {
+            while let Some(Ok(Message::Text(text))) = ws.next().await {
+                let cid = cid_of(text.as_str()).unwrap();
+                let ack = format!(r#"{{"ack":"{cid}","id":"1-0","epoch":"e"}}"#);
+                if ws.send(Message::Text(text)).await.is_err()
+                    || ws.send(Message::text(ack)).await.is_err()
+                {
+                    return;
+                }
             }
-        });
-        addr
+        })
+        .await
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

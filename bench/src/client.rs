@@ -42,6 +42,33 @@ pub struct Target {
     tls: Option<(TlsConnector, ServerName<'static>)>,
 }
 
+/// The host of `uri` (parsed from `url`; IPv6 brackets removed) and the first address it
+/// resolves to, at `port`.
+pub async fn address_of(url: &str, uri: &Uri, port: u16) -> anyhow::Result<(String, SocketAddr)> {
+    let host = uri
+        .host()
+        .with_context(|| format!("URL {url} has no host"))?
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
+    let addr = tokio::net::lookup_host((host.as_str(), port))
+        .await
+        .with_context(|| format!("resolving {host}"))?
+        .next()
+        .with_context(|| format!("{host} resolves to no address"))?;
+    Ok((host, addr))
+}
+
+/// Raises this process' open-file limit as far as it goes and checks that it leaves room for
+/// `connections` sockets (and a hundred more for everything else).
+pub fn room_for(connections: usize) -> anyhow::Result<()> {
+    let limit = rlimit::increase_nofile_limit(u64::MAX).context("raising the open-file limit")?;
+    if (limit as usize) < connections.saturating_add(100) {
+        bail!("open-file limit {limit} is too low for {connections} connections");
+    }
+    Ok(())
+}
+
 impl Target {
     /// Resolves `url` (`ws://` or `wss://`); `ca` is the PEM file of the CA to trust for `wss`.
     pub async fn resolve(url: &str, ca: Option<&Path>) -> anyhow::Result<Self> {
@@ -63,18 +90,8 @@ impl Target {
             Some("ws") => false,
             _ => bail!("URL {url}: scheme must be ws or wss"),
         };
-        let host = uri
-            .host()
-            .with_context(|| format!("URL {url} has no host"))?
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_string();
         let port = uri.port_u16().unwrap_or(if secure { 443 } else { 80 });
-        let addr = tokio::net::lookup_host((host.as_str(), port))
-            .await
-            .with_context(|| format!("resolving {host}"))?
-            .next()
-            .with_context(|| format!("{host} resolves to no address"))?;
+        let (host, addr) = address_of(url, &uri, port).await?;
         let tls = if secure {
             let config = tls.with_context(|| format!("{url} is wss: pass --ca FILE"))?;
             let name = ServerName::try_from(host.clone())

@@ -265,17 +265,10 @@ mod tests {
 
     /// A WebSocket server that takes every message and never answers.
     async fn silent_server() -> std::net::SocketAddr {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                tokio::spawn(async move {
-                    let mut ws = tokio_tungstenite::accept_async(stream).await.unwrap();
-                    while let Some(Ok(_)) = ws.next().await {}
-                });
-            }
-        });
-        addr
+        crate::test_server::ws_server(
+            |mut ws| async move { while let Some(Ok(_)) = ws.next().await {} },
+        )
+        .await
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -27,7 +27,7 @@ use tokio::time::{Interval, MissedTickBehavior};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 
-use crate::client::{Target, Ws};
+use crate::client::{self, Target, Ws};
 use crate::latency::Percentiles;
 use crate::procstat::{Load, Measured, Watch, Window};
 use crate::protocol::{Incoming, Protocol, Session};
@@ -182,7 +182,7 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
     if !args.rate.is_finite() || args.rate <= 0.0 || args.concurrency == 0 {
         bail!("--rate and --concurrency must be positive");
     }
-    rlimit::increase_nofile_limit(u64::MAX).context("raising the open-file limit")?;
+    client::room_for(args.clients)?;
     let mut targets = Vec::new();
     for url in &args.url {
         targets.push(Target::resolve(url, args.ca.as_deref()).await?);
@@ -707,29 +707,24 @@ mod tests {
 
     /// A minimal chat server: every text frame any client sends goes to every client.
     async fn broadcast_server() -> std::net::SocketAddr {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
         let (tx, _) = tokio::sync::broadcast::channel::<String>(100_000);
-        tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                let (tx, mut rx) = (tx.clone(), tx.subscribe());
+        crate::test_server::ws_server(move |ws| {
+            let (tx, mut rx) = (tx.clone(), tx.subscribe());
+            async move {
+                let (mut sink, mut stream) = ws.split();
                 tokio::spawn(async move {
-                    let ws = tokio_tungstenite::accept_async(stream).await.unwrap();
-                    let (mut sink, mut stream) = ws.split();
-                    tokio::spawn(async move {
-                        while let Ok(text) = rx.recv().await {
-                            if sink.send(Message::text(text)).await.is_err() {
-                                break;
-                            }
+                    while let Ok(text) = rx.recv().await {
+                        if sink.send(Message::text(text)).await.is_err() {
+                            break;
                         }
-                    });
-                    while let Some(Ok(Message::Text(text))) = stream.next().await {
-                        let _ = tx.send(text.as_str().to_string());
                     }
                 });
+                while let Some(Ok(Message::Text(text))) = stream.next().await {
+                    let _ = tx.send(text.as_str().to_string());
+                }
             }
-        });
-        addr
+        })
+        .await
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

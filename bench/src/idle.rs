@@ -18,7 +18,7 @@ use serde::Serialize;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use crate::client::Target;
+use crate::client::{self, Target};
 use crate::procstat::{Measured, Watch, Window};
 
 /// Options of `bench idle`.
@@ -79,13 +79,7 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
     if args.concurrency == 0 || args.per_source == 0 {
         bail!("--concurrency and --per-source must be at least 1");
     }
-    let limit = rlimit::increase_nofile_limit(u64::MAX).context("raising the open-file limit")?;
-    if (limit as usize) < args.connections + 100 {
-        bail!(
-            "open-file limit {limit} is too low for {} connections",
-            args.connections
-        );
-    }
+    client::room_for(args.connections)?;
     let target = Target::resolve(&args.url, args.ca.as_deref()).await?;
     let window = Window::open(&args.watch)?;
     let start = Instant::now();

@@ -20,6 +20,8 @@ mod pusher;
 mod shards;
 mod storm;
 mod summary;
+#[cfg(test)]
+mod test_server;
 mod tokens;
 
 use std::net::SocketAddr;

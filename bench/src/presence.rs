@@ -29,7 +29,7 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 
-use crate::client::Target;
+use crate::client::{self, Target};
 use crate::procstat::{Load, Measured, Watch, Window};
 
 /// Longest wait for a client's close handshake at the end.
@@ -107,6 +107,9 @@ pub struct Report {
     pub views_wrong: usize,
     /// Some of the wrong final counts (at most ten).
     pub wrong_counts: Vec<i64>,
+    /// The most members a final view listed (signed-in users, or anonymous members by the
+    /// name they last used; an anonymous member that sent nothing is counted, not listed).
+    pub members_listed_max: usize,
     /// Clients that received no state frame (all of them with presence off).
     pub no_state: usize,
     /// Seconds from the start of the storm until the last view reached its final count.
@@ -255,13 +258,7 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
             args.presence_interval
         );
     }
-    let limit = rlimit::increase_nofile_limit(u64::MAX).context("raising the open-file limit")?;
-    if (limit as usize) < args.clients + 100 {
-        bail!(
-            "open-file limit {limit} is too low for {} connections",
-            args.clients
-        );
-    }
+    client::room_for(args.clients)?;
     let mut targets = Vec::new();
     for url in &args.url {
         targets.push(Target::resolve(&with_presence(url), args.ca.as_deref()).await?);
@@ -355,6 +352,7 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
         views_checked: checked.len(),
         views_wrong: wrong.len(),
         wrong_counts: wrong.iter().take(WRONG_LISTED).copied().collect(),
+        members_listed_max: checked.iter().map(|v| v.members.len()).max().unwrap_or(0),
         no_state: tallies.len() - checked.len(),
         views_settled_s: checked
             .iter()
@@ -476,10 +474,11 @@ impl std::fmt::Display for Report {
         )?;
         writeln!(
             f,
-            "  final views: {} checked, {} wrong {:?}, {} without a state frame; last settled at {:.2} s",
+            "  final views: {} checked, {} wrong {:?}, {} without a state frame, at most {} members listed; last settled at {:.2} s",
             self.views_checked,
             self.views_wrong,
             self.wrong_counts,
+            self.members_listed_max,
             self.no_state,
             self.views_settled_s
         )?;
@@ -571,39 +570,34 @@ mod tests {
     async fn presence_server() -> std::net::SocketAddr {
         use futures_util::SinkExt;
         use std::sync::atomic::{AtomicI64, Ordering};
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
         let count = Arc::new(AtomicI64::new(0));
-        tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                let count = Arc::clone(&count);
-                tokio::spawn(async move {
-                    let mut ws = tokio_tungstenite::accept_async(stream).await.unwrap();
-                    let mut shown = count.fetch_add(1, Ordering::SeqCst) + 1;
-                    let state = format!(r#"{{"presence":"state","members":[],"count":{shown}}}"#);
-                    if ws.send(Message::text(state)).await.is_err() {
-                        return;
-                    }
-                    let mut ticks = tokio::time::interval(Duration::from_millis(50));
-                    loop {
-                        tokio::select! {
-                            _ = ticks.tick() => {
-                                let now = count.load(Ordering::SeqCst);
-                                if now != shown {
-                                    shown = now;
-                                    let diff = format!(r#"{{"presence":"diff","joins":[],"leaves":[],"count":{now}}}"#);
-                                    if ws.send(Message::text(diff)).await.is_err() {
-                                        return;
-                                    }
+        crate::test_server::ws_server(move |mut ws| {
+            let count = Arc::clone(&count);
+            async move {
+                let mut shown = count.fetch_add(1, Ordering::SeqCst) + 1;
+                let state = format!(r#"{{"presence":"state","members":[],"count":{shown}}}"#);
+                if ws.send(Message::text(state)).await.is_err() {
+                    return;
+                }
+                let mut ticks = tokio::time::interval(Duration::from_millis(50));
+                loop {
+                    tokio::select! {
+                        _ = ticks.tick() => {
+                            let now = count.load(Ordering::SeqCst);
+                            if now != shown {
+                                shown = now;
+                                let diff = format!(r#"{{"presence":"diff","joins":[],"leaves":[],"count":{now}}}"#);
+                                if ws.send(Message::text(diff)).await.is_err() {
+                                    return;
                                 }
                             }
-                            msg = ws.next() => if !matches!(msg, Some(Ok(_))) { return },
                         }
+                        msg = ws.next() => if !matches!(msg, Some(Ok(_))) { return },
                     }
-                });
+                }
             }
-        });
-        addr
+        })
+        .await
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -632,6 +626,8 @@ mod tests {
         assert_eq!(report.state_frames, 30);
         assert!(report.frames_per_member_max >= 1);
         assert_eq!(report.naive_join_notices, 435);
+        // This server lists nobody: every member is counted only.
+        assert_eq!(report.members_listed_max, 0);
         assert_eq!(
             report.presence_frames,
             report.state_frames + report.diff_frames

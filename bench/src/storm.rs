@@ -39,7 +39,7 @@ use serde::Serialize;
 use tokio::sync::Semaphore;
 use tokio_util::either::Either;
 
-use crate::client::{Target, Ws};
+use crate::client::{self, Target, Ws};
 use crate::latency::Percentiles;
 use crate::procstat::{Measured, TcpCounters, Watch, Window};
 
@@ -130,13 +130,7 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
     if args.clients == 0 || concurrency == 0 {
         bail!("--clients and --concurrency must be at least 1");
     }
-    let limit = rlimit::increase_nofile_limit(u64::MAX).context("raising the open-file limit")?;
-    if (limit as usize) < args.clients + 100 {
-        bail!(
-            "open-file limit {limit} is too low for {} connections",
-            args.clients
-        );
-    }
+    client::room_for(args.clients)?;
     let pinned = certs::load_ca(&args.pin)?
         .into_iter()
         .next()
