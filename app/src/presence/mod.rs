@@ -9,10 +9,11 @@
 //! differs from the last one shown, queues one diff frame for each of the room's [`Watch`]ers (a
 //! queue of its own, so that waiting for it costs a connection no lock shared with the room's
 //! other members): a join and a leave within one interval send nothing, and a storm of joins
-//! costs each member one frame per interval. Without Redis the tallies are this instance's alone. An instance that vanished
-//! from Redis (Redis restarted) keeps its members until its last heartbeat's deadline, by which
-//! time a live one has written itself again; a dead one's members leave then, `presence_ttl`
-//! after its last heartbeat.
+//! costs each member one frame per interval. A room new to the instance is read from Redis once
+//! before its first member's state, however many members arrive meanwhile. Without Redis the
+//! tallies are this instance's alone. An instance that vanished from Redis (Redis restarted)
+//! keeps its members until its last heartbeat's deadline, by which time a live one has written
+//! itself again; a dead one's members leave then, `presence_ttl` after its last heartbeat.
 
 pub mod shared;
 pub mod view;

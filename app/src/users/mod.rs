@@ -3,8 +3,8 @@
 //! until when, and closing a user's connections on every instance.
 //!
 //! [`Users::claim`] gives an admitted token connection its [`Seat`], or refuses it; a disconnect
-//! marks the seat and cancels the connection's own stop token, and the seat gives its place back when
-//! dropped. Without Redis everything is counted here, for this instance. With Redis (`shared`),
+//! marks the seat and cancels the connection's own stop token, and the seat gives its place back
+//! when dropped. Without Redis everything is counted here, for this instance. With Redis (`shared`),
 //! each user's count is a hash of per-instance counts that every instance refreshes on a
 //! heartbeat, so a dead instance's connections stop counting within [`shared::COUNT_TTL`];
 //! [`Users::start`] runs that heartbeat and follows the disconnect stream every instance reads.
@@ -205,6 +205,11 @@ mod tests {
     use super::*;
     use crate::auth::Grants;
 
+    /// A seat for `identity` at `now`, for a connection nothing else stops.
+    async fn claim(users: &Arc<Users>, identity: &Identity, now: u64) -> Result<Seat, Refused> {
+        users.claim(identity, now, CancellationToken::new()).await
+    }
+
     fn identity(user: &str, max_conns: Option<u32>, issued_at: u64) -> Identity {
         Identity {
             user: user.to_owned(),
@@ -220,38 +225,21 @@ mod tests {
     async fn a_user_holds_at_most_its_limit_and_a_closed_seat_frees_a_place() {
         let users = Users::new(2, None);
         let alice = identity("alice", None, 100);
-        let first = users
-            .claim(&alice, 100, CancellationToken::new())
-            .await
-            .unwrap();
-        let _second = users
-            .claim(&alice, 100, CancellationToken::new())
-            .await
-            .unwrap();
+        let first = claim(&users, &alice, 100).await.unwrap();
+        let _second = claim(&users, &alice, 100).await.unwrap();
         assert_eq!(
-            users
-                .claim(&alice, 100, CancellationToken::new())
-                .await
-                .err(),
+            claim(&users, &alice, 100).await.err(),
             Some(Refused::TooMany(2))
         );
         // Another user is counted apart, and a token's own limit wins.
         let bob = identity("bob", Some(1), 100);
-        let _bob = users
-            .claim(&bob, 100, CancellationToken::new())
-            .await
-            .unwrap();
+        let _bob = claim(&users, &bob, 100).await.unwrap();
         assert_eq!(
-            users.claim(&bob, 100, CancellationToken::new()).await.err(),
+            claim(&users, &bob, 100).await.err(),
             Some(Refused::TooMany(1))
         );
         drop(first);
-        assert!(
-            users
-                .claim(&alice, 100, CancellationToken::new())
-                .await
-                .is_ok()
-        );
+        assert!(claim(&users, &alice, 100).await.is_ok());
     }
 
     #[tokio::test]
@@ -263,8 +251,7 @@ mod tests {
             users.claim(&alice, 100, stops[0].clone()).await.unwrap(),
             users.claim(&alice, 100, stops[1].clone()).await.unwrap(),
         ];
-        let bob = users
-            .claim(&identity("bob", None, 100), 100, CancellationToken::new())
+        let bob = claim(&users, &identity("bob", None, 100), 100)
             .await
             .unwrap();
         users.disconnect("alice", Some(200), 150).await.unwrap();
@@ -273,17 +260,9 @@ mod tests {
         assert!(!bob.left());
         // Until 200 a token issued before it is refused; at 200 the ban is over.
         assert_eq!(
-            users
-                .claim(&alice, 150, CancellationToken::new())
-                .await
-                .err(),
+            claim(&users, &alice, 150).await.err(),
             Some(Refused::Revoked(200))
         );
-        assert!(
-            users
-                .claim(&alice, 200, CancellationToken::new())
-                .await
-                .is_ok()
-        );
+        assert!(claim(&users, &alice, 200).await.is_ok());
     }
 }
