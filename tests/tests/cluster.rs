@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 
-use anyhow::{Result, ensure};
+use anyhow::{Context, Result, ensure};
 use testkit::process::Proc;
 use tests::client::ChatClient;
 use tests::cluster::RedisCluster;
@@ -128,34 +128,39 @@ async fn presence_of_rooms_on_every_shard_is_shared_by_both_apps() -> Result<()>
 /// Token mode: connects to `app` and signs in with `token`; the socket once the server said
 /// `{"auth":"ok"}`, or the close code it ended with.
 async fn sign_in(app: &Proc, token: &str) -> Result<Result<tests::client::Ws, u16>> {
-    use futures_util::{SinkExt, StreamExt};
+    use futures_util::SinkExt;
     use tokio_tungstenite::tungstenite::Message;
     let mut ws = tests::client::connect(&format!("ws://{}/ws", app.addr("http")), None).await?;
     let frame = serde_json::json!({ "token": token }).to_string();
     ws.send(Message::text(frame)).await?;
-    loop {
-        let next = tokio::time::timeout(testkit::wait::DEADLINE, ws.next()).await?;
-        match next {
-            Some(Ok(Message::Text(text))) if text.contains(r#""auth":"ok""#) => return Ok(Ok(ws)),
-            Some(Ok(Message::Close(frame))) => {
-                return Ok(Err(frame.map_or(1005, |f| u16::from(f.code))));
-            }
-            Some(Ok(_)) => {}
-            Some(Err(e)) => return Err(e.into()),
-            None => return Ok(Err(1006)),
-        }
-    }
+    Ok(match signed_in_or_closed(&mut ws, true).await? {
+        None => Ok(ws),
+        Some(code) => Err(code),
+    })
 }
 
 /// The close code that ends `ws` (texts before it are skipped).
 async fn closed_with(ws: &mut tests::client::Ws) -> Result<u16> {
+    signed_in_or_closed(ws, false)
+        .await?
+        .context("read a sign-in while waiting for the close")
+}
+
+/// Reads `ws` until the server says `{"auth":"ok"}` (`None`; only when `sign_in`) or the
+/// connection ends (its close code: 1005 without one, 1006 without a close frame).
+async fn signed_in_or_closed(ws: &mut tests::client::Ws, sign_in: bool) -> Result<Option<u16>> {
     use futures_util::StreamExt;
     use tokio_tungstenite::tungstenite::Message;
     loop {
         match tokio::time::timeout(testkit::wait::DEADLINE, ws.next()).await? {
-            Some(Ok(Message::Close(frame))) => return Ok(frame.map_or(1005, |f| u16::from(f.code))),
+            Some(Ok(Message::Text(text))) if sign_in && text.contains(r#""auth":"ok""#) => {
+                return Ok(None);
+            }
+            Some(Ok(Message::Close(frame))) => {
+                return Ok(Some(frame.map_or(1005, |f| u16::from(f.code))));
+            }
             Some(Ok(_)) => {}
-            Some(Err(_)) | None => return Ok(1006),
+            Some(Err(_)) | None => return Ok(Some(1006)),
         }
     }
 }
